@@ -1,0 +1,49 @@
+"""
+The admin protocol's vocabulary, without Twisted.
+
+The daemon answers these AMP commands on C{<root>/config/rq.sock}; the C{rq}
+command line asks them through the small synchronous client in
+L{rqtwisted.ampclient}, which must not import Twisted (it would cost half a
+second per call). So the vocabulary is plain data here, and
+L{rqtwisted.admin} builds its L{twisted.protocols.amp.Command}s from it.
+
+Every command answers the same two keys: C{status} (C{ok} or C{fail}, or the
+original's C{success} for C{create_queue}) and C{detail}. A detail too large
+for one AMP value (64 KiB) does not cross the socket: it is written to a file
+below the root and its path comes back as C{spill} instead (the client reads
+and removes it).
+"""
+
+from __future__ import annotations
+
+#: Name of the admin socket, relative to the root.
+SOCKET = "config/rq.sock"
+
+#: Response keys of every command.
+RESPONSE = ("status", "detail", "spill")
+
+#: command name -> (required argument names, optional argument names).
+#: All values are text; C{relay_ok} is C{"1"} or C{""}.
+COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # instance
+    "Ping": ((), ()),
+    "Status": ((), ()),
+    "Queues": ((), ()),
+    "Restart": ((), ()),
+    "Reload": ((), ()),
+    # queues
+    "CreateQueue": (("config",), ()),
+    "DeleteQueue": (("name",), ()),
+    "QueueAdmin": (("action", "name"), ()),
+    # messages; msg_id is a full id (or /q/<queue>/<id>)
+    "CreateMessage": (("message", "method"), ("relay_ok",)),
+    "AttachMessage": (("msg_id", "pathname"), ("name",)),
+    "MessageAction": (("action", "msg_id"), ()),
+    "GetMessage": (("msg_id",), ()),
+}
+
+#: C{QueueAdmin} actions.
+QUEUE_ACTIONS = ("up", "down", "pause", "resume", "restart")
+
+#: C{MessageAction} actions.
+MESSAGE_ACTIONS = ("commit", "delete", "destroy", "run_now", "clone", "status", "state")

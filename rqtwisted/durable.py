@@ -1,0 +1,147 @@
+"""
+The only place that makes writes durable.
+
+A write is durable when its data and the directory entries that name it have
+reached the disk: write a temp file, fsync it, rename it over the target,
+fsync the directory. C{fsync} blocks, so L{Syncer} runs it in a thread and
+batches: every path asked for while a sync round is in flight is synced by the
+next round, together (group commit). Callers acknowledge only after the
+L{Deferred} of their sync fires.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Iterable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+_log = Logger()
+
+
+def fsync_path(path: str) -> None:
+    """
+    C{fsync} a file or directory by path.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_paths(paths: Iterable[str]) -> None:
+    """
+    C{fsync} every path that still exists (a directory renamed away since it
+    was queued has had its entry synced by its new parent's sync).
+    """
+    for path in paths:
+        try:
+            fsync_path(path)
+        except FileNotFoundError:
+            pass
+
+
+def write_file(path: str, data: bytes) -> None:
+    """
+    Write C{data} to C{path} (created or truncated), without syncing.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: str, data: bytes) -> None:
+    """
+    Atomically replace C{path} with C{data}: write C{<path>.tmp}, rename.
+
+    Readers see the old or the new content, never a mix. Durability is the
+    caller's: sync C{path} and its directory through a L{Syncer}.
+    """
+    tmp = path + ".tmp"
+    write_file(tmp, data)
+    os.rename(tmp, path)
+
+
+def dumps(value: Any) -> bytes:
+    """
+    The JSON encoding used for every file rqtwisted writes.
+    """
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class Syncer:
+    """
+    Group commit of C{fsync}s, off the reactor thread.
+
+    @ivar rounds: how many sync rounds have run (for benchmarks and tests).
+    """
+
+    def __init__(
+        self,
+        runInThread: Callable[..., Deferred[None]],
+        sync: Callable[[Iterable[str]], None] = sync_paths,
+    ) -> None:
+        """
+        @param runInThread: runs a callable in a thread and returns a
+            Deferred of its result, e.g. C{functools.partial(deferToThreadPool,
+            reactor, pool)}; tests pass a synchronous stand-in.
+        @param sync: what a round does with its paths.
+        """
+        self._runInThread = runInThread
+        self._sync = sync
+        self._pending: dict[str, None] = {}
+        self._waiting: list[Deferred[None]] = []
+        self._inFlight = False
+        self.rounds = 0
+
+    def sync(self, *paths: str) -> Deferred[None]:
+        """
+        Make C{paths} durable; the result fires once they are.
+        """
+        for path in paths:
+            self._pending[path] = None
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        if not self._inFlight:
+            self._startRound()
+        return d
+
+    def later(self, *paths: str) -> None:
+        """
+        Sync C{paths} with the next round, without anyone waiting on it.
+        """
+        for path in paths:
+            self._pending[path] = None
+        if not self._inFlight:
+            self._startRound()
+
+    def _startRound(self) -> None:
+        paths = list(self._pending)
+        waiting = self._waiting
+        self._pending = {}
+        self._waiting = []
+        self._inFlight = True
+        self.rounds += 1
+        d = self._runInThread(self._sync, paths)
+
+        def finished(result: object) -> None:
+            if isinstance(result, Failure):
+                _log.failure("sync of {count} paths failed", result, count=len(paths))
+            self._inFlight = False
+            if self._pending or self._waiting:
+                self._startRound()
+            for w in waiting:
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(None)
+
+        d.addBoth(finished)

@@ -1,0 +1,273 @@
+"""
+The message value: ids, full ids, fields and the rules for names.
+
+Everything here is pure: no I/O, no reactor. The store (L{rqtwisted.store})
+persists what this module shapes; the CLI, the web app and the relay all read
+ids and destinations through it, so there is one definition of each rule.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Iterable, Mapping
+
+#: Message states, in the lookup order of the original (message.md).
+STATES = ("prep", "que", "run", "done", "relayed", "err")
+
+#: States whose directories are hashed by date (layout.md).
+HASHED_STATES = frozenset({"done", "relayed"})
+
+#: Keys copied from input into a new message (message.md, "Creation").
+CREATION_KEYS = (
+    "dest",
+    "src",
+    "param1",
+    "param2",
+    "param3",
+    "param4",
+    "due",
+    "count",
+    "max_count",
+    "orig_msg_id",
+    "post_run_webhook",
+    "force_remote",
+)
+
+#: Keys the original persisted by mistake; ignored on read (quirks.md 10).
+STALE_KEYS = ("path", "status", "state")
+
+DEFAULT_MAX_COUNT = 15
+
+_INVALID_QUEUE_CHARS = frozenset("/. ,;:@\"(){}\\+='^`#~?[]%|$&<>")
+_MSG_ID_RE = re.compile(r"^\d{8}\.\d{4}\.\d{2}\.\d{3}\.\d+$")
+_HASH_RE = re.compile(r"(\d{8})\.(\d\d)(\d\d)")
+_QUEUE_IN_ID_RE = re.compile(r"/q/([^/]+)")
+_MSG_IN_ID_RE = re.compile(r"/q/[^/]+/([^/]+)")
+
+
+class MessageError(Exception):
+    """
+    A request about a message was refused; C{reason} is the exact text the
+    user sees (C{fail <reason>}, C{["fail", reason]}).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def valid_queue_name(name: object) -> bool:
+    """
+    Is C{name} a valid queue name (layout.md, exact character rule)?
+    """
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 128
+        and not any(c in _INVALID_QUEUE_CHARS for c in name)
+        and name.isprintable()
+    )
+
+
+def valid_msg_id(msg_id: object) -> bool:
+    """
+    Is C{msg_id} a short message id of the form C{YYYYMMDD.HHMM.SS.mmm.N}?
+    """
+    return isinstance(msg_id, str) and _MSG_ID_RE.match(msg_id) is not None
+
+
+def make_msg_id(now: float, suffix: int) -> str:
+    """
+    Make a short id for a message created at C{now} (epoch seconds, UTC) with
+    the per-queue uniqueness C{suffix}.
+    """
+    seconds = int(now)
+    millis = int((now - seconds) * 1000)
+    stamp = time.strftime("%Y%m%d.%H%M.%S", time.gmtime(seconds))
+    return f"{stamp}.{millis:03d}.{suffix}"
+
+
+def hashed_subpath(msg_id: str) -> str:
+    """
+    The path of a done/relayed message below its state directory:
+    C{YYYYMMDD/HH/MM/<id>} (layout.md, exact hash rule).
+    """
+    match = _HASH_RE.search(msg_id)
+    if match is None:
+        raise MessageError("msg not found")
+    return "/".join(match.groups() + (msg_id,))
+
+
+def split_full_id(full_id: str) -> tuple[str, str]:
+    """
+    Cut the queue name and short id out of a full message id the way the
+    original's clients do (C{/q/([^/]+)} and C{/q/[^/]+/([^/]+)}).
+
+    @raise MessageError: when either part is missing.
+    """
+    queue = _QUEUE_IN_ID_RE.search(full_id)
+    msg = _MSG_IN_ID_RE.search(full_id)
+    if queue is None or msg is None:
+        raise MessageError(f"invalid msg_id {full_id}")
+    return queue.group(1), msg.group(1)
+
+
+def base_url(host: str, port: int | str, relative_root: str = "/") -> str:
+    """
+    The URL every full id of this host starts with: C{http://h:p<root>}.
+    """
+    return f"http://{host}:{port}{relative_root}"
+
+
+def full_id(base: str, queue: str, msg_id: str) -> str:
+    """
+    The public identity of a message: C{<base>q/<queue>/<msg_id>}.
+    """
+    return f"{base}q/{queue}/{msg_id}"
+
+
+def dest_queue(dest: str) -> str:
+    """
+    The queue a destination names: the segment after C{/q/} for URLs and
+    C{/q/} paths, else the bare name (C{RQ_DEST_QUEUE}).
+    """
+    if dest.startswith("http:") or dest.startswith("https:") or dest.startswith("/q/"):
+        match = _QUEUE_IN_ID_RE.search(dest)
+        return match.group(1) if match else ""
+    return dest
+
+
+def dest_url(dest: str, host: str, port: int | str) -> str:
+    """
+    C{RQ_DEST}: a URL dest unchanged, C{/q/..} or a bare name made absolute
+    on this host (ignoring C{relative_root}, as the original does: quirks 20).
+    """
+    if dest.startswith("http:"):
+        return dest
+    if dest.startswith("/q/"):
+        return f"http://{host}:{port}{dest}"
+    return f"http://{host}:{port}/q/{dest}"
+
+
+def is_remote_dest(dest: str) -> bool:
+    """
+    Does C{dest} name a queue by URL (and so travel through C{relay})?
+    """
+    return dest.startswith("http:") or dest.startswith("https:")
+
+
+def _to_int(value: Any, key: str) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise MessageError(f"invalid {key} field ({value})")
+
+
+def _to_due(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise MessageError(f"invalid due field ({value})")
+
+
+def normalize_webhooks(value: Any) -> list[str]:
+    """
+    C{post_run_webhook} as a list of URLs: a string is split on white space
+    (quirks 16), a list keeps its string members.
+    """
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str) and v]
+    raise MessageError("invalid post_run_webhook field")
+
+
+def creation_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The fields a new message takes from request C{data} (message.md): only
+    the creation keys, C{dest} required, C{count}/C{max_count} as ints.
+
+    C{msg_id}, C{due} default and C{orig_msg_id} default are filled by the
+    store when the id is allocated.
+
+    @raise MessageError: C{dest} missing or a field of the wrong type.
+    """
+    if not isinstance(data, Mapping):
+        raise MessageError("message must be a JSON object")
+    dest = data.get("dest")
+    if dest is None or dest == "":
+        raise MessageError('input missing required "dest" parameter')
+    if not isinstance(dest, str):
+        raise MessageError("invalid dest field")
+    fields: dict[str, Any] = {}
+    for key in CREATION_KEYS:
+        if key in data:
+            fields[key] = data[key]
+    for key in ("param1", "param2", "param3", "param4", "src", "orig_msg_id"):
+        value = fields.get(key)
+        if value is not None and not isinstance(value, str):
+            fields[key] = str(value) if isinstance(value, (int, float)) else None
+            if fields[key] is None:
+                raise MessageError(f"invalid {key} field")
+    fields["count"] = _to_int(fields.get("count", 0), "count")
+    fields["max_count"] = _to_int(fields.get("max_count", DEFAULT_MAX_COUNT), "max_count")
+    if "due" in fields:
+        if fields["due"] in (None, ""):
+            del fields["due"]
+        else:
+            _to_due(fields["due"])
+    if "post_run_webhook" in fields:
+        hooks = normalize_webhooks(fields["post_run_webhook"])
+        if hooks:
+            fields["post_run_webhook"] = hooks
+        else:
+            del fields["post_run_webhook"]
+    if not fields.get("force_remote"):
+        fields.pop("force_remote", None)
+    return fields
+
+
+def due_of(msg: Mapping[str, Any], default: float) -> float:
+    """
+    The due time of a stored message; tolerates the CLI's numeric strings
+    (quirks 10) and falls back to C{default} when absent or unreadable.
+    """
+    value = msg.get("due")
+    if value in (None, ""):
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def stored(msg: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    C{msg} without the stale keys the original wrote into C{msg} files.
+    """
+    return {k: v for k, v in msg.items() if k not in STALE_KEYS}
+
+
+def status_text(state: str, job_status: str | None, has_status: bool) -> str:
+    """
+    The read-form C{status}: C{<state>}, or C{<state> - <text>} when the
+    message has a C{status} file (a null text gives C{"<state> - "}).
+    """
+    if not has_status:
+        return state
+    return f"{state} - {job_status or ''}"
+
+
+def params_tuple(msg: Mapping[str, Any], positions: Iterable[int]) -> tuple[Any, ...]:
+    """
+    The values of C{param<n>} for each position, for coalescing/blocking.
+    """
+    return tuple(msg.get(f"param{n}") for n in positions)

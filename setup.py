@@ -1,0 +1,29 @@
+"""
+Packaging for rqtwisted: RQ, the simple, reliable Unix job queue, on Twisted.
+
+The twistd plugin lives in C{twisted/plugins/rq_plugin.py}; C{twisted/plugins}
+has no C{__init__.py} (it is a namespace Twisted scans), so it is listed here
+explicitly.
+"""
+
+from setuptools import setup
+
+setup(
+    name="rqtwisted",
+    version="0.1.0",
+    description="RQ, the simple, reliable Unix job queue, rebuilt on Twisted",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=["rqtwisted", "rqtwisted.web", "twisted.plugins"],
+    package_dir={"rqtwisted.web": "web"},
+    package_data={"rqtwisted.web": ["templates/*", "static/*"]},
+    include_package_data=True,
+    install_requires=["twisted>=24.7", "treq>=24.9", "klein>=24.8"],
+    extras_require={
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6"],
+    },
+    entry_points={"console_scripts": ["rq = rqtwisted.cli:main"]},
+    zip_safe=False,
+)

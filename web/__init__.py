@@ -1,0 +1,3 @@
+"""
+The web face of rqtwisted: a klein resource for the HTML UI and the JSON API.
+"""
