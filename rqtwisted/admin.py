@@ -10,19 +10,24 @@ large for AMP are spilled to a file, failures become C{fail <reason>}.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
-from zope.interface import Interface
+from zope.interface import Interface, implementer
 
-from rqtwisted.admincommands import COMMANDS, RESPONSE
+from rqtwisted.admincommands import COMMANDS
 from rqtwisted.message import MessageError
+
+if TYPE_CHECKING:
+    from rqtwisted.supervisor import Instance
 
 _log = Logger()
 
@@ -112,4 +117,137 @@ class AdminProtocol(amp.AMP):
         return {"status": "fail", "detail": f"internal error: {failure.getErrorMessage()}"}
 
 
-assert RESPONSE == ("status", "detail", "spill")
+
+def _ok(detail: str) -> tuple[str, str]:
+    return ("ok", detail)
+
+
+def _loads(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise MessageError(f"{what} is not valid JSON")
+
+
+@implementer(IAdminAPI)
+class AdminAPI:
+    """
+    The admin commands over an L{rqtwisted.supervisor.Instance}: each method
+    takes the command's text arguments and returns C{(status, detail)}.
+    """
+
+    def __init__(self, instance: "Instance") -> None:
+        self.instance = instance
+
+    def ping(self) -> tuple[str, str]:
+        """
+        C{ok pong}.
+        """
+        return _ok("pong")
+
+    def status(self) -> tuple[str, str]:
+        """
+        The instance status as JSON.
+        """
+        return _ok(json.dumps(self.instance.status()))
+
+    def queues(self) -> tuple[str, str]:
+        """
+        The queue names as a JSON array.
+        """
+        return _ok(json.dumps(self.instance.queue_names()))
+
+    def restart(self) -> Deferred[tuple[str, str]]:
+        """
+        Restart every queue with a fresh config.
+        """
+        return self.instance.restart().addCallback(_ok)
+
+    def reload(self) -> Deferred[tuple[str, str]]:
+        """
+        Re-read queue configs and queue directories.
+        """
+        return self.instance.reload().addCallback(_ok)
+
+    def create_queue(self, config: str) -> tuple[str, str]:
+        """
+        Create a queue; answers the original's C{success} word.
+        """
+        data = _loads(config, "queue config")
+        if not isinstance(data, dict):
+            raise MessageError("queue config must be a JSON object")
+        return ("success", self.instance.create_queue(data))
+
+    def delete_queue(self, name: str) -> Deferred[tuple[str, str]]:
+        """
+        Stop a queue and set its directory aside.
+        """
+        return self.instance.delete_queue(name).addCallback(_ok)
+
+    def queue_admin(self, action: str, name: str) -> Any:
+        """
+        C{up}, C{down}, C{pause}, C{resume} or C{restart} a queue.
+        """
+        if action == "restart":
+            return self.instance.restart_queue(name).addCallback(_ok)
+        if action not in ("up", "down", "pause", "resume"):
+            raise MessageError(f"unknown queue action {action}")
+        return _ok(self.instance.set_admin(action, name))
+
+    def create_message(self, message: str, method: str, relay_ok: str = "") -> Deferred[tuple[str, str]]:
+        """
+        Create a message (C{sendmesg}, C{prepmesg}, C{single_que}).
+        """
+        data = _loads(message, "message")
+        return self.instance.create_message(data, method, bool(relay_ok)).addCallback(_ok)
+
+    def attach_message(self, msg_id: str, pathname: str, name: str = "") -> Deferred[tuple[str, str]]:
+        """
+        Attach a file of this machine to a prepared message.
+        """
+        queue, short = self.instance.locate(msg_id)
+        return queue.attach(short, pathname, name or None).addCallback(_ok)
+
+    def message_action(self, action: str, msg_id: str) -> Any:
+        """
+        C{commit}, C{delete}, C{destroy}, C{run_now}, C{clone}, C{status} or
+        C{state} of a message.
+        """
+        queue, short = self.instance.locate(msg_id)
+        if action == "status":
+            return _ok(queue.get_status(short)["status"])
+        if action == "state":
+            return _ok(queue.locate(short))
+        method = {
+            "commit": queue.commit,
+            "delete": queue.delete,
+            "destroy": queue.destroy,
+            "run_now": queue.run_now,
+            "clone": queue.clone,
+        }.get(action)
+        if method is None:
+            raise MessageError(f"unknown message action {action}")
+        return maybeDeferred(method, short).addCallback(_ok)
+
+    def get_message(self, msg_id: str) -> tuple[str, str]:
+        """
+        The read form of a message as JSON.
+        """
+        queue, short = self.instance.locate(msg_id)
+        return _ok(json.dumps(queue.get(short)))
+
+
+class AdminFactory(Factory):
+    """
+    Builds an L{AdminProtocol} per connection.
+    """
+
+    def __init__(self, api: Any, spillDir: str) -> None:
+        self.api = api
+        self.spillDir = spillDir
+
+    def buildProtocol(self, addr: Any) -> AdminProtocol:
+        """
+        A protocol bound to the API.
+        """
+        return AdminProtocol(self.api, self.spillDir)

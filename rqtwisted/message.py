@@ -81,8 +81,7 @@ def make_msg_id(now: float, suffix: int) -> str:
     Make a short id for a message created at C{now} (epoch seconds, UTC) with
     the per-queue uniqueness C{suffix}.
     """
-    seconds = int(now)
-    millis = int((now - seconds) * 1000)
+    seconds, millis = divmod(int(round(now * 1000)), 1000)
     stamp = time.strftime("%Y%m%d.%H%M.%S", time.gmtime(seconds))
     return f"{stamp}.{millis:03d}.{suffix}"
 

@@ -46,29 +46,45 @@ class ReportParser:
     """
     Split a byte stream into L{Report}s, carrying partial lines across reads
     (quirks 3).
+
+    A line longer than L{MAX_LINE} bytes is cut to its first L{MAX_LINE}
+    bytes and the rest of it, up to its newline, is dropped: the reports do
+    not depend on how the stream was chunked.
     """
 
     def __init__(self) -> None:
         self._buffer = b""
+        # Inside an over-long line already reported: drop bytes up to its
+        # newline.
+        self._skipping = False
 
     def feed(self, data: bytes) -> list[Report]:
         """
         Add C{data}; return the reports of every line it completes.
         """
+        reports: list[Report] = []
+        if self._skipping:
+            end = data.find(b"\n")
+            if end < 0:
+                return reports
+            self._skipping = False
+            data = data[end + 1 :]
         self._buffer += data
-        if b"\n" not in data:
-            if len(self._buffer) > MAX_LINE:
-                line, self._buffer = self._buffer[:MAX_LINE], b""
-                return [Report.fromLine(line)]
-            return []
-        *lines, self._buffer = self._buffer.split(b"\n")
-        return [Report.fromLine(line[:MAX_LINE]) for line in lines]
+        if b"\n" in data:
+            *lines, self._buffer = self._buffer.split(b"\n")
+            reports.extend(Report.fromLine(line[:MAX_LINE]) for line in lines)
+        if len(self._buffer) > MAX_LINE:
+            reports.append(Report.fromLine(self._buffer[:MAX_LINE]))
+            self._buffer = b""
+            self._skipping = True
+        return reports
 
     def close(self) -> list[Report]:
         """
         The stream ended: a last line without its newline still counts.
         """
         rest, self._buffer = self._buffer, b""
+        self._skipping = False
         return [Report.fromLine(rest)] if rest else []
 
 
@@ -110,7 +126,10 @@ def parse_dup(text: str) -> Dup | None:
     match = _DUP_RE.match(text)
     if match is None:
         return None
-    return Dup(float(match.group(1)), match.group(2), match.group(3).strip())
+    dest = match.group(3).strip()
+    if not dest:
+        return None
+    return Dup(float(match.group(1)), match.group(2), dest)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,157 @@
+"""
+How many workers per second can L{rqtwisted.worker.spawn_worker} start?
+
+Spawns a no-op C{#!/bin/sh} script N times at concurrency 1 and 4, through
+C{spawn_worker} on the real reactor (launcher, stdio.log, pipes, setsid,
+nice 19, exit reporting), next to a raw C{os.posix_spawn} + C{waitpid} of the
+same script as the floor, and of the C{/bin/sh} launcher that C{spawn_worker}
+uses (the launcher costs one extra shell start per worker). Run from the project root::
+
+    python bench/spawn_rate.py [-n COUNT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from twisted.internet.defer import Deferred  # noqa: E402
+
+from rqtwisted.protocol import Report  # noqa: E402
+from rqtwisted.worker import _LAUNCHER, script_argv, spawn_worker  # noqa: E402
+
+
+def make_script(directory: str) -> str:
+    """
+    Write the no-op script and return its path.
+    """
+    path = os.path.join(directory, "noop.sh")
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\nexit 0\n")
+    os.chmod(path, 0o755)
+    return path
+
+
+def raw_rate(argv: list[str], count: int, concurrency: int) -> float:
+    """
+    Spawns per second of C{os.posix_spawn(argv)} keeping C{concurrency}
+    children running.
+    """
+    env = dict(os.environ)
+    script = argv[0]
+    quiet = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
+    running = 0
+    started = 0
+    t0 = time.perf_counter()
+    while started < count or running:
+        while running < concurrency and started < count:
+            os.posix_spawn(script, argv, env, file_actions=quiet)
+            running += 1
+            started += 1
+        os.waitpid(-1, 0)
+        running -= 1
+    return count / (time.perf_counter() - t0)
+
+
+class _Events:
+    def __init__(self, done: "callable") -> None:
+        self._done = done
+
+    def reportReceived(self, report: Report) -> None:
+        pass
+
+    def workerExited(self, exit_code: int | None, signal: int | None) -> None:
+        self._done()
+
+
+def worker_rate(
+    reactor, script: str, root: str, count: int, concurrency: int
+) -> Deferred[float]:
+    """
+    Spawns per second of L{spawn_worker} keeping C{concurrency} workers
+    running; fires with the rate.
+    """
+    env = dict(os.environ)
+    argv = script_argv("", script)
+    result: Deferred[float] = Deferred()
+    state = {"started": 0, "finished": 0, "t0": time.perf_counter()}
+
+    def start_one() -> None:
+        n = state["started"]
+        state["started"] += 1
+        job = os.path.join(root, f"job{concurrency}-{n}")
+        os.mkdir(job)
+        spawn_worker(
+            reactor,
+            argv=argv,
+            env=env,
+            job_dir=job,
+            real_script=script,
+            events=_Events(one_done),
+        )
+
+    def one_done() -> None:
+        state["finished"] += 1
+        if state["finished"] == count:
+            result.callback(count / (time.perf_counter() - state["t0"]))
+        elif state["started"] < count:
+            start_one()
+
+    for _ in range(min(concurrency, count)):
+        start_one()
+    return result
+
+
+def main() -> None:
+    """
+    Measure and print the rates.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("-n", "--count", type=int, default=500)
+    options = parser.parse_args()
+
+    from twisted.internet import defer, reactor
+
+    tmp = tempfile.mkdtemp(prefix="rq-spawn-bench-")
+    script = make_script(tmp)
+    results: list[str] = []
+
+    @defer.inlineCallbacks
+    def run():
+        try:
+            for concurrency in (1, 4):
+                raw = raw_rate([script], options.count, concurrency)
+                # The launcher alone (cd, printf, exec), without Twisted.
+                launcher = raw_rate(
+                    ["/bin/sh", "-c", _LAUNCHER, "rq-worker", tmp, "now", script, script],
+                    options.count,
+                    concurrency,
+                )
+                rate = yield worker_rate(
+                    reactor, script, tmp, options.count, concurrency
+                )
+                results.append(
+                    f"concurrency {concurrency}: spawn_worker {rate:7.0f}/s"
+                    f"   raw posix_spawn {raw:7.0f}/s ({rate / raw:.0%})"
+                    f"   raw posix_spawn of the sh launcher {launcher:7.0f}/s"
+                    f" ({rate / launcher:.0%})"
+                )
+        finally:
+            reactor.stop()
+
+    reactor.callWhenRunning(run)
+    reactor.run()
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{options.count} spawns of a no-op /bin/sh script, {os.cpu_count()} CPUs")
+    for line in results:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

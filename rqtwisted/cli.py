@@ -1,0 +1,438 @@
+"""
+The C{rq} command line: C{rq <command> [--key=value | --key value | --flag] ...}.
+
+Every command but C{init} and C{verify_rules} asks the daemon one admin
+command (L{rqtwisted.admincommands}) over C{<root>/config/rq.sock} and prints
+one line C{<status> <detail>}; the exit status is 0 iff the status is C{ok}.
+The original's verbs keep its exact output (cli.md); nothing prints a
+traceback: refusals, missing options and an absent daemon all print
+C{fail <reason>} and exit 1.
+
+This module must start fast: it imports neither Twisted nor anything that
+does, on every path that talks to the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable, Mapping, Protocol
+
+from rqtwisted.admincommands import SOCKET
+from rqtwisted.ampclient import AdminClient, AdminClientError, DaemonNotReachable
+
+__all__ = [
+    "AdminCaller",
+    "CommandFailed",
+    "Invocation",
+    "MESSAGE_KEYS",
+    "VERBS",
+    "main",
+    "parse_options",
+    "resolve_root",
+    "run",
+]
+
+#: Option values: text, or C{True} for a lone C{--flag}.
+Options = dict[str, "str | bool"]
+
+#: The only options copied into a new message (cli.md).
+MESSAGE_KEYS = (
+    "dest",
+    "src",
+    "count",
+    "max_count",
+    "param1",
+    "param2",
+    "param3",
+    "param4",
+    "due",
+    "force_remote",
+)
+
+
+class AdminCaller(Protocol):
+    """
+    What the command line needs of an admin client (L{AdminClient}).
+    """
+
+    def call(self, command: str, **args: str) -> tuple[str, str]:
+        """
+        Ask one admin command; return C{(status, detail)}.
+        """
+
+
+#: Builds an admin client for a socket path.
+ClientFactory = Callable[[str], AdminCaller]
+
+
+class CommandFailed(Exception):
+    """
+    The command cannot go on; the user sees C{fail <reason>}.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def parse_options(args: list[str]) -> Options:
+    """
+    Parse the words after the command the way the original does (cli.md).
+
+    A word containing C{--} is an option named by what follows its first
+    C{--}: C{--k=v} sets C{k} to C{v} (split at the first C{=});
+    C{--k v} takes the next word unless it contains C{--}; a lone C{--k} is
+    C{True}. Other words are ignored; a later option overrides an earlier
+    one.
+    """
+    options: Options = {}
+    i = 0
+    while i < len(args):
+        word = args[i]
+        i += 1
+        if "--" not in word:
+            continue
+        name = word.split("--", 1)[1]
+        if "=" in name:
+            key, value = name.split("=", 1)
+            options[key] = value
+        elif i < len(args) and "--" not in args[i]:
+            options[name] = args[i]
+            i += 1
+        else:
+            options[name] = True
+    return options
+
+
+def resolve_root(options: Options, environ: Mapping[str, str] | None = None) -> str:
+    """
+    The RQ root, absolute: C{--root}, else C{$RQ_ROOT}, else the current
+    directory.
+
+    @raise CommandFailed: C{--root} was given without a value.
+    """
+    environ = os.environ if environ is None else environ
+    root = options.get("root")
+    if root is True:
+        raise CommandFailed("option --root needs a value")
+    return os.path.abspath(root or environ.get("RQ_ROOT") or os.getcwd())
+
+
+class Invocation:
+    """
+    One run of a command: its options, its root, and the daemon.
+
+    @ivar verb: The command as typed, e.g. C{sendmesg}.
+    @ivar root: The absolute RQ root.
+    @ivar options: The parsed options.
+    """
+
+    def __init__(self, verb: str, root: str, options: Options, client_factory: ClientFactory) -> None:
+        self.verb = verb
+        self.root = root
+        self.options = options
+        self._client_factory = client_factory
+        self._client: AdminCaller | None = None
+
+    @property
+    def socket_path(self) -> str:
+        """
+        The daemon's admin socket below the root.
+        """
+        return os.path.join(self.root, SOCKET)
+
+    def text(self, name: str) -> str:
+        """
+        A required text option.
+
+        @raise CommandFailed: it is missing, or given without a value.
+        """
+        value = self.optional_text(name)
+        if value is None:
+            raise CommandFailed(f"missing required --{name} option")
+        return value
+
+    def optional_text(self, name: str) -> str | None:
+        """
+        A text option, or C{None} when absent.
+
+        @raise CommandFailed: it was given without a value.
+        """
+        value = self.options.get(name)
+        if value is True:
+            raise CommandFailed(f"option --{name} needs a value")
+        return value
+
+    def flag(self, name: str) -> bool:
+        """
+        Whether an option was given at all (any value counts, as in the
+        original).
+        """
+        return name in self.options
+
+    def call(self, command: str, **args: str) -> tuple[str, str]:
+        """
+        Ask the daemon an admin command.
+
+        @raise CommandFailed: the daemon is not running, or the exchange
+            failed.
+        """
+        if self._client is None:
+            self._client = self._client_factory(self.socket_path)
+        try:
+            return self._client.call(command, **args)
+        except DaemonNotReachable as e:
+            raise CommandFailed(f"rq daemon not running at {self.root}: {e.reason}") from None
+        except AdminClientError as e:
+            raise CommandFailed(str(e)) from None
+
+
+#: What a command handler returns: success, and the text to print.
+Outcome = tuple[bool, str]
+Handler = Callable[[Invocation], Outcome]
+
+_HANDLERS: dict[str, Handler] = {}
+
+
+def _verbs(*names: str) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        for name in names:
+            _HANDLERS[name] = handler
+        return handler
+
+    return register
+
+
+def _reply(status: str, detail: str) -> Outcome:
+    return status == "ok", f"{status} {detail}"
+
+
+def _json_reply(detail: str, kind: type) -> Any:
+    try:
+        value = json.loads(detail)
+    except ValueError:
+        value = None
+    if not isinstance(value, kind):
+        raise CommandFailed(f"invalid reply from the rq daemon: {detail[:200]}")
+    return value
+
+
+# -- the original's verbs ---------------------------------------------------
+
+
+@_verbs("sendmesg", "prepmesg", "single_que")
+def _create_message(inv: Invocation) -> Outcome:
+    method = {"sendmesg": "commit", "prepmesg": "prep", "single_que": "single_que"}[inv.verb]
+    message: dict[str, str | bool] = {"dest": inv.text("dest")}
+    for key in MESSAGE_KEYS[1:]:
+        if key in inv.options:
+            message[key] = inv.options[key]
+    return _reply(
+        *inv.call(
+            "CreateMessage",
+            message=json.dumps(message),
+            method=method,
+            relay_ok="1" if inv.flag("relay-ok") else "",
+        )
+    )
+
+
+@_verbs("attachmesg")
+def _attach_message(inv: Invocation) -> Outcome:
+    msg_id = inv.text("msg_id")
+    args = {"msg_id": msg_id, "pathname": os.path.abspath(inv.text("pathname"))}
+    name = inv.optional_text("name")
+    if name is not None:
+        args["name"] = name
+    status, detail = inv.call("AttachMessage", **args)
+    return status == "ok", f"{status} {detail} for Message: {msg_id} attachment"
+
+
+_MESSAGE_ACTIONS = {"commitmesg": "commit", "statusmesg": "status", "state": "state", "clone": "clone"}
+
+
+@_verbs(*_MESSAGE_ACTIONS)
+def _message_action(inv: Invocation) -> Outcome:
+    action = _MESSAGE_ACTIONS[inv.verb]
+    return _reply(*inv.call("MessageAction", action=action, msg_id=inv.text("msg_id")))
+
+
+def _get_message(inv: Invocation) -> tuple[str, str, dict[str, Any] | None]:
+    status, detail = inv.call("GetMessage", msg_id=inv.text("msg_id"))
+    if status != "ok":
+        return status, detail, None
+    return status, detail, _json_reply(detail, dict)
+
+
+@_verbs("statuscountmesg")
+def _status_count(inv: Invocation) -> Outcome:
+    status, detail, message = _get_message(inv)
+    if message is None:
+        return _reply(status, detail)
+    return True, f"ok {message.get('count', 0)}"
+
+
+@_verbs("attachstatusmesg")
+def _attach_status(inv: Invocation) -> Outcome:
+    status, detail, message = _get_message(inv)
+    if message is None:
+        return _reply(status, detail)
+    attachments = message.get("_attachments") or {}
+    try:
+        lines = [
+            f"{name} {a['md5']} {a['size']} {a['path']}" for name, a in sorted(attachments.items())
+        ]
+    except (AttributeError, KeyError, TypeError):
+        raise CommandFailed(f"invalid reply from the rq daemon: {detail[:200]}") from None
+    return True, "\n".join([f"ok {len(lines)}", *lines])
+
+
+@_verbs("verify_rules")
+def _verify_rules(inv: Invocation) -> Outcome:
+    path = inv.text("path")
+    verbose = inv.flag("verbose")
+    try:
+        from rqtwisted.router import verify_rules_file
+    except ImportError as e:
+        if e.name != "rqtwisted.router":
+            raise
+        raise CommandFailed("verify_rules is not available") from None
+    ok, text = verify_rules_file(path, verbose)
+    lines = ["ok" if ok else "fail bad router rules file"]
+    if verbose and text:
+        lines.append(text)
+    return bool(ok), "\n".join(lines)
+
+
+# -- administration -----------------------------------------------------------
+
+
+@_verbs("init")
+def _init(inv: Invocation) -> Outcome:
+    options = {name: inv.optional_text(name) for name in ("host", "port", "env", "addr", "tmpdir")}
+    if inv.flag("no-allow-new-queue"):
+        options["allow_new_queue"] = False
+    elif inv.flag("allow-new-queue"):
+        options["allow_new_queue"] = True
+    from rqtwisted.root import init_root
+
+    try:
+        init_root(inv.root, force=inv.flag("force"), **options)
+    except Exception as e:
+        raise CommandFailed(getattr(e, "reason", None) or str(e)) from None
+    return True, f"ok {inv.root}"
+
+
+@_verbs("ping")
+def _ping(inv: Invocation) -> Outcome:
+    return _reply(*inv.call("Ping"))
+
+
+@_verbs("restart")
+def _restart(inv: Invocation) -> Outcome:
+    return _reply(*inv.call("Restart"))
+
+
+@_verbs("reload")
+def _reload(inv: Invocation) -> Outcome:
+    return _reply(*inv.call("Reload"))
+
+
+@_verbs("status")
+def _status(inv: Invocation) -> Outcome:
+    status, detail = inv.call("Status")
+    if status != "ok":
+        return _reply(status, detail)
+    return True, json.dumps(_json_reply(detail, object), indent=2, ensure_ascii=False)
+
+
+@_verbs("queues")
+def _queues(inv: Invocation) -> Outcome:
+    status, detail = inv.call("Queues")
+    if status != "ok":
+        return _reply(status, detail)
+    names = _json_reply(detail, list)
+    return True, "\n".join([f"ok {len(names)}", *map(str, names)])
+
+
+@_verbs("create_queue")
+def _create_queue(inv: Invocation) -> Outcome:
+    config = {"name": inv.text("name"), "script": inv.text("script")}
+    for key in ("num_workers", "exec_prefix"):
+        value = inv.optional_text(key)
+        if value is not None:
+            config[key] = value
+    status, detail = inv.call("CreateQueue", config=json.dumps(config))
+    return _reply("ok" if status == "success" else status, detail)
+
+
+@_verbs("delete_queue")
+def _delete_queue(inv: Invocation) -> Outcome:
+    return _reply(*inv.call("DeleteQueue", name=inv.text("name")))
+
+
+_QUEUE_ACTIONS = {"up": "up", "down": "down", "pause": "pause", "resume": "resume", "restart_queue": "restart"}
+
+
+@_verbs(*_QUEUE_ACTIONS)
+def _queue_admin(inv: Invocation) -> Outcome:
+    return _reply(*inv.call("QueueAdmin", action=_QUEUE_ACTIONS[inv.verb], name=inv.text("name")))
+
+
+@_verbs("show")
+def _show(inv: Invocation) -> Outcome:
+    status, detail, message = _get_message(inv)
+    if message is None:
+        return _reply(status, detail)
+    return True, json.dumps(message, indent=2, ensure_ascii=False)
+
+
+#: Every command, in the order C{rq --help} lists them.
+VERBS: tuple[str, ...] = tuple(_HANDLERS)
+
+
+def _usage() -> str:
+    return "\n".join(["Valid commands are:", *VERBS])
+
+
+def _write(stream: Any, text: str) -> None:
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def run(verb: str, args: list[str], client_factory: ClientFactory) -> Outcome:
+    """
+    Run one known command with its argument words; never raises.
+    """
+    try:
+        options = parse_options(args)
+        invocation = Invocation(verb, resolve_root(options), options, client_factory)
+        return _HANDLERS[verb](invocation)
+    except CommandFailed as e:
+        return False, f"fail {e.reason}"
+    except Exception as e:  # never a traceback
+        return False, f"fail internal error: {e.__class__.__name__}: {e}"
+
+
+def main(argv: list[str] | None = None, client_factory: ClientFactory | None = None) -> int:
+    """
+    The C{rq} entry point.
+
+    @param argv: The words after the program name (default C{sys.argv[1:]}).
+    @param client_factory: Builds the admin client from the socket path
+        (default L{AdminClient}); tests inject fakes here.
+    @return: The exit status: 0 iff the command succeeded.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        _write(sys.stdout, _usage())
+        return 1
+    verb = args[0]
+    if verb not in _HANDLERS:
+        _write(sys.stderr, f"Command not found: {verb} (cmd_{verb})")
+        return 1
+    ok, output = run(verb, args[1:], client_factory or AdminClient)
+    _write(sys.stdout, output)
+    return 0 if ok else 1

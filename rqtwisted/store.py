@@ -1,0 +1,485 @@
+"""
+One queue's directory as a state machine: prep -> que -> run -> done/err/relayed.
+
+The store owns every path of C{queue/<name>/} (layout.md) and every change on
+disk: creating a message, writing its C{msg} and C{status} files, attaching
+files and moving the message directory between states by one C{rename}.
+Durability goes through a shared L{Syncer}: a write the user is told about is
+synced before the returned L{Deferred} fires; other writes are synced with the
+next round without anyone waiting.
+
+The store keeps no scheduling state: the queue service (L{rqtwisted.queue})
+holds the in-memory lists and calls the store in the order it decides.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from rqtwisted.durable import Syncer, dumps, replace_file, write_file
+from rqtwisted.message import (
+    HASHED_STATES,
+    MessageError,
+    hashed_subpath,
+    make_msg_id,
+    stored,
+    valid_msg_id,
+)
+
+_log = Logger()
+
+#: Directories of a queue, created at start.
+STATE_DIRS = ("prep", "que", "run", "done", "relayed", "err", "tmp", "corrupt")
+
+_BAD_ATTACH_CHARS = set("~?[]%|$&<>")
+_DIGITS8 = re.compile(r"^\d{8}$")
+_DIGITS2 = re.compile(r"^\d{2}$")
+
+
+@dataclass
+class Recovered:
+    """
+    What a queue finds on disk when it starts.
+
+    @ivar que: queued messages by id (messages found in C{run/} included:
+        they went back to C{que/}).
+    @ivar prep: ids of messages in prep.
+    @ivar corrupt: ids moved aside to C{corrupt/}.
+    @ivar counts: messages in C{done}, C{relayed} and C{err}.
+    """
+
+    que: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prep: set[str] = field(default_factory=set)
+    corrupt: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def md5_file(path: str) -> str:
+    """
+    The lowercase hex md5 of a file's content, read in chunks.
+    """
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_attachment_name(name: str) -> None:
+    """
+    Refuse attachment names that are dot-files, hold a reserved character or
+    could leave C{attach/} (quirks 9).
+
+    @raise MessageError: with the original's reason texts.
+    """
+    if not name or name.startswith("."):
+        raise MessageError(f"Attachment name as a dot-file not allowed: {name}")
+    if "/" in name or "\0" in name or any(c in _BAD_ATTACH_CHARS for c in name):
+        raise MessageError(f"Attachment name has invalid character. not allowed: {name}")
+
+
+class QueueStore:
+    """
+    The directory of one queue.
+    """
+
+    def __init__(self, path: str, syncer: Syncer, now: Callable[[], float]) -> None:
+        """
+        @param path: C{queue/<name>}, absolute.
+        @param syncer: the instance's group-commit syncer.
+        @param now: the clock (epoch seconds).
+        """
+        self.path = path
+        self._syncer = syncer
+        self._now = now
+        self._suffix = random.randrange(1, 10**9)
+        self._hashdirs: set[str] = set()
+
+    # -- paths
+
+    def state_dir(self, state: str) -> str:
+        """
+        The directory of a state: C{queue/<name>/<state>}.
+        """
+        return os.path.join(self.path, state)
+
+    def msg_dir(self, state: str, msg_id: str) -> str:
+        """
+        Where a message in C{state} lives (hashed for done and relayed).
+        """
+        if state in HASHED_STATES:
+            return os.path.join(self.path, state, hashed_subpath(msg_id))
+        return os.path.join(self.path, state, msg_id)
+
+    # -- start-up
+
+    def open(self) -> Recovered:
+        """
+        Create missing state directories, move C{run/} back to C{que/}
+        (at-least-once), load C{que/}, list C{prep/}, move unreadable messages
+        to C{corrupt/}, and count the finished states.
+        """
+        for state in STATE_DIRS:
+            os.makedirs(self.state_dir(state), exist_ok=True)
+        shutil.rmtree(self.state_dir("tmp"), ignore_errors=True)
+        os.makedirs(self.state_dir("tmp"), exist_ok=True)
+        found = Recovered()
+        for msg_id in self._ids("run"):
+            pid = os.path.join(self.msg_dir("run", msg_id), "pid")
+            try:
+                os.unlink(pid)
+            except FileNotFoundError:
+                pass
+            os.rename(self.msg_dir("run", msg_id), self.msg_dir("que", msg_id))
+            found.requeued.append(msg_id)
+        for msg_id in self._ids("que"):
+            try:
+                found.que[msg_id] = self.read("que", msg_id)
+            except MessageError:
+                self._move_aside("que", msg_id)
+                found.corrupt.append(msg_id)
+        found.prep = set(self._ids("prep"))
+        found.counts = {
+            "done": self.count_hashed("done"),
+            "relayed": self.count_hashed("relayed"),
+            "err": len(self._ids("err")),
+        }
+        self._syncer.later(self.state_dir("run"), self.state_dir("que"), self.state_dir("corrupt"))
+        return found
+
+    def _ids(self, state: str) -> list[str]:
+        try:
+            names = os.listdir(self.state_dir(state))
+        except FileNotFoundError:
+            return []
+        return [n for n in names if valid_msg_id(n)]
+
+    def _move_aside(self, state: str, msg_id: str) -> None:
+        _log.warn(
+            "queue {path}: message {msg_id} in {state} cannot be read; moved to corrupt/",
+            path=self.path,
+            msg_id=msg_id,
+            state=state,
+        )
+        os.rename(self.msg_dir(state, msg_id), os.path.join(self.state_dir("corrupt"), msg_id))
+
+    # -- reading
+
+    def read(self, state: str, msg_id: str) -> dict[str, Any]:
+        """
+        The stored message (stale keys dropped).
+
+        @raise MessageError: C{msg not found} or C{msg couldn't be read}.
+        """
+        try:
+            with open(os.path.join(self.msg_dir(state, msg_id), "msg"), "rb") as f:
+                data = json.loads(f.read())
+        except FileNotFoundError:
+            raise MessageError("msg not found")
+        except (OSError, ValueError):
+            raise MessageError("msg couldn't be read")
+        if not isinstance(data, dict):
+            raise MessageError("msg couldn't be read")
+        return stored(data)
+
+    def read_status(self, state: str, msg_id: str) -> tuple[bool, str | None]:
+        """
+        C{(has_status_file, job_status)} of a message.
+        """
+        try:
+            with open(os.path.join(self.msg_dir(state, msg_id), "status"), "rb") as f:
+                data = json.loads(f.read())
+        except FileNotFoundError:
+            return (False, None)
+        except (OSError, ValueError):
+            return (True, None)
+        text = data.get("job_status") if isinstance(data, dict) else None
+        return (True, text if isinstance(text, str) else None)
+
+    def exists(self, state: str, msg_id: str) -> bool:
+        """
+        Is there a message C{msg_id} in C{state} on disk?
+        """
+        return os.path.isdir(self.msg_dir(state, msg_id))
+
+    def attachments(self, state: str, msg_id: str) -> dict[str, dict[str, Any]]:
+        """
+        C{{name: {md5, size, path}}} for the non-dot entries of C{attach/}.
+        """
+        adir = os.path.join(self.msg_dir(state, msg_id), "attach")
+        out: dict[str, dict[str, Any]] = {}
+        try:
+            entries = sorted(os.scandir(adir), key=lambda e: e.name)
+        except FileNotFoundError:
+            return out
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name.endswith(".tmp") or not entry.is_file():
+                continue
+            out[entry.name] = {
+                "md5": md5_file(entry.path),
+                "size": entry.stat().st_size,
+                "path": entry.path,
+            }
+        return out
+
+    def list_hashed(self, state: str, limit: int | None = None) -> Iterator[str]:
+        """
+        Ids in a hashed state, newest first (each level sorted descending).
+        """
+        top = self.state_dir(state)
+        produced = 0
+        for day in self._sorted_desc(top, _DIGITS8):
+            for hour in self._sorted_desc(os.path.join(top, day), _DIGITS2):
+                for minute in self._sorted_desc(os.path.join(top, day, hour), _DIGITS2):
+                    names = os.listdir(os.path.join(top, day, hour, minute))
+                    for name in sorted((n for n in names if valid_msg_id(n)), reverse=True):
+                        yield name
+                        produced += 1
+                        if limit is not None and produced >= limit:
+                            return
+
+    @staticmethod
+    def _sorted_desc(path: str, pattern: re.Pattern[str]) -> list[str]:
+        try:
+            return sorted((n for n in os.listdir(path) if pattern.match(n)), reverse=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def count_hashed(self, state: str) -> int:
+        """
+        How many messages a hashed state holds.
+        """
+        return sum(1 for _ in self.list_hashed(state))
+
+    def list_flat(self, state: str) -> list[str]:
+        """
+        Ids in a flat state (prep, que, run, err), newest first.
+        """
+        return sorted(self._ids(state), reverse=True)
+
+    # -- writing
+
+    def new_id(self) -> str:
+        """
+        Allocate a message id unique in this queue.
+        """
+        self._suffix += 1
+        return make_msg_id(self._now(), self._suffix)
+
+    def create(
+        self,
+        msg: dict[str, Any],
+        state: str,
+        fill: Callable[[str], None] | None = None,
+    ) -> Deferred[None]:
+        """
+        Store a new message C{msg} (its C{msg_id} set) directly in C{state}
+        (C{prep} or C{que}): built in C{tmp/}, renamed into place, and synced
+        (message file, its directory, the state directory) in one round.
+
+        @param fill: called with the staging directory before the rename, to
+            add attachments (clone, dup).
+        """
+        msg_id = msg["msg_id"]
+        staging = os.path.join(self.state_dir("tmp"), msg_id)
+        os.mkdir(staging)
+        write_file(os.path.join(staging, "msg"), dumps(msg))
+        if fill is not None:
+            fill(staging)
+        target = self.msg_dir(state, msg_id)
+        os.rename(staging, target)
+        paths = [os.path.join(target, "msg"), target, self.state_dir(state)]
+        if fill is not None and os.path.isdir(os.path.join(target, "attach")):
+            paths.append(os.path.join(target, "attach"))
+        return self._syncer.sync(*paths)
+
+    def write_msg(self, state: str, msg_id: str, msg: dict[str, Any]) -> Deferred[None]:
+        """
+        Replace a message's C{msg} file; the result fires once durable.
+        """
+        mdir = self.msg_dir(state, msg_id)
+        replace_file(os.path.join(mdir, "msg"), dumps(msg))
+        return self._syncer.sync(os.path.join(mdir, "msg"), mdir)
+
+    def write_status(self, state: str, msg_id: str, text: str | None) -> None:
+        """
+        Replace the C{status} file (C{{"job_status": text}}), synced later.
+        """
+        mdir = self.msg_dir(state, msg_id)
+        replace_file(os.path.join(mdir, "status"), dumps({"job_status": text}))
+        self._syncer.later(os.path.join(mdir, "status"), mdir)
+
+    def write_pid(self, msg_id: str, pid: int) -> None:
+        """
+        Record a running message's worker pid (C{run/<id>/pid}).
+        """
+        replace_file(os.path.join(self.msg_dir("run", msg_id), "pid"), str(pid).encode("ascii"))
+
+    def read_pid(self, msg_id: str) -> int | None:
+        """
+        The worker pid recorded for a running message, if any.
+        """
+        try:
+            with open(os.path.join(self.msg_dir("run", msg_id), "pid"), "rb") as f:
+                return int(f.read().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+    def clear_pid(self, msg_id: str) -> None:
+        """
+        Remove C{run/<id>/pid}.
+        """
+        try:
+            os.unlink(os.path.join(self.msg_dir("run", msg_id), "pid"))
+        except FileNotFoundError:
+            pass
+
+    def job_dir(self, msg_id: str) -> str:
+        """
+        Create (if needed) and return C{run/<id>/job}.
+        """
+        path = os.path.join(self.msg_dir("run", msg_id), "job")
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass
+        return path
+
+    def move(self, msg_id: str, source: str, target: str) -> Deferred[None]:
+        """
+        Move a message between states by one C{rename}; the result fires once
+        both directory entries are durable.
+        """
+        dest = self.msg_dir(target, msg_id)
+        sync = [self.state_dir(source)]
+        if target in HASHED_STATES:
+            parent = os.path.dirname(dest)
+            if parent not in self._hashdirs:
+                sync.extend(self._makedirs(parent))
+                self._hashdirs.add(parent)
+            sync.append(parent)
+        else:
+            sync.append(self.state_dir(target))
+        os.rename(self.msg_dir(source, msg_id), dest)
+        if source in HASHED_STATES:
+            sync.append(os.path.dirname(self.msg_dir(source, msg_id)))
+        return self._syncer.sync(*sync)
+
+    def _makedirs(self, path: str) -> list[str]:
+        """
+        C{mkdir -p}; return the parents whose entries changed.
+        """
+        created: list[str] = []
+        missing = []
+        p = path
+        while not os.path.isdir(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                continue
+            created.append(os.path.dirname(d))
+        return created
+
+    def delete(self, state: str, msg_id: str) -> Deferred[None]:
+        """
+        Remove a message: renamed into C{tmp/} (atomic), then deleted.
+        """
+        source = self.msg_dir(state, msg_id)
+        trash = os.path.join(self.state_dir("tmp"), f"deleted-{msg_id}")
+        os.rename(source, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        return self._syncer.sync(os.path.dirname(source))
+
+    def attach(self, state: str, msg_id: str, source: str, name: str) -> Deferred[str]:
+        """
+        Attach file C{source} as C{name}: hard link when on the same
+        filesystem, else a copy; linked as C{attach/<name>.tmp} and renamed
+        over C{attach/<name>}. Fires with the md5 once durable.
+
+        @raise MessageError: with the original's reason texts.
+        """
+        check_attachment_name(name)
+        if not os.path.isabs(source) or os.path.normpath(source) != source:
+            raise MessageError(f"Invalid pathname, must be normalized {source} (ie. must start with /")
+        try:
+            os.stat(source)
+        except FileNotFoundError:
+            raise MessageError(f"No such file {source} to attach to message")
+        except OSError:
+            raise MessageError(f"Attachment currently cannot be read: {source}")
+        if os.path.isdir(source):
+            raise MessageError(f"Attachment currently cannot be a directory {source}")
+        if not os.path.isfile(source):
+            raise MessageError(f"Attachment currently not of supported type: {source}")
+        if not os.access(source, os.R_OK):
+            raise MessageError(f"Attachment currently cannot be read: {source}")
+        mdir = self.msg_dir(state, msg_id)
+        adir = os.path.join(mdir, "attach")
+        try:
+            os.mkdir(adir)
+        except FileExistsError:
+            pass
+        tmp = os.path.join(adir, name + ".tmp")
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        try:
+            os.link(source, tmp)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise MessageError(f"Attachment currently cannot be read: {source}")
+            shutil.copyfile(source, tmp)
+        digest = md5_file(tmp)
+        final = os.path.join(adir, name)
+        os.rename(tmp, final)
+        d = self._syncer.sync(final, adir, mdir)
+        d.addCallback(lambda _: digest)
+        return d
+
+    def delete_attachment(self, state: str, msg_id: str, name: str) -> Deferred[None]:
+        """
+        Remove C{attach/<name>} of a message.
+
+        @raise MessageError: with the original's reason texts.
+        """
+        adir = os.path.join(self.msg_dir(state, msg_id), "attach")
+        if not os.path.isdir(adir):
+            raise MessageError("No attach directory for msg")
+        if "/" in name or name.startswith(".") or not os.path.isfile(os.path.join(adir, name)):
+            raise MessageError("No attachment with that named for msg")
+        os.unlink(os.path.join(adir, name))
+        return self._syncer.sync(adir)
+
+    def link_attachments(self, state: str, msg_id: str, target_dir: str) -> None:
+        """
+        Hard-link every attachment of a message into C{target_dir}/attach
+        (clone, dup); copies across filesystems.
+        """
+        adir = os.path.join(self.msg_dir(state, msg_id), "attach")
+        if not os.path.isdir(adir):
+            return
+        out = os.path.join(target_dir, "attach")
+        os.makedirs(out, exist_ok=True)
+        for entry in os.scandir(adir):
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            try:
+                os.link(entry.path, os.path.join(out, entry.name))
+            except OSError:
+                shutil.copyfile(entry.path, os.path.join(out, entry.name))

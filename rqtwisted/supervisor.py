@@ -1,0 +1,403 @@
+"""
+The supervisor: every queue of a root, and the one in-process API behind the
+CLI (admin socket), the web app and the relay.
+
+L{Instance} is a L{MultiService} with one L{QueueService} child per valid
+queue directory. Like L{twisted.runner.procmon.ProcessMonitor} it restarts a
+queue that fails, waiting twice as long after each failure in a row; it
+creates, deletes, restarts, ups, downs, pauses and resumes queues; and it
+turns requests that name messages by full id into calls on the right queue.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import partial
+from typing import Any, Callable, Mapping
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rqtwisted import RQ_VERSION, __version__
+from rqtwisted.durable import Syncer
+from rqtwisted.message import (
+    MessageError,
+    creation_fields,
+    dest_queue,
+    is_remote_dest,
+    split_full_id,
+    valid_queue_name,
+)
+from rqtwisted.queue import QueueService
+from rqtwisted.root import (
+    ConfigError,
+    QueueConfig,
+    Root,
+    RootConfig,
+    create_queue_dir,
+    queue_sort_key,
+)
+from rqtwisted.store import QueueStore
+from rqtwisted.worker import Worker
+
+_log = Logger()
+
+#: Back-off of queue restarts after failures: first delay, cap (seconds).
+MIN_RESTART_DELAY = 1.0
+MAX_RESTART_DELAY = 300.0
+
+#: A queue that ran this long since its last failure has its back-off reset.
+STABLE_AFTER = 60.0
+
+
+class Instance(MultiService):
+    """
+    One RQ root, running.
+
+    @ivar queues: the queue services by name.
+    @ivar settings: the instance configuration (C{config/config.json}).
+    @ivar base_env: the environment workers start from.
+    """
+
+    def __init__(
+        self,
+        root: Root,
+        settings: RootConfig,
+        clock: IReactorTime,
+        syncer: Syncer,
+        spawn: Callable[..., Worker],
+        base_env: Mapping[str, str] | None = None,
+    ) -> None:
+        """
+        @param root: the root directory.
+        @param settings: its validated configuration.
+        @param clock: the reactor's time functions.
+        @param syncer: the group-commit syncer every store shares.
+        @param spawn: launches a worker (L{rqtwisted.worker.spawn_worker}
+            with the reactor bound).
+        @param base_env: the workers' base environment (default: ours).
+        """
+        super().__init__()
+        self.root = root
+        self.settings = settings
+        self.clock = clock
+        self.syncer = syncer
+        self.spawn = spawn
+        env = dict(os.environ if base_env is None else base_env)
+        env["RQ_ENV"] = settings.env
+        if settings.tmpdir:
+            env["TMPDIR"] = settings.tmpdir
+        self.base_env = env
+        self.queues: dict[str, QueueService] = {}
+        self.started_at = clock.seconds()
+        self._failures: dict[str, int] = {}
+        self._lastFailure: dict[str, float] = {}
+        self._restarts: dict[str, IDelayedCall] = {}
+        self.finishedHooks: list[Callable[[QueueService, dict[str, Any], str], None]] = []
+
+    # -- lifecycle
+
+    def startService(self) -> None:
+        """
+        Start a queue service for each qualifying queue directory.
+        """
+        for name in self.root.queue_names():
+            if name not in self.queues:
+                self._add(name)
+        super().startService()
+
+    def stopService(self) -> Deferred[Any]:
+        """
+        Stop every queue (their workers are terminated).
+        """
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        return super().stopService()
+
+    def _add(self, name: str) -> QueueService | None:
+        try:
+            config = self.root.load_queue_config(name)
+        except ConfigError as e:
+            _log.error("queue {queue} not started: {reason}", queue=name, reason=e.reason)
+            return None
+        store = QueueStore(self.root.queue_path(name), self.syncer, self.clock.seconds)
+        queue = QueueService(self, config, store, self.clock, self.spawn)
+        queue.setName(name)
+        self.queues[name] = queue
+        try:
+            queue.setServiceParent(self)
+        except Exception:
+            self.queueFailed(name, Failure())
+        return queue
+
+    def _remove(self, name: str) -> Deferred[Any]:
+        queue = self.queues.pop(name, None)
+        call = self._restarts.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+        if queue is None or queue.parent is None:
+            return succeed(None)
+        return maybeDeferred(queue.disownServiceParent)
+
+    def queueFailed(self, name: str, failure: Failure) -> None:
+        """
+        A queue raised: stop it and start it again after a delay that doubles
+        with each failure in a row (reset once it ran L{STABLE_AFTER} s).
+        """
+        now = self.clock.seconds()
+        if now - self._lastFailure.get(name, now) > STABLE_AFTER:
+            self._failures[name] = 0
+        self._lastFailure[name] = now
+        count = self._failures.get(name, 0)
+        self._failures[name] = count + 1
+        delay = min(MIN_RESTART_DELAY * (2**count), MAX_RESTART_DELAY)
+        _log.error(
+            "queue {queue} failed ({reason}); restarting in {delay}s",
+            queue=name,
+            reason=failure.getErrorMessage(),
+            delay=delay,
+        )
+        d = self._remove(name)
+        if not self.running:
+            return
+
+        def later(_: object) -> None:
+            self._restarts[name] = self.clock.callLater(delay, self._restartFailed, name)
+
+        d.addBoth(later)
+
+    def _restartFailed(self, name: str) -> None:
+        self._restarts.pop(name, None)
+        if self.running and name not in self.queues:
+            self._add(name)
+
+    def messageFinished(self, queue: QueueService, msg: dict[str, Any], state: str) -> None:
+        """
+        A message left run for done, err or relayed: tell the hooks
+        (webhooks, relay bookkeeping).
+        """
+        for hook in self.finishedHooks:
+            hook(queue, msg, state)
+
+    # -- queues
+
+    def queue(self, name: str) -> QueueService:
+        """
+        A running queue by name.
+
+        @raise MessageError: C{Queue not found}.
+        """
+        queue = self.queues.get(name)
+        if queue is None:
+            raise MessageError("Queue not found")
+        return queue
+
+    def queue_names(self) -> list[str]:
+        """
+        Queue names, user queues first, then the built-ins.
+        """
+        return sorted(self.queues, key=queue_sort_key)
+
+    def create_queue(self, data: Mapping[str, Any]) -> str:
+        """
+        Create and start a queue from a config object (queues.md).
+
+        @raise MessageError: with the original's replies.
+        """
+        if not valid_queue_name(data.get("name")):
+            raise MessageError("queue name has invalid characters")
+        try:
+            config = QueueConfig.fromDict(dict(data))
+        except ConfigError as e:
+            raise MessageError(e.reason)
+        if config.name in self.queues:
+            raise MessageError("already created")
+        create_queue_dir(self.root, config)
+        if self._add(config.name) is None:
+            raise MessageError("queue not created")
+        return "queue created - awesome"
+
+    def delete_queue(self, name: str) -> Deferred[str]:
+        """
+        Stop a queue and rename its directory to
+        C{queue/<name>.deleted.<inode>} (kept, ignored).
+        """
+        if name not in self.queues:
+            raise MessageError("no such queue")
+        path = self.root.queue_path(name)
+
+        def rename(_: object) -> str:
+            inode = os.stat(path).st_ino
+            os.rename(path, f"{path}.deleted.{inode}")
+            return "started deleting queue"
+
+        return self._remove(name).addCallback(rename)
+
+    def restart_queue(self, name: str) -> Deferred[str]:
+        """
+        Stop a queue (its workers are terminated, their messages go back to
+        que) and start it again with a fresh config; resets its back-off.
+        """
+        if not valid_queue_name(name) or (
+            name not in self.queues and name not in self.root.queue_names()
+        ):
+            raise MessageError("invalid queue name")
+        self._failures.pop(name, None)
+
+        def start(_: object) -> str:
+            if self._add(name) is None:
+                raise MessageError("queue not restarted: bad config")
+            return name
+
+        return self._remove(name).addCallback(start)
+
+    def set_admin(self, action: str, name: str) -> str:
+        """
+        C{up} (remove C{.down}), C{down} (create it), C{pause} (create
+        C{.pause}), C{resume} (remove it).
+        """
+        if name not in self.queues:
+            raise MessageError("invalid queue name")
+        kind = "down" if action in ("up", "down") else "pause"
+        marker = self.root.marker(name, kind)
+        try:
+            if action in ("down", "pause"):
+                with open(marker, "a"):
+                    pass
+            else:
+                os.unlink(marker)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            raise MessageError(f"not allowed to {action}")
+        self.queues[name].schedule()
+        return name
+
+    def reload(self) -> Deferred[str]:
+        """
+        Re-read every queue's config (restart the queues whose config
+        changed), start new queue directories, stop removed ones.
+        """
+        wanted = set(self.root.queue_names())
+        steps = []
+        for name in list(self.queues):
+            if name not in wanted:
+                steps.append(self._remove(name))
+                continue
+            try:
+                config = self.root.load_queue_config(name)
+            except ConfigError as e:
+                _log.error("queue {queue}: config not reloaded: {reason}", queue=name, reason=e.reason)
+                continue
+            if config != self.queues[name].config:
+                steps.append(self.restart_queue(name))
+        for name in wanted - set(self.queues):
+            self._add(name)
+        d: Deferred[Any] = succeed(None)
+        for step in steps:
+            d.addCallback(lambda _, s=step: s)
+        return d.addCallback(lambda _: "reloaded")
+
+    def restart(self) -> Deferred[str]:
+        """
+        Restart the whole server in place: stop every queue (terminating
+        workers), re-read C{config/config.json} and start every queue again.
+        """
+        names = list(self.queues)
+        d: Deferred[Any] = succeed(None)
+        for name in names:
+            d.addCallback(lambda _, n=name: self._remove(n))
+
+        def again(_: object) -> str:
+            try:
+                self.settings = self.root.load_config()
+            except ConfigError as e:
+                _log.error("config not reloaded: {reason}", reason=e.reason)
+            self._failures.clear()
+            for name in self.root.queue_names():
+                self._add(name)
+            self.started_at = self.clock.seconds()
+            return "restarted"
+
+        return d.addCallback(again)
+
+    def status(self) -> dict[str, Any]:
+        """
+        The instance at a glance: version, uptime, each queue's state and
+        counts.
+        """
+        queues = []
+        for name in self.queue_names():
+            q = self.queues[name]
+            queues.append(
+                {
+                    "name": name,
+                    "status": q.status(),
+                    "uptime": int(q.uptime()),
+                    "num_workers": q.config.num_workers,
+                    "counts": q.num_messages(),
+                }
+            )
+        for name in sorted(self._restarts):
+            queues.append({"name": name, "status": "ERROR", "failures": self._failures.get(name, 0)})
+        return {
+            "status": "OPERATIONAL",
+            "version": RQ_VERSION,
+            "rqtwisted": __version__,
+            "pid": os.getpid(),
+            "uptime": int(self.clock.seconds() - self.started_at),
+            "time": int(time.time()),
+            "root": self.root.path,
+            "queues": queues,
+        }
+
+    # -- messages
+
+    def locate(self, msg_id: str) -> tuple[QueueService, str]:
+        """
+        The queue and short id a full id (or C{/q/<queue>/<id>}) names.
+
+        @raise MessageError: malformed id or unknown queue.
+        """
+        queue_name, short = split_full_id(msg_id)
+        return self.queue(queue_name), short
+
+    def create_message(self, data: Mapping[str, Any], method: str = "commit", relay_ok: bool = False) -> Deferred[str]:
+        """
+        Create a message for its C{dest}: a local queue by name or C{/q/}
+        path, or C{relay} for a URL when C{relay_ok}.
+
+        @raise MessageError: missing dest, unknown queue, relay refused,
+            queue DOWN.
+        """
+        if method not in ("commit", "prep", "single_que"):
+            raise MessageError("Invalid method param")
+        fields = creation_fields(data)
+        dest = fields["dest"]
+        if is_remote_dest(dest):
+            if not relay_ok:
+                raise MessageError("Cannot relay message")
+            name = "relay"
+        else:
+            name = dest_queue(dest)
+        return self.queue(name).create(fields, method)
+
+
+def runInThread(reactor: Any) -> Callable[..., Deferred[Any]]:
+    """
+    C{deferToThreadPool} on a small dedicated pool for fsyncs, stopped with
+    the reactor.
+    """
+    from twisted.internet.threads import deferToThreadPool
+    from twisted.python.threadpool import ThreadPool
+
+    pool = ThreadPool(minthreads=1, maxthreads=1, name="rq-fsync")
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+    return partial(deferToThreadPool, reactor, pool)

@@ -1,0 +1,149 @@
+"""
+C{twistd rq}: options and the service tree of one running root.
+
+C{makeService} opens (or lays out) the root and builds::
+
+    MultiService
+     ├── Instance          the queues (rqtwisted.supervisor)
+     ├── admin socket      AMP on <root>/config/rq.sock, mode 0600
+     ├── pid file          config/queuemgr.pid
+     └── watchdog          kills workers if this process dies hard
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any
+
+from twisted.application.internet import UNIXServer
+from twisted.application.service import IService, MultiService, Service
+from twisted.python import usage
+
+from rqtwisted.admin import AdminAPI, AdminFactory
+from rqtwisted.admincommands import SOCKET
+from rqtwisted.durable import Syncer
+from rqtwisted.root import ConfigError, Root, RootConfig, ensure_root
+from rqtwisted.supervisor import Instance, runInThread
+from rqtwisted.worker import Watchdog, spawn_worker
+
+
+class Options(usage.Options):
+    """
+    Command-line options of C{twistd rq}.
+    """
+
+    optParameters = [
+        ["root", "r", None, "RQ root directory (default: $RQ_ROOT, else the current directory)."],
+        ["host", None, None, "Host name in full message ids (overrides config.json)."],
+        ["port", "p", None, "Web port (overrides config.json)."],
+        ["addr", "a", None, "Web listen address (overrides config.json)."],
+        ["env", "e", None, "Environment name, exported as RQ_ENV (overrides config.json)."],
+    ]
+
+    def postOptions(self) -> None:
+        """
+        Resolve the root directory.
+        """
+        self["root"] = os.path.abspath(self["root"] or os.environ.get("RQ_ROOT") or os.getcwd())
+        if self["port"] is not None:
+            try:
+                int(self["port"])
+            except ValueError:
+                raise usage.UsageError(f"--port must be a number, not {self['port']!r}")
+
+
+class PidFileService(Service):
+    """
+    Writes C{config/queuemgr.pid} while running (the web and C{rq-mgr}
+    tools read it) and removes it on stop.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def startService(self) -> None:
+        """
+        Write our pid.
+        """
+        with open(self.path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        super().startService()
+
+    def stopService(self) -> None:
+        """
+        Remove the pid file.
+        """
+        super().stopService()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class WatchdogService(Service):
+    """
+    Runs the L{Watchdog} for the life of the daemon.
+    """
+
+    def __init__(self, watchdog: Watchdog) -> None:
+        self.watchdog = watchdog
+
+    def startService(self) -> None:
+        """
+        Start the watchdog process.
+        """
+        super().startService()
+        self.watchdog.start()
+
+    def stopService(self) -> None:
+        """
+        Stop it without killing anything (the queues stop their workers).
+        """
+        super().stopService()
+        self.watchdog.stop()
+
+
+def load_settings(root: Root, options: Options) -> RootConfig:
+    """
+    The root's config with the command line's overrides applied.
+    """
+    settings = root.load_config()
+    overrides = {k: options[k] for k in ("host", "port", "addr", "env") if options[k] is not None}
+    if overrides:
+        settings = RootConfig.fromDict({**settings.raw, **overrides})
+    return settings
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    Build the service tree of one root (see the module docstring).
+    """
+    if reactor is None:
+        from twisted.internet import reactor  # the one place that imports it
+    root = ensure_root(
+        options["root"],
+        host=options["host"],
+        port=options["port"],
+        env=options["env"],
+        addr=options["addr"],
+    )
+    try:
+        settings = load_settings(root, options)
+    except ConfigError as e:
+        raise SystemExit(f"rq: {e.reason}")
+    top = MultiService()
+    syncer = Syncer(runInThread(reactor))
+    instance = Instance(root, settings, reactor, syncer, partial(spawn_worker, reactor))
+    instance.setName("instance")
+    instance.setServiceParent(top)
+    PidFileService(root.join("config", "queuemgr.pid")).setServiceParent(top)
+    admin = UNIXServer(
+        root.join(SOCKET),
+        AdminFactory(AdminAPI(instance), root.join("config", "spill")),
+        mode=0o600,
+        wantPID=True,
+    )
+    admin.setServiceParent(top)
+    WatchdogService(Watchdog(reactor, root.path)).setServiceParent(top)
+    return top

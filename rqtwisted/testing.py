@@ -1,0 +1,141 @@
+"""
+Public fakes of rqtwisted's own interfaces, for tests of code built on it.
+
+L{FakeSpawner} stands in for L{rqtwisted.worker.spawn_worker}: nothing runs,
+each launch is recorded as a L{FakeWorker} the test drives by hand (reports,
+exit). L{syncNow} is a L{Syncer} thread runner that syncs at once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from rqtwisted.durable import Syncer
+from rqtwisted.protocol import Report
+from rqtwisted.root import Root, init_root
+
+if TYPE_CHECKING:
+    from rqtwisted.worker import WorkerEvents
+
+
+def syncNow(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """
+    Run C{f} at once in this thread (a stand-in for C{deferToThreadPool}).
+    """
+    try:
+        return succeed(f(*args))
+    except BaseException:
+        return fail(Failure())
+
+
+def immediateSyncer() -> Syncer:
+    """
+    A L{Syncer} whose rounds run synchronously.
+    """
+    return Syncer(syncNow)
+
+
+class FakeWorker:
+    """
+    A worker that never ran: the test calls L{say} and L{exit}.
+
+    @ivar signals: signals sent to its process group.
+    @ivar replies: lines written to its fd 4.
+    """
+
+    _nextPid = 40000
+
+    def __init__(self, argv: list[str], env: dict[str, str], job_dir: str, events: WorkerEvents) -> None:
+        FakeWorker._nextPid += 1
+        self.pid = FakeWorker._nextPid
+        self.argv = argv
+        self.env = env
+        self.job_dir = job_dir
+        self.events = events
+        self.exited = False
+        self.signals: list[int] = []
+        self.replies: list[str] = []
+
+    def say(self, line: str) -> None:
+        """
+        Report one fd-3 line.
+        """
+        verb, _, text = line.partition(" ")
+        self.events.reportReceived(Report(verb, text))
+
+    def exit(self, code: int | None = 0, signal: int | None = None) -> None:
+        """
+        Exit with C{code}, or killed by C{signal}.
+        """
+        self.exited = True
+        self.events.workerExited(code, signal)
+
+    def reply(self, line: str) -> None:
+        """
+        Record a fd-4 reply.
+        """
+        self.replies.append(line)
+
+    def signal(self, sig: int) -> None:
+        """
+        Record a signal.
+        """
+        self.signals.append(sig)
+
+
+class FakeSpawner:
+    """
+    A stand-in for C{spawn_worker} that records every launch.
+
+    @ivar workers: every worker launched, in order.
+    """
+
+    def __init__(self) -> None:
+        self.workers: list[FakeWorker] = []
+
+    def __call__(self, *, argv: list[str], env: dict[str, str], job_dir: str, real_script: str,
+                 events: WorkerEvents, **kwargs: Any) -> FakeWorker:
+        worker = FakeWorker(argv, env, job_dir, events)
+        self.workers.append(worker)
+        return worker
+
+    @property
+    def running(self) -> list[FakeWorker]:
+        """
+        The workers that have not exited.
+        """
+        return [w for w in self.workers if not w.exited]
+
+
+def make_root(path: str, **options: Any) -> Root:
+    """
+    Lay out a root for tests (host C{testhost}, port 3333) with a no-op
+    executable script at C{code/noop}.
+    """
+    options.setdefault("host", "testhost")
+    root = init_root(path, **options)
+    script = root.join("code", "noop")
+    with open(script, "w") as f:
+        f.write("#!/bin/sh\necho done ok >&3\n")
+    os.chmod(script, 0o755)
+    return root
+
+
+def instance_for(path: str, clock: Clock | None = None, **options: Any) -> tuple[Any, FakeSpawner, Clock]:
+    """
+    An L{Instance} on a fresh root with a L{FakeSpawner} and a L{Clock}
+    (not started).
+    """
+    from rqtwisted.supervisor import Instance
+
+    root = make_root(path, **options)
+    clock = clock or Clock()
+    clock.advance(1_300_000_000)
+    spawner = FakeSpawner()
+    instance = Instance(root, root.load_config(), clock, immediateSyncer(), spawner, base_env={"PATH": "/bin"})
+    return instance, spawner, clock

@@ -1,0 +1,727 @@
+"""
+Launching one queue script for one message, and watching it (script-api.md).
+
+A worker is started through a tiny C{/bin/sh} launcher spawned with
+C{posix_spawn} (Twisted's fast path, which needs C{path=None}): the launcher
+changes into the job directory, writes the C{RQ START} line to C{stdio.log}
+and C{exec}s the script, so the worker's pid is the launcher's pid. Every
+worker leads its own session (so its own process group) and runs at nice 19.
+
+The status pipe (fd 3) is read through L{ReportParser}; the exit is reported
+from C{processExited}, after draining what the dead worker left in the pipe,
+so a grandchild that keeps fd 3 open cannot delay it.
+
+L{Watchdog} is the orphan policy: a small shell process, in its own session,
+that kills every running worker's process group when the daemon dies.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal as _signal
+import stat
+import time
+from typing import Any, Callable, Mapping, Protocol
+
+from twisted.internet import process as _twprocess
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rqtwisted import RQ_VERSION
+from rqtwisted.message import base_url, dest_queue, dest_url
+from rqtwisted.protocol import Report, ReportParser
+
+_log = Logger()
+
+#: The niceness of every worker.
+WORKER_NICENESS = 19
+
+#: The fd a worker writes its reports to / reads dup replies from.
+STATUS_FD = 3
+REPLY_FD = 4
+
+#: Environment variables removed from the worker environment.
+_DROPPED_ENV = ("RUBYOPT",)
+
+#: The most bytes read from a dead worker's status pipe before its exit is
+#: reported (a grandchild may keep writing; the pipe itself holds 64 KiB).
+_DRAIN_LIMIT = 1024 * 1024
+
+#: The shell the launcher and the watchdog run in.
+_SH = "/bin/sh"
+
+#: The worker launcher: C{sh -c LAUNCHER rq-worker <job dir> <local time>
+#: <real script> <argv...>}. stdout/stderr are C{stdio.log} already (opened
+#: by the daemon, in append mode); C{$$} is the worker's pid, which C{exec}
+#: keeps.
+_LAUNCHER = (
+    'cd "$1" || exit 126\n'
+    "printf '\\n%s - %s - RQ START - %s\\n' \"$$\" \"$2\" \"$3\"\n"
+    "shift 3\n"
+    'exec "$@"\n'
+)
+
+#: The watchdog: C{sh -c WATCHDOG rq-watchdog <root> <grace seconds>}, its
+#: stdin the read end of a pipe only the daemon writes to. C{stop} means a
+#: clean shutdown; end of file without it means the daemon died.
+_WATCHDOG = """\
+trap '' HUP INT TERM QUIT PIPE
+line=
+IFS= read -r line
+[ "$line" = stop ] && exit 0
+cd "$1" || exit 1
+pids=
+for f in queue/*/run/*/pid; do
+  [ -f "$f" ] || continue
+  p=
+  read -r p < "$f"
+  case $p in ''|*[!0-9]*) continue ;; esac
+  [ "$p" -gt 1 ] && [ "$p" -ne "$$" ] || continue
+  kill -s TERM -- "-$p" 2>/dev/null && pids="$pids $p"
+done
+i=0
+while [ -n "$pids" ] && [ "$i" -lt "$2" ]; do
+  sleep 1
+  i=$((i + 1))
+  alive=
+  for p in $pids; do
+    kill -s 0 -- "-$p" 2>/dev/null && alive="$alive $p"
+  done
+  pids=$alive
+done
+for p in $pids; do
+  kill -s KILL -- "-$p" 2>/dev/null
+done
+exit 0
+"""
+
+
+class ScriptError(Exception):
+    """
+    A queue script cannot be run; C{reason} says why (oper status
+    C{SCRIPTERROR}).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def resolve_script(script: str, root: str) -> str:
+    """
+    The real path of a queue's script: relative to C{root} unless absolute,
+    symlinks followed.
+
+    @raise ScriptError: when it is not an executable regular file.
+    """
+    if not script:
+        raise ScriptError("script not configured")
+    path = script if os.path.isabs(script) else os.path.join(root, script)
+    real = os.path.realpath(path)
+    try:
+        info = os.stat(real)
+    except OSError:
+        raise ScriptError(f"script not found: {script}")
+    if not stat.S_ISREG(info.st_mode):
+        raise ScriptError(f"script not a regular file: {real}")
+    if not os.access(real, os.X_OK):
+        raise ScriptError(f"script not executable: {real}")
+    return real
+
+
+def script_argv(exec_prefix: str | None, real_script: str) -> list[str]:
+    """
+    The argv that runs C{real_script}: C{exec_prefix} word-split as by
+    C{/bin/sh}, then the script path (L{None} means C{bash -lc}; C{""} runs
+    the script directly).
+
+    The path is kept as one word: the original split C{"<prefix> <path>"}
+    as a whole, which only differs for paths with blanks or quotes (which it
+    could not run).
+
+    @raise ScriptError: when C{exec_prefix} cannot be split (unbalanced
+        quotes).
+    """
+    if exec_prefix is None:
+        exec_prefix = "bash -lc"
+    try:
+        prefix = shlex.split(exec_prefix.strip())
+    except ValueError as e:
+        raise ScriptError(f"invalid exec_prefix: {e}")
+    return prefix + [real_script]
+
+
+def _env_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _valid_env_name(name: Any) -> bool:
+    return isinstance(name, str) and name != "" and "=" not in name and "\0" not in name
+
+
+def worker_environment(
+    base_env: Mapping[str, str],
+    *,
+    host: str,
+    port: str | int,
+    relative_root: str,
+    rq_env: str,
+    script: str,
+    real_script: str,
+    msg: Mapping[str, Any],
+    full_msg_id: str,
+    job_dir: str,
+    env_vars: Any,
+) -> dict[str, str]:
+    """
+    The environment of a worker (script-api.md, "Environment"): C{base_env}
+    minus C{RUBYOPT}, the C{RQ_*} table, then the queue's C{env_vars}
+    (ignored unless a dict; names starting with C{RQ_} ignored; values made
+    strings, L{None} as C{""}, booleans as C{true}/C{false}).
+
+    @param base_env: the daemon's environment (with C{RQ_ENV}, C{TMPDIR}...).
+    @param msg: the message's fields (C{msg_id}, C{dest}, C{count}, params,
+        C{orig_msg_id}, C{force_remote}).
+    @param job_dir: the absolute C{job/} path.
+    """
+    env = {k: v for k, v in base_env.items() if k not in _DROPPED_ENV}
+    root = relative_root if relative_root.endswith("/") else relative_root + "/"
+    dest = _env_value(msg.get("dest"))
+    env.update(
+        {
+            "RQ_VER": RQ_VERSION,
+            "RQ_SCRIPT": script,
+            "RQ_REALSCRIPT": real_script,
+            "RQ_HOST": base_url(host, port, root),
+            "RQ_DEST": dest_url(dest, host, port),
+            "RQ_DEST_QUEUE": dest_queue(dest),
+            "RQ_MSG_ID": _env_value(msg.get("msg_id")),
+            "RQ_FULL_MSG_ID": full_msg_id,
+            "RQ_MSG_DIR": job_dir,
+            "RQ_WRITE": str(STATUS_FD),
+            "RQ_READ": str(REPLY_FD),
+            "RQ_PIPE": str(STATUS_FD),
+            "RQ_COUNT": _env_value(msg.get("count", 0)),
+            "RQ_PARAM1": _env_value(msg.get("param1")),
+            "RQ_PARAM2": _env_value(msg.get("param2")),
+            "RQ_PARAM3": _env_value(msg.get("param3")),
+            "RQ_PARAM4": _env_value(msg.get("param4")),
+            "RQ_ORIG_MSG_ID": _env_value(msg.get("orig_msg_id")),
+            "RQ_ENV": rq_env,
+            "RQ_PORT": str(port),
+        }
+    )
+    if msg.get("force_remote"):
+        env["RQ_FORCE_REMOTE"] = "1"
+    else:
+        env.pop("RQ_FORCE_REMOTE", None)
+    if isinstance(env_vars, dict):
+        for name, value in env_vars.items():
+            if not _valid_env_name(name) or name.startswith("RQ_"):
+                continue
+            text = _env_value(value)
+            if "\0" not in text:
+                env[name] = text
+    return env
+
+
+class WorkerEvents(Protocol):
+    """
+    What a worker tells its owner (the queue service).
+    """
+
+    def reportReceived(self, report: Report) -> None:
+        """
+        The worker wrote one line on fd 3.
+        """
+
+    def workerExited(self, exit_code: int | None, signal: int | None) -> None:
+        """
+        The worker exited (C{exit_code}) or was killed (C{signal}); called
+        exactly once, after every report it wrote.
+        """
+
+
+class WorkerProtocol(ProcessProtocol):
+    """
+    Watch one worker: reports from fd 3, dup replies to fd 4, the exit.
+
+    The exit is taken from C{processExited}, not C{processEnded} (which waits
+    for every copy of the pipes to close, so for the worker's grandchildren):
+    the pipe is drained, the parser flushed, our pipe ends closed, and then
+    L{WorkerEvents.workerExited} is called, once. Later reports are ignored.
+
+    @ivar exited: whether the exit has been recorded.
+    @ivar exit_code: the exit status, or L{None} (not exited, or signalled).
+    @ivar exit_signal: the signal that killed the worker, if any.
+    """
+
+    def __init__(self, events: WorkerEvents) -> None:
+        self._events = events
+        self._parser = ReportParser()
+        self._held: list[tuple[Callable[..., None], tuple[Any, ...]]] | None = None
+        self.exited = False
+        self.exit_code: int | None = None
+        self.exit_signal: int | None = None
+
+    def _hold(self) -> None:
+        """
+        Queue events until L{_release} (while the spawn has not returned).
+        """
+        self._held = []
+
+    def _release(self) -> None:
+        """
+        Deliver the queued events, in order, and stop queueing.
+        """
+        held, self._held = self._held or [], None
+        for call, args in held:
+            self._call(call, args)
+
+    def _emit(self, call: Callable[..., None], *args: Any) -> None:
+        if self._held is not None:
+            self._held.append((call, args))
+        else:
+            self._call(call, args)
+
+    def _call(self, call: Callable[..., None], args: tuple[Any, ...]) -> None:
+        try:
+            call(*args)
+        except Exception:
+            _log.failure("worker event handler failed")
+
+    def _reports(self, reports: list[Report]) -> None:
+        for report in reports:
+            self._emit(self._events.reportReceived, report)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        """
+        Parse fd-3 data into reports (anything else is ignored).
+        """
+        if childFD != STATUS_FD or self.exited:
+            return
+        self._reports(self._parser.feed(data))
+
+    def _drain(self) -> bytes:
+        """
+        Read what is left in the status pipe without blocking.
+        """
+        pipes = getattr(self.transport, "pipes", None) or {}
+        reader = pipes.get(STATUS_FD)
+        if reader is None:
+            return b""
+        try:
+            fd = reader.fileno()
+            os.set_blocking(fd, False)
+        except (OSError, ValueError):
+            return b""
+        chunks: list[bytes] = []
+        total = 0
+        while total < _DRAIN_LIMIT:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        return b"".join(chunks)
+
+    def processExited(self, reason: Failure) -> None:
+        """
+        Record the exit: drain fd 3, flush the last partial line, close our
+        pipe ends, tell the events.
+        """
+        if self.exited:
+            return
+        reports = self._parser.feed(self._drain())
+        reports += self._parser.close()
+        self._reports(reports)
+        self.exited = True
+        value = reason.value
+        if isinstance(value, ProcessDone):
+            self.exit_code, self.exit_signal = 0, None
+        else:
+            self.exit_code = getattr(value, "exitCode", None)
+            self.exit_signal = getattr(value, "signal", None)
+        transport = self.transport
+        if transport is not None:
+            for fd in (STATUS_FD, REPLY_FD):
+                try:
+                    transport.closeChildFD(fd)
+                except Exception:
+                    _log.failure("closing worker fd {fd}", fd=fd)
+        self._emit(self._events.workerExited, self.exit_code, self.exit_signal)
+
+    def processEnded(self, reason: Failure) -> None:
+        """
+        Normally the exit was recorded already; make sure it is.
+        """
+        self.processExited(reason)
+
+    def reply(self, line: str) -> None:
+        """
+        Write C{line} and a newline to the worker's fd 4 (ignored once it
+        exited or closed fd 4).
+        """
+        if self.exited or self.transport is None:
+            return
+        data = (line.replace("\n", " ") + "\n").encode("utf-8")
+        try:
+            self.transport.writeToChild(REPLY_FD, data)
+        except KeyError:
+            pass
+
+
+class Worker:
+    """
+    A running (or finished) worker, as returned by L{spawn_worker}.
+
+    @ivar pid: the worker's pid, also its process group and session id.
+    """
+
+    def __init__(self, pid: int, protocol: WorkerProtocol) -> None:
+        self.pid = pid
+        self._protocol = protocol
+
+    @property
+    def exited(self) -> bool:
+        """
+        Whether the worker's exit has been recorded.
+        """
+        return self._protocol.exited
+
+    def reply(self, line: str) -> None:
+        """
+        Send one reply line to the worker (fd 4).
+        """
+        self._protocol.reply(line)
+
+    def signal(self, sig: int) -> None:
+        """
+        Send C{sig} to the worker's process group (so also its children);
+        a group that is gone is ignored.
+
+        This still reaches grandchildren after the worker itself exited.
+        """
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<Worker pid={self.pid} exited={self.exited}>"
+
+
+class _SessionProcess(_twprocess.Process):
+    """
+    A Twisted process that leads a new session (so a new process group) and
+    optionally runs at a given niceness.
+
+    Spawned with C{posix_spawnp(..., setsid=True)} where available, else
+    with Twisted's fork path plus C{setsid()} in the child.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        executable: str,
+        args: list[str],
+        environment: dict[str, str],
+        proto: ProcessProtocol,
+        childFDs: dict[int, Any],
+        niceness: int | None = None,
+    ) -> None:
+        self._niceness = niceness
+        super().__init__(
+            reactor, executable, args, environment, None, proto, childFDs=childFDs
+        )
+
+    def _renice(self) -> None:
+        if self._niceness is None or self.pid is None:
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, self.pid, self._niceness)
+        except OSError as e:
+            _log.warn("cannot renice {pid}: {error}", pid=self.pid, error=e)
+
+    def _trySpawnInsteadOfFork(
+        self,
+        path: Any,
+        uid: Any,
+        gid: Any,
+        executable: str,
+        args: list[str],
+        environment: dict[str, str] | None,
+        kwargs: dict[str, Any],
+    ) -> bool:
+        # Twisted's Process._trySpawnInsteadOfFork plus setsid=True.
+        if (
+            getattr(os, "posix_spawnp", None) is None
+            or uid is not None
+            or gid is not None
+            or path is not None
+            or getattr(self._reactor, "_neverUseSpawn", False)
+        ):
+            return False
+        fdmap = kwargs.get("fdmap")
+        fdState = []
+        for eachFD in _twprocess._listOpenFDs():
+            try:
+                isCloseOnExec = _twprocess.fcntl.fcntl(
+                    eachFD, _twprocess.fcntl.F_GETFD, _twprocess.fcntl.FD_CLOEXEC
+                )
+            except OSError:
+                pass
+            else:
+                fdState.append((eachFD, isCloseOnExec))
+        if environment is None:
+            environment = dict(os.environ)
+        setSigDef = [
+            everySignal
+            for everySignal in range(1, _signal.NSIG)
+            if _signal.getsignal(everySignal) == _signal.SIG_IGN
+        ]
+        try:
+            self.pid = os.posix_spawnp(
+                executable,
+                args,
+                environment,
+                file_actions=_twprocess._getFileActions(
+                    fdState,
+                    fdmap,
+                    doClose=_twprocess._PS_CLOSE,
+                    doDup2=_twprocess._PS_DUP2,
+                ),
+                setsigdef=setSigDef,
+                setsid=True,
+            )
+        except NotImplementedError:
+            # No POSIX_SPAWN_SETSID in this libc: use the fork path.
+            return False
+        self.status = -1
+        # posix_spawn returns once the launcher is exec'd, before it execs
+        # the script.
+        self._renice()
+        return True
+
+    def _setupChild(self, fdmap: dict[int, int]) -> None:
+        # The fork path (runs in the child).
+        os.setsid()
+        super()._setupChild(fdmap)
+        if self._niceness is not None:
+            os.setpriority(os.PRIO_PROCESS, 0, self._niceness)
+
+
+#: C{spawner(reactor, protocol, executable, args, env, childFDs)} -> a
+#: process transport with a C{pid}.
+Spawner = Callable[
+    [Any, ProcessProtocol, str, list[str], dict[str, str], dict[int, Any]], Any
+]
+
+
+def _spawn_session_process(
+    reactor: Any,
+    protocol: ProcessProtocol,
+    executable: str,
+    args: list[str],
+    env: dict[str, str],
+    childFDs: dict[int, Any],
+) -> _SessionProcess:
+    """
+    The default spawner: a L{_SessionProcess} at L{WORKER_NICENESS}.
+    """
+    return _SessionProcess(
+        reactor, executable, args, env, protocol, childFDs, WORKER_NICENESS
+    )
+
+
+def start_line_time(now: float) -> str:
+    """
+    The local time of the C{RQ START} line, as Ruby's C{Time#to_s} writes
+    it: C{2024-01-31 13:45:10 +0100}.
+    """
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(now))
+
+
+def spawn_worker(
+    reactor: Any,
+    *,
+    argv: list[str],
+    env: dict[str, str],
+    job_dir: str,
+    real_script: str,
+    events: WorkerEvents,
+    now: float | None = None,
+    spawner: Spawner | None = None,
+) -> Worker:
+    """
+    Start one worker.
+
+    The worker runs C{argv} with environment C{env} in C{job_dir}, stdin on
+    C{/dev/null}, stdout and stderr appended to C{job_dir/stdio.log} after
+    the C{RQ START} line, fd 3 the status pipe, fd 4 the reply pipe, at nice
+    19, leading its own session.
+
+    Events are never delivered before this returns (not even for a worker
+    that exits at once).
+
+    @param argv: from L{script_argv}.
+    @param env: from L{worker_environment}.
+    @param job_dir: the message's C{job/} directory (must exist).
+    @param real_script: the resolved script path (for the C{RQ START} line).
+    @param now: the time of the C{RQ START} line (default: now).
+    @param spawner: how to start the process (for tests).
+
+    @raise OSError: when C{stdio.log} cannot be opened or the spawn fails;
+        nothing is running then.
+    """
+    if spawner is None:
+        spawner = _spawn_session_process
+    job_dir = os.path.abspath(job_dir)
+    stamp = start_line_time(time.time() if now is None else now)
+    protocol = WorkerProtocol(events)
+    protocol._hold()
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        log_fd = os.open(
+            os.path.join(job_dir, "stdio.log"),
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+            0o644,
+        )
+        try:
+            args = [_SH, "-c", _LAUNCHER, "rq-worker", job_dir, stamp, real_script]
+            args += argv
+            transport = spawner(
+                reactor,
+                protocol,
+                _SH,
+                args,
+                env,
+                {0: devnull, 1: log_fd, 2: log_fd, STATUS_FD: "r", REPLY_FD: "w"},
+            )
+        finally:
+            os.close(log_fd)
+    finally:
+        os.close(devnull)
+    worker = Worker(transport.pid, protocol)
+    reactor.callLater(0, protocol._release)
+    return worker
+
+
+class _WatchdogProtocol(ProcessProtocol):
+    def __init__(self, watchdog: "Watchdog") -> None:
+        self._watchdog = watchdog
+
+    def processEnded(self, reason: Failure) -> None:
+        self._watchdog._ended(self, reason)
+
+
+class Watchdog:
+    """
+    Kill every worker's process group when the daemon dies.
+
+    A C{/bin/sh} child in its own session (so untouched by signals sent to
+    the daemon's process group; it also ignores C{SIGTERM}, C{SIGINT} and
+    C{SIGHUP}) blocks reading a pipe only the daemon holds. At end of file
+    (the daemon died, even by C{SIGKILL}) it sends C{SIGTERM} to the process
+    group of every pid in C{<root>/queue/*/run/*/pid}, gives them C{grace}
+    seconds, C{SIGKILL}s what is left and exits. L{stop} ends it without
+    killing anything.
+
+    One per root: it kills the workers of every queue under C{root}.
+    """
+
+    def __init__(self, reactor: Any, root: str, grace: int = 5) -> None:
+        """
+        @param root: the RQ root directory.
+        @param grace: seconds between C{SIGTERM} and C{SIGKILL}.
+        """
+        self._reactor = reactor
+        self._root = os.path.abspath(root)
+        self._grace = int(grace)
+        self._process: Any = None
+        self._protocol: _WatchdogProtocol | None = None
+        self._stopping = False
+        self._stopped: list[Deferred[None]] = []
+        self._restart: Any = None
+
+    @property
+    def pid(self) -> int | None:
+        """
+        The watchdog's pid while it runs.
+        """
+        return None if self._process is None else self._process.pid
+
+    def start(self) -> None:
+        """
+        Start the watchdog (once).
+        """
+        if self._process is not None:
+            return
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
+        self._stopping = False
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self._restart = None
+        self._protocol = _WatchdogProtocol(self)
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self._process = _SessionProcess(
+                self._reactor,
+                _SH,
+                [_SH, "-c", _WATCHDOG, "rq-watchdog", self._root, str(self._grace)],
+                {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                self._protocol,
+                {0: "w", 1: devnull, 2: devnull},
+            )
+        finally:
+            os.close(devnull)
+
+    def stop(self) -> Deferred[None]:
+        """
+        End the watchdog without killing any worker; the result fires once
+        it exited.
+        """
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
+            self._restart = None
+        self._stopping = True
+        if self._process is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._stopped.append(d)
+        self._process.write(b"stop\n")
+        self._process.closeStdin()
+        return d
+
+    def _ended(self, protocol: _WatchdogProtocol, reason: Failure) -> None:
+        if protocol is not self._protocol:
+            return
+        self._process = None
+        self._protocol = None
+        if self._stopping:
+            stopped, self._stopped = self._stopped, []
+            for d in stopped:
+                d.callback(None)
+            return
+        _log.error(
+            "watchdog exited unexpectedly ({reason}); restarting it",
+            reason=reason.value,
+        )
+        self._restart = self._reactor.callLater(1, self._spawn)

@@ -1,0 +1,153 @@
+"""
+Tests for L{rqtwisted.store}: layout, durable creation, moves, recovery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from rqtwisted.durable import Syncer
+from rqtwisted.message import MessageError
+from rqtwisted.store import QueueStore, check_attachment_name
+from rqtwisted.testing import syncNow
+
+
+class RecordingSync:
+    """
+    Records every round's paths.
+    """
+
+    def __init__(self) -> None:
+        self.rounds: list[list[str]] = []
+
+    def __call__(self, paths):
+        self.rounds.append(list(paths))
+
+
+@pytest.fixture
+def sync():
+    return RecordingSync()
+
+
+@pytest.fixture
+def store(tmp_path, sync):
+    s = QueueStore(str(tmp_path / "q"), Syncer(syncNow, sync), lambda: 1277429255.122)
+    s.open()
+    return s
+
+
+def test_open_creates_state_dirs(store):
+    for state in ("prep", "que", "run", "done", "relayed", "err"):
+        assert os.path.isdir(store.state_dir(state))
+
+
+def test_new_id_format_and_unique(store):
+    ids = {store.new_id() for _ in range(100)}
+    assert len(ids) == 100
+    assert all(i.startswith("20100625.0127.35.122.") for i in ids)
+
+
+def test_create_syncs_file_dir_and_state_dir_before_firing(store, sync):
+    msg_id = store.new_id()
+    fired = []
+    store.create({"msg_id": msg_id, "dest": "q"}, "que").addCallback(fired.append)
+    assert fired == [None]
+    target = store.msg_dir("que", msg_id)
+    assert sync.rounds[-1] == [os.path.join(target, "msg"), target, store.state_dir("que")]
+    assert json.load(open(os.path.join(target, "msg"))) == {"msg_id": msg_id, "dest": "q"}
+    assert os.listdir(store.state_dir("tmp")) == []
+
+
+def test_move_to_done_is_hashed(store):
+    msg_id = "20100625.0127.35.122.7509656"
+    store.create({"msg_id": msg_id, "dest": "q"}, "que")
+    store.move(msg_id, "que", "run")
+    store.move(msg_id, "run", "done")
+    assert os.path.isdir(os.path.join(store.path, "done/20100625/01/27", msg_id))
+    assert list(store.list_hashed("done")) == [msg_id]
+    assert store.count_hashed("done") == 1
+
+
+def test_list_hashed_newest_first_with_limit(store):
+    ids = ["20100625.0127.35.122.1", "20100626.0001.00.000.2", "20100625.2359.00.000.3"]
+    for i in ids:
+        store.create({"msg_id": i, "dest": "q"}, "que")
+        store.move(i, "que", "done")
+    assert list(store.list_hashed("done")) == [ids[1], ids[2], ids[0]]
+    assert list(store.list_hashed("done", 2)) == [ids[1], ids[2]]
+
+
+def test_open_moves_run_back_to_que_and_corrupt_aside(tmp_path, sync):
+    s = QueueStore(str(tmp_path / "q"), Syncer(syncNow, sync), lambda: 1277429255.0)
+    s.open()
+    good, bad = "20100625.0127.35.122.1", "20100625.0127.35.122.2"
+    s.create({"msg_id": good, "dest": "q"}, "que")
+    s.move(good, "que", "run")
+    s.write_pid(good, 123)
+    s.create({"msg_id": bad, "dest": "q"}, "que")
+    with open(os.path.join(s.msg_dir("que", bad), "msg"), "w") as f:
+        f.write("{not json")
+    found = QueueStore(s.path, Syncer(syncNow, sync), lambda: 0.0).open()
+    assert list(found.que) == [good]
+    assert found.requeued == [good]
+    assert found.corrupt == [bad]
+    assert os.path.isdir(os.path.join(s.path, "corrupt", bad))
+    assert not os.path.exists(os.path.join(s.msg_dir("que", good), "pid"))
+
+
+def test_status_file(store):
+    msg_id = store.new_id()
+    store.create({"msg_id": msg_id, "dest": "q"}, "que")
+    assert store.read_status("que", msg_id) == (False, None)
+    store.write_status("que", msg_id, "half way")
+    assert store.read_status("que", msg_id) == (True, "half way")
+
+
+def test_attach_md5_and_replace(store, tmp_path):
+    msg_id = store.new_id()
+    store.create({"msg_id": msg_id, "dest": "q"}, "prep")
+    src = tmp_path / "data.bin"
+    src.write_bytes(b"hello")
+    got = []
+    store.attach("prep", msg_id, str(src), "data.bin").addCallback(got.append)
+    assert got == ["5d41402abc4b2a76b9719d911017c592"]
+    atts = store.attachments("prep", msg_id)
+    assert atts["data.bin"]["md5"] == "5d41402abc4b2a76b9719d911017c592"
+    assert atts["data.bin"]["size"] == 5
+
+
+@pytest.mark.parametrize(
+    "name,reason",
+    [
+        (".hidden", "Attachment name as a dot-file not allowed: .hidden"),
+        ("../escape", "Attachment name as a dot-file not allowed: ../escape"),
+        ("a/b", "Attachment name has invalid character. not allowed: a/b"),
+        ("a$b", "Attachment name has invalid character. not allowed: a$b"),
+    ],
+)
+def test_attachment_names_refused(name, reason):
+    with pytest.raises(MessageError) as e:
+        check_attachment_name(name)
+    assert e.value.reason == reason
+
+
+def test_attach_errors(store, tmp_path):
+    msg_id = store.new_id()
+    store.create({"msg_id": msg_id, "dest": "q"}, "prep")
+    with pytest.raises(MessageError, match="No such file"):
+        store.attach("prep", msg_id, str(tmp_path / "missing"), "x")
+    with pytest.raises(MessageError, match="cannot be a directory"):
+        store.attach("prep", msg_id, str(tmp_path), "x")
+    with pytest.raises(MessageError, match="must be normalized"):
+        store.attach("prep", msg_id, "relative/path", "x")
+
+
+def test_delete_hashed(store):
+    msg_id = "20100625.0127.35.122.9"
+    store.create({"msg_id": msg_id, "dest": "q"}, "que")
+    store.move(msg_id, "que", "done")
+    store.delete("done", msg_id)
+    assert not store.exists("done", msg_id)
