@@ -3,7 +3,10 @@ Packaging for rqtwisted: RQ, the simple, reliable Unix job queue, on Twisted.
 
 The twistd plugin lives in C{twisted/plugins/rq_plugin.py}; C{twisted/plugins}
 has no C{__init__.py} (it is a namespace Twisted scans), so it is listed here
-explicitly.
+explicitly. The web app lives in C{web/} and is the package C{rqtwisted.web}
+through the symlink C{rqtwisted/web}: with that, the layout is "simple", so an
+editable install (C{pip install -e .}) puts the project directory itself on
+C{sys.path}, where Twisted's plugin scan finds C{twisted/plugins/}.
 """
 
 from setuptools import setup
@@ -17,12 +20,12 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=["rqtwisted", "rqtwisted.web", "twisted.plugins"],
-    package_dir={"rqtwisted.web": "web"},
+    package_dir={"": "."},
     package_data={"rqtwisted.web": ["templates/*", "static/*"]},
     include_package_data=True,
     install_requires=["twisted>=24.7", "treq>=24.9", "klein>=24.8"],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "pytest-timeout>=2", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["rq = rqtwisted.cli:main"]},
     zip_safe=False,

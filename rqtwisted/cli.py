@@ -398,8 +398,14 @@ def _usage() -> str:
 
 
 def _write(stream: Any, text: str) -> None:
-    stream.write(text + "\n")
-    stream.flush()
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except BrokenPipeError:
+        # The reader went away (C{rq queues | head -1}): silence the
+        # interpreter's final flush instead of printing a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
 
 
 def run(verb: str, args: list[str], client_factory: ClientFactory) -> Outcome:

@@ -7,12 +7,14 @@ C{makeService} opens (or lays out) the root and builds::
      ├── Instance          the queues (rqtwisted.supervisor)
      ├── admin socket      AMP on <root>/config/rq.sock, mode 0600
      ├── pid file          config/queuemgr.pid
-     └── watchdog          kills workers if this process dies hard
+     ├── watchdog          kills workers if this process dies hard
+     └── SIGHUP            reloads queue configs
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from functools import partial
 from typing import Any
 
@@ -81,6 +83,33 @@ class PidFileService(Service):
             pass
 
 
+class ReloadOnHangup(Service):
+    """
+    SIGHUP re-reads queue configs and queue directories (like C{rq reload}).
+    """
+
+    def __init__(self, reactor: Any, instance: Instance) -> None:
+        self.reactor = reactor
+        self.instance = instance
+
+    def startService(self) -> None:
+        """
+        Install the SIGHUP handler.
+        """
+        super().startService()
+        signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self) -> None:
+        """
+        Restore the default SIGHUP handling.
+        """
+        super().stopService()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+    def _hangup(self, signum: int, frame: object) -> None:
+        self.reactor.callFromThread(self.instance.reload)
+
+
 class WatchdogService(Service):
     """
     Runs the L{Watchdog} for the life of the daemon.
@@ -146,4 +175,5 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     admin.setServiceParent(top)
     WatchdogService(Watchdog(reactor, root.path)).setServiceParent(top)
+    ReloadOnHangup(reactor, instance).setServiceParent(top)
     return top
