@@ -162,6 +162,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     except ConfigError as e:
         raise SystemExit(f"rq: {e.reason}")
     top = MultiService()
+    top.setName("rq")
     syncer = Syncer(runInThread(reactor))
     instance = Instance(root, settings, reactor, syncer, partial(spawn_worker, reactor))
     instance.setName("instance")

@@ -1,0 +1,89 @@
+"""
+Tests for L{rqtwisted.durable}: atomic replace and group-commit syncing.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.defer import Deferred
+
+from rqtwisted.durable import Syncer, replace_file
+
+
+class ManualThread:
+    """
+    A stand-in for C{deferToThreadPool} whose calls finish when told.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, tuple, Deferred]] = []
+
+    def __call__(self, f, *args):
+        d = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def finish(self, index: int = 0) -> None:
+        f, args, d = self.calls.pop(index)
+        try:
+            result = f(*args)
+        except Exception as e:
+            d.errback(e)
+        else:
+            d.callback(result)
+
+
+def test_replace_file_is_atomic_rename(tmp_path):
+    path = str(tmp_path / "f")
+    replace_file(path, b"one")
+    replace_file(path, b"two")
+    assert open(path, "rb").read() == b"two"
+    assert os.listdir(tmp_path) == ["f"]
+
+
+def test_concurrent_syncs_share_rounds():
+    synced: list[list[str]] = []
+    thread = ManualThread()
+    syncer = Syncer(thread, lambda paths: synced.append(list(paths)))
+    fired: list[str] = []
+    syncer.sync("a").addCallback(lambda _: fired.append("a"))
+    # A round is in flight: these wait and share the next round.
+    syncer.sync("b", "c").addCallback(lambda _: fired.append("b"))
+    syncer.sync("c", "d").addCallback(lambda _: fired.append("c"))
+    syncer.later("e")
+    assert len(thread.calls) == 1 and fired == []
+    thread.finish()
+    assert fired == ["a"]
+    assert len(thread.calls) == 1
+    thread.finish()
+    assert fired == ["a", "b", "c"]
+    assert synced == [["a"], ["b", "c", "d", "e"]]
+    assert syncer.rounds == 2
+
+
+def test_failed_round_errbacks_its_waiters_only():
+    thread = ManualThread()
+
+    def sync(paths):
+        if "bad" in paths:
+            raise OSError("disk gone")
+
+    syncer = Syncer(thread, sync)
+    results: list[object] = []
+    syncer.sync("bad").addBoth(results.append)
+    syncer.sync("good").addBoth(results.append)
+    thread.finish()
+    assert isinstance(results[0].value, OSError)
+    thread.finish()
+    assert results[1] is None
+
+
+def test_ack_waits_for_sync():
+    thread = ManualThread()
+    syncer = Syncer(thread, lambda paths: None)
+    fired = []
+    syncer.sync("x").addCallback(fired.append)
+    assert fired == []
+    thread.finish()
+    assert fired == [None]

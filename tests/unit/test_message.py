@@ -1,0 +1,77 @@
+"""
+Tests for L{rqtwisted.message}: names, ids, full ids and creation fields.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, strategies as st
+
+from rqtwisted.message import (
+    MessageError,
+    creation_fields,
+    dest_queue,
+    dest_url,
+    hashed_subpath,
+    make_msg_id,
+    split_full_id,
+    valid_msg_id,
+    valid_queue_name,
+)
+
+
+@pytest.mark.parametrize("name", ["test", "a-b_c", "Q1"])
+def test_valid_queue_names(name):
+    assert valid_queue_name(name)
+
+
+@pytest.mark.parametrize("name", ["", "a b", "a.b", "a/b", "a:b", "a@b", "x" * 129, None, "a$b", "a\nb"])
+def test_invalid_queue_names(name):
+    assert not valid_queue_name(name)
+
+
+@given(st.floats(min_value=0, max_value=4e9), st.integers(min_value=0, max_value=10**12))
+def test_ids_match_the_exact_format(now, suffix):
+    msg_id = make_msg_id(now, suffix)
+    assert valid_msg_id(msg_id)
+    assert hashed_subpath(msg_id).endswith("/" + msg_id)
+
+
+def test_id_and_hash_path():
+    msg_id = make_msg_id(1277429255.122, 7509656)
+    assert msg_id == "20100625.0127.35.122.7509656"
+    assert hashed_subpath(msg_id) == "20100625/01/27/20100625.0127.35.122.7509656"
+
+
+def test_split_full_id():
+    assert split_full_id("http://h:3333/q/test/20100625.0127.35.122.7") == ("test", "20100625.0127.35.122.7")
+    assert split_full_id("/q/test/1") == ("test", "1")
+    with pytest.raises(MessageError):
+        split_full_id("http://h:3333/q/test")
+
+
+def test_dest_forms():
+    assert dest_url("test", "h", 3333) == "http://h:3333/q/test"
+    assert dest_url("/q/test", "h", 3333) == "http://h:3333/q/test"
+    assert dest_url("http://o:1/q/x", "h", 3333) == "http://o:1/q/x"
+    assert dest_queue("http://o:1/q/x") == "x"
+    assert dest_queue("/q/y") == "y"
+    assert dest_queue("z") == "z"
+
+
+def test_creation_fields_copies_only_creation_keys():
+    fields = creation_fields(
+        {"dest": "q", "param1": "a", "count": "3", "max_count": "4", "_method": "prep", "state": "done",
+         "post_run_webhook": "http://a http://b", "force_remote": False}
+    )
+    assert fields == {"dest": "q", "param1": "a", "count": 3, "max_count": 4,
+                      "post_run_webhook": ["http://a", "http://b"]}
+
+
+def test_creation_fields_errors():
+    with pytest.raises(MessageError, match='input missing required "dest" parameter'):
+        creation_fields({"src": "x"})
+    with pytest.raises(MessageError, match="invalid count"):
+        creation_fields({"dest": "q", "count": "many"})
+    with pytest.raises(MessageError, match="invalid due"):
+        creation_fields({"dest": "q", "due": "soon"})

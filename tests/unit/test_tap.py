@@ -1,0 +1,66 @@
+"""
+Tests for the C{twistd rq} plugin and L{rqtwisted.tap}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+
+from rqtwisted import tap
+from rqtwisted.root import DEFAULT_QUEUES
+
+
+def test_plugin_is_discoverable():
+    makers = {m.tapname: m for m in getPlugins(IServiceMaker)}
+    assert "rq" in makers
+    assert makers["rq"].module == "rqtwisted.tap"
+
+
+def test_root_defaults_to_env_then_cwd(tmp_path, monkeypatch):
+    monkeypatch.setenv("RQ_ROOT", str(tmp_path / "a"))
+    opts = tap.Options()
+    opts.parseOptions([])
+    assert opts["root"] == str(tmp_path / "a")
+    monkeypatch.delenv("RQ_ROOT")
+    monkeypatch.chdir(tmp_path)
+    opts = tap.Options()
+    opts.parseOptions([])
+    assert opts["root"] == str(tmp_path)
+
+
+def test_bad_port_is_a_usage_error(tmp_path):
+    with pytest.raises(usage.UsageError):
+        tap.Options().parseOptions(["--root", str(tmp_path), "--port", "eighty"])
+
+
+def test_make_service_lays_out_empty_root(tmp_path):
+    opts = tap.Options()
+    opts.parseOptions(["--root", str(tmp_path / "r"), "--host", "h1", "--port", "4444", "--env", "prod"])
+    service = tap.makeService(opts, MemoryReactorClock())
+    root = tmp_path / "r"
+    config = json.loads((root / "config" / "config.json").read_text())
+    assert config["host"] == "h1" and config["port"] == 4444 and config["env"] == "prod"
+    for name in DEFAULT_QUEUES:
+        assert json.loads((root / "queue" / name / "config.json").read_text())["name"] == name
+    assert os.path.islink(root / "queue")
+    instance = service.getServiceNamed("instance")
+    assert instance.settings.port == 4444
+
+
+def test_make_service_keeps_existing_root_and_overrides(tmp_path):
+    opts = tap.Options()
+    opts.parseOptions(["--root", str(tmp_path), "--port", "5555"])
+    tap.makeService(opts, MemoryReactorClock())
+    before = (tmp_path / "config" / "config.json").read_text()
+    opts = tap.Options()
+    opts.parseOptions(["--root", str(tmp_path), "--port", "6666"])
+    service = tap.makeService(opts, MemoryReactorClock())
+    assert (tmp_path / "config" / "config.json").read_text() == before
+    assert service.getServiceNamed("instance").settings.port == 6666
