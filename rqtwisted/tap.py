@@ -144,6 +144,20 @@ def load_settings(root: Root, options: Options) -> RootConfig:
     return settings
 
 
+def exit_zero_after_shutdown(reactor: Any) -> None:
+    """
+    After an orderly shutdown on SIGTERM/SIGINT the daemon exits 0, as the
+    original supervisor does (queues.md) and service managers expect; twistd
+    would otherwise re-raise the signal it stopped on.
+    """
+
+    def clear() -> None:
+        if getattr(reactor, "_exitSignal", None) is not None:
+            reactor._exitSignal = None
+
+    reactor.addSystemEventTrigger("after", "shutdown", clear)
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     Build the service tree of one root (see the module docstring).
@@ -177,4 +191,5 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     admin.setServiceParent(top)
     WatchdogService(Watchdog(reactor, root.path)).setServiceParent(top)
     ReloadOnHangup(reactor, instance).setServiceParent(top)
+    exit_zero_after_shutdown(reactor)
     return top

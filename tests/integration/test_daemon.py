@@ -1,0 +1,248 @@
+"""
+The daemon's life: hard and soft deaths with workers running, restarts,
+recovery, and queue administration through C{rq}.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import (
+    Daemon,
+    alive,
+    children_of,
+    group_members,
+    processes_with_env,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def assert_shut_down(daemon: Daemon, rc: int | None) -> None:
+    """
+    The daemon went through its orderly shutdown. (The exit status itself is
+    checked by L{test_sigterm_exit_status}: twistd re-raises SIGTERM.)
+    """
+    assert rc in (0, -signal.SIGTERM), rc
+    last_run = daemon.log_text().rsplit("===== starting daemon", 1)[-1]
+    assert "Server Shut Down." in last_run, last_run
+    assert not (daemon.root / "config" / "queuemgr.pid").exists()
+
+
+def rerun_script(tmp_path: Path, *, trap_term: bool = False, grandchild: bool = False) -> str:
+    """
+    A script that, on its first run, records its pid and blocks for 30 s;
+    on any later run (the marker exists) reports done at once.
+    """
+    marker = tmp_path / "first-run"
+    pidfile = tmp_path / "worker.pid"
+    lines = [
+        f'if [ -e {marker} ]; then echo "done second run" >&3; exit 0; fi',
+        f"touch {marker}",
+    ]
+    if trap_term:
+        lines.append("trap '' TERM")
+    if grandchild:
+        lines.append(f"sleep 30 & echo $! > {tmp_path / 'grandchild.pid'}")
+    lines += [
+        f"echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}",
+        'echo "run sleeping" >&3',
+        # Sleep in short steps: a TERM-ignoring script outlives its sleeps.
+        "for i in $(seq 300); do sleep 0.1; done",
+        'echo "done first run" >&3',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def start_long_job(daemon: Daemon, tmp_path: Path, read_pid, **kwargs: bool) -> tuple[str, int]:
+    daemon.queue_with_script("test", rerun_script(tmp_path, **kwargs))
+    full = daemon.send("test")
+    worker = read_pid(tmp_path / "worker.pid")
+    daemon.wait_state(full, "run")
+    wait_for(lambda: daemon.rq("statusmesg", "--msg_id", full) == (0, ["ok run - sleeping"]), 5, what="run status")
+    # The pid file of a running message holds the worker's pid.
+    assert (daemon.run_dir("test", full) / "pid").read_text().strip() == str(worker)
+    assert alive(worker)
+    return full, worker
+
+
+def test_kill9_daemon_kills_workers_and_recovers(daemon: Daemon, tmp_path: Path, read_pid) -> None:
+    full, worker = start_long_job(daemon, tmp_path, read_pid)
+    helpers = [p for p in children_of(daemon.pid) if p != worker]
+    assert helpers, "the watchdog should be a child of the daemon"
+    # The worker leads its own process group, apart from the daemon's.
+    assert os.getpgid(worker) == worker != os.getpgid(daemon.pid)
+
+    daemon.kill9()
+    wait_for(lambda: not group_members(worker), 8, what="worker process group gone after SIGKILL of the daemon")
+    assert not alive(worker)
+    wait_for(lambda: not any(alive(p) for p in helpers), 8, what="watchdog exit")
+
+    # A stale socket and no daemon: a clean failure.
+    code, out = daemon.rq("ping")
+    assert code == 1 and len(out) == 1 and out[0].startswith("fail "), out
+
+    # Same root again: the message left in run/ goes back to que and runs.
+    daemon.start()
+    daemon.wait_state(full, "done", timeout=10)
+    assert daemon.rq("statusmesg", "--msg_id", full) == (0, ["ok done - second run"])
+    assert daemon.rq("statuscountmesg", "--msg_id", full) == (0, ["ok 0"])
+
+
+def test_sigterm_daemon_stops_workers(daemon: Daemon, tmp_path: Path, read_pid) -> None:
+    full, worker = start_long_job(daemon, tmp_path, read_pid, grandchild=True)
+    grandchild = read_pid(tmp_path / "grandchild.pid")
+    daemon.cleanup_pids.append(grandchild)
+    children = children_of(daemon.pid)
+    assert worker in children and len(children) >= 2, children
+
+    started = time.monotonic()
+    rc = daemon.terminate(timeout=12)
+    elapsed = time.monotonic() - started
+    assert elapsed < 10, elapsed
+    assert_shut_down(daemon, rc)
+    # Nothing of ours remains: not the worker, its group, the grandchild,
+    # the watchdog, nor anything running with this root's environment.
+    wait_for(lambda: not group_members(worker), 2, what="worker group gone")
+    assert not any(alive(p) for p in children), [p for p in children if alive(p)]
+    assert not alive(grandchild)
+    assert processes_with_env("RQ_MSG_DIR", str(daemon.root) + os.sep) == []
+
+    # The interrupted message is rerun at the next start.
+    daemon.start()
+    daemon.wait_state(full, "done", timeout=10)
+    assert daemon.rq("statusmesg", "--msg_id", full) == (0, ["ok done - second run"])
+
+
+def test_sigterm_daemon_kills_stubborn_worker(daemon: Daemon, tmp_path: Path, read_pid) -> None:
+    """
+    A worker ignoring SIGTERM is SIGKILLed after the grace period; the
+    daemon still exits 0 within ~10 s.
+    """
+    full, worker = start_long_job(daemon, tmp_path, read_pid, trap_term=True)
+    started = time.monotonic()
+    rc = daemon.terminate(timeout=15)
+    elapsed = time.monotonic() - started
+    assert elapsed < 10, elapsed
+    assert_shut_down(daemon, rc)
+    assert not group_members(worker)
+
+
+def test_sigterm_exit_status(daemon: Daemon) -> None:
+    """
+    queues.md: on SIGTERM the supervisor stops everything, removes its pid
+    file and socket, and exits 0.
+    """
+    rc = daemon.terminate()
+    assert_shut_down(daemon, rc)
+    assert not (daemon.root / "config" / "rq.sock").exists()
+    assert rc == 0
+
+
+def test_queue_administration(daemon: Daemon) -> None:
+    daemon.queue_with_script("test", 'echo "done admin $RQ_PARAM1" >&3\n')
+    assert daemon.rq("queues") == (0, ["ok 5", "test", "cleaner", "relay", "rq_router", "webhook"])
+    assert daemon.queue_status("test") == "UP"
+
+    # pause: messages are accepted but wait in que.
+    assert daemon.rq("pause", "--name", "test") == (0, ["ok test"])
+    assert daemon.queue_status("test") == "PAUSE"
+    paused = daemon.send("test", "--param1", "paused")
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert daemon.rq("state", "--msg_id", paused) == (0, ["ok que"])
+        time.sleep(0.1)
+    assert daemon.rq("statusmesg", "--msg_id", paused) == (0, ["ok que"])
+    assert daemon.rq("resume", "--name", "test") == (0, ["ok test"])
+    daemon.wait_state(paused, "done", timeout=5)
+    assert daemon.rq("statusmesg", "--msg_id", paused) == (0, ["ok done - admin paused"])
+
+    # down: creation refused.
+    assert daemon.rq("down", "--name", "test") == (0, ["ok test"])
+    assert daemon.queue_status("test") == "DOWN"
+    assert daemon.rq("sendmesg", "--dest", "test") == (1, ["fail status: DOWN"])
+    assert daemon.rq("prepmesg", "--dest", "test") == (1, ["fail status: DOWN"])
+    # Reads still work.
+    assert daemon.rq("state", "--msg_id", paused) == (0, ["ok done"])
+    assert daemon.rq("up", "--name", "test") == (0, ["ok test"])
+    assert daemon.queue_status("test") == "UP"
+    upped = daemon.send("test", "--param1", "up")
+    daemon.wait_state(upped, "done", timeout=5)
+
+    # restart_queue: the queue comes back and works, history kept.
+    assert daemon.rq("restart_queue", "--name", "test") == (0, ["ok test"])
+    wait_for(lambda: daemon.queue_status("test") == "UP", 5, what="queue back up")
+    restarted = daemon.send("test", "--param1", "restarted")
+    daemon.wait_state(restarted, "done", timeout=5)
+    assert daemon.rq("statusmesg", "--msg_id", paused) == (0, ["ok done - admin paused"])
+
+    # Unknown queue names.
+    for verb in ("pause", "resume", "up", "down", "restart_queue"):
+        assert daemon.rq(verb, "--name", "nope") == (1, ["fail invalid queue name"]), verb
+
+    # delete_queue: renamed to queue/test.deleted.<inode>.
+    inode = os.stat(daemon.queue_dir("test")).st_ino
+    assert daemon.rq("delete_queue", "--name", "test") == (0, ["ok started deleting queue"])
+    assert not daemon.queue_dir("test").exists()
+    assert (daemon.root / "queue" / f"test.deleted.{inode}").is_dir()
+    assert daemon.rq("queues") == (0, ["ok 4", "cleaner", "relay", "rq_router", "webhook"])
+    assert daemon.rq("sendmesg", "--dest", "test") == (1, ["fail Queue not found"])
+    assert daemon.rq("delete_queue", "--name", "test") == (1, ["fail no such queue"])
+    # A deleted directory is not picked up again by a restart of the server.
+    assert daemon.rq("restart") == (0, ["ok restarted"])
+    assert daemon.rq("queues") == (0, ["ok 4", "cleaner", "relay", "rq_router", "webhook"])
+
+
+def test_create_queue_refusals(daemon: Daemon) -> None:
+    script = daemon.script("t.sh", 'echo "done" >&3\n')
+    daemon.create_queue("test", script)
+    assert daemon.rq("create_queue", "--name", "test", "--script", str(script)) == (
+        1,
+        ["fail already created"],
+    )
+    assert daemon.rq("create_queue", "--name", "bad/name", "--script", str(script)) == (
+        1,
+        ["fail queue name has invalid characters"],
+    )
+
+
+def test_queued_messages_and_markers_survive_restart(daemon: Daemon) -> None:
+    daemon.queue_with_script("test", 'echo "done $RQ_PARAM1" >&3\n')
+    assert daemon.rq("pause", "--name", "test") == (0, ["ok test"])
+    ids = [daemon.send("test", "--param1", f"m{i}") for i in range(3)]
+    # single_que: the newest queued message is reused.
+    assert daemon.rq("single_que", "--dest", "test", "--param1", "single") == (0, [f"ok {ids[-1]}"])
+    prepped = daemon.ok("prepmesg", "--dest", "test", "--param1", "prepped")
+    assert_shut_down(daemon, daemon.terminate())
+
+    daemon.start()
+    assert daemon.queue_status("test") == "PAUSE"
+    for full in ids:
+        assert daemon.rq("state", "--msg_id", full) == (0, ["ok que"])
+    assert daemon.rq("state", "--msg_id", prepped) == (0, ["ok prep"])
+    assert daemon.rq("resume", "--name", "test") == (0, ["ok test"])
+    for i, full in enumerate(ids):
+        daemon.wait_state(full, "done", timeout=5)
+        assert daemon.rq("statusmesg", "--msg_id", full) == (0, [f"ok done - m{i}"])
+    assert daemon.rq("state", "--msg_id", prepped) == (0, ["ok prep"])
+    assert daemon.rq("commitmesg", "--msg_id", prepped) == (0, ["ok msg commited"])
+    daemon.wait_state(prepped, "done", timeout=5)
+
+
+def test_server_restart_command(daemon: Daemon, tmp_path: Path, read_pid) -> None:
+    """
+    C{rq restart}: queues stop (workers terminated, messages back to que)
+    and start again; the interrupted message reruns.
+    """
+    full, worker = start_long_job(daemon, tmp_path, read_pid)
+    assert daemon.rq("restart") == (0, ["ok restarted"])
+    wait_for(lambda: not group_members(worker), 8, what="worker stopped by restart")
+    daemon.wait_state(full, "done", timeout=10)
+    assert daemon.rq("statusmesg", "--msg_id", full) == (0, ["ok done - second run"])
+    assert daemon.rq("ping") == (0, ["ok pong"])
