@@ -18,13 +18,14 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet.defer import Deferred  # noqa: E402
 
 from rqtwisted.protocol import Report  # noqa: E402
-from rqtwisted.worker import _LAUNCHER, script_argv, spawn_worker  # noqa: E402
+from rqtwisted.worker import _LAUNCHER, _SH, script_argv, spawn_worker  # noqa: E402
 
 
 def make_script(directory: str) -> str:
@@ -38,20 +39,25 @@ def make_script(directory: str) -> str:
     return path
 
 
-def raw_rate(argv: list[str], count: int, concurrency: int) -> float:
+def raw_rate(
+    argv: Callable[[int], list[str]], count: int, concurrency: int, go: str | None = None
+) -> float:
     """
-    Spawns per second of C{os.posix_spawn(argv)} keeping C{concurrency}
-    children running.
+    Spawns per second of C{os.posix_spawn(argv(n))} keeping C{concurrency}
+    children running (C{go}: a file to open as fd 4).
     """
     env = dict(os.environ)
-    script = argv[0]
-    quiet = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
+    actions = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
+    if go is not None:
+        actions.append((os.POSIX_SPAWN_OPEN, 4, go, os.O_RDONLY, 0))
+    argvs = [argv(n) for n in range(count)]
     running = 0
     started = 0
     t0 = time.perf_counter()
     while started < count or running:
         while running < concurrency and started < count:
-            os.posix_spawn(script, argv, env, file_actions=quiet)
+            args = argvs[started]
+            os.posix_spawn(args[0], args, env, file_actions=actions)
             running += 1
             started += 1
         os.waitpid(-1, 0)
@@ -59,8 +65,19 @@ def raw_rate(argv: list[str], count: int, concurrency: int) -> float:
     return count / (time.perf_counter() - t0)
 
 
+def job_dirs(root: str, name: str, count: int) -> list[str]:
+    """
+    Make C{count} fresh job directories (outside the timings: creating
+    files is slow on some disks).
+    """
+    dirs = [os.path.join(root, f"{name}-{n}") for n in range(count)]
+    for path in dirs:
+        os.mkdir(path)
+    return dirs
+
+
 class _Events:
-    def __init__(self, done: "callable") -> None:
+    def __init__(self, done: Callable[[], None]) -> None:
         self._done = done
 
     def reportReceived(self, report: Report) -> None:
@@ -71,7 +88,7 @@ class _Events:
 
 
 def worker_rate(
-    reactor, script: str, root: str, count: int, concurrency: int
+    reactor, script: str, jobs: list[str], concurrency: int
 ) -> Deferred[float]:
     """
     Spawns per second of L{spawn_worker} keeping C{concurrency} workers
@@ -79,14 +96,14 @@ def worker_rate(
     """
     env = dict(os.environ)
     argv = script_argv("", script)
+    count = len(jobs)
     result: Deferred[float] = Deferred()
     state = {"started": 0, "finished": 0, "t0": time.perf_counter()}
 
     def start_one() -> None:
         n = state["started"]
         state["started"] += 1
-        job = os.path.join(root, f"job{concurrency}-{n}")
-        os.mkdir(job)
+        job = jobs[n]
         spawn_worker(
             reactor,
             argv=argv,
@@ -120,22 +137,29 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="rq-spawn-bench-")
     script = make_script(tmp)
+    # The launcher's go line, from a file instead of the daemon.
+    go = os.path.join(tmp, "go")
+    with open(go, "w") as f:
+        f.write("\n")
     results: list[str] = []
 
     @defer.inlineCallbacks
     def run():
         try:
             for concurrency in (1, 4):
-                raw = raw_rate([script], options.count, concurrency)
-                # The launcher alone (cd, printf, exec), without Twisted.
+                n = options.count
+                raw = raw_rate(lambda i: [script], n, concurrency)
+                # The launcher alone (go line, cd, stdio.log, exec), no
+                # Twisted.
+                dirs = job_dirs(tmp, f"raw{concurrency}", n)
                 launcher = raw_rate(
-                    ["/bin/sh", "-c", _LAUNCHER, "rq-worker", tmp, "now", script, script],
-                    options.count,
+                    lambda i: [_SH, "-c", _LAUNCHER, "rq-worker", dirs[i], "now", script, script],
+                    n,
                     concurrency,
+                    go=go,
                 )
-                rate = yield worker_rate(
-                    reactor, script, tmp, options.count, concurrency
-                )
+                dirs = job_dirs(tmp, f"worker{concurrency}", n)
+                rate = yield worker_rate(reactor, script, dirs, concurrency)
                 results.append(
                     f"concurrency {concurrency}: spawn_worker {rate:7.0f}/s"
                     f"   raw posix_spawn {raw:7.0f}/s ({rate / raw:.0%})"

@@ -17,6 +17,7 @@ that kills every running worker's process group when the daemon dies.
 
 from __future__ import annotations
 
+import _signal as _csignal
 import os
 import shlex
 import signal as _signal
@@ -55,11 +56,16 @@ _DRAIN_LIMIT = 1024 * 1024
 _SH = "/bin/sh"
 
 #: The worker launcher: C{sh -c LAUNCHER rq-worker <job dir> <local time>
-#: <real script> <argv...>}. stdout/stderr are C{stdio.log} already (opened
-#: by the daemon, in append mode); C{$$} is the worker's pid, which C{exec}
-#: keeps.
+#: <real script> <argv...>}, started with stdin, stdout and stderr on
+#: C{/dev/null}. It first waits for the daemon's go line on fd 4, written
+#: once the launcher has been reniced (so the script and all its children
+#: start at nice 19), then opens C{stdio.log} itself (creating a file costs
+#: the daemon's thread nothing this way); C{$$} is the worker's pid, which
+#: C{exec} keeps. Exit status 126 when it cannot get that far.
 _LAUNCHER = (
+    "IFS= read -r go <&4 || exit 126\n"
     'cd "$1" || exit 126\n'
+    "command exec >>stdio.log 2>&1 || exit 126\n"
     "printf '\\n%s - %s - RQ START - %s\\n' \"$$\" \"$2\" \"$3\"\n"
     "shift 3\n"
     'exec "$@"\n'
@@ -340,6 +346,20 @@ class WorkerProtocol(ProcessProtocol):
             total += len(chunk)
         return b"".join(chunks)
 
+    def _go(self) -> None:
+        """
+        Let the launcher go on: one line on fd 4, written at once (not
+        through the transport's buffer). A worker already gone is ignored.
+        """
+        pipes = getattr(self.transport, "pipes", None) or {}
+        writer = pipes.get(REPLY_FD)
+        if writer is None:
+            return
+        try:
+            os.write(writer.fileno(), b"\n")
+        except OSError:
+            pass
+
     def processExited(self, reason: Failure) -> None:
         """
         Record the exit: drain fd 3, flush the last partial line, close our
@@ -446,9 +466,16 @@ class _SessionProcess(_twprocess.Process):
         niceness: int | None = None,
     ) -> None:
         self._niceness = niceness
+        #: The pid, kept: C{pid} becomes L{None} once the process is reaped,
+        #: which can happen before the constructor returns.
+        self.spawnedPid: int | None = None
         super().__init__(
             reactor, executable, args, environment, None, proto, childFDs=childFDs
         )
+
+    def _fork(self, *args: Any, **kwargs: Any) -> None:
+        super()._fork(*args, **kwargs)
+        self.spawnedPid = self.pid
 
     def _renice(self) -> None:
         if self._niceness is None or self.pid is None:
@@ -490,10 +517,13 @@ class _SessionProcess(_twprocess.Process):
                 fdState.append((eachFD, isCloseOnExec))
         if environment is None:
             environment = dict(os.environ)
+        # _signal.getsignal: signal.getsignal's enum wrapping costs 0.1 ms.
+        ignored = _csignal.SIG_IGN
+        getsignal = _csignal.getsignal
         setSigDef = [
             everySignal
             for everySignal in range(1, _signal.NSIG)
-            if _signal.getsignal(everySignal) == _signal.SIG_IGN
+            if getsignal(everySignal) == ignored
         ]
         try:
             self.pid = os.posix_spawnp(
@@ -513,8 +543,8 @@ class _SessionProcess(_twprocess.Process):
             # No POSIX_SPAWN_SETSID in this libc: use the fork path.
             return False
         self.status = -1
-        # posix_spawn returns once the launcher is exec'd, before it execs
-        # the script.
+        # posix_spawn returns once the launcher is exec'd; it waits for the
+        # go line before it execs the script.
         self._renice()
         return True
 
@@ -526,10 +556,11 @@ class _SessionProcess(_twprocess.Process):
             os.setpriority(os.PRIO_PROCESS, 0, self._niceness)
 
 
-#: C{spawner(reactor, protocol, executable, args, env, childFDs)} -> a
-#: process transport with a C{pid}.
+#: C{spawner(reactor, protocol, executable, args, env, childFDs) -> pid}:
+#: starts the process, connects C{protocol} to its transport, returns its pid
+#: (childFDs as for C{IReactorProcess.spawnProcess}).
 Spawner = Callable[
-    [Any, ProcessProtocol, str, list[str], dict[str, str], dict[int, Any]], Any
+    [Any, ProcessProtocol, str, list[str], dict[str, str], dict[int, Any]], int
 ]
 
 
@@ -540,13 +571,15 @@ def _spawn_session_process(
     args: list[str],
     env: dict[str, str],
     childFDs: dict[int, Any],
-) -> _SessionProcess:
+) -> int:
     """
     The default spawner: a L{_SessionProcess} at L{WORKER_NICENESS}.
     """
-    return _SessionProcess(
+    process = _SessionProcess(
         reactor, executable, args, env, protocol, childFDs, WORKER_NICENESS
     )
+    assert process.spawnedPid is not None
+    return process.spawnedPid
 
 
 def start_line_time(now: float) -> str:
@@ -584,10 +617,14 @@ def spawn_worker(
     @param job_dir: the message's C{job/} directory (must exist).
     @param real_script: the resolved script path (for the C{RQ START} line).
     @param now: the time of the C{RQ START} line (default: now).
-    @param spawner: how to start the process (for tests).
+    @param spawner: how to start the process (for tests); it must have
+        reniced the process when it returns.
 
-    @raise OSError: when C{stdio.log} cannot be opened or the spawn fails;
-        nothing is running then.
+    @raise OSError: when the spawn fails (e.g. no more processes or fds);
+        nothing is running then. A job dir that cannot be entered or a
+        C{stdio.log} that cannot be opened makes the worker exit 126; a
+        command that cannot be found, 127 (the shell's message is in
+        C{stdio.log}).
     """
     if spawner is None:
         spawner = _spawn_session_process
@@ -595,29 +632,23 @@ def spawn_worker(
     stamp = start_line_time(time.time() if now is None else now)
     protocol = WorkerProtocol(events)
     protocol._hold()
-    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
-        log_fd = os.open(
-            os.path.join(job_dir, "stdio.log"),
-            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-            0o644,
+        args = [_SH, "-c", _LAUNCHER, "rq-worker", job_dir, stamp, real_script]
+        args += argv
+        pid = spawner(
+            reactor,
+            protocol,
+            _SH,
+            args,
+            env,
+            {0: devnull, 1: devnull, 2: devnull, STATUS_FD: "r", REPLY_FD: "w"},
         )
-        try:
-            args = [_SH, "-c", _LAUNCHER, "rq-worker", job_dir, stamp, real_script]
-            args += argv
-            transport = spawner(
-                reactor,
-                protocol,
-                _SH,
-                args,
-                env,
-                {0: devnull, 1: log_fd, 2: log_fd, STATUS_FD: "r", REPLY_FD: "w"},
-            )
-        finally:
-            os.close(log_fd)
     finally:
         os.close(devnull)
-    worker = Worker(transport.pid, protocol)
+    # The launcher has been reniced by now (see _SessionProcess).
+    protocol._go()
+    worker = Worker(pid, protocol)
     reactor.callLater(0, protocol._release)
     return worker
 
@@ -664,7 +695,7 @@ class Watchdog:
         """
         The watchdog's pid while it runs.
         """
-        return None if self._process is None else self._process.pid
+        return None if self._process is None else self._process.spawnedPid
 
     def start(self) -> None:
         """
@@ -706,7 +737,15 @@ class Watchdog:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._stopped.append(d)
-        self._process.write(b"stop\n")
+        # Written at once, not through the transport's buffer: the daemon
+        # may exit before the reactor would flush it, and EOF without
+        # "stop" means "kill everything".
+        writer = self._process.pipes.get(0)
+        if writer is not None:
+            try:
+                os.write(writer.fileno(), b"stop\n")
+            except OSError as e:
+                _log.warn("cannot stop the watchdog: {error}", error=e)
         self._process.closeStdin()
         return d
 
