@@ -309,7 +309,7 @@ class QueueService(Service):
 
     def _recheck_script(self) -> None:
         try:
-            resolve_script(self.config.script, self.instance.root.path)
+            script_argv(self.config.exec_prefix, resolve_script(self.config.script, self.instance.root.path))
         except ScriptError:
             return
         _log.info("queue {queue}: script is executable again", queue=self.name)
@@ -321,6 +321,7 @@ class QueueService(Service):
         """
         try:
             real_script = resolve_script(self.config.script, self.instance.root.path)
+            argv = script_argv(self.config.exec_prefix, real_script)
         except ScriptError as e:
             if self.oper != "SCRIPTERROR":
                 _log.error("queue {queue}: SCRIPTERROR: {reason}", queue=self.name, reason=e.reason)
@@ -354,7 +355,7 @@ class QueueService(Service):
         )
         try:
             job.worker = self.spawn(
-                argv=script_argv(self.config.exec_prefix, real_script),
+                argv=argv,
                 env=env,
                 job_dir=job_dir,
                 real_script=real_script,

@@ -125,12 +125,13 @@ class WatchdogService(Service):
         super().startService()
         self.watchdog.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Any:
         """
-        Stop it without killing anything (the queues stop their workers).
+        Stop it without killing anything (the queues stop their workers);
+        fires when the watchdog has exited.
         """
         super().stopService()
-        self.watchdog.stop()
+        return self.watchdog.stop()
 
 
 def load_settings(root: Root, options: Options) -> RootConfig:

@@ -2,10 +2,12 @@
 Launching one queue script for one message, and watching it (script-api.md).
 
 A worker is started through a tiny C{/bin/sh} launcher spawned with
-C{posix_spawn} (Twisted's fast path, which needs C{path=None}): the launcher
-changes into the job directory, writes the C{RQ START} line to C{stdio.log}
-and C{exec}s the script, so the worker's pid is the launcher's pid. Every
-worker leads its own session (so its own process group) and runs at nice 19.
+C{posix_spawn} (Twisted's fast path, which needs C{path=None}), in its own
+session (so its own process group). The daemon renices it to 19 and then
+writes a go line on fd 4; only then does the launcher change into the job
+directory, open C{stdio.log}, write the C{RQ START} line and C{exec} the
+script, so the script and everything it starts run at nice 19, and the
+worker's pid is the launcher's pid.
 
 The status pipe (fd 3) is read through L{ReportParser}; the exit is reported
 from C{processExited}, after draining what the dead worker left in the pipe,
@@ -104,6 +106,14 @@ for p in $pids; do
 done
 exit 0
 """
+
+
+#: Signals the watchdog ignores. They are blocked from its start until its
+#: C{trap} ignores them (dash only unblocks signals when it forks, which
+#: the watchdog does after its traps).
+_WATCHDOG_SIGNALS = frozenset(
+    {_signal.SIGHUP, _signal.SIGINT, _signal.SIGTERM, _signal.SIGQUIT}
+)
 
 
 class ScriptError(Exception):
@@ -448,8 +458,9 @@ class Worker:
 
 class _SessionProcess(_twprocess.Process):
     """
-    A Twisted process that leads a new session (so a new process group) and
-    optionally runs at a given niceness.
+    A Twisted process that leads a new session (so a new process group),
+    optionally runs at a given niceness, and may start with some signals
+    blocked (posix_spawn) or ignored (fork path).
 
     Spawned with C{posix_spawnp(..., setsid=True)} where available, else
     with Twisted's fork path plus C{setsid()} in the child.
@@ -464,8 +475,10 @@ class _SessionProcess(_twprocess.Process):
         proto: ProcessProtocol,
         childFDs: dict[int, Any],
         niceness: int | None = None,
+        blockedSignals: frozenset[int] = frozenset(),
     ) -> None:
         self._niceness = niceness
+        self._blocked = blockedSignals
         #: The pid, kept: C{pid} becomes L{None} once the process is reaped,
         #: which can happen before the constructor returns.
         self.spawnedPid: int | None = None
@@ -537,6 +550,7 @@ class _SessionProcess(_twprocess.Process):
                     doDup2=_twprocess._PS_DUP2,
                 ),
                 setsigdef=setSigDef,
+                setsigmask=self._blocked,
                 setsid=True,
             )
         except NotImplementedError:
@@ -552,6 +566,9 @@ class _SessionProcess(_twprocess.Process):
         # The fork path (runs in the child).
         os.setsid()
         super()._setupChild(fdmap)
+        for sig in self._blocked:
+            _signal.signal(sig, _signal.SIG_IGN)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
         if self._niceness is not None:
             os.setpriority(os.PRIO_PROCESS, 0, self._niceness)
 
@@ -673,8 +690,13 @@ class Watchdog:
     seconds, C{SIGKILL}s what is left and exits. L{stop} ends it without
     killing anything.
 
-    One per root: it kills the workers of every queue under C{root}.
+    One per root: it kills the workers of every queue under C{root}. If it
+    dies while the daemon lives, it is started again after
+    L{restartDelay} seconds.
     """
+
+    #: Seconds before a watchdog that died is started again.
+    restartDelay = 1.0
 
     def __init__(self, reactor: Any, root: str, grace: int = 5) -> None:
         """
@@ -708,6 +730,14 @@ class Watchdog:
         self._stopping = False
         self._spawn()
 
+    def _respawn(self) -> None:
+        self._restart = None
+        try:
+            self._spawn()
+        except OSError as e:
+            _log.error("cannot start the watchdog: {error}", error=e)
+            self._restart = self._reactor.callLater(self.restartDelay, self._respawn)
+
     def _spawn(self) -> None:
         self._restart = None
         self._protocol = _WatchdogProtocol(self)
@@ -716,10 +746,11 @@ class Watchdog:
             self._process = _SessionProcess(
                 self._reactor,
                 _SH,
-                [_SH, "-c", _WATCHDOG, "rq-watchdog", self._root, str(self._grace)],
+                ["rq-watchdog", "-c", _WATCHDOG, "rq-watchdog", self._root, str(self._grace)],
                 {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                 self._protocol,
                 {0: "w", 1: devnull, 2: devnull},
+                blockedSignals=_WATCHDOG_SIGNALS,
             )
         finally:
             os.close(devnull)
@@ -763,4 +794,4 @@ class Watchdog:
             "watchdog exited unexpectedly ({reason}); restarting it",
             reason=reason.value,
         )
-        self._restart = self._reactor.callLater(1, self._spawn)
+        self._restart = self._reactor.callLater(self.restartDelay, self._respawn)

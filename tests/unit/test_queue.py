@@ -398,3 +398,13 @@ def test_delete_queue_renames_dir(setup):
     assert "test" not in instance.queues
     names = os.listdir(instance.root.queue_dir)
     assert any(n.startswith("test.deleted.") for n in names)
+
+
+def test_unbalanced_exec_prefix_is_a_scripterror(setup):
+    instance, spawner, clock = setup
+    instance.create_queue({"name": "bad", "script": "./code/noop", "exec_prefix": "sh '-c"})
+    msg_id = short(send(instance, "bad"))
+    q = instance.queue("bad")
+    assert q.status() == "SCRIPTERROR"
+    assert q.locate(msg_id) == "que"
+    assert spawner.workers == []

@@ -1,0 +1,1245 @@
+"""
+Tests for L{rqtwisted.worker}: the environment, argv and script rules, the
+worker protocol with a fake transport, real workers on the real reactor, and
+the L{Watchdog}.
+
+Real processes are awaited through Deferreds fired by their events, each
+bounded by a timeout; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+import sys
+from typing import Any, Callable
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from rqtwisted.protocol import Report
+from rqtwisted.worker import (
+    ScriptError,
+    _SessionProcess,
+    Watchdog,
+    Worker,
+    WorkerProtocol,
+    resolve_script,
+    script_argv,
+    spawn_worker,
+    start_line_time,
+    worker_environment,
+)
+
+#: Seconds a real process gets before the test fails.
+TIMEOUT = 15
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def make_script(path: str, body: str, mode: int = 0o755) -> str:
+    """
+    Write a C{#!/bin/sh} script and return its path.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + body)
+    os.chmod(path, mode)
+    return path
+
+
+# -- resolve_script
+
+
+class TestResolveScript:
+    """
+    L{resolve_script}.
+    """
+
+    def test_relative_to_root(self, tmp_path: Any) -> None:
+        script = make_script(str(tmp_path / "code" / "run.sh"), "exit 0\n")
+        assert resolve_script("code/run.sh", str(tmp_path)) == script
+        assert resolve_script("./code/run.sh", str(tmp_path)) == script
+
+    def test_absolute(self, tmp_path: Any) -> None:
+        script = make_script(str(tmp_path / "run.sh"), "exit 0\n")
+        assert resolve_script(script, "/nonexistent") == script
+
+    def test_symlinks_followed(self, tmp_path: Any) -> None:
+        real = make_script(str(tmp_path / "real" / "run.sh"), "exit 0\n")
+        os.makedirs(tmp_path / "code")
+        os.symlink(real, tmp_path / "code" / "link.sh")
+        os.symlink(tmp_path / "real", tmp_path / "dirlink")
+        assert resolve_script("code/link.sh", str(tmp_path)) == os.path.realpath(real)
+        assert resolve_script("dirlink/run.sh", str(tmp_path)) == os.path.realpath(real)
+
+    def test_not_found(self, tmp_path: Any) -> None:
+        with pytest.raises(ScriptError) as e:
+            resolve_script("code/missing.sh", str(tmp_path))
+        assert "not found" in e.value.reason
+
+    def test_dangling_symlink(self, tmp_path: Any) -> None:
+        os.symlink(tmp_path / "gone.sh", tmp_path / "link.sh")
+        with pytest.raises(ScriptError) as e:
+            resolve_script("link.sh", str(tmp_path))
+        assert "not found" in e.value.reason
+
+    def test_not_executable(self, tmp_path: Any) -> None:
+        make_script(str(tmp_path / "run.sh"), "exit 0\n", mode=0o644)
+        with pytest.raises(ScriptError) as e:
+            resolve_script("run.sh", str(tmp_path))
+        assert "not executable" in e.value.reason
+
+    def test_symlink_to_not_executable(self, tmp_path: Any) -> None:
+        make_script(str(tmp_path / "run.sh"), "exit 0\n", mode=0o644)
+        os.symlink(tmp_path / "run.sh", tmp_path / "link.sh")
+        with pytest.raises(ScriptError):
+            resolve_script("link.sh", str(tmp_path))
+
+    def test_directory(self, tmp_path: Any) -> None:
+        os.makedirs(tmp_path / "code")
+        with pytest.raises(ScriptError):
+            resolve_script("code", str(tmp_path))
+
+    def test_empty(self, tmp_path: Any) -> None:
+        with pytest.raises(ScriptError):
+            resolve_script("", str(tmp_path))
+
+
+# -- script_argv
+
+
+class TestScriptArgv:
+    """
+    L{script_argv}: C{exec_prefix} rules.
+    """
+
+    def test_missing_prefix(self) -> None:
+        assert script_argv(None, "/rq/code/x") == ["bash", "-lc", "/rq/code/x"]
+
+    def test_empty_prefix(self) -> None:
+        assert script_argv("", "/rq/code/x") == ["/rq/code/x"]
+
+    def test_blank_prefix(self) -> None:
+        assert script_argv("   ", "/rq/code/x") == ["/rq/code/x"]
+
+    def test_prefix_trimmed_and_split(self) -> None:
+        assert script_argv("  nice  -n 5 ", "/rq/code/x") == ["nice", "-n", "5", "/rq/code/x"]
+
+    def test_default_spelled_out(self) -> None:
+        assert script_argv("bash -lc ", "/rq/code/x") == ["bash", "-lc", "/rq/code/x"]
+
+    def test_shell_quoting(self) -> None:
+        assert script_argv("env 'A=b c' \"D=e\"", "/x") == ["env", "A=b c", "D=e", "/x"]
+
+    def test_unbalanced_quote(self) -> None:
+        with pytest.raises(ScriptError):
+            script_argv("env 'A=b", "/x")
+
+
+# -- worker_environment
+
+
+def environment(**overrides: Any) -> dict[str, str]:
+    """
+    L{worker_environment} with sample arguments.
+    """
+    kwargs: dict[str, Any] = dict(
+        host="rqhost",
+        port=3333,
+        relative_root="/",
+        rq_env="production",
+        script="./code/run.sh",
+        real_script="/rq/code/run.sh",
+        msg={
+            "msg_id": "20240131.1345.10.123.7",
+            "dest": "test",
+            "count": 2,
+            "param1": "p1",
+            "param2": None,
+            "param3": 3,
+            "orig_msg_id": "http://rqhost:3333/q/test/20240131.1345.10.123.1",
+        },
+        full_msg_id="http://rqhost:3333/q/test/20240131.1345.10.123.7",
+        job_dir="/rq/queue/test/run/20240131.1345.10.123.7/job",
+        env_vars={},
+    )
+    base = overrides.pop("base_env", {"PATH": "/usr/bin:/bin", "HOME": "/home/rq"})
+    kwargs.update(overrides)
+    return worker_environment(base, **kwargs)
+
+
+class TestWorkerEnvironment:
+    """
+    L{worker_environment}: the table of script-api.md.
+    """
+
+    def test_table(self) -> None:
+        assert environment() == {
+            "PATH": "/usr/bin:/bin",
+            "HOME": "/home/rq",
+            "RQ_VER": "1.18.3",
+            "RQ_SCRIPT": "./code/run.sh",
+            "RQ_REALSCRIPT": "/rq/code/run.sh",
+            "RQ_HOST": "http://rqhost:3333/",
+            "RQ_DEST": "http://rqhost:3333/q/test",
+            "RQ_DEST_QUEUE": "test",
+            "RQ_MSG_ID": "20240131.1345.10.123.7",
+            "RQ_FULL_MSG_ID": "http://rqhost:3333/q/test/20240131.1345.10.123.7",
+            "RQ_MSG_DIR": "/rq/queue/test/run/20240131.1345.10.123.7/job",
+            "RQ_WRITE": "3",
+            "RQ_READ": "4",
+            "RQ_PIPE": "3",
+            "RQ_COUNT": "2",
+            "RQ_PARAM1": "p1",
+            "RQ_PARAM2": "",
+            "RQ_PARAM3": "3",
+            "RQ_PARAM4": "",
+            "RQ_ORIG_MSG_ID": "http://rqhost:3333/q/test/20240131.1345.10.123.1",
+            "RQ_ENV": "production",
+            "RQ_PORT": "3333",
+        }
+
+    def test_relative_root(self) -> None:
+        env = environment(relative_root="/rq/")
+        assert env["RQ_HOST"] == "http://rqhost:3333/rq/"
+        # quirks 20: RQ_DEST ignores relative_root.
+        assert env["RQ_DEST"] == "http://rqhost:3333/q/test"
+
+    def test_relative_root_without_slash(self) -> None:
+        assert environment(relative_root="/rq")["RQ_HOST"] == "http://rqhost:3333/rq/"
+
+    @pytest.mark.parametrize(
+        "dest, url, queue",
+        [
+            ("other", "http://rqhost:3333/q/other", "other"),
+            ("/q/other", "http://rqhost:3333/q/other", "other"),
+            ("http://peer:4444/q/far", "http://peer:4444/q/far", "far"),
+        ],
+    )
+    def test_dest(self, dest: str, url: str, queue: str) -> None:
+        env = environment(msg={"msg_id": "1", "dest": dest})
+        assert (env["RQ_DEST"], env["RQ_DEST_QUEUE"]) == (url, queue)
+
+    def test_absent_fields(self) -> None:
+        env = environment(msg={"msg_id": "1", "dest": "q"})
+        assert env["RQ_COUNT"] == "0"
+        assert env["RQ_ORIG_MSG_ID"] == ""
+        assert [env[f"RQ_PARAM{n}"] for n in range(1, 5)] == ["", "", "", ""]
+        assert "RQ_FORCE_REMOTE" not in env
+
+    @pytest.mark.parametrize("value", [True, 1, "yes"])
+    def test_force_remote(self, value: Any) -> None:
+        env = environment(msg={"msg_id": "1", "dest": "q", "force_remote": value})
+        assert env["RQ_FORCE_REMOTE"] == "1"
+
+    @pytest.mark.parametrize("value", [False, 0, "", None])
+    def test_force_remote_falsy(self, value: Any) -> None:
+        env = environment(
+            msg={"msg_id": "1", "dest": "q", "force_remote": value},
+            base_env={"RQ_FORCE_REMOTE": "1"},
+        )
+        assert "RQ_FORCE_REMOTE" not in env
+
+    def test_rubyopt_removed(self) -> None:
+        env = environment(base_env={"RUBYOPT": "-rbundler/setup", "TMPDIR": "/rq/tmp"})
+        assert "RUBYOPT" not in env
+        assert env["TMPDIR"] == "/rq/tmp"
+
+    def test_env_vars(self) -> None:
+        env = environment(
+            env_vars={"FOO": "bar", "NUM": 5, "FLAG": True, "NONE": None, "HOME": "/elsewhere"}
+        )
+        assert env["FOO"] == "bar"
+        assert env["NUM"] == "5"
+        assert env["FLAG"] == "true"
+        assert env["NONE"] == ""
+        assert env["HOME"] == "/elsewhere"
+
+    def test_env_vars_rq_names_ignored(self) -> None:
+        env = environment(env_vars={"RQ_MSG_ID": "forged", "RQ_NEW": "x", "rq_lower": "y"})
+        assert env["RQ_MSG_ID"] == "20240131.1345.10.123.7"
+        assert "RQ_NEW" not in env
+        assert env["rq_lower"] == "y"
+
+    @pytest.mark.parametrize("env_vars", [None, [], "FOO=bar", 3, ["FOO", "bar"]])
+    def test_env_vars_not_a_dict(self, env_vars: Any) -> None:
+        assert environment(env_vars=env_vars) == environment()
+
+    def test_env_vars_unusable_names(self) -> None:
+        env = environment(env_vars={"A=B": "x", "": "y", "NUL\0": "z", "V": "nul\0"})
+        assert env == environment()
+
+
+# -- WorkerProtocol with a fake transport
+
+
+class FakePipe:
+    """
+    A transport pipe: only its fd matters.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+class FakeTransport:
+    """
+    The parts of a Twisted process transport L{WorkerProtocol} uses.
+    """
+
+    def __init__(self, status_fd: int = -1, pid: int = 4242, reply_fd: int = -1) -> None:
+        self.pid = pid
+        self.pipes: dict[int, FakePipe] = {4: FakePipe(reply_fd)}
+        if status_fd >= 0:
+            self.pipes[3] = FakePipe(status_fd)
+        self.closed: list[int] = []
+        self.written: list[tuple[int, bytes]] = []
+
+    def closeChildFD(self, fd: int) -> None:
+        self.closed.append(fd)
+        self.pipes.pop(fd, None)
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.pipes[fd]  # KeyError once closed, like Process.writeToChild
+        self.written.append((fd, data))
+
+
+class Recorder:
+    """
+    L{WorkerEvents} that records, and fires C{exited} at the exit.
+    """
+
+    def __init__(self, on_report: Callable[[Report], None] | None = None) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.reports: list[Report] = []
+        self.exit: tuple[int | None, int | None] | None = None
+        self.exited: Deferred[Recorder] = Deferred()
+        self.on_report = on_report
+        self._waiting: list[tuple[Callable[[Report], bool], Deferred[Report]]] = []
+
+    def reportReceived(self, report: Report) -> None:
+        self.events.append(("report", report))
+        self.reports.append(report)
+        if self.on_report is not None:
+            self.on_report(report)
+        for entry in list(self._waiting):
+            match, d = entry
+            if match(report):
+                self._waiting.remove(entry)
+                d.callback(report)
+
+    def workerExited(self, exit_code: int | None, signal: int | None) -> None:
+        self.events.append(("exit", exit_code, signal))
+        self.exit = (exit_code, signal)
+        self.exited.callback(self)
+
+    def report(self, verb: str) -> Deferred[Report]:
+        """
+        A Deferred firing at the first report with C{verb} (from now on).
+        """
+        d: Deferred[Report] = Deferred()
+        self._waiting.append((lambda r: r.verb == verb, d))
+        return d.addTimeout(TIMEOUT, reactor)
+
+    def wait_exit(self) -> Deferred[Recorder]:
+        """
+        The exit, bounded by L{TIMEOUT}.
+        """
+        return self.exited.addTimeout(TIMEOUT, reactor)
+
+
+def connected(transport: FakeTransport) -> tuple[WorkerProtocol, Recorder]:
+    events = Recorder()
+    protocol = WorkerProtocol(events)
+    protocol.makeConnection(transport)
+    return protocol, events
+
+
+def done() -> Failure:
+    return Failure(ProcessDone(0))
+
+
+class TestWorkerProtocol:
+    """
+    L{WorkerProtocol} against a fake transport.
+    """
+
+    def test_reports(self) -> None:
+        protocol, events = connected(FakeTransport())
+        protocol.childDataReceived(3, b"run one\nru")
+        protocol.childDataReceived(3, b"n two\n")
+        assert events.reports == [Report("run", "one"), Report("run", "two")]
+
+    def test_other_fds_ignored(self) -> None:
+        protocol, events = connected(FakeTransport())
+        protocol.childDataReceived(1, b"done nope\n")
+        protocol.childDataReceived(4, b"done nope\n")
+        assert events.reports == []
+
+    def test_exit_code(self) -> None:
+        protocol, events = connected(FakeTransport())
+        protocol.processExited(Failure(ProcessTerminated(exitCode=3)))
+        assert events.exit == (3, None)
+        assert (protocol.exit_code, protocol.exit_signal) == (3, None)
+
+    def test_exit_signal(self) -> None:
+        protocol, events = connected(FakeTransport())
+        protocol.processExited(Failure(ProcessTerminated(signal=signal.SIGKILL)))
+        assert events.exit == (None, signal.SIGKILL)
+
+    def test_exit_done(self) -> None:
+        protocol, events = connected(FakeTransport())
+        protocol.processExited(done())
+        assert events.exit == (0, None)
+        assert protocol.exited
+
+    def test_partial_line_flushed_at_exit(self) -> None:
+        protocol, events = connected(FakeTransport())
+        protocol.childDataReceived(3, b"run a\nerr no newline")
+        protocol.processExited(done())
+        assert events.events == [
+            ("report", Report("run", "a")),
+            ("report", Report("err", "no newline")),
+            ("exit", 0, None),
+        ]
+
+    def test_drain_until_eagain(self) -> None:
+        """
+        At the exit, what is still in the status pipe is read (up to EAGAIN:
+        a grandchild may hold the write end) before the exit is reported.
+        """
+        r, w = os.pipe()
+        try:
+            transport = FakeTransport(status_fd=r)
+            protocol, events = connected(transport)
+            protocol.childDataReceived(3, b"run fir")
+            os.write(w, b"st\ndone ok\nrun par")
+            protocol.processExited(done())
+            assert events.events == [
+                ("report", Report("run", "first")),
+                ("report", Report("done", "ok")),
+                ("report", Report("run", "par")),
+                ("exit", 0, None),
+            ]
+            assert sorted(transport.closed) == [3, 4]
+        finally:
+            os.close(r)
+            os.close(w)
+
+    def test_drain_until_eof(self) -> None:
+        r, w = os.pipe()
+        try:
+            protocol, events = connected(FakeTransport(status_fd=r))
+            os.write(w, b"relayed http://h:1/q/x/1\n" * 3)
+            os.close(w)
+            w = -1
+            protocol.processExited(Failure(ProcessTerminated(exitCode=1)))
+            assert events.events == [("report", Report("relayed", "http://h:1/q/x/1"))] * 3 + [
+                ("exit", 1, None)
+            ]
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+
+    def test_drain_more_than_a_read(self) -> None:
+        r, w = os.pipe()
+        try:
+            protocol, events = connected(FakeTransport(status_fd=r))
+            line = b"run " + b"z" * 995 + b"\n"
+            for _ in range(60):
+                os.write(w, line)
+            protocol.processExited(done())
+            assert len(events.reports) == 60
+        finally:
+            os.close(r)
+            os.close(w)
+
+    def test_exit_once(self) -> None:
+        protocol, events = connected(FakeTransport())
+        protocol.processExited(done())
+        protocol.processExited(Failure(ProcessTerminated(exitCode=2)))
+        protocol.processEnded(Failure(ProcessTerminated(exitCode=2)))
+        assert events.events == [("exit", 0, None)]
+
+    def test_ended_without_exited(self) -> None:
+        """
+        C{processEnded} alone still records the exit.
+        """
+        protocol, events = connected(FakeTransport())
+        protocol.childDataReceived(3, b"done x")
+        protocol.processEnded(done())
+        assert events.events == [("report", Report("done", "x")), ("exit", 0, None)]
+
+    def test_reports_after_exit_ignored(self) -> None:
+        protocol, events = connected(FakeTransport())
+        protocol.processExited(done())
+        protocol.childDataReceived(3, b"done late\n")
+        assert events.events == [("exit", 0, None)]
+
+    def test_reply(self) -> None:
+        transport = FakeTransport()
+        protocol, events = connected(transport)
+        protocol.reply("ok http://h:1/q/x/2")
+        assert transport.written == [(4, b"ok http://h:1/q/x/2\n")]
+
+    def test_reply_one_line(self) -> None:
+        transport = FakeTransport()
+        protocol, events = connected(transport)
+        protocol.reply("fail a\nb")
+        assert transport.written == [(4, b"fail a b\n")]
+
+    def test_reply_after_exit_ignored(self) -> None:
+        transport = FakeTransport()
+        protocol, events = connected(transport)
+        protocol.processExited(done())
+        protocol.reply("ok late")
+        assert transport.written == []
+
+    def test_reply_after_fd4_closed(self) -> None:
+        transport = FakeTransport()
+        protocol, events = connected(transport)
+        del transport.pipes[4]
+        protocol.reply("ok nobody")
+        assert transport.written == []
+
+    def test_handler_errors_contained(self) -> None:
+        """
+        An event handler that raises does not stop the next reports.
+        """
+
+        def boom(report: Report) -> None:
+            if report.verb == "run":
+                raise RuntimeError("handler bug")
+
+        events = Recorder(on_report=boom)
+        protocol = WorkerProtocol(events)
+        protocol.makeConnection(FakeTransport())
+        protocol.childDataReceived(3, b"run a\ndone b\n")
+        protocol.processExited(done())
+        assert [e[0] for e in events.events] == ["report", "report", "exit"]
+
+
+# -- spawn_worker with a fake spawner
+
+
+class FakeSpawn:
+    """
+    A spawner that records its arguments, inspects the fds it is given, and
+    can make the process exit at once.
+    """
+
+    def __init__(self, exit_at_once: bool = False) -> None:
+        self.exit_at_once = exit_at_once
+        self.calls: list[dict[str, Any]] = []
+        # The pipe behind the fake fd 4.
+        self.reply_r, self.reply_w = os.pipe()
+        os.set_blocking(self.reply_r, False)
+
+    def close(self) -> None:
+        os.close(self.reply_r)
+        os.close(self.reply_w)
+
+    def __call__(
+        self,
+        reactor: Any,
+        protocol: ProcessProtocol,
+        executable: str,
+        args: list[str],
+        env: dict[str, str],
+        childFDs: dict[int, Any],
+    ) -> int:
+        fds = {}
+        for child, target in childFDs.items():
+            if isinstance(target, int):
+                info = os.fstat(target)
+                flags = fcntl.fcntl(target, fcntl.F_GETFL)
+                fds[child] = (info.st_dev, info.st_ino, info.st_mode, flags)
+        self.calls.append(
+            dict(executable=executable, args=args, env=env, childFDs=childFDs, fds=fds)
+        )
+        transport = FakeTransport(pid=777, reply_fd=self.reply_w)
+        protocol.makeConnection(transport)
+        if self.exit_at_once:
+            protocol.childDataReceived(3, b"done quick\n")
+            protocol.processExited(done())
+        return transport.pid
+
+
+@pytest.fixture
+def spawners() -> Any:
+    """
+    Make L{FakeSpawn}s; their pipes are closed after the test.
+    """
+    made: list[FakeSpawn] = []
+
+    def make(**kwargs: Any) -> FakeSpawn:
+        made.append(FakeSpawn(**kwargs))
+        return made[-1]
+
+    yield make
+    for spawner in made:
+        spawner.close()
+
+
+class TestSpawnWorker:
+    """
+    L{spawn_worker} with an injected spawner.
+    """
+
+    def test_launch(self, tmp_path: Any, spawners: Any) -> None:
+        clock = Clock()
+        spawner = spawners()
+        job = tmp_path / "job"
+        job.mkdir()
+        worker = spawn_worker(
+            clock,
+            argv=["bash", "-lc", "/rq/code/x"],
+            env={"A": "b"},
+            job_dir=str(job),
+            real_script="/rq/code/x",
+            events=Recorder(),
+            now=1_700_000_000.0,
+            spawner=spawner,
+        )
+        assert isinstance(worker, Worker)
+        assert worker.pid == 777
+        assert not worker.exited
+        (call,) = spawner.calls
+        assert call["executable"] == "/bin/sh"
+        args = call["args"]
+        assert args[:2] == ["/bin/sh", "-c"]
+        assert args[3:] == [
+            "rq-worker",
+            str(job),
+            start_line_time(1_700_000_000.0),
+            "/rq/code/x",
+            "bash",
+            "-lc",
+            "/rq/code/x",
+        ]
+        assert call["env"] == {"A": "b"}
+        fds = call["childFDs"]
+        assert (fds[3], fds[4]) == ("r", "w")
+        # stdio on /dev/null (the launcher opens stdio.log).
+        assert fds[0] == fds[1] == fds[2]
+        null = os.stat(os.devnull)
+        dev, ino, mode, flags = call["fds"][0]
+        assert (dev, ino) == (null.st_dev, null.st_ino)
+        # The go line for the launcher, written at once.
+        assert os.read(spawner.reply_r, 100) == b"\n"
+
+    def test_no_event_before_return(self, tmp_path: Any, spawners: Any) -> None:
+        """
+        A worker that exits during the spawn is reported only after
+        L{spawn_worker} returned, in order.
+        """
+        clock = Clock()
+        events = Recorder()
+        spawner = spawners(exit_at_once=True)
+        worker = spawn_worker(
+            clock,
+            argv=["x"],
+            env={},
+            job_dir=str(tmp_path),
+            real_script="x",
+            events=events,
+            spawner=spawner,
+        )
+        assert events.events == []
+        assert worker.exited
+        clock.advance(0)
+        assert events.events == [("report", Report("done", "quick")), ("exit", 0, None)]
+        # Gone already: no go line (our end of fd 4 is closed).
+        with pytest.raises(BlockingIOError):
+            os.read(spawner.reply_r, 100)
+
+    def test_spawn_failure(self, tmp_path: Any) -> None:
+        def failing(*args: Any) -> Any:
+            raise OSError("no more processes")
+
+        with pytest.raises(OSError):
+            spawn_worker(
+                Clock(),
+                argv=["x"],
+                env={},
+                job_dir=str(tmp_path),
+                real_script="x",
+                events=Recorder(),
+                spawner=failing,
+            )
+
+
+class TestWorkerSignal:
+    """
+    L{Worker.signal} signals the process group.
+    """
+
+    def test_killpg(self, monkeypatch: Any) -> None:
+        sent = []
+        monkeypatch.setattr(os, "killpg", lambda pid, sig: sent.append((pid, sig)))
+        Worker(1234, WorkerProtocol(Recorder())).signal(signal.SIGTERM)
+        assert sent == [(1234, signal.SIGTERM)]
+
+    def test_gone(self, monkeypatch: Any) -> None:
+        def gone(pid: int, sig: int) -> None:
+            raise ProcessLookupError(pid)
+
+        monkeypatch.setattr(os, "killpg", gone)
+        Worker(1234, WorkerProtocol(Recorder())).signal(signal.SIGKILL)
+
+
+# -- real workers
+
+
+def stat_fields(text: str) -> list[str]:
+    """
+    The fields of a C{/proc/<pid>/stat} text after the command name: index
+    0 is the state, 2 the process group, 3 the session, 16 the nice value.
+    """
+    return text[text.rindex(")") + 2 :].split()
+
+
+def proc_stat(pid: int) -> list[str]:
+    """
+    L{stat_fields} of a live process.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        return stat_fields(f.read())
+
+
+def saved_stat(job: str) -> list[str]:
+    """
+    L{stat_fields} of the C{stat.txt} a script saved in its job dir.
+    """
+    with open(os.path.join(job, "stat.txt")) as f:
+        return stat_fields(f.read())
+
+
+def real_spawn(
+    tmp_path: Any, body: str, events: Recorder, job: str = "job", **kwargs: Any
+) -> tuple[Worker, str, str]:
+    """
+    Write a script, spawn it for real; the worker, its script, its job dir.
+    """
+    script = make_script(str(tmp_path / "code" / "script.sh"), body)
+    job_dir = str(tmp_path / job)
+    os.makedirs(job_dir, exist_ok=True)
+    real = resolve_script("code/script.sh", str(tmp_path))
+    worker = spawn_worker(
+        reactor,
+        argv=script_argv("", real),
+        env=dict(os.environ, RQ_VER="1.18.3"),
+        job_dir=job_dir,
+        real_script=real,
+        events=events,
+        **kwargs,
+    )
+    return worker, script, job_dir
+
+
+BASICS = r"""
+echo "cwd:$(pwd)"
+if read line; then echo "stdin:$line"; else echo "stdin:eof"; fi
+cat /proc/$$/stat > stat.txt
+grep -E '^SigIgn' /proc/$$/status > signals.txt
+echo "run working" >&3
+echo "dup 0-X-other" >&3
+read reply <&4
+echo "reply:$reply"
+echo "to stderr" >&2
+echo "done all good" >&3
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_worker(tmp_path: Any) -> None:
+    """
+    A real worker: cwd, stdin, stdio.log, fd 3 reports, fd 4 reply, nice
+    19, its own session and process group, no other inherited fds.
+    """
+    holder: list[Worker] = []
+
+    def on_report(report: Report) -> None:
+        if report.verb == "dup":
+            holder[0].reply("ok http://rqhost:3333/q/other/1")
+
+    events = Recorder(on_report=on_report)
+    now = 1_700_000_000.5
+    worker, script, job = real_spawn(tmp_path, BASICS, events, now=now)
+    holder.append(worker)
+    await events.wait_exit()
+    assert events.exit == (0, None)
+    assert worker.exited
+    assert events.reports == [
+        Report("run", "working"),
+        Report("dup", "0-X-other"),
+        Report("done", "all good"),
+    ]
+    with open(os.path.join(job, "stdio.log")) as f:
+        log = f.read()
+    assert log == (
+        f"\n{worker.pid} - {start_line_time(now)} - RQ START - {script}\n"
+        f"cwd:{job}\n"
+        "stdin:eof\n"
+        "reply:ok http://rqhost:3333/q/other/1\n"
+        "to stderr\n"
+    )
+    fields = saved_stat(job)
+    assert int(fields[2]) == worker.pid, "own process group"
+    assert int(fields[3]) == worker.pid, "own session"
+    assert int(fields[16]) == 19, "nice 19"
+    # No standard signal ignored (Python ignores SIGPIPE, for one; 32 and
+    # up belong to the C library).
+    with open(os.path.join(job, "signals.txt")) as f:
+        assert int(f.read().split()[1], 16) & 0x7FFFFFFF == 0
+
+
+FDS = """
+exec "$TEST_PYTHON" -c '
+import os
+fds = {}
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        fds[fd] = os.readlink("/proc/self/fd/" + fd)
+    except OSError:
+        pass
+os.write(3, ("done " + repr(sorted(fds.items()))).encode() + b"\\n")
+'
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_worker_fds(tmp_path: Any) -> None:
+    """
+    The script gets fds 0 to 4 and nothing else from the daemon.
+    """
+    events = Recorder()
+    script = make_script(str(tmp_path / "code" / "script.sh"), FDS)
+    job = tmp_path / "job"
+    job.mkdir()
+    spawn_worker(
+        reactor,
+        argv=[script],
+        env=dict(os.environ, TEST_PYTHON=sys.executable),
+        job_dir=str(job),
+        real_script=script,
+        events=events,
+    )
+    await events.wait_exit()
+    assert events.exit == (0, None), (job / "stdio.log").read_text()
+    fds = dict(eval(events.reports[0].text))
+    assert sorted(fds) == ["0", "1", "2", "3", "4"]
+    assert fds["0"] == os.devnull
+    assert fds["1"] == fds["2"] == str(job / "stdio.log")
+    assert fds["3"].startswith("pipe:") and fds["4"].startswith("pipe:")
+    assert fds["3"] != fds["4"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_exit_status_and_partial_line(tmp_path: Any) -> None:
+    events = Recorder()
+    real_spawn(tmp_path, "printf 'run a\\nerr no newline' >&3\nexit 3\n", events)
+    await events.wait_exit()
+    assert events.events == [
+        ("report", Report("run", "a")),
+        ("report", Report("err", "no newline")),
+        ("exit", 3, None),
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_quick_exits(tmp_path: Any) -> None:
+    """
+    Workers that exit at once, maybe before the spawn returned, still have
+    their pid and report their exit once, after the spawn returned.
+    """
+    script = make_script(str(tmp_path / "quick.sh"), "echo 'done' >&3\n")
+    all_events = []
+    for n in range(20):
+        job = tmp_path / f"job{n}"
+        job.mkdir()
+        events = Recorder()
+        worker = spawn_worker(
+            reactor,
+            argv=[script],
+            env=dict(os.environ),
+            job_dir=str(job),
+            real_script=script,
+            events=events,
+        )
+        assert isinstance(worker.pid, int)
+        assert events.events == []
+        all_events.append((worker, events))
+    for worker, events in all_events:
+        await events.wait_exit()
+        assert events.events == [("report", Report("done", "")), ("exit", 0, None)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_many_reports_then_exit(tmp_path: Any) -> None:
+    """
+    Every report written before the exit arrives before the exit.
+    """
+    events = Recorder()
+    body = 'i=0\nwhile [ $i -lt 2000 ]; do echo "run $i" >&3; i=$((i+1)); done\n'
+    real_spawn(tmp_path, body, events)
+    await events.wait_exit()
+    assert events.reports == [Report("run", str(i)) for i in range(2000)]
+    assert events.exit == (0, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_exec_failure(tmp_path: Any) -> None:
+    """
+    A command that cannot be executed: the worker exits 127, the shell's
+    message is in stdio.log.
+    """
+    events = Recorder()
+    job = tmp_path / "job"
+    job.mkdir()
+    spawn_worker(
+        reactor,
+        argv=["no-such-command-rq", "/x"],
+        env=dict(os.environ),
+        job_dir=str(job),
+        real_script="/x",
+        events=events,
+    )
+    await events.wait_exit()
+    assert events.exit == (127, None)
+    assert "no-such-command-rq" in (job / "stdio.log").read_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_missing_job_dir(tmp_path: Any) -> None:
+    """
+    A job dir that cannot be entered: the worker exits 126.
+    """
+    events = Recorder()
+    spawn_worker(
+        reactor,
+        argv=["true"],
+        env=dict(os.environ),
+        job_dir=str(tmp_path / "nope"),
+        real_script="true",
+        events=events,
+    )
+    await events.wait_exit()
+    assert events.exit == (126, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_stdio_log_unwritable(tmp_path: Any) -> None:
+    """
+    A C{stdio.log} that cannot be opened: the worker exits 126.
+    """
+    events = Recorder()
+    (tmp_path / "stdio.log").mkdir()
+    spawn_worker(
+        reactor,
+        argv=["true"],
+        env=dict(os.environ),
+        job_dir=str(tmp_path),
+        real_script="true",
+        events=events,
+    )
+    await events.wait_exit()
+    assert events.exit == (126, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_signal_kills_group(tmp_path: Any) -> None:
+    """
+    L{Worker.signal} reaches the worker and its children.
+    """
+    events = Recorder()
+    started = events.report("run")
+    body = 'sleep 60 &\necho "run $!" >&3\nwait\n'
+    worker, _, _ = real_spawn(tmp_path, body, events)
+    report = await started
+    child = int(report.text)
+    assert int(proc_stat(child)[2]) == worker.pid
+    child_fd = os.pidfd_open(child)
+    try:
+        worker.signal(signal.SIGTERM)
+        await events.wait_exit()
+        assert events.exit == (None, signal.SIGTERM)
+        # The child got the SIGTERM too: its pidfd becomes readable when it
+        # terminates.
+        assert select.select([child_fd], [], [], TIMEOUT)[0] == [child_fd]
+    finally:
+        os.close(child_fd)
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_grandchild_holding_fd3(tmp_path: Any) -> None:
+    """
+    A background grandchild that keeps fds 3 and 4 open does not delay the
+    exit report; it stays in the worker's process group.
+    """
+    events = Recorder()
+    body = "sleep 60 &\necho $! > grandchild.pid\necho 'done ok' >&3\nexit 0\n"
+    worker, _, job = real_spawn(tmp_path, body, events)
+    try:
+        await events.wait_exit()
+        assert events.events == [("report", Report("done", "ok")), ("exit", 0, None)]
+        with open(os.path.join(job, "grandchild.pid")) as f:
+            grandchild = int(f.read())
+        fields = proc_stat(grandchild)
+        assert fields[0] != "Z"
+        assert int(fields[2]) == worker.pid
+        fds = os.listdir(f"/proc/{grandchild}/fd")
+        assert "3" in fds and "4" in fds
+    finally:
+        worker.signal(signal.SIGKILL)
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_fork_path(tmp_path: Any, monkeypatch: Any) -> None:
+    """
+    Where C{posix_spawn} is not used, the fork path gives the same worker.
+    """
+    monkeypatch.setattr(reactor, "_neverUseSpawn", True, raising=False)
+    events = Recorder()
+    body = "cat /proc/$$/stat > stat.txt\necho \"done $(pwd)\" >&3\n"
+    worker, script, job = real_spawn(tmp_path, body, events)
+    monkeypatch.undo()
+    await events.wait_exit()
+    assert events.events == [("report", Report("done", job)), ("exit", 0, None)]
+    fields = saved_stat(job)
+    assert (int(fields[2]), int(fields[3]), int(fields[16])) == (worker.pid, worker.pid, 19)
+    with open(os.path.join(job, "stdio.log")) as f:
+        assert f.read().startswith(f"\n{worker.pid} - ")
+
+
+# -- the watchdog
+
+
+def write_pid(root: Any, queue: str, msg_id: str, pid: int, newline: bool = True) -> None:
+    run = root / "queue" / queue / "run" / msg_id
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "pid").write_text(f"{pid}\n" if newline else str(pid))
+
+
+async def running_worker(root: Any, name: str, body: str) -> tuple[Worker, Recorder]:
+    """
+    Spawn a worker under C{root} that reports C{run} once its script runs;
+    list it in a C{run/<name>/pid} file.
+    """
+    events = Recorder()
+    started = events.report("run")
+    worker, _, _ = real_spawn(root, body, events, job=f"queue/q/run/{name}/job")
+    await started
+    write_pid(root, "q", name, worker.pid, newline=name.endswith("1"))
+    return worker, events
+
+
+class _Watched(ProcessProtocol):
+    """
+    A process whose stdout lines and end are Deferreds.
+    """
+
+    def __init__(self) -> None:
+        self.line: Deferred[bytes] = Deferred()
+        self.ended: Deferred[None] = Deferred()
+        self._buffer = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self._buffer += data
+        if b"\n" in self._buffer and not self.line.called:
+            self.line.callback(self._buffer.split(b"\n")[0])
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_watchdog_kills_groups_at_eof(tmp_path: Any) -> None:
+    """
+    When its pipe closes without C{stop}, the watchdog SIGTERMs every
+    listed process group, and SIGKILLs those still there after the grace.
+    """
+    soft, soft_events = await running_worker(tmp_path, "m1", 'sleep 60 &\necho "run up" >&3\nwait\n')
+    hard, hard_events = await running_worker(
+        tmp_path,
+        "m2",
+        "trap '' TERM\necho \"run up\" >&3\nwhile :; do sleep 60; done\n",
+    )
+    write_pid(tmp_path, "q", "m3", 999999999)  # no such group
+    (tmp_path / "queue" / "q" / "run" / "m4").mkdir()
+    (tmp_path / "queue" / "q" / "run" / "m4" / "pid").write_text("junk\n")
+    watchdog = Watchdog(reactor, str(tmp_path), grace=1)
+    watchdog.start()
+    try:
+        assert watchdog.pid is not None
+        fields = proc_stat(watchdog.pid)
+        assert int(fields[3]) == watchdog.pid, "own session"
+        # Ignored (what is sent to the daemon must not stop the watchdog).
+        first = watchdog.pid
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            os.kill(watchdog.pid, sig)
+        # The daemon "dies": its end of the pipe closes, no "stop".
+        watchdog._process.closeStdin()
+        await soft_events.wait_exit()
+        assert soft_events.exit == (None, signal.SIGTERM)
+        await hard_events.wait_exit()
+        assert hard_events.exit == (None, signal.SIGKILL)
+        assert watchdog.pid in (first, None)
+    finally:
+        soft.signal(signal.SIGKILL)
+        hard.signal(signal.SIGKILL)
+        await watchdog.stop().addTimeout(TIMEOUT, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_watchdog_stop_kills_nothing(tmp_path: Any) -> None:
+    """
+    L{Watchdog.stop} ends the watchdog; the workers keep running.
+    """
+    worker, events = await running_worker(
+        tmp_path, "m1", 'echo "run up" >&3\nread x <&4\necho "done $x" >&3\n'
+    )
+    watchdog = Watchdog(reactor, str(tmp_path), grace=1)
+    watchdog.start()
+    try:
+        await watchdog.stop().addTimeout(TIMEOUT, reactor)
+        assert watchdog.pid is None
+        # Still alive after the watchdog is gone: it answers.
+        worker.reply("pong")
+        await events.wait_exit()
+        assert events.events[-2:] == [("report", Report("done", "pong")), ("exit", 0, None)]
+    finally:
+        worker.signal(signal.SIGKILL)
+
+
+@pytest_twisted.ensureDeferred
+async def test_watchdog_restarted(tmp_path: Any, monkeypatch: Any) -> None:
+    """
+    A watchdog that dies while the daemon lives is started again.
+    """
+    watchdog = Watchdog(reactor, str(tmp_path))
+    watchdog.restartDelay = 0
+    respawned: Deferred[None] = Deferred()
+    original = watchdog._respawn
+
+    def respawn() -> None:
+        original()
+        respawned.callback(None)
+
+    monkeypatch.setattr(watchdog, "_respawn", respawn)
+    watchdog.start()
+    first = watchdog.pid
+    assert first is not None
+    try:
+        os.kill(first, signal.SIGKILL)
+        await respawned.addTimeout(TIMEOUT, reactor)
+        assert watchdog.pid not in (None, first)
+    finally:
+        await watchdog.stop().addTimeout(TIMEOUT, reactor)
+    assert watchdog.pid is None
+
+
+class _Output(ProcessProtocol):
+    """
+    Collect a process's stdout; C{ended} fires with it.
+    """
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.ended: Deferred[bytes] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(self.data)
+
+
+@pytest.mark.parametrize("fork", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_session_process_signals(monkeypatch: Any, fork: bool) -> None:
+    """
+    A L{_SessionProcess} leads its own session; the signals it is given are
+    blocked (posix_spawn) or ignored (fork path) when it starts.
+    """
+    if fork:
+        monkeypatch.setattr(reactor, "_neverUseSpawn", True, raising=False)
+    out = _Output()
+    process = _SessionProcess(
+        reactor,
+        "/bin/sh",
+        ["/bin/sh", "-c", "exec cat /proc/self/status /proc/self/stat"],
+        dict(os.environ),
+        out,
+        {0: "w", 1: "r", 2: 2},
+        blockedSignals=frozenset({signal.SIGTERM, signal.SIGHUP}),
+    )
+    monkeypatch.undo()
+    data = (await out.ended.addTimeout(TIMEOUT, reactor)).decode()
+    *lines, stat_line = data.strip().split("\n")
+    status = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+    # exec keeps the mask and the ignored signals.
+    mask = int(status["SigIgn" if fork else "SigBlk"], 16)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        assert mask & (1 << (sig - 1))
+    assert not mask & (1 << (signal.SIGINT - 1))
+    fields = stat_fields(stat_line)
+    assert int(fields[3]) == process.spawnedPid
+
+
+DAEMON = """
+import os, sys
+os.setsid()
+from twisted.internet import reactor
+from rqtwisted.worker import Watchdog
+watchdog = Watchdog(reactor, sys.argv[1], grace=1)
+def go():
+    watchdog.start()
+    os.write(1, b"%d\\n" % watchdog.pid)
+reactor.callWhenRunning(go)
+reactor.run()
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the daemon's group", "SIGKILL to the daemon"])
+@pytest_twisted.ensureDeferred
+async def test_watchdog_daemon_death(tmp_path: Any, how: str) -> None:
+    """
+    A real daemon process dies (its whole process group SIGTERMed, or
+    itself SIGKILLed): its watchdog survives it and kills the workers.
+    """
+    worker, events = await running_worker(tmp_path, "m1", 'echo "run up" >&3\nsleep 60\n')
+    daemon = _Watched()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PROJECT, env.get("PYTHONPATH")]))
+    process = reactor.spawnProcess(
+        daemon, sys.executable, [sys.executable, "-c", DAEMON, str(tmp_path)], env
+    )
+    try:
+        watchdog_pid = int(await daemon.line.addTimeout(TIMEOUT, reactor))
+        fields = proc_stat(watchdog_pid)
+        assert int(fields[2]) != process.pid and int(fields[3]) != process.pid
+        if how.startswith("SIGTERM"):
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            os.kill(process.pid, signal.SIGKILL)
+        await daemon.ended.addTimeout(TIMEOUT, reactor)
+        await events.wait_exit()
+        assert events.exit == (None, signal.SIGTERM)
+    finally:
+        worker.signal(signal.SIGKILL)
+        if process.pid is not None:
+            os.kill(process.pid, signal.SIGKILL)
