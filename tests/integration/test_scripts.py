@@ -287,40 +287,30 @@ def test_dup_to_local_queue(daemon: Daemon) -> None:
     assert str(shown["max_count"]) == "9"
 
 
-def test_dup_to_missing_queue(daemon: Daemon) -> None:
-    daemon.queue_with_script(
-        "test",
-        """
-        echo "dup 0-X-nosuchqueue" >&3
-        read -r reply <&4
-        echo "done $reply" >&3
-        """,
-    )
-    full = daemon.send("test")
-    daemon.wait_state(full, "done")
-    assert daemon.rq("statusmesg", "--msg_id", full) == (
-        0,
-        ["ok done - fail couldn't connect to queue - nosuchqueue"],
-    )
-
-
-def test_dup_to_down_queue(daemon: Daemon) -> None:
+@pytest.mark.parametrize(
+    "target,reply",
+    [
+        ("nosuchqueue", "fail couldn't connect to queue - nosuchqueue"),
+        ("other", "fail dup failed - status: DOWN"),
+    ],
+)
+def test_dup_refused(daemon: Daemon, target: str, reply: str) -> None:
+    """
+    A dup to a missing queue or a DOWN queue answers C{fail ...} on fd 4.
+    """
     daemon.queue_with_script("other", 'echo "done" >&3\n')
     assert daemon.rq("down", "--name", "other") == (0, ["ok other"])
     daemon.queue_with_script(
         "test",
-        """
-        echo "dup 0-X-other" >&3
+        f"""
+        echo "dup 0-X-{target}" >&3
         read -r reply <&4
         echo "done $reply" >&3
         """,
     )
     full = daemon.send("test")
     daemon.wait_state(full, "done")
-    assert daemon.rq("statusmesg", "--msg_id", full) == (
-        0,
-        ["ok done - fail dup failed - status: DOWN"],
-    )
+    assert daemon.rq("statusmesg", "--msg_id", full) == (0, [f"ok done - {reply}"])
 
 
 def test_grandchild_holding_status_pipe(daemon: Daemon, tmp_path: Path, read_pid) -> None:
