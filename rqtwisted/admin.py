@@ -83,6 +83,21 @@ class AdminProtocol(amp.AMP):
         self._api = api
         self._spillDir = spillDir
 
+    def makeConnection(self, transport: Any) -> None:
+        """
+        Start the connection without AMP's per-connection log line: the CLI
+        opens one connection per call, and two log lines per call cost more
+        than the call itself.
+        """
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        End the connection quietly (see L{makeConnection}).
+        """
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
     def locateResponder(self, name: bytes) -> Callable[[amp.AmpBox], Any] | None:
         """
         Find the responder for a command box by its name.

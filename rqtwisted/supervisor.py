@@ -354,6 +354,7 @@ class Instance(MultiService):
             "uptime": int(self.clock.seconds() - self.started_at),
             "time": int(time.time()),
             "root": self.root.path,
+            "sync_rounds": self.syncer.rounds,
             "queues": queues,
         }
 
