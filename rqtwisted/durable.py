@@ -106,12 +106,9 @@ class Syncer:
         """
         Make C{paths} durable; the result fires once they are.
         """
-        for path in paths:
-            self._pending[path] = None
         d: Deferred[None] = Deferred()
         self._waiting.append(d)
-        if not self._inFlight:
-            self._startRound()
+        self.later(*paths)
         return d
 
     def later(self, *paths: str) -> None:

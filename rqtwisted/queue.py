@@ -307,9 +307,18 @@ class QueueService(Service):
             heapq.heappush(self._heap, entry)
         return found
 
+    def _command(self) -> tuple[str, list[str]]:
+        """
+        The script's real path and the argv that runs it.
+
+        @raise ScriptError: the script cannot be run.
+        """
+        real_script = resolve_script(self.config.script, self.instance.root.path)
+        return real_script, script_argv(self.config.exec_prefix, real_script)
+
     def _recheck_script(self) -> None:
         try:
-            script_argv(self.config.exec_prefix, resolve_script(self.config.script, self.instance.root.path))
+            self._command()
         except ScriptError:
             return
         _log.info("queue {queue}: script is executable again", queue=self.name)
@@ -320,8 +329,7 @@ class QueueService(Service):
         Move a due message to run and launch its worker.
         """
         try:
-            real_script = resolve_script(self.config.script, self.instance.root.path)
-            argv = script_argv(self.config.exec_prefix, real_script)
+            real_script, argv = self._command()
         except ScriptError as e:
             if self.oper != "SCRIPTERROR":
                 _log.error("queue {queue}: SCRIPTERROR: {reason}", queue=self.name, reason=e.reason)
