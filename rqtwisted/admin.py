@@ -180,9 +180,14 @@ class AdminAPI:
 
     def reload(self) -> Deferred[tuple[str, str]]:
         """
-        Re-read queue configs and queue directories.
+        Re-read queue configs and queue directories, rescan timers and
+        scandir; C{fail} (with the reasons) when a queue config is bad.
         """
-        return self.instance.reload().addCallback(_ok)
+
+        def answer(text: str) -> tuple[str, str]:
+            return ("fail" if self.instance.config_errors else "ok", text)
+
+        return self.instance.reload().addCallback(answer)
 
     def create_queue(self, config: str) -> tuple[str, str]:
         """
@@ -243,6 +248,13 @@ class AdminAPI:
         if method is None:
             raise MessageError(f"unknown message action {action}")
         return maybeDeferred(method, short).addCallback(_ok)
+
+    def search(self, query: str, name: str = "", exact: str = "") -> tuple[str, str]:
+        """
+        The messages matching C{query} (a JSON object), as a JSON array.
+        """
+        data = _loads(query, "query")
+        return _ok(json.dumps(self.instance.search(name or None, data, bool(exact))))
 
     def get_message(self, msg_id: str) -> tuple[str, str]:
         """

@@ -40,6 +40,8 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "AttachMessage": (("msg_id", "pathname"), ("name",)),
     "MessageAction": (("action", "msg_id"), ()),
     "GetMessage": (("msg_id",), ()),
+    # search: query is a JSON object {field: text}; exact is "1" or ""
+    "Search": (("query",), ("name", "exact")),
 }
 
 #: C{QueueAdmin} actions.

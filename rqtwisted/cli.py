@@ -129,10 +129,14 @@ class Invocation:
     @ivar options: The parsed options.
     """
 
-    def __init__(self, verb: str, root: str, options: Options, client_factory: ClientFactory) -> None:
+    def __init__(
+        self, verb: str, root: str, options: Options, client_factory: ClientFactory, args: list[str] | None = None
+    ) -> None:
         self.verb = verb
         self.root = root
         self.options = options
+        #: The argument words as typed (for repeatable options).
+        self.args = list(args or [])
         self._client_factory = client_factory
         self._client: AdminCaller | None = None
 
@@ -250,7 +254,15 @@ def _attach_message(inv: Invocation) -> Outcome:
     return status == "ok", f"{status} {detail} for Message: {msg_id} attachment"
 
 
-_MESSAGE_ACTIONS = {"commitmesg": "commit", "statusmesg": "status", "state": "state", "clone": "clone"}
+_MESSAGE_ACTIONS = {
+    "commitmesg": "commit",
+    "statusmesg": "status",
+    "state": "state",
+    "clone": "clone",
+    "delete": "delete",
+    "run_now": "run_now",
+    "destroy": "destroy",
+}
 
 
 @_verbs(*_MESSAGE_ACTIONS)
@@ -303,6 +315,9 @@ def _verify_rules(inv: Invocation) -> Outcome:
     lines = ["ok" if ok else "fail bad router rules file"]
     if verbose and text:
         lines.append(text)
+    elif not ok and text:
+        # stdout keeps the original's exact line; where and why go to stderr.
+        _write(sys.stderr, text)
     return bool(ok), "\n".join(lines)
 
 
@@ -381,6 +396,52 @@ def _queue_admin(inv: Invocation) -> Outcome:
     return _reply(*inv.call("QueueAdmin", action=_QUEUE_ACTIONS[inv.verb], name=inv.text("name")))
 
 
+def repeated_option(args: list[str], name: str) -> list[str | bool]:
+    """
+    Every value of a repeatable option, by the rules of L{parse_options}.
+    """
+    values: list[str | bool] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        i += 1
+        if "--" not in word:
+            continue
+        key = word.split("--", 1)[1]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            if key == name:
+                values.append(value)
+        elif i < len(args) and "--" not in args[i]:
+            if key == name:
+                values.append(args[i])
+            i += 1
+        elif key == name:
+            values.append(True)
+    return values
+
+
+@_verbs("search")
+def _search(inv: Invocation) -> Outcome:
+    query: dict[str, str] = {}
+    for pair in repeated_option(inv.args, "query"):
+        if pair is True or "=" not in pair:
+            raise CommandFailed("--query takes field=value")
+        field, value = pair.split("=", 1)
+        if not field:
+            raise CommandFailed("--query takes field=value")
+        query[field] = value
+    args = {"query": json.dumps(query), "exact": "1" if inv.flag("exact") else ""}
+    name = inv.optional_text("name")
+    if name is not None:
+        args["name"] = name
+    status, detail = inv.call("Search", **args)
+    if status != "ok":
+        return _reply(status, detail)
+    found = _json_reply(detail, list)
+    return True, "\n".join([f"ok {len(found)}", *(json.dumps(m, ensure_ascii=False) for m in found)])
+
+
 @_verbs("show")
 def _show(inv: Invocation) -> Outcome:
     status, detail, message = _get_message(inv)
@@ -414,7 +475,7 @@ def run(verb: str, args: list[str], client_factory: ClientFactory) -> Outcome:
     """
     try:
         options = parse_options(args)
-        invocation = Invocation(verb, resolve_root(options), options, client_factory)
+        invocation = Invocation(verb, resolve_root(options), options, client_factory, args)
         return _HANDLERS[verb](invocation)
     except CommandFailed as e:
         return False, f"fail {e.reason}"

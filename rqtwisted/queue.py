@@ -34,6 +34,7 @@ from rqtwisted.message import (
 )
 from rqtwisted.protocol import COMPLETION_VERBS, Report, outcome, parse_dup, parse_resend
 from rqtwisted.root import QueueConfig
+from rqtwisted.schedule import QueueCron, make_cron
 from rqtwisted.store import QueueStore
 from rqtwisted.worker import ScriptError, Worker, resolve_script, script_argv, worker_environment
 
@@ -137,6 +138,7 @@ class QueueService(Service):
         self._heap: list[tuple[float, str]] = []
         self._timer: IDelayedCall | None = None
         self._stopping = False
+        self.cron: QueueCron | None = None
 
     # -- service
 
@@ -160,6 +162,7 @@ class QueueService(Service):
             )
         self._stopping = False
         self.started_at = now
+        self.cron = make_cron(self, self.config.schedule, self.clock, self.store.path, self.instance.syncer, self.cron)
         super().startService()
         self.schedule()
 
@@ -246,6 +249,23 @@ class QueueService(Service):
             "relayed": self.counts["relayed"],
         }
 
+    def schedule_status(self) -> list[dict[str, Any]]:
+        """
+        The cron schedule: C{[{"cron", "params", "next_run"}]}.
+        """
+        return self.cron.status() if self.cron is not None else []
+
+    def reconfigure(self, config: QueueConfig) -> None:
+        """
+        Apply a re-read C{config.json} in place: running workers go on,
+        the next pass uses the new settings (workers, script, params,
+        schedule).
+        """
+        self.config = config
+        if self.running:
+            self.cron = make_cron(self, config.schedule, self.clock, self.store.path, self.instance.syncer, self.cron)
+            self.schedule()
+
     # -- scheduler
 
     def _enqueue(self, msg_id: str, msg: dict[str, Any]) -> None:
@@ -284,6 +304,8 @@ class QueueService(Service):
                 if not self._start(msg_id):
                     break
         self._timer = self.clock.callLater(max(0.0, wake - now), self.schedule)
+        if self.cron is not None:
+            self.cron.tick()
 
     def _next_candidate(self) -> tuple[str | None, float]:
         """
@@ -453,8 +475,13 @@ class QueueService(Service):
         if state in ("done", "relayed"):
             for dup in job.dups:
                 self.held.pop(dup, None)
-                self.store.write_status("que", dup, f"duplicate {self.full_id(msg_id)}")
-                self.store.move(dup, "que", state)
+                try:
+                    self.store.write_status("que", dup, f"duplicate {self.full_id(msg_id)}")
+                    self.store.move(dup, "que", state)
+                except OSError as e:
+                    # Removed behind our back: nothing left to settle.
+                    _log.warn("queue {queue}: coalesced {dup} not settled: {error}", queue=self.name, dup=dup, error=e)
+                    continue
                 self.counts[state] += 1
         else:
             self._release_dups(job)
@@ -515,12 +542,15 @@ class QueueService(Service):
         data: Mapping[str, Any],
         method: str = "commit",
         attachments_from: tuple[QueueStore, str, str] | None = None,
+        *,
+        msg_id: str | None = None,
     ) -> Deferred[str]:
         """
         Create a message from validated creation C{data} (see
         L{rqtwisted.message.creation_fields}); C{method} is C{commit}
         (queued at once), C{prep} or C{single_que}. Fires with the full id
-        once the message is durable.
+        once the message is durable. C{msg_id}: an id chosen by the caller
+        (cron jobs, L{rqtwisted.schedule.cron_msg_id}).
 
         @raise MessageError: the queue is DOWN.
         """
@@ -529,7 +559,7 @@ class QueueService(Service):
             latest = max(list(self.que) + list(self.held))
             return succeed(self.full_id(latest))
         state = "prep" if method == "prep" else "que"
-        msg_id = self.store.new_id()
+        msg_id = msg_id or self.store.new_id()
         msg = {k: data[k] for k in CREATION_KEYS if k in data}
         if "cloned_from" in data:
             msg["cloned_from"] = data["cloned_from"]
@@ -619,15 +649,15 @@ class QueueService(Service):
 
         return d.addCallback(moved)
 
-    def attach(self, msg_id: str, pathname: str, name: str | None = None) -> Deferred[str]:
+    def attach(self, msg_id: str, pathname: str, name: str | None = None, md5: str | None = None) -> Deferred[str]:
         """
         Attach a file to a prepared message; fires with
-        C{<md5>-Attached successfully}.
+        C{<md5>-Attached successfully}. C{md5}: the content's md5 if known.
         """
         self._check_writable()
         if msg_id not in self.prep:
             raise MessageError("cannot find message")
-        d = self.store.attach("prep", msg_id, pathname, name or os.path.basename(pathname))
+        d = self.store.attach("prep", msg_id, pathname, name or os.path.basename(pathname), md5)
         return d.addCallback(lambda md5: f"{md5}-Attached successfully")
 
     def delete_attachment(self, msg_id: str, name: str) -> Deferred[str]:

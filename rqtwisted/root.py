@@ -18,10 +18,20 @@ from rqtwisted.message import MessageError, valid_queue_name
 #: The queues every root has (cli.md, C{rq-install}).
 DEFAULT_QUEUES = ("relay", "webhook", "cleaner", "rq_router")
 
+#: Schedules of the default queues: the cleaner runs daily on every queue,
+#: keeping 2 days of finished messages (special-queues.md).
+DEFAULT_SCHEDULES: dict[str, tuple[Mapping[str, Any], ...]] = {
+    "cleaner": ({"cron": "@daily", "params": {"param1": "ALLQUEUES", "param2": "2"}},),
+}
+
 #: Built-in queues are listed after user queues, in this order.
 BUILTIN_ORDER = ("cleaner", "relay", "rq_router", "webhook")
 
 _TRUTHY = (True, "true", "yes", "1", 1)
+
+#: Default of C{max_upload_size}: the largest request body (bytes) the web
+#: accepts for an attachment upload; larger ones get 413.
+DEFAULT_MAX_UPLOAD_SIZE = 4 * 1024**3
 
 
 class ConfigError(Exception):
@@ -49,6 +59,7 @@ class RootConfig:
     allow_new_queue: bool = False
     basic_auth: Mapping[str, Any] | None = None
     allowed_ips: tuple[str, ...] = ()
+    max_upload_size: int = DEFAULT_MAX_UPLOAD_SIZE
     raw: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -78,6 +89,9 @@ class RootConfig:
         ips = data.get("allowed_ips") or []
         if not isinstance(ips, list):
             raise ConfigError("allowed_ips must be a list")
+        max_upload = data.get("max_upload_size", DEFAULT_MAX_UPLOAD_SIZE)
+        if isinstance(max_upload, bool) or not isinstance(max_upload, int) or max_upload < 1:
+            raise ConfigError("max_upload_size must be a positive number of bytes")
         return cls(
             host=str(data["host"]),
             port=port,
@@ -88,6 +102,7 @@ class RootConfig:
             allow_new_queue=data.get("allow_new_queue") in _TRUTHY,
             basic_auth=auth,
             allowed_ips=tuple(str(ip) for ip in ips),
+            max_upload_size=max_upload,
             raw=dict(data),
         )
 
@@ -111,6 +126,19 @@ def _param_list(value: Any) -> tuple[int, ...]:
         if 1 <= n <= 4 and n not in out:
             out.append(n)
     return tuple(out)
+
+
+def _schedule(value: Any) -> tuple[dict[str, Any], ...]:
+    """
+    C{schedule} normalised to C{({"cron", "params"}, ...)}, invalid entries
+    dropped (L{rqtwisted.schedule.normalize_schedule}; imported only when
+    there is a schedule: it loads croniter).
+    """
+    if not value:
+        return ()
+    from rqtwisted.schedule import normalize_schedule
+
+    return normalize_schedule(value)
 
 
 @dataclass(frozen=True)
@@ -169,7 +197,7 @@ class QueueConfig:
             env_vars={str(k): str(v) for k, v in env_vars.items()},
             coalesce_params=coalesce,
             blocking_params=_param_list(data.get("blocking_params")),
-            schedule=tuple(s for s in schedule if isinstance(s, dict)) if isinstance(schedule, list) else (),
+            schedule=_schedule(schedule),
         )
 
     def toDict(self) -> dict[str, Any]:
@@ -282,10 +310,15 @@ def default_host() -> str:
     return name or "localhost"
 
 
-#: The stand-in script of the built-in queues whose behaviour is not built
-#: into the daemon yet: it leaves the message in err with a clear status.
+#: The placeholder script of the built-in queues: its first two lines mark it
+#: (rqtwisted.builtin runs the queue in-process while they are there); run
+#: without a built-in handler, it leaves the message in err with a clear
+#: status.
 _BUILTIN_STUB = """#!/bin/sh
 # Queue script of the built-in queue '{name}'.
+# While this file starts with the two lines above, the daemon runs this
+# queue's messages itself (rqtwisted.builtin); a script of your own put here
+# runs instead. This one only runs when the daemon has no handler for it.
 echo "err the {name} queue does not deliver messages in this release" >&3
 exit 0
 """
@@ -341,7 +374,7 @@ def init_root(
     exists = os.path.exists(root.config_path)
     if exists and not force:
         raise ConfigError("Already installed")
-    for sub in ("config", "log", "code"):
+    for sub in ("config", "log", "code", "scandir", "timers"):
         os.makedirs(root.join(sub), exist_ok=True)
     if not os.path.lexists(root.queue_dir):
         os.makedirs(root.join("queue.noindex"), exist_ok=True)
@@ -365,7 +398,12 @@ def init_root(
         if not os.path.exists(os.path.join(root.queue_path(name), "config.json")):
             create_queue_dir(
                 root,
-                QueueConfig(name=name, script=f"./code/{name}_script", exec_prefix=""),
+                QueueConfig(
+                    name=name,
+                    script=f"./code/{name}_script",
+                    exec_prefix="",
+                    schedule=DEFAULT_SCHEDULES.get(name, ()),
+                ),
             )
     return root
 

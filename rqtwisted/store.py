@@ -43,6 +43,13 @@ _log = Logger()
 STATE_DIRS = ("prep", "que", "run", "done", "relayed", "err", "tmp", "corrupt")
 
 _BAD_ATTACH_CHARS = set("~?[]%|$&<>")
+
+#: Sub-directory of C{tmp/} that keeps resumable uploads across restarts:
+#: C{tmp/partial/<msg id>/<attachment name>} (web uploads, relay peers).
+PARTIAL_DIR = "partial"
+
+#: Partial uploads untouched this long (seconds) are removed at queue start.
+PARTIAL_MAX_AGE = 86400.0
 _DIGITS8 = re.compile(r"^\d{8}$")
 _DIGITS2 = re.compile(r"^\d{2}$")
 
@@ -106,6 +113,9 @@ class QueueStore:
         self._now = now
         self._suffix = random.randrange(1, 10**9)
         self._hashdirs: set[str] = set()
+        #: Told of every change of a message (the search index,
+        #: L{rqtwisted.search.QueueIndex}); C{None}: nobody listens.
+        self.observer: Any = None
 
     # -- paths
 
@@ -133,8 +143,7 @@ class QueueStore:
         """
         for state in STATE_DIRS:
             os.makedirs(self.state_dir(state), exist_ok=True)
-        shutil.rmtree(self.state_dir("tmp"), ignore_errors=True)
-        os.makedirs(self.state_dir("tmp"), exist_ok=True)
+        self._clear_tmp()
         found = Recovered()
         for msg_id in self._ids("run"):
             pid = os.path.join(self.msg_dir("run", msg_id), "pid")
@@ -158,6 +167,51 @@ class QueueStore:
         }
         self._syncer.later(self.state_dir("run"), self.state_dir("que"), self.state_dir("corrupt"))
         return found
+
+    def _clear_tmp(self) -> None:
+        """
+        Empty C{tmp/} but for the partial uploads of prep messages that were
+        written to in the last L{PARTIAL_MAX_AGE} seconds.
+        """
+        tmp = self.state_dir("tmp")
+        for entry in os.listdir(tmp):
+            if entry != PARTIAL_DIR:
+                path = os.path.join(tmp, entry)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
+        partial = os.path.join(tmp, PARTIAL_DIR)
+        if not os.path.isdir(partial):
+            return
+        oldest = self._now() - PARTIAL_MAX_AGE
+        for msg_id in os.listdir(partial):
+            mdir = os.path.join(partial, msg_id)
+            if not valid_msg_id(msg_id) or not os.path.isdir(self.msg_dir("prep", msg_id)):
+                shutil.rmtree(mdir, ignore_errors=True)
+                continue
+            for name in os.listdir(mdir):
+                path = os.path.join(mdir, name)
+                if os.lstat(path).st_mtime < oldest:
+                    os.unlink(path)
+            try:
+                os.rmdir(mdir)
+            except OSError:
+                pass
+
+    def partial_path(self, msg_id: str, name: str) -> str:
+        """
+        Where a resumable upload of attachment C{name} of prep message
+        C{msg_id} collects its bytes (same filesystem as C{attach/}).
+        """
+        check_attachment_name(name)
+        return os.path.join(self.state_dir("tmp"), PARTIAL_DIR, msg_id, name)
+
+    def drop_partials(self, msg_id: str) -> None:
+        """
+        Remove every partial upload of a message (committed or deleted).
+        """
+        shutil.rmtree(os.path.join(self.state_dir("tmp"), PARTIAL_DIR, msg_id), ignore_errors=True)
 
     def _ids(self, state: str) -> list[str]:
         try:
@@ -300,6 +354,8 @@ class QueueStore:
             fill(staging)
         target = self.msg_dir(state, msg_id)
         os.rename(staging, target)
+        if self.observer is not None:
+            self.observer.created(state, msg)
         paths = [os.path.join(target, "msg"), target, self.state_dir(state)]
         if fill is not None and os.path.isdir(os.path.join(target, "attach")):
             paths.append(os.path.join(target, "attach"))
@@ -311,6 +367,8 @@ class QueueStore:
         """
         mdir = self.msg_dir(state, msg_id)
         replace_file(os.path.join(mdir, "msg"), dumps(msg))
+        if self.observer is not None:
+            self.observer.msg_written(state, msg_id, msg)
         return self._syncer.sync(os.path.join(mdir, "msg"), mdir)
 
     def write_status(self, state: str, msg_id: str, text: str | None) -> None:
@@ -319,6 +377,8 @@ class QueueStore:
         """
         mdir = self.msg_dir(state, msg_id)
         replace_file(os.path.join(mdir, "status"), dumps({"job_status": text}))
+        if self.observer is not None:
+            self.observer.status_written(state, msg_id, text)
         self._syncer.later(os.path.join(mdir, "status"), mdir)
 
     def write_pid(self, msg_id: str, pid: int) -> None:
@@ -373,6 +433,10 @@ class QueueStore:
         else:
             sync.append(self.state_dir(target))
         os.rename(self.msg_dir(source, msg_id), dest)
+        if self.observer is not None:
+            self.observer.moved(msg_id, source, target)
+        if source == "prep":
+            self.drop_partials(msg_id)
         if source in HASHED_STATES:
             sync.append(os.path.dirname(self.msg_dir(source, msg_id)))
         return self._syncer.sync(*sync)
@@ -403,14 +467,20 @@ class QueueStore:
         trash = os.path.join(self.state_dir("tmp"), f"deleted-{msg_id}")
         os.rename(source, trash)
         shutil.rmtree(trash, ignore_errors=True)
+        if self.observer is not None:
+            self.observer.deleted(state, msg_id)
+        if state == "prep":
+            self.drop_partials(msg_id)
         return self._syncer.sync(os.path.dirname(source))
 
-    def attach(self, state: str, msg_id: str, source: str, name: str) -> Deferred[str]:
+    def attach(self, state: str, msg_id: str, source: str, name: str, md5: str | None = None) -> Deferred[str]:
         """
         Attach file C{source} as C{name}: hard link when on the same
         filesystem, else a copy; linked as C{attach/<name>.tmp} and renamed
         over C{attach/<name>}. Fires with the md5 once durable.
 
+        @param md5: the content's md5 when the caller computed it already
+            (web uploads hash while they receive); else it is read here.
         @raise MessageError: with the original's reason texts.
         """
         check_attachment_name(name)
@@ -445,7 +515,7 @@ class QueueStore:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise MessageError(f"Attachment currently cannot be read: {source}")
             shutil.copyfile(source, tmp)
-        digest = md5_file(tmp)
+        digest = md5 if md5 is not None else md5_file(tmp)
         final = os.path.join(adir, name)
         os.rename(tmp, final)
         d = self._syncer.sync(final, adir, mdir)

@@ -11,6 +11,7 @@ turns requests that name messages by full id into calls on the right queue.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from functools import partial
@@ -23,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rqtwisted import RQ_VERSION, __version__
+from rqtwisted.builtin import spawner_for
 from rqtwisted.durable import Syncer
 from rqtwisted.message import (
     MessageError,
@@ -41,8 +43,11 @@ from rqtwisted.root import (
     create_queue_dir,
     queue_sort_key,
 )
+from rqtwisted.search import DEFAULT_LIMIT as DEFAULT_SEARCH_LIMIT
+from rqtwisted.search import check_query, search_queue
 from rqtwisted.store import QueueStore
 from rqtwisted.worker import Worker
+from rqtwisted.webhook import install as install_webhooks
 
 _log = Logger()
 
@@ -98,6 +103,16 @@ class Instance(MultiService):
         self._lastFailure: dict[str, float] = {}
         self._restarts: dict[str, IDelayedCall] = {}
         self.finishedHooks: list[Callable[[QueueService, dict[str, Any], str], None]] = []
+        #: queue name -> why its C{config.json} cannot be (re)loaded.
+        self.config_errors: dict[str, str] = {}
+        #: Run by L{reload} (SIGHUP, C{rq reload}): rescans of C{timers/}
+        #: and C{scandir/}.
+        self.reloadHooks: list[Callable[[], object]] = []
+        #: Extra top-level keys of L{status}: key -> provider.
+        self.statusProviders: dict[str, Callable[[], Any]] = {}
+        #: Queues being restarted or deleted: reloads leave them alone.
+        self._busy: set[str] = set()
+        install_webhooks(self)
 
     # -- lifecycle
 
@@ -124,10 +139,13 @@ class Instance(MultiService):
         try:
             config = self.root.load_queue_config(name)
         except ConfigError as e:
-            _log.error("queue {queue} not started: {reason}", queue=name, reason=e.reason)
+            if self.config_errors.get(name) != e.reason:
+                _log.error("queue {queue} not started: {reason}", queue=name, reason=e.reason)
+            self.config_errors[name] = e.reason
             return None
+        self.config_errors.pop(name, None)
         store = QueueStore(self.root.queue_path(name), self.syncer, self.clock.seconds)
-        queue = QueueService(self, config, store, self.clock, self.spawn)
+        queue = QueueService(self, config, store, self.clock, spawner_for(self, name, self.spawn))
         queue.setName(name)
         self.queues[name] = queue
         try:
@@ -223,6 +241,48 @@ class Instance(MultiService):
             raise MessageError("queue not created")
         return "queue created - awesome"
 
+    def create_queue_link(self, path: str) -> str:
+        """
+        Create and start a queue whose C{config.json} is a symlink to the
+        config file at C{path} (absolute), validated first (queues.md).
+
+        @raise MessageError: with the original's replies.
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise MessageError(f"could not read queue config [ {path} ]: {e}")
+        if not isinstance(data, dict) or "name" not in data:
+            raise MessageError("json config is missing name field")
+        name = data["name"]
+        if not isinstance(name, str):
+            raise MessageError("json config has invalid name (not String)")
+        if not 1 <= len(name) <= 128:
+            raise MessageError("json config has invalid name (size)")
+        if not valid_queue_name(name):
+            raise MessageError("queue name has invalid characters")
+        if "num_workers" not in data:
+            raise MessageError("json config is missing num_workers field")
+        script = data.get("script")
+        if isinstance(script, str) and len(script) > 1024:
+            raise MessageError("json config has invalid script (size)")
+        if script is not None and not isinstance(script, str):
+            raise MessageError("json config has invalid script (not String)")
+        try:
+            QueueConfig.fromDict(data)
+        except ConfigError as e:
+            raise MessageError(e.reason)
+        if name in self.queues or os.path.lexists(os.path.join(self.root.queue_path(name), "config.json")):
+            raise MessageError("queue is already running")
+        queue_dir = self.root.queue_path(name)
+        for state in ("prep", "que", "run", "done", "relayed", "err", "tmp"):
+            os.makedirs(os.path.join(queue_dir, state), exist_ok=True)
+        os.symlink(path, os.path.join(queue_dir, "config.json"))
+        if self._add(name) is None:
+            raise MessageError("queue not created")
+        return "queue created - awesome"
+
     def delete_queue(self, name: str) -> Deferred[str]:
         """
         Stop a queue and rename its directory to
@@ -237,7 +297,14 @@ class Instance(MultiService):
             os.rename(path, f"{path}.deleted.{inode}")
             return "started deleting queue"
 
-        return self._remove(name).addCallback(rename)
+        self._busy.add(name)
+        d = self._remove(name).addCallback(rename)
+        d.addBoth(self._unbusy, name)
+        return d
+
+    def _unbusy(self, result: object, name: str) -> object:
+        self._busy.discard(name)
+        return result
 
     def restart_queue(self, name: str) -> Deferred[str]:
         """
@@ -255,7 +322,10 @@ class Instance(MultiService):
                 raise MessageError("queue not restarted: bad config")
             return name
 
-        return self._remove(name).addCallback(start)
+        self._busy.add(name)
+        d = self._remove(name).addCallback(start)
+        d.addBoth(self._unbusy, name)
+        return d
 
     def set_admin(self, action: str, name: str) -> str:
         """
@@ -281,28 +351,68 @@ class Instance(MultiService):
 
     def reload(self) -> Deferred[str]:
         """
-        Re-read every queue's config (restart the queues whose config
-        changed), start new queue directories, stop removed ones.
+        SIGHUP and C{rq reload}: L{reload_configs}, then rescan
+        C{scandir/} and C{timers/} (L{reloadHooks}).
+        """
+        d = self.reload_configs()
+        for hook in self.reloadHooks:
+            try:
+                hook()
+            except Exception:
+                _log.failure("reload hook {hook} failed", hook=hook)
+        return d
+
+    def reload_configs(self) -> Deferred[str]:
+        """
+        Re-read every queue's C{config.json} and apply it in place (running
+        workers go on), start queues for new directories, stop the queues
+        whose directory (or C{config.json}) is gone.
+
+        A config that cannot be read or is invalid leaves the queue running
+        with its old config; the reason is logged, kept in L{config_errors}
+        (C{rq status}) and given in the result.
+
+        @return: fires with C{reloaded}, or the config errors.
         """
         wanted = set(self.root.queue_names())
         steps = []
         for name in list(self.queues):
+            if name in self._busy:
+                continue
             if name not in wanted:
+                _log.info("queue {queue}: directory gone; stopping", queue=name)
                 steps.append(self._remove(name))
                 continue
             try:
                 config = self.root.load_queue_config(name)
             except ConfigError as e:
-                _log.error("queue {queue}: config not reloaded: {reason}", queue=name, reason=e.reason)
+                if self.config_errors.get(name) != e.reason:
+                    _log.error("queue {queue}: config not reloaded, old one kept: {reason}", queue=name, reason=e.reason)
+                self.config_errors[name] = e.reason
                 continue
-            if config != self.queues[name].config:
-                steps.append(self.restart_queue(name))
-        for name in wanted - set(self.queues):
-            self._add(name)
+            self.config_errors.pop(name, None)
+            queue = self.queues[name]
+            if config != queue.config:
+                _log.info("queue {queue}: config reloaded", queue=name)
+                queue.reconfigure(config)
+        for name in sorted(wanted - set(self.queues) - self._busy - set(self._restarts)):
+            if self._add(name) is not None:
+                _log.info("queue {queue}: new directory; started", queue=name)
+        for name in list(self.config_errors):
+            if name not in wanted:
+                del self.config_errors[name]
         d: Deferred[Any] = succeed(None)
         for step in steps:
             d.addCallback(lambda _, s=step: s)
-        return d.addCallback(lambda _: "reloaded")
+
+        def result(_: object) -> str:
+            if not self.config_errors:
+                return "reloaded"
+            return "bad queue config, old config kept: " + "; ".join(
+                f"{name}: {reason}" for name, reason in sorted(self.config_errors.items())
+            )
+
+        return d.addCallback(result)
 
     def restart(self) -> Deferred[str]:
         """
@@ -310,22 +420,30 @@ class Instance(MultiService):
         workers), re-read C{config/config.json} and start every queue again.
         """
         names = list(self.queues)
+        busy = set(names) | set(self.root.queue_names())
+        self._busy |= busy
         d: Deferred[Any] = succeed(None)
         for name in names:
             d.addCallback(lambda _, n=name: self._remove(n))
 
         def again(_: object) -> str:
+            self._busy -= busy
             try:
                 self.settings = self.root.load_config()
             except ConfigError as e:
                 _log.error("config not reloaded: {reason}", reason=e.reason)
             self._failures.clear()
             for name in self.root.queue_names():
-                self._add(name)
+                if name not in self.queues:
+                    self._add(name)
             self.started_at = self.clock.seconds()
             return "restarted"
 
-        return d.addCallback(again)
+        def failed(failure: Failure) -> Failure:
+            self._busy -= busy
+            return failure
+
+        return d.addCallbacks(again, failed)
 
     def status(self) -> dict[str, Any]:
         """
@@ -342,6 +460,7 @@ class Instance(MultiService):
                     "uptime": int(q.uptime()),
                     "num_workers": q.config.num_workers,
                     "counts": q.num_messages(),
+                    "schedule": q.schedule_status(),
                 }
             )
         for name in sorted(self._restarts):
@@ -356,9 +475,36 @@ class Instance(MultiService):
             "root": self.root.path,
             "sync_rounds": self.syncer.rounds,
             "queues": queues,
+            "config_errors": dict(sorted(self.config_errors.items())),
+            **{key: provider() for key, provider in self.statusProviders.items()},
         }
 
     # -- messages
+
+    def search(
+        self,
+        name: str | None,
+        query: Mapping[str, str],
+        exact: bool,
+        limit: int | None = DEFAULT_SEARCH_LIMIT,
+    ) -> list[dict[str, Any]]:
+        """
+        The read forms of the messages (all states) of queue C{name}, or of
+        every queue, whose fields match C{query}: each value contained in
+        its field, or equal to it if C{exact}; newest first per queue, at
+        most C{limit}. Answered from an in-memory index (L{rqtwisted.search}).
+
+        @raise MessageError: unknown queue, malformed query.
+        """
+        query = check_query(query)
+        queues = [self.queue(name)] if name else [self.queues[n] for n in self.queue_names()]
+        found: list[dict[str, Any]] = []
+        for queue in queues:
+            room = None if limit is None else limit - len(found)
+            if room is not None and room <= 0:
+                break
+            found.extend(search_queue(queue, query, exact, room))
+        return found
 
     def locate(self, msg_id: str) -> tuple[QueueService, str]:
         """

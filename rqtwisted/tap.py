@@ -6,9 +6,13 @@ C{makeService} opens (or lays out) the root and builds::
     MultiService
      ├── Instance          the queues (rqtwisted.supervisor)
      ├── admin socket      AMP on <root>/config/rq.sock, mode 0600
+     ├── web               HTTP on addr:port (rqtwisted.web.app)
      ├── pid file          config/queuemgr.pid
      ├── watchdog          kills workers if this process dies hard
-     └── SIGHUP            reloads queue configs
+     ├── SIGHUP            reloads queue configs, rescans timers/ and scandir/
+     ├── config watcher    reloads changed queue configs (rqtwisted.configwatch)
+     ├── timers            periodic messages of timers/ (rqtwisted.timers)
+     └── scandir           queues made from scandir/ (rqtwisted.scandir)
 """
 
 from __future__ import annotations
@@ -18,15 +22,19 @@ import signal
 from functools import partial
 from typing import Any
 
-from twisted.application.internet import UNIXServer
+from twisted.application.internet import TCPServer, UNIXServer
 from twisted.application.service import IService, MultiService, Service
 from twisted.python import usage
 
 from rqtwisted.admin import AdminAPI, AdminFactory
 from rqtwisted.admincommands import SOCKET
+from rqtwisted.configwatch import ConfigWatcher
 from rqtwisted.durable import Syncer
 from rqtwisted.root import ConfigError, Root, RootConfig, ensure_root
+from rqtwisted.scandir import ScandirService
 from rqtwisted.supervisor import Instance, runInThread
+from rqtwisted.timers import TimerService
+from rqtwisted.web.app import make_site
 from rqtwisted.worker import Watchdog, spawn_worker
 
 
@@ -159,6 +167,29 @@ def exit_zero_after_shutdown(reactor: Any) -> None:
     reactor.addSystemEventTrigger("after", "shutdown", clear)
 
 
+def add_watchers(top: MultiService, instance: Instance, clock: Any) -> None:
+    """
+    Add the services that follow the root's files: queue configs
+    (L{ConfigWatcher}), C{timers/} (L{TimerService}) and C{scandir/}
+    (L{ScandirService}). C{rq reload} rescans the last two; C{rq status}
+    shows them under C{"timers"} and C{"scandir"}.
+    """
+    ConfigWatcher(instance, clock).setServiceParent(top)
+
+    def send(fields: dict[str, Any]) -> Any:
+        return instance.create_message(fields, "commit", relay_ok=True)
+
+    timers = TimerService(instance.root.join("timers"), send, clock)
+    timers.setName("timers")
+    timers.setServiceParent(top)
+    scandir = ScandirService(instance, clock)
+    scandir.setName("scandir")
+    scandir.setServiceParent(top)
+    instance.reloadHooks.extend([scandir.scan, timers.rescan])
+    instance.statusProviders["timers"] = timers.status
+    instance.statusProviders["scandir"] = scandir.status
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     Build the service tree of one root (see the module docstring).
@@ -190,7 +221,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         wantPID=True,
     )
     admin.setServiceParent(top)
+    web = TCPServer(settings.port, make_site(instance, settings, reactor), interface=settings.addr, reactor=reactor)
+    web.setName("web")
+    web.setServiceParent(top)
     WatchdogService(Watchdog(reactor, root.path)).setServiceParent(top)
     ReloadOnHangup(reactor, instance).setServiceParent(top)
+    add_watchers(top, instance, reactor)
     exit_zero_after_shutdown(reactor)
     return top

@@ -1,13 +1,20 @@
 """
 Launching one queue script for one message, and watching it (script-api.md).
 
-A worker is started through a tiny C{/bin/sh} launcher spawned with
+A worker is the script itself, started by L{rqtwisted.spawn.DirectSpawner}
+in its own session (so its own process group), in its job directory, at
+nice 19, with C{stdio.log} (opened here) on fds 1 and 2 and its C{RQ START}
+line written before the script runs. It is wrapped in a Twisted process
+transport like any other child.
+
+Where that is not available (not Linux, an older C library), or when it
+fails, the worker is started through a tiny C{/bin/sh} launcher spawned with
 C{posix_spawn} (Twisted's fast path, which needs C{path=None}), in its own
-session (so its own process group). The daemon renices it to 19 and then
-writes a go line on fd 4; only then does the launcher change into the job
-directory, open C{stdio.log}, write the C{RQ START} line and C{exec} the
-script, so the script and everything it starts run at nice 19, and the
-worker's pid is the launcher's pid.
+session. The daemon renices it to 19 and then writes a go line on fd 4; only
+then does the launcher change into the job directory, open C{stdio.log},
+write the C{RQ START} line and C{exec} the script, so the script and
+everything it starts run at nice 19, and the worker's pid is the launcher's
+pid.
 
 The status pipe (fd 3) is read through L{ReportParser}; the exit is reported
 from C{processExited}, after draining what the dead worker left in the pipe,
@@ -37,6 +44,7 @@ from twisted.python.failure import Failure
 from rqtwisted import RQ_VERSION
 from rqtwisted.message import base_url, dest_queue, dest_url
 from rqtwisted.protocol import Report, ReportParser
+from rqtwisted.spawn import DirectSpawner, SpawnFailed
 
 _log = Logger()
 
@@ -573,6 +581,139 @@ class _SessionProcess(_twprocess.Process):
             os.setpriority(os.PRIO_PROCESS, 0, self._niceness)
 
 
+class _DirectProcess(_twprocess.Process):
+    """
+    A Twisted process transport for a worker started by a L{DirectSpawner}.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        spawner: DirectSpawner,
+        executable: str,
+        args: list[str],
+        environment: dict[str, str],
+        proto: ProcessProtocol,
+        childFDs: dict[int, Any],
+        cwd: str,
+        log_fd: int,
+        line: Callable[[int], bytes],
+    ) -> None:
+        self._spawner = spawner
+        self._cwd = cwd
+        self._log_fd = log_fd
+        self._line = line
+        #: The pid, kept: C{pid} becomes L{None} once the process is reaped,
+        #: which can happen before the constructor returns.
+        self.spawnedPid: int | None = None
+        super().__init__(
+            reactor, executable, args, environment, None, proto, childFDs=childFDs
+        )
+
+    def _fork(
+        self,
+        path: Any,
+        uid: Any,
+        gid: Any,
+        executable: str,
+        args: list[str],
+        environment: dict[str, str],
+        fdmap: dict[int, int],
+    ) -> None:
+        self.pid = self._spawner.spawn(
+            executable,
+            args,
+            environment,
+            fdmap,
+            self._cwd,
+            self._log_fd,
+            self._line,
+            WORKER_NICENESS,
+        )
+        self.status = -1
+        self.spawnedPid = self.pid
+
+
+#: The L{DirectSpawner} of this process: L{None} until first needed, then
+#: L{False} where it cannot be used.
+_direct: DirectSpawner | bool | None = None
+
+
+def _direct_spawner() -> DirectSpawner | None:
+    """
+    The process-wide L{DirectSpawner}, if this system can use one.
+    """
+    global _direct
+    if _direct is None:
+        _direct = DirectSpawner() if DirectSpawner.available() else False
+    return _direct or None
+
+
+def _find_executable(name: str, env: Mapping[str, str]) -> str | None:
+    """
+    Where C{exec} finds C{name} with the worker's C{PATH} (a name with a
+    slash is used as it is), or L{None} (left to the launcher's shell, which
+    also reports it).
+    """
+    if "/" in name:
+        return name
+    for directory in env.get("PATH", os.defpath).split(":"):
+        if not os.path.isabs(directory):
+            continue
+        path = os.path.join(directory, name)
+        if os.access(path, os.X_OK) and os.path.isfile(path):
+            return path
+    return None
+
+
+def _spawn_direct(
+    reactor: Any,
+    spawner: DirectSpawner,
+    protocol: WorkerProtocol,
+    argv: list[str],
+    env: dict[str, str],
+    job_dir: str,
+    line: Callable[[int], bytes],
+) -> int | None:
+    """
+    Start the script itself (see L{DirectSpawner}); its pid, or L{None}
+    when it could not be started that way (the launcher then tries, and
+    fails the way a shell does).
+    """
+    executable = _find_executable(argv[0], env) if argv else None
+    if executable is None:
+        return None
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    try:
+        log_fd = os.open(os.path.join(job_dir, "stdio.log"), flags, 0o644)
+    except OSError:
+        return None
+    try:
+        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            process = _DirectProcess(
+                reactor,
+                spawner,
+                executable,
+                argv,
+                env,
+                protocol,
+                {0: devnull, 1: log_fd, 2: log_fd, STATUS_FD: "r", REPLY_FD: "w"},
+                job_dir,
+                log_fd,
+                line,
+            )
+        finally:
+            os.close(devnull)
+    except SpawnFailed as e:
+        _log.debug("direct spawn of {argv} failed ({error}); using the launcher", argv=argv, error=e)
+        return None
+    finally:
+        os.close(log_fd)
+    assert process.spawnedPid is not None
+    return process.spawnedPid
+
+
 #: C{spawner(reactor, protocol, executable, args, env, childFDs) -> pid}:
 #: starts the process, connects C{protocol} to its transport, returns its pid
 #: (childFDs as for C{IReactorProcess.spawnProcess}).
@@ -643,12 +784,22 @@ def spawn_worker(
         command that cannot be found, 127 (the shell's message is in
         C{stdio.log}).
     """
-    if spawner is None:
-        spawner = _spawn_session_process
     job_dir = os.path.abspath(job_dir)
     stamp = start_line_time(time.time() if now is None else now)
     protocol = WorkerProtocol(events)
     protocol._hold()
+    direct = _direct_spawner() if spawner is None else None
+    if direct is not None:
+        tail = f" - {stamp} - RQ START - ".encode() + os.fsencode(real_script) + b"\n"
+        pid = _spawn_direct(
+            reactor, direct, protocol, argv, env, job_dir, lambda pid: b"\n%d%s" % (pid, tail)
+        )
+        if pid is not None:
+            worker = Worker(pid, protocol)
+            reactor.callLater(0, protocol._release)
+            return worker
+    if spawner is None:
+        spawner = _spawn_session_process
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
         args = [_SH, "-c", _LAUNCHER, "rq-worker", job_dir, stamp, real_script]

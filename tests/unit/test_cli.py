@@ -193,7 +193,8 @@ def test_verbs() -> None:
     """
     original = "sendmesg prepmesg single_que attachmesg commitmesg statusmesg state statuscountmesg"
     original += " attachstatusmesg clone verify_rules"
-    new = "create_queue delete_queue queues status up down pause resume restart_queue restart reload show ping init"
+    new = "create_queue delete_queue queues status up down pause resume restart_queue restart reload show ping init search"
+    new += " delete run_now destroy"
     assert sorted(VERBS) == sorted((original + " " + new).split())
 
 
@@ -472,7 +473,7 @@ def test_verifyRulesBad(rq: Run, monkeypatch: pytest.MonkeyPatch) -> None:
     Bad rules print C{fail bad router rules file}, exit 1.
     """
     _router(monkeypatch, (False, "line 3: syntax error"))
-    assert rq(FakeDaemon(), "verify_rules", "--path=r") == (1, "fail bad router rules file\n", "")
+    assert rq(FakeDaemon(), "verify_rules", "--path=r") == (1, "fail bad router rules file\n", "line 3: syntax error\n")
     code, out, _ = rq(FakeDaemon(), "verify_rules", "--path=r", "--verbose")
     assert (code, out) == (1, "fail bad router rules file\nline 3: syntax error\n")
 

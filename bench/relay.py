@@ -1,0 +1,239 @@
+"""
+Relay throughput between two real C{twistd rq} daemons on loopback.
+
+The bench lays out two roots (C{a} sends, C{b} receives into queue C{inbox},
+whose script only reports C{done}), starts both daemons and measures:
+
+ 1. I{small messages}: N messages (C{rq sendmesg --dest
+    http://localhost:<b>/q/inbox --relay-ok}, the same admin call) enqueued
+    on C{a}; msg/s is N over the time from the first enqueue until C{a}'s
+    C{relay} queue has relayed all N;
+ 2. I{a large attachment}: one message with one attachment of C{--size-mb}
+    MiB (default 2048); MB/s is its size over the time from the commit on
+    C{a} until C{a} reports it relayed (the far side has checked its md5),
+    next to C{cp} of the same file on the same disk (without and with a
+    final C{sync});
+ 3. both daemons' peak resident memory (C{VmHWM}) before and after the
+    large transfer: the transfer must not raise either by more than 64 MiB.
+
+Run from the project root with the Python of the environment rqtwisted is
+installed in (C{twistd} is looked up next to it)::
+
+    python bench/relay.py [--messages N] [--size-mb M] [--dir DIR] [--relay-workers K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rqtwisted.admincommands import SOCKET  # noqa: E402
+from rqtwisted.ampclient import AdminClient  # noqa: E402
+from rqtwisted.root import init_root  # noqa: E402
+
+INBOX_SCRIPT = '#!/bin/sh\necho "done received" >&3\n'
+
+
+def twistd_argv() -> list[str]:
+    """
+    How to run twistd with this interpreter's environment.
+    """
+    path = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.access(path, os.X_OK):
+        return [path]
+    return [sys.executable, "-m", "twisted"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vm_kib(pid: int, key: str) -> int:
+    """
+    A C{/proc/<pid>/status} figure in KiB (0 when unknown).
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Daemon:
+    """
+    One daemon on its own root.
+    """
+
+    def __init__(self, base: str, name: str, relay_workers: int) -> None:
+        self.name = name
+        self.port = free_port()
+        self.root = os.path.join(base, name)
+        init_root(self.root, host="localhost", port=self.port)
+        path = os.path.join(self.root, "queue", "relay", "config.json")
+        with open(path) as f:
+            config = json.load(f)
+        config["num_workers"] = relay_workers
+        with open(path, "w") as f:
+            json.dump(config, f)
+        self.log = open(os.path.join(base, f"{name}.log"), "ab")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://localhost:{self.port}/"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [*twistd_argv(), "-n", "--pidfile=", "rq", "--root", self.root, "--port", str(self.port)],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"daemon {self.name} exited while starting")
+            try:
+                if self.call("Ping")[0] == "ok":
+                    return
+            except Exception:
+                pass
+            time.sleep(0.05)
+        raise SystemExit(f"daemon {self.name} did not start")
+
+    def call(self, command: str, **args: str) -> tuple[str, str]:
+        return AdminClient(os.path.join(self.root, SOCKET)).call(command, **args)
+
+    def counts(self, queue: str) -> dict[str, int]:
+        status = json.loads(self.call("Status")[1])
+        for q in status["queues"]:
+            if q["name"] == queue:
+                return q.get("counts", {})
+        return {}
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def hwm(self) -> int:
+        assert self.proc is not None
+        return vm_kib(self.proc.pid, "VmHWM")
+
+
+def wait_relayed(a: Daemon, total: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = a.counts("relay")
+        if counts.get("relayed", 0) >= total:
+            return
+        if counts.get("err", 0):
+            raise SystemExit(f"relay err: {counts}")
+        time.sleep(0.02)
+    raise SystemExit(f"timed out: {a.counts('relay')}")
+
+
+def make_file(path: str, size_mb: int) -> None:
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for i in range(size_mb):
+            f.write(block[i % 997 :] + block[: i % 997])
+
+
+def timed_cp(src: str, dst: str, sync: bool) -> float:
+    start = time.monotonic()
+    subprocess.run(["cp", src, dst], check=True)
+    if sync:
+        subprocess.run(["sync"], check=True)
+    took = time.monotonic() - start
+    os.unlink(dst)
+    return took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=500)
+    parser.add_argument("--size-mb", type=int, default=2048)
+    parser.add_argument("--dir", default=None, help="where roots and the big file go (default: a temp dir)")
+    parser.add_argument("--relay-workers", type=int, default=1)
+    options = parser.parse_args()
+    base = tempfile.mkdtemp(prefix="rq-relay-bench-", dir=options.dir)
+    a = Daemon(base, "a", options.relay_workers)
+    b = Daemon(base, "b", options.relay_workers)
+    try:
+        a.start()
+        b.start()
+        script = os.path.join(b.root, "code", "inbox.sh")
+        with open(script, "w") as f:
+            f.write(INBOX_SCRIPT)
+        os.chmod(script, 0o755)
+        b.call("CreateQueue", config=json.dumps({"name": "inbox", "script": script, "exec_prefix": ""}))
+        dest = f"{b.url}q/inbox"
+        print(f"relay bench: {options.messages} small messages, {options.size_mb} MiB attachment, "
+              f"relay num_workers {options.relay_workers}, load {os.getloadavg()[0]:.2f}")
+
+        # 1. small messages
+        start = time.monotonic()
+        for i in range(options.messages):
+            status, detail = a.call(
+                "CreateMessage", message=json.dumps({"dest": dest, "param1": str(i)}), method="commit", relay_ok="1"
+            )
+            assert status == "ok", detail
+        enqueued = time.monotonic() - start
+        wait_relayed(a, options.messages, 600)
+        took = time.monotonic() - start
+        print(f"small messages: {options.messages / took:8.1f} msg/s "
+              f"({options.messages} in {took:.2f}s; enqueue alone {options.messages / enqueued:.0f} msg/s)")
+
+        # 2. one large attachment
+        big = os.path.join(base, "big.bin")
+        make_file(big, options.size_mb)
+        size = os.path.getsize(big)
+        hwm_before = (a.hwm(), b.hwm())
+        status, full = a.call("CreateMessage", message=json.dumps({"dest": dest}), method="prep", relay_ok="1")
+        assert status == "ok", full
+        status, detail = a.call("AttachMessage", msg_id=full, pathname=big, name="big.bin")
+        assert status == "ok", detail
+        start = time.monotonic()
+        status, detail = a.call("MessageAction", action="commit", msg_id=full)
+        assert status == "ok", detail
+        wait_relayed(a, options.messages + 1, 3600)
+        took = time.monotonic() - start
+        hwm_after = (a.hwm(), b.hwm())
+        mb = size / 1e6
+        print(f"large attachment: {mb / took:8.1f} MB/s ({size} bytes in {took:.2f}s, md5 on both sides included)")
+        cp = timed_cp(big, big + ".copy", sync=False)
+        cp_sync = timed_cp(big, big + ".copy", sync=True)
+        print(f"cp same file:     {mb / cp:8.1f} MB/s ({cp:.2f}s); cp + sync {mb / cp_sync:.1f} MB/s ({cp_sync:.2f}s)")
+        for name, before, after in zip(("a (sender)", "b (receiver)"), hwm_before, hwm_after):
+            print(f"peak RSS {name}: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after "
+                  f"(+{(after - before) / 1024:.1f} MiB)")
+    finally:
+        a.stop()
+        b.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

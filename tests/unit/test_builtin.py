@@ -1,0 +1,282 @@
+"""
+Tests for L{rqtwisted.builtin}: built-in queues whose messages run as
+in-process handlers, with a L{Clock} and the fake spawner as fallback.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from twisted.internet.defer import Deferred
+
+from rqtwisted import builtin
+from rqtwisted.builtin import BuiltinSpawner, handler_factory, is_placeholder, register_handler
+from rqtwisted.testing import instance_for
+
+
+def result(d):
+    out = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+@pytest.fixture
+def handlers(monkeypatch):
+    """
+    A private copy of the registry, restored after the test.
+    """
+    monkeypatch.setattr(builtin, "HANDLERS", dict(builtin.HANDLERS))
+    return builtin.HANDLERS
+
+
+def start(tmp_path, handler, name="relay"):
+    instance, spawner, clock = instance_for(str(tmp_path / "root"))
+    register_handler(name, lambda inst: handler)
+    instance.create_queue({"name": "test", "script": "./code/noop", "exec_prefix": ""})
+    instance.startService()
+    return instance, spawner, clock
+
+
+def send(instance, queue="relay", **fields):
+    fields.setdefault("dest", "http://far:3333/q/x" if queue == "relay" else queue)
+    return result(instance.queue(queue).create(fields)).rsplit("/", 1)[1]
+
+
+def stdio(queue, msg_id):
+    state = queue.locate(msg_id)
+    with open(os.path.join(queue.store.msg_dir(state, msg_id), "job", "stdio.log")) as f:
+        return f.read()
+
+
+def test_handler_done(tmp_path, handlers):
+    """
+    A handler's reports drive the message like a script's; its log lines go
+    to the job's stdio.log; nothing is forked; the pid file holds 0.
+    """
+    seen = []
+
+    async def handler(job):
+        seen.append((job.queue, job.msg_id, job.msg["param1"], job.env["RQ_DEST"], job.full_id))
+        assert open(os.path.join(job.msg_dir, "pid")).read() == "0"
+        job.log("step one")
+        job.report("run half way")
+        job.report("done all good")
+
+    instance, spawner, clock = start(tmp_path, handler)
+    msg_id = send(instance, param1="p")
+    queue = instance.queue("relay")
+    assert queue.locate(msg_id) == "run"
+    assert seen == []  # nothing before spawn returned
+    clock.advance(0)
+    assert spawner.workers == []
+    assert queue.locate(msg_id) == "done"
+    assert queue.get_status(msg_id)["status"] == "done - all good"
+    assert seen == [("relay", msg_id, "p", "http://far:3333/q/x", queue.full_id(msg_id))]
+    log = stdio(queue, msg_id)
+    assert "RQ START - in-process relay" in log
+    assert log.rstrip().endswith("- step one")
+
+
+def test_exception_ends_in_err_with_text(tmp_path, handlers):
+    async def handler(job):
+        raise RuntimeError("peer exploded")
+
+    instance, spawner, clock = start(tmp_path, handler)
+    msg_id = send(instance)
+    clock.advance(0)
+    queue = instance.queue("relay")
+    assert queue.locate(msg_id) == "err"
+    assert queue.get_status(msg_id)["status"] == "err - peer exploded"
+    assert "failed: peer exploded" in stdio(queue, msg_id)
+
+
+def test_done_then_exception_is_err(tmp_path, handlers):
+    async def handler(job):
+        job.report("done too early")
+        raise ValueError("then broke")
+
+    instance, spawner, clock = start(tmp_path, handler)
+    msg_id = send(instance)
+    clock.advance(0)
+    queue = instance.queue("relay")
+    assert queue.locate(msg_id) == "err"
+    assert "PROCESS EXITED IMPROPERLY" in queue.get_status(msg_id)["status"]
+
+
+def test_resend_requeues(tmp_path, handlers):
+    async def handler(job):
+        job.report("resend 30-peer down")
+
+    instance, spawner, clock = start(tmp_path, handler)
+    msg_id = send(instance)
+    clock.advance(0)
+    queue = instance.queue("relay")
+    assert queue.locate(msg_id) == "que"
+    msg = queue.get(msg_id)
+    assert msg["count"] == 1
+    assert msg["due"] == int(clock.seconds()) + 30
+    assert msg["status"] == "que - 30-peer down"
+
+
+def test_relayed(tmp_path, handlers):
+    async def handler(job):
+        job.report("relayed http://far:3333/q/x/20200101.0000.00.000.1")
+
+    instance, spawner, clock = start(tmp_path, handler)
+    msg_id = send(instance)
+    clock.advance(0)
+    queue = instance.queue("relay")
+    assert queue.locate(msg_id) == "relayed"
+    assert queue.get_status(msg_id)["status"] == "relayed - http://far:3333/q/x/20200101.0000.00.000.1"
+
+
+def test_dup_reply(tmp_path, handlers):
+    """
+    L{InProcessJob.dup} fires with the queue's reply line.
+    """
+    replies = []
+
+    async def handler(job):
+        replies.append(await job.dup("0-X-test"))
+        replies.append(await job.dup("0-X-nosuchqueue"))
+        job.report("done duped")
+
+    instance, spawner, clock = start(tmp_path, handler)
+    msg_id = send(instance)
+    clock.advance(0)
+    assert replies[0].startswith("ok http://testhost:3333/q/test/")
+    assert replies[1] == "fail couldn't connect to queue - nosuchqueue"
+    assert instance.queue("relay").locate(msg_id) == "done"
+    [worker] = spawner.workers  # the copy ran in "test" with its script
+    assert worker.env["RQ_DEST"] == "http://testhost:3333/q/test"
+
+
+def test_stop_cancels_and_keeps_message(tmp_path, handlers):
+    """
+    Stopping the queue cancels a running handler; the message stays in run
+    and goes back to que at the next start.
+    """
+    cancelled = []
+    waiting: Deferred[None] = Deferred(lambda d: cancelled.append(True))
+
+    async def handler(job):
+        job.report("run waiting")
+        await waiting
+
+    instance, spawner, clock = start(tmp_path, handler)
+    msg_id = send(instance)
+    clock.advance(0)
+    queue = instance.queue("relay")
+    assert queue.locate(msg_id) == "run"
+    stopped = queue.stopService()
+    assert cancelled == [True]
+    result(stopped)
+    assert os.path.isdir(queue.store.msg_dir("run", msg_id))
+    with open(os.path.join(queue.store.msg_dir("run", msg_id), "job", "stdio.log")) as f:
+        assert "cancelled" in f.read()
+
+
+def test_destroy_ends_in_err(tmp_path, handlers):
+    async def handler(job):
+        await Deferred()
+
+    instance, spawner, clock = start(tmp_path, handler)
+    msg_id = send(instance)
+    clock.advance(0)
+    queue = instance.queue("relay")
+    assert queue.destroy(msg_id) == "msg destroyed"
+    assert queue.locate(msg_id) == "err"
+    assert "signal" in queue.get_status(msg_id)["status"]
+
+
+def test_signal_before_start(tmp_path, handlers):
+    """
+    A job signalled before its handler started never runs it.
+    """
+    ran = []
+
+    async def handler(job):
+        ran.append(job)
+
+    instance, spawner, clock = start(tmp_path, handler)
+    msg_id = send(instance)
+    queue = instance.queue("relay")
+    queue.destroy(msg_id)
+    clock.advance(0)
+    assert ran == []
+    assert queue.locate(msg_id) == "err"
+
+
+def test_user_script_still_forks(tmp_path, handlers):
+    """
+    A built-in queue whose script is not the placeholder forks its script.
+    """
+    ran = []
+
+    async def handler(job):
+        ran.append(job)
+
+    instance, spawner, clock = instance_for(str(tmp_path / "root"))
+    register_handler("relay", lambda inst: handler)
+    with open(instance.root.join("code", "relay_script"), "w") as f:
+        f.write("#!/bin/sh\necho done mine >&3\n")
+    instance.startService()
+    msg_id = send(instance)
+    clock.advance(0)
+    assert ran == []
+    [worker] = spawner.workers
+    assert worker.env["RQ_MSG_ID"] == msg_id
+
+
+def test_registry(tmp_path, handlers):
+    assert handler_factory("no_such_queue") is None
+    register_handler("cleaner", "rqtwisted.no_such_module.make_handler")
+    assert handler_factory("cleaner") is None
+    register_handler("cleaner", "rqtwisted.builtin.no_such_attribute")
+    assert handler_factory("cleaner") is None
+    factory = lambda inst: None  # noqa: E731
+    register_handler("cleaner", factory)
+    assert handler_factory("cleaner") is factory
+
+
+def test_placeholder_detection(tmp_path):
+    instance, spawner, clock = instance_for(str(tmp_path / "root"))
+    path = instance.root.join("code", "webhook_script")
+    assert is_placeholder(path, "webhook")
+    assert not is_placeholder(path, "relay")
+    assert not is_placeholder(str(tmp_path / "missing"), "webhook")
+
+
+def test_no_handler_falls_back(tmp_path, handlers):
+    """
+    Without a handler the placeholder itself is forked.
+    """
+    handlers.pop("relay")
+    instance, spawner, clock = instance_for(str(tmp_path / "root"))
+    instance.startService()
+    spawn = BuiltinSpawner(instance, "relay", spawner)
+    assert spawn.handler() is None
+    send(instance)
+    assert len(spawner.workers) == 1
+
+
+def test_broken_factory_falls_back(tmp_path, handlers):
+    """
+    A handler factory that raises leaves the queue running its placeholder.
+    """
+
+    def broken(instance):
+        raise ImportError("half-written module")
+
+    instance, spawner, clock = instance_for(str(tmp_path / "root"))
+    register_handler("relay", broken)
+    instance.startService()
+    msg_id = send(instance)
+    queue = instance.queue("relay")
+    assert queue.running and queue.locate(msg_id) == "run"
+    [worker] = spawner.workers
+    assert worker.env["RQ_MSG_ID"] == msg_id

@@ -1,0 +1,974 @@
+"""
+Tests for L{rqtwisted.relay}: the wire steps as pure functions, and whole
+deliveries from one in-memory instance to another through the in-memory
+HTTP agent of C{treq.testing} (what C{StubTreq} runs on), with a L{Clock}.
+
+The far side is L{OriginalRQ}: a small klein resource over a second
+L{Instance} that answers exactly as an original RQ host does (prep, attach
+multipart, commit, state.json), optionally with the resumable C{PUT} of
+rqtwisted hosts, and with injectable faults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from urllib.parse import parse_qs
+
+import multipart
+import pytest
+from klein import Klein
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock, Cooperator
+from twisted.web.http_headers import Headers
+
+from rqtwisted import builtin
+from rqtwisted.builtin import register_handler
+from rqtwisted.message import creation_fields, MessageError
+from rqtwisted.relay import (
+    LOOP_REASON,
+    RelayConfig,
+    Relayer,
+    SoftFailure,
+    backoff,
+    check_attached,
+    commit_request,
+    md5_file,
+    parse_answer,
+    parse_held,
+    parse_prep,
+    parse_state,
+    prep_fields,
+    prep_request,
+    same_host,
+)
+from rqtwisted.testing import instance_for
+
+FAR = "http://farhost:3333/q/inbox"
+
+
+# -- the far side
+
+
+class OriginalRQ:
+    """
+    The relay-facing routes of an RQ host, over an in-memory instance.
+
+    @ivar log: C{(method, path)} of every request.
+    @ivar faults: C{(step, kind)} consumed by the first matching request;
+        steps C{prep}, C{attach}, C{put}, C{commit}, C{state}; kinds C{500},
+        C{garbage}, C{md5}, C{hang}, C{drop} (close without answer),
+        C{lost} (do it, then close without answer), C{fail:<text>}.
+    @ivar resumable: answer C{PUT} like rqtwisted (else 500, like the
+        original).
+    """
+
+    app = Klein()
+
+    def __init__(self, instance) -> None:
+        self.instance = instance
+        self.log: list[tuple[str, str]] = []
+        self.bodies: dict[str, list[bytes]] = {}
+        self.headers: list[Headers] = []
+        self.faults: list[tuple[str, str]] = []
+        self.resumable = False
+        self.flip_put = False
+        self.partial: dict[tuple[str, str], bytearray] = {}
+
+    def _fault(self, step, request):
+        for i, (s, kind) in enumerate(self.faults):
+            if s == step:
+                del self.faults[i]
+                return kind
+        return None
+
+    def _answer(self, request, kind, ok_value, run=None):
+        """
+        Apply a fault or run the step; the JSON answer.
+        """
+        if kind == "500":
+            request.setResponseCode(500)
+            return b"500 - boom"
+        if kind == "garbage":
+            return b"<html>not json</html>"
+        if kind == "hang":
+            return Deferred()
+        if kind == "stall":
+            request.setHeader("content-length", "100")
+            request.write(b'["ok",')
+            return Deferred()
+        if kind == "huge":
+            return b"[" * 100_000
+        if kind == "drop":
+            request.channel.transport.abortConnection()
+            return Deferred()
+        if kind and kind.startswith("json:"):
+            code, reason = kind[5:].split(":", 1)
+            request.setResponseCode(int(code))
+            return json.dumps(["fail", reason]).encode()
+        if kind and kind.startswith("fail:"):
+            return json.dumps(["fail", kind[5:]]).encode()
+        d = run() if run is not None else succeed(ok_value)
+
+        def answered(value):
+            if kind == "lost":
+                request.channel.transport.abortConnection()
+                return Deferred()
+            if kind == "md5":
+                value = "0" * 32 + "-Attached successfully"
+            return json.dumps(["ok", value]).encode()
+
+        def refused(f):
+            f.trap(MessageError)
+            return json.dumps(["fail", f.value.reason]).encode()
+
+        return d.addCallbacks(answered, refused)
+
+    def _record(self, request, step):
+        self.log.append((step, request.path.decode()))
+        self.headers.append(request.requestHeaders)
+        body = request.content.read()
+        request.content.seek(0)
+        self.bodies.setdefault(step, []).append(body)
+        return body
+
+    @app.route("/q/<name>/new_message", methods=["POST"])
+    def new_message(self, request, name):
+        body = self._record(request, "prep")
+        kind = self._fault("prep", request)
+        form = parse_qs(body.decode())
+        mesg = json.loads(form["mesg"][0])
+        method = mesg.pop("_method", "commit")
+        return self._answer(
+            request, kind, None, lambda: self.instance.queue(name).create(creation_fields(mesg), method)
+        )
+
+    @app.route("/q/<name>/<msg_id>/attach/new", methods=["POST"])
+    def attach(self, request, name, msg_id):
+        body = self._record(request, "attach")
+        kind = self._fault("attach", request)
+        ctype = request.getHeader("content-type")
+        boundary = multipart.parse_options_header(ctype)[1]["boundary"]
+        fields = {}
+        for part in multipart.MultipartParser(io.BytesIO(body), boundary):
+            fields[part.name] = part
+        part = fields["filedata"]
+        path = os.path.join(self.instance.root.path, "tmp", f"upload-{part.filename}")
+        with open(path, "wb") as f:
+            f.write(part.raw)
+        assert fields["pathname"].value == part.filename
+        assert fields["msg_id"].value == msg_id
+        assert fields["x_format"].value == "json"
+
+        def run():
+            queue = self.instance.queue(name)
+            try:
+                return queue.attach(msg_id, path, part.filename)
+            except MessageError as e:
+                from twisted.internet.defer import fail
+
+                return fail(e)
+
+        return self._answer(request, kind, None, run)
+
+    @app.route("/q/<name>/<msg_id>/attach/<att>", methods=["PUT"])
+    def put(self, request, name, msg_id, att):
+        body = self._record(request, "put")
+        kind = self._fault("put", request)
+        if not self.resumable:
+            request.setResponseCode(500)
+            return b"500 - Internal Server Error"
+        if kind is not None:
+            return self._answer(request, kind, None)
+        queue = self.instance.queue(name)
+        if msg_id not in queue.prep:
+            request.setResponseCode(404)
+            return json.dumps(["fail", "cannot find message"]).encode()
+        crange = request.getHeader("content-range")
+        spec, total = crange.split(" ", 1)[1].split("/")
+        total = int(total)
+        held = self.partial.setdefault((msg_id, att), bytearray())
+        if spec != "*":
+            start = int(spec.split("-")[0])
+            assert start == len(held), (start, len(held))
+            if self.flip_put and body:
+                self.flip_put = False
+                body = bytes([body[0] ^ 1]) + body[1:]
+            held.extend(body)
+        if len(held) < total:
+            request.setResponseCode(308)
+            if held:
+                request.setHeader("range", f"bytes=0-{len(held) - 1}")
+            return json.dumps(["partial", str(len(held))]).encode()
+        md5 = hashlib.md5(held).hexdigest()
+        if request.getHeader("x-rq-md5") not in (None, md5):
+            del self.partial[(msg_id, att)]
+            request.setResponseCode(422)
+            return json.dumps(["fail", "md5 mismatch"]).encode()
+        path = os.path.join(self.instance.root.path, "tmp", f"put-{att}")
+        with open(path, "wb") as f:
+            f.write(held)
+        return self._answer(request, None, None, lambda: queue.attach(msg_id, path, att))
+
+    @app.route("/q/<name>/<msg_id>", methods=["POST"])
+    def commit(self, request, name, msg_id):
+        body = self._record(request, "commit")
+        kind = self._fault("commit", request)
+        form = parse_qs(body.decode())
+        assert form["_method"] == ["commit"] and form["x_format"] == ["json"]
+        assert form["msg_id"] == [msg_id]
+
+        def run():
+            try:
+                return self.instance.queue(name).commit(msg_id)
+            except MessageError as e:
+                from twisted.internet.defer import fail
+
+                return fail(e)
+
+        return self._answer(request, kind, None, run)
+
+    @app.route("/q/<name>/<msg_id>/state.json", methods=["GET"])
+    def state(self, request, name, msg_id):
+        self._record(request, "state")
+        kind = self._fault("state", request)
+        if kind is not None:
+            return self._answer(request, kind, None)
+        try:
+            state = self.instance.queue(name).locate(msg_id)
+        except MessageError:
+            request.setResponseCode(404)
+            return b"Not Found"
+        return json.dumps([state]).encode()
+
+
+# -- fixtures
+
+
+class World:
+    """
+    A sending instance whose relay queue runs L{Relayer} in-process, and a
+    far instance behind L{OriginalRQ}.
+    """
+
+    def __init__(self, tmp_path, monkeypatch, **config):
+        monkeypatch.setattr(builtin, "HANDLERS", dict(builtin.HANDLERS))
+        self.clock = Clock()
+        self.far, self.far_spawner, _ = instance_for(str(tmp_path / "far"), clock=self.clock, host="farhost")
+        self.far.create_queue({"name": "inbox", "script": "./code/noop", "exec_prefix": ""})
+        self.far.startService()
+        self.peer = OriginalRQ(self.far)
+        self.agent = RequestTraversalAgent(self.peer.app.resource())
+        self.near, self.spawner, _ = instance_for(str(tmp_path / "near"), clock=self.clock)
+        self.near.create_queue({"name": "local", "script": "./code/noop", "exec_prefix": ""})
+        cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
+        config.setdefault("retry_base", 10)
+        config.setdefault("idle_timeout", 30)
+        self.relayer = Relayer(
+            self.near,
+            HTTPClient(self.agent),
+            self.clock,
+            cooperator,
+            lambda path: succeed(md5_file(path)),
+            RelayConfig(**config),
+            rand=lambda: 0.0,
+        )
+        register_handler("relay", lambda inst: self.relayer.handle)
+        self.near.startService()
+
+    def settle(self, rounds=60):
+        for _ in range(rounds):
+            self.agent.flush()
+            self.clock.advance(0)
+
+    def send(self, dest=FAR, attachments=(), **fields):
+        fields["dest"] = dest
+        if not attachments:
+            full = self.near.create_message(fields, "commit", relay_ok=True)
+            return self._result(full).rsplit("/", 1)[1]
+        relay = self.near.queue("relay")
+        msg_id = self._result(relay.create(creation_fields(fields), "prep")).rsplit("/", 1)[1]
+        for name, data in attachments:
+            path = os.path.join(self.near.root.path, "tmp", name)
+            with open(path, "wb") as f:
+                f.write(data)
+            self._result(relay.attach(msg_id, path, name))
+        self._result(relay.commit(msg_id))
+        return msg_id
+
+    @staticmethod
+    def _result(d):
+        out = []
+        d.addBoth(out.append)
+        assert out, "not fired"
+        if hasattr(out[0], "raiseException"):
+            out[0].raiseException()
+        return out[0]
+
+    @property
+    def relay(self):
+        return self.near.queue("relay")
+
+    def state(self, msg_id):
+        return self.relay.locate(msg_id)
+
+    def status(self, msg_id):
+        return self.relay.get_status(msg_id)["status"]
+
+    def far_messages(self):
+        inbox = self.far.queue("inbox")
+        return {s: inbox.messages(s) for s in ("prep", "que", "run", "done")}
+
+    def committed(self):
+        m = self.far_messages()
+        return m["que"] + m["run"] + m["done"]
+
+    def retry(self, msg_id):
+        """
+        Let the retry of a resent message come due, and run it.
+        """
+        due = self.relay.que[msg_id]["due"]
+        self.clock.advance(max(0, due - self.clock.seconds()))
+        self.settle()
+
+    def steps(self):
+        return [s for s, _ in self.peer.log]
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    return World(tmp_path, monkeypatch)
+
+
+# -- pure steps
+
+
+def test_prep_request_exact():
+    msg = {
+        "msg_id": "x",
+        "dest": FAR + "/",
+        "src": "me",
+        "count": 2,
+        "max_count": 15,
+        "param1": "a b",
+        "orig_msg_id": "http://near:3333/q/relay/1",
+        "force_remote": True,
+        "due": 5,
+    }
+    url, body = prep_request(msg)
+    assert url == FAR + "/new_message"
+    form = parse_qs(body.decode(), keep_blank_values=True)
+    assert form["x_format"] == ["json"]
+    mesg = json.loads(form["mesg"][0])
+    assert mesg == {
+        "dest": FAR + "/",
+        "src": "me",
+        "count": 3,
+        "max_count": 15,
+        "param1": "a b",
+        "orig_msg_id": "http://near:3333/q/relay/1",
+        "_method": "prep",
+    }
+    assert body.startswith(b"x_format=json&mesg=")
+
+
+def test_prep_fields_count_default():
+    assert prep_fields({"dest": FAR})["count"] == 1
+    assert prep_fields({"dest": FAR, "count": "bad"})["count"] == 1
+
+
+def test_commit_request():
+    url, body = commit_request(FAR + "/20200101.0000.00.000.1")
+    assert url == FAR + "/20200101.0000.00.000.1"
+    assert parse_qs(body.decode()) == {
+        "msg_id": ["20200101.0000.00.000.1"],
+        "_method": ["commit"],
+        "x_format": ["json"],
+    }
+
+
+@pytest.mark.parametrize(
+    "code, body, error",
+    [
+        (500, b'["ok","x"]', "prep failed - HTTP 500"),
+        (200, b"<html>", "prep failed - garbage answer"),
+        (200, b'{"ok": 1}', "prep failed - garbage answer"),
+        (200, b'["ok"]', "prep failed - garbage answer"),
+        (200, b'["fail","status: DOWN"]', "prep failed - status: DOWN"),
+        (200, b'["ok","not an id"]', "prep failed - garbage answer"),
+        (200, b"\xff\xfe", "prep failed - garbage answer"),
+    ],
+)
+def test_parse_prep_refuses(code, body, error):
+    with pytest.raises(SoftFailure) as e:
+        parse_prep(code, body, FAR)
+    assert e.value.reason == error
+
+
+def test_parse_prep_ok():
+    assert parse_prep(200, b'["ok","http://farhost:3333/q/inbox/1.2"]', FAR) == "http://farhost:3333/q/inbox/1.2"
+
+
+def test_check_attached():
+    check_attached(200, b'["ok","abc-Attached successfully"]', "abc", "f")
+    with pytest.raises(SoftFailure, match="md5 mismatch"):
+        check_attached(200, b'["ok","abd-Attached successfully"]', "abc", "f")
+    with pytest.raises(SoftFailure, match="cannot find message") as e:
+        check_attached(200, b'["fail","cannot find message"]', "abc", "f")
+    assert type(e.value).__name__ == "RemoteLost"
+
+
+def test_parse_state():
+    assert parse_state(200, b'["que"]') == "que"
+    assert parse_state(404, b"Not Found") is None
+    with pytest.raises(SoftFailure):
+        parse_state(503, b"")
+    with pytest.raises(SoftFailure):
+        parse_state(200, b"[]")
+
+
+def test_parse_held():
+    h = Headers()
+    assert parse_held(200, h, b"", 10) == 10
+    assert parse_held(308, h, b"", 10) == 0
+    assert parse_held(500, h, b"", 10) is None
+    assert parse_held(405, h, b"", 10) is None
+    h.setRawHeaders("range", ["bytes=0-3"])
+    assert parse_held(308, h, b"", 10) == 4
+    with pytest.raises(SoftFailure):
+        parse_held(308, h, b"", 3)
+    h.setRawHeaders("range", ["lines=1-2"])
+    with pytest.raises(SoftFailure):
+        parse_held(308, h, b"", 10)
+
+
+def test_parse_answer_needs_pair():
+    assert parse_answer(200, b'["ok","x",1]', "s") == ("ok", "x")
+
+
+def test_backoff_exponential_jitter_cap():
+    assert [backoff(c, 10, 600, lambda: 0.999999) for c in range(8)] == [9, 19, 39, 79, 159, 319, 599, 599]
+    assert [backoff(c, 10, 600, lambda: 0.0) for c in range(3)] == [5, 10, 20]
+    assert backoff(100, 10, 600, lambda: 0.5) == 450
+    assert backoff(0, 0, 600, lambda: 0.5) == 1
+
+
+def test_same_host():
+    assert same_host("http://h:3333/q/x", "http://h:3333/")
+    assert not same_host("http://h:3334/q/x", "http://h:3333/")
+    assert not same_host("http://h:3333/other/q/x", "http://h:3333/")
+
+
+def test_relay_config_from_settings():
+    config = RelayConfig.fromSettings({"relay": {"retry_base": "2", "idle_timeout": -1, "resumable_min": "x"}})
+    assert config.retry_base == 2.0
+    assert config.idle_timeout == RelayConfig().idle_timeout
+    assert config.resumable_min == RelayConfig().resumable_min
+    assert RelayConfig.fromSettings({}) == RelayConfig()
+
+
+# -- deliveries
+
+
+def test_plain_message(world):
+    msg_id = world.send(src="tester", param1="p1", param4="p4")
+    world.settle()
+    assert world.state(msg_id) == "relayed"
+    [remote] = world.committed()
+    remote_id = f"{FAR}/{remote}"
+    assert world.status(msg_id) == f"relayed - {remote_id}"
+    assert world.steps() == ["prep", "commit"]
+    far = world.far.queue("inbox").get(remote)
+    assert far["count"] == 1
+    assert far["src"] == "tester" and far["param1"] == "p1" and far["param4"] == "p4"
+    assert far["dest"] == FAR
+    assert far["orig_msg_id"] == world.relay.full_id(msg_id)
+    job = os.path.join(world.relay.store.msg_dir("relayed", msg_id), "job")
+    assert not os.path.exists(os.path.join(job, "relay_id"))
+    log = open(os.path.join(job, "stdio.log")).read()
+    assert f"dest - {FAR}" in log and f"attempting remote {FAR}" in log
+
+
+def test_attachments_multipart(world):
+    files = [("a.txt", b"alpha"), ("b.bin", os.urandom(200_000)), ("c", b"")]
+    msg_id = world.send(attachments=files)
+    world.settle()
+    assert world.state(msg_id) == "relayed", world.status(msg_id)
+    assert world.steps() == ["prep", "attach", "attach", "attach", "commit"]
+    [remote] = world.committed()
+    got = world.far.queue("inbox").get(remote)["_attachments"]
+    assert {n: a["md5"] for n, a in got.items()} == {n: hashlib.md5(d).hexdigest() for n, d in files}
+
+
+def test_resumable_upload(tmp_path, monkeypatch):
+    world = World(tmp_path, monkeypatch, resumable_min=1)
+    world.peer.resumable = True
+    data = os.urandom(300_000)
+    msg_id = world.send(attachments=[("big", data), ("empty", b"")])
+    world.settle()
+    assert world.state(msg_id) == "relayed", world.status(msg_id)
+    # big: probe + upload; empty stays multipart (below resumable_min).
+    assert world.steps() == ["prep", "put", "put", "attach", "commit"]
+    probe, upload = world.peer.headers[1], world.peer.headers[2]
+    assert probe.getRawHeaders("content-range") == ["bytes */300000"]
+    assert upload.getRawHeaders("content-range") == ["bytes 0-299999/300000"]
+    assert upload.getRawHeaders("x-rq-md5") == [hashlib.md5(data).hexdigest()]
+    [remote] = world.committed()
+    assert world.far.queue("inbox").get(remote)["_attachments"]["big"]["md5"] == hashlib.md5(data).hexdigest()
+
+
+def test_resumable_upload_resumes(tmp_path, monkeypatch):
+    """
+    An upload cut short is resumed where the remote stopped: the retry
+    reuses the prepared message and sends only the missing bytes.
+    """
+    world = World(tmp_path, monkeypatch, resumable_min=1)
+    world.peer.resumable = True
+    data = os.urandom(100_000)
+    world.peer.faults = [("put", "drop")]  # the probe is dropped
+    msg_id = world.send(attachments=[("big", data)])
+    world.settle()
+    assert world.state(msg_id) == "que"
+    [prepped] = world.far_messages()["prep"]
+    world.peer.partial[(prepped, "big")] = bytearray(data[:40_000])
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed", world.status(msg_id)
+    assert world.steps() == ["prep", "put", "state", "put", "put", "commit"]
+    assert world.peer.headers[-2].getRawHeaders("content-range") == ["bytes 40000-99999/100000"]
+    assert world.peer.bodies["put"][-1] == data[40_000:]
+    assert world.committed() == [prepped]
+
+
+def test_original_peer_gets_multipart(tmp_path, monkeypatch):
+    """
+    A peer that refuses PUT (an original RQ host) gets multipart uploads,
+    and is not probed again for a while.
+    """
+    world = World(tmp_path, monkeypatch, resumable_min=1)
+    data = os.urandom(5000)
+    first = world.send(attachments=[("x", data)])
+    world.settle()
+    second = world.send(attachments=[("y", data)])
+    world.settle()
+    assert world.state(first) == world.state(second) == "relayed"
+    assert world.steps() == ["prep", "put", "attach", "commit", "prep", "attach", "commit"]
+
+
+def test_resumable_refusal_is_not_an_original_peer(tmp_path, monkeypatch):
+    """
+    A JSON refusal of the probe (another upload in progress) is a soft
+    failure, not a sign of an original host: the retry probes again.
+    """
+    world = World(tmp_path, monkeypatch, resumable_min=1)
+    world.peer.resumable = True
+    world.peer.faults = [("put", "json:409:another upload of this attachment is in progress")]
+    msg_id = world.send(attachments=[("f", b"0123456789")])
+    world.settle()
+    assert world.state(msg_id) == "que"
+    assert "attach f failed - HTTP 409 another upload" in world.status(msg_id)
+    assert not world.relayer.lacks_resume("http://farhost:3333")
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
+    assert world.steps() == ["prep", "put", "state", "put", "put", "commit"]
+
+
+def test_resumable_probe_unknown_message(tmp_path, monkeypatch):
+    world = World(tmp_path, monkeypatch, resumable_min=1)
+    world.peer.resumable = True
+    world.peer.faults = [("put", "json:404:cannot find message")]
+    msg_id = world.send(attachments=[("f", b"0123456789")])
+    world.settle()
+    assert world.state(msg_id) == "que"
+    job = os.path.join(world.relay.store.msg_dir("que", msg_id), "job")
+    assert not os.path.exists(os.path.join(job, "relay_id"))
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
+    assert world.steps() == ["prep", "put", "prep", "put", "put", "commit"]
+
+
+def test_resumable_md5_mismatch_starts_again(tmp_path, monkeypatch):
+    """
+    Bytes damaged on the way: the remote refuses the finished file (422),
+    nothing is committed, and the retry uploads it all again.
+    """
+    world = World(tmp_path, monkeypatch, resumable_min=1)
+    world.peer.resumable = True
+    world.peer.flip_put = True
+    data = os.urandom(50_000)
+    msg_id = world.send(attachments=[("f", data)])
+    world.settle()
+    assert world.state(msg_id) == "que"
+    assert "attach f failed - HTTP 422 md5 mismatch" in world.status(msg_id)
+    assert world.committed() == []
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
+    [remote] = world.committed()
+    assert world.far.queue("inbox").get(remote)["_attachments"]["f"]["md5"] == hashlib.md5(data).hexdigest()
+    assert world.peer.headers[-2].getRawHeaders("content-range") == ["bytes 0-49999/50000"]
+
+
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        (("prep", "500"), "prep failed - HTTP 500"),
+        (("prep", "garbage"), "prep failed - garbage answer"),
+        (("prep", "fail:status: DOWN"), "prep failed - status: DOWN"),
+        (("prep", "hang"), "timed out after 30s idle"),
+        (("prep", "drop"), "connection lost"),
+    ],
+)
+def test_prep_failures_retry(world, fault, reason):
+    world.peer.faults = [fault]
+    msg_id = world.send()
+    world.settle()
+    if fault[1] == "hang":
+        world.clock.advance(30)
+        world.settle()
+    assert world.state(msg_id) == "que"
+    msg = world.relay.get(msg_id)
+    assert msg["count"] == 1
+    assert msg["status"].startswith("que - 5-")  # backoff(0, 10, ...) with no jitter
+    assert reason in msg["status"]
+    assert world.committed() == []
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
+    assert len(world.committed()) == 1
+
+
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        (("commit", "stall"), "timed out after 30s idle"),
+        (("commit", "huge"), "answer too long"),
+        (("commit", "hang"), "timed out after 30s idle"),
+        (("commit", "json:503:status: DOWN"), "commit failed - HTTP 503 status: DOWN"),
+    ],
+)
+def test_bad_answers_to_commit(world, fault, reason):
+    """
+    A peer that stalls mid-answer, answers too much, or refuses: retried,
+    and the state check of the retry finds what really happened.
+    """
+    world.peer.faults = [fault]
+    msg_id = world.send()
+    world.settle()
+    if fault[1] in ("stall", "hang"):
+        assert world.state(msg_id) == "run"
+        world.clock.advance(30)
+        world.settle()
+    assert world.state(msg_id) == "que"
+    assert reason in world.status(msg_id)
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
+    assert len(world.committed()) == 1
+
+
+def test_peer_never_accepts(tmp_path, monkeypatch):
+    """
+    A connection that never completes ends with the idle timeout.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.web.client import Agent
+
+    world = World(tmp_path, monkeypatch)
+    world.relayer.http.client = HTTPClient(Agent(MemoryReactorClock(), connectTimeout=5))
+    msg_id = world.send()
+    world.settle()
+    assert world.state(msg_id) == "run"
+    world.clock.advance(30)
+    world.settle()
+    assert world.state(msg_id) == "que"
+    assert "timed out after 30s idle" in world.status(msg_id)
+
+
+def test_wrong_md5_never_commits(world):
+    """
+    A wrong md5 is a soft failure; the retry reuses the prepared message,
+    uploads again and commits once.
+    """
+    world.peer.faults = [("attach", "md5")]
+    msg_id = world.send(attachments=[("f", b"data")])
+    world.settle()
+    assert world.state(msg_id) == "que"
+    assert "md5 mismatch" in world.status(msg_id)
+    assert world.committed() == []
+    [prepped] = world.far_messages()["prep"]
+    job = world.relay.store.msg_dir("que", msg_id)
+    assert open(os.path.join(job, "job", "relay_id")).read() == f"{FAR}/{prepped}"
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
+    assert world.committed() == [prepped]
+    assert world.steps() == ["prep", "attach", "state", "attach", "commit"]
+
+
+def test_close_mid_upload(world):
+    world.peer.faults = [("attach", "drop")]
+    msg_id = world.send(attachments=[("f", os.urandom(300_000))])
+    world.settle()
+    assert world.state(msg_id) == "que"
+    assert "connection lost" in world.status(msg_id)
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
+    assert len(world.committed()) == 1
+
+
+def test_cannot_find_message_preps_again(world):
+    world.peer.faults = [("attach", "fail:cannot find message")]
+    msg_id = world.send(attachments=[("f", b"x")])
+    world.settle()
+    assert world.state(msg_id) == "que"
+    job = os.path.join(world.relay.store.msg_dir("que", msg_id), "job")
+    assert not os.path.exists(os.path.join(job, "relay_id"))
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
+    assert world.steps() == ["prep", "attach", "prep", "attach", "commit"]
+
+
+def test_lost_commit_answer_is_not_resent(world):
+    """
+    The remote committed but its answer was lost: the retry asks the remote
+    for the state and finishes without a second message.
+    """
+    world.peer.faults = [("commit", "lost")]
+    msg_id = world.send()
+    world.settle()
+    assert world.state(msg_id) == "que"
+    [remote] = world.committed()
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
+    assert world.status(msg_id) == f"relayed - {FAR}/{remote}"
+    assert world.committed() == [remote]
+    assert world.steps() == ["prep", "commit", "state"]
+
+
+def test_crash_after_commit_restart(world):
+    """
+    The daemon died after the remote commit, before recording relayed: on
+    restart the message goes back to que, keeps relay_id, and is finished
+    without re-sending.
+    """
+    world.peer.faults = [("commit", "hang")]
+    msg_id = world.send()
+    world.settle()
+    assert world.state(msg_id) == "run"
+    # The commit did not run on the far side (hang answers before running);
+    # commit it by hand as if the answer was lost in the crash.
+    [prepped] = world.far_messages()["prep"]
+    world.far.queue("inbox").commit(prepped)
+    # The daemon stops (the handler is cancelled mid-commit; on disk this
+    # is what kill -9 leaves too) and the relay queue starts again from disk.
+    job = os.path.join(world.relay.store.msg_dir("run", msg_id), "job")
+    assert open(os.path.join(job, "relay_id")).read() == f"{FAR}/{prepped}"
+    world._result(world.near.restart_queue("relay"))
+    world.settle()
+    assert world.state(msg_id) == "relayed"
+    assert world.committed() == [prepped]
+    assert world.steps()[-1] == "state"
+
+
+def test_state_unknown_preps_again(world):
+    world.peer.faults = [("commit", "fail:status: DOWN")]
+    msg_id = world.send()
+    world.settle()
+    [prepped] = world.far_messages()["prep"]
+    world.far.queue("inbox").delete(prepped)
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
+    assert world.steps() == ["prep", "commit", "state", "prep", "commit"]
+    assert len(world.committed()) == 1
+
+
+def test_state_failure_retries(world):
+    world.peer.faults = [("commit", "500"), ("state", "garbage")]
+    msg_id = world.send()
+    world.settle()
+    world.retry(msg_id)
+    assert world.state(msg_id) == "que"
+    assert "state failed - garbage answer" in world.status(msg_id)
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
+    assert len(world.committed()) == 1
+
+
+def test_backoff_grows(world):
+    world.peer.faults = [("prep", "500")] * 3
+    msg_id = world.send()
+    world.settle()
+    delays = []
+    for _ in range(3):
+        msg = world.relay.get(msg_id)
+        delays.append(msg["due"] - world.clock.seconds())
+        if len(delays) < 3:
+            world.retry(msg_id)
+    assert delays == [5, 10, 20]
+
+
+def test_max_count_ends_in_err(world):
+    world.peer.faults = [("prep", "500")]
+    msg_id = world.send(max_count=1)
+    world.settle()
+    assert world.state(msg_id) == "err"
+    assert world.status(msg_id) == "err - HIT MAX RESEND COUNT - MOVING TO ERR"
+
+
+def test_count_over_15_fails(world):
+    msg_id = world.send(count=16)
+    world.settle()
+    assert world.state(msg_id) == "err"
+    assert world.status(msg_id) == "err - RQ_COUNT > 15 FAIL"
+    assert world.steps() == []
+
+
+def test_loop_refused(world):
+    msg_id = world.send(orig_msg_id=f"{FAR}/20200101.0000.00.000.1")
+    world.settle()
+    assert world.state(msg_id) == "err"
+    assert world.status(msg_id) == f"err - {LOOP_REASON}"
+    assert world.steps() == []
+
+
+def test_local_dest_takes_local_path(world):
+    dest = "http://testhost:3333/q/local"
+    msg_id = world.send(dest=dest, attachments=[("f", b"local data")], param2="x")
+    world.settle()
+    assert world.state(msg_id) == "relayed"
+    assert world.steps() == []
+    local = world.near.queue("local")
+    [copy] = local.messages("run")
+    assert world.status(msg_id) == f"relayed - {local.full_id(copy)}"
+    got = local.get(copy)
+    assert got["param2"] == "x" and got["count"] == 1 and got["dest"] == dest
+    assert got["_attachments"]["f"]["md5"] == hashlib.md5(b"local data").hexdigest()
+
+
+def test_local_dest_unknown_queue_retries(world):
+    msg_id = world.send(dest="http://testhost:3333/q/nosuch")
+    world.settle()
+    assert world.state(msg_id) == "que"
+    assert "couldn't connect to queue - nosuch" in world.status(msg_id)
+
+
+def test_force_remote_goes_over_http(tmp_path, monkeypatch):
+    world = World(tmp_path, monkeypatch)
+    # The far side answers for every host: force_remote sends our own URL
+    # through it.
+    world.far.create_queue({"name": "local", "script": "./code/noop", "exec_prefix": ""})
+    msg_id = world.send(dest="http://testhost:3333/q/local", force_remote=True)
+    world.settle()
+    assert world.state(msg_id) == "relayed"
+    assert world.steps() == ["prep", "commit"]
+    assert "force_remote" not in json.loads(parse_qs(world.peer.bodies["prep"][0].decode())["mesg"][0])
+    log = open(os.path.join(world.relay.store.msg_dir("relayed", msg_id), "job", "stdio.log")).read()
+    assert "FORCE REMOTE" in log
+
+
+def test_dup_to_remote_url_relays(world):
+    """
+    A queue script's dup to a URL goes through relay and reaches the far
+    queue with the parent's orig_msg_id.
+    """
+    full = world._result(world.near.create_message({"dest": "local", "param1": "v"}))
+    [worker] = world.spawner.workers
+    worker.say(f"dup 0-X-{FAR}")
+    [reply] = worker.replies
+    assert reply.startswith("ok http://testhost:3333/q/relay/")
+    worker.say("done duped")
+    worker.exit(0)
+    world.settle()
+    copy = reply.split()[1].rsplit("/", 1)[1]
+    assert world.state(copy) == "relayed"
+    [remote] = world.committed()
+    far = world.far.queue("inbox").get(remote)
+    assert far["param1"] == "v" and far["orig_msg_id"] == full
+
+
+# -- against the real web app of the far instance
+
+
+class RealWorld(World):
+    """
+    L{World} with the far side served by the daemon's own klein app
+    (L{rqtwisted.web.app.make_site}, its streaming upload request included).
+    """
+
+    def __init__(self, tmp_path, monkeypatch, **config):
+        super().__init__(tmp_path, monkeypatch, **config)
+        from rqtwisted.web.app import make_site
+
+        with open(self.far.root.join("config", "queuemgr.pid"), "w") as f:
+            f.write(f"{os.getpid()}\n")
+        site = make_site(self.far, self.far.settings, None)
+        self.agent = RequestTraversalAgent(site.resource)
+        self.agent._serverFactory.requestFactory = site.requestFactory
+        self.relayer.http.client = HTTPClient(self.agent)
+
+
+@pytest.fixture
+def real(tmp_path, monkeypatch):
+    pytest.importorskip("rqtwisted.web.app")
+    return RealWorld(tmp_path, monkeypatch, resumable_min=100_000)
+
+
+def test_real_app_plain(real):
+    msg_id = real.send(param1="p")
+    real.settle()
+    assert real.state(msg_id) == "relayed", real.status(msg_id)
+    [remote] = real.committed()
+    assert real.status(msg_id) == f"relayed - {FAR}/{remote}"
+    assert real.far.queue("inbox").get(remote)["count"] == 1
+
+
+def test_real_app_attachments(real):
+    """
+    Small files go multipart, big ones through the resumable PUT; md5s match
+    on the far side.
+    """
+    files = [("big", os.urandom(250_000)), ("small", b"abc"), ("zero", b"")]
+    msg_id = real.send(attachments=files)
+    real.settle(200)
+    assert real.state(msg_id) == "relayed", real.status(msg_id)
+    [remote] = real.committed()
+    got = real.far.queue("inbox").get(remote)["_attachments"]
+    assert {n: a["md5"] for n, a in got.items()} == {n: hashlib.md5(d).hexdigest() for n, d in files}
+    log = open(os.path.join(real.relay.store.msg_dir("relayed", msg_id), "job", "stdio.log")).read()
+    assert "attach big (250000 bytes, resumable from 0)" in log
+    assert "attach small (3 bytes, multipart)" in log
+
+
+def test_real_app_restart_after_commit(real):
+    """
+    A relay_id whose remote message is committed already: the state answer
+    of the real app finishes the delivery without a second message.
+    """
+    remote = real._result(real.far.queue("inbox").create({"dest": FAR}, "commit"))
+    msg_id = real.send()
+    # The message is running now; give it the relay_id of an earlier life.
+    path = os.path.join(real.relay.store.msg_dir("run", msg_id), "job")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "relay_id"), "w") as f:
+        f.write(remote)
+    real.settle()
+    assert real.state(msg_id) == "relayed", real.status(msg_id)
+    assert real.status(msg_id) == f"relayed - {remote}"
+    assert len(real.committed()) == 1
+
+
+def test_stop_while_reading_an_answer(world):
+    """
+    Stopping the daemon while an answer trickles in cancels the delivery;
+    the message runs again at the next start and finishes once.
+    """
+    world.peer.faults = [("commit", "stall")]
+    msg_id = world.send()
+    world.settle()
+    assert world.state(msg_id) == "run"
+    world._result(world.near.restart_queue("relay"))
+    world.settle()
+    assert world.state(msg_id) == "relayed"
+    assert world.steps() == ["prep", "commit", "state", "commit"]
+    assert len(world.committed()) == 1
+    assert world.relay.get(msg_id)["count"] == 0

@@ -1,0 +1,219 @@
+"""
+Tests for L{rqtwisted.scandir}: queues made from C{scandir/} entries, with
+a L{Clock} and fake workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from rqtwisted.scandir import INITIAL_DELAY, MARKER, SCAN_INTERVAL, ScandirService, entry_config, ScandirError
+from rqtwisted.testing import instance_for
+
+
+@pytest.fixture
+def env(tmp_path):
+    instance, spawner, clock = instance_for(str(tmp_path / "root"))
+    instance.startService()
+    service = ScandirService(instance, clock)
+    return instance, spawner, clock, service, tmp_path
+
+
+def make_dir(tmp_path, name, config=None, form=None, executable=True):
+    """
+    A scandir target directory C{<tmp>/apps/<name>} with a C{run} script.
+    """
+    target = tmp_path / "apps" / name
+    target.mkdir(parents=True, exist_ok=True)
+    run = target / "run"
+    run.write_text("#!/bin/sh\necho done ok >&3\n")
+    os.chmod(run, 0o755 if executable else 0o644)
+    if config is not None:
+        (target / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    if form is not None:
+        (target / "form.json").write_text(json.dumps(form))
+    return target
+
+
+def link(instance, name, target):
+    os.symlink(target, instance.root.join("scandir", name))
+
+
+def scan_once(service, clock):
+    service.startService()
+    clock.advance(INITIAL_DELAY)
+
+
+def test_entry_config_defaults_and_overlay(tmp_path):
+    target = make_dir(tmp_path, "app", config={"name": "other", "num_workers": 3, "env_vars": {"A": "1"}})
+    config = entry_config("app", str(target))
+    assert config.name == "app"
+    assert config.script == os.path.realpath(target / "run")
+    assert config.num_workers == 3 and config.exec_prefix == "" and config.env_vars == {"A": "1"}
+    bare = make_dir(tmp_path, "bare")
+    assert entry_config("bare", str(bare)).num_workers == 1
+
+
+@pytest.mark.parametrize(
+    "config, executable, reason",
+    [
+        ("{bad", True, "cannot read"),
+        ("[]", True, "must hold a JSON object"),
+        ({"num_workers": 500}, True, "out of range"),
+        (None, False, "no executable run"),
+    ],
+)
+def test_entry_config_errors(tmp_path, config, executable, reason):
+    target = make_dir(tmp_path, "app", config=config, executable=executable)
+    with pytest.raises(ScandirError, match=reason):
+        entry_config("app", str(target))
+
+
+def test_new_entry_creates_queue_after_initial_delay(env):
+    instance, spawner, clock, service, tmp_path = env
+    target = make_dir(tmp_path, "app", config={"num_workers": 2}, form={"fields": []})
+    link(instance, "app", target)
+    service.startService()
+    clock.advance(INITIAL_DELAY - 1)
+    assert "app" not in instance.queues
+    clock.advance(1)
+    queue = instance.queue("app")
+    assert queue.config.num_workers == 2
+    assert queue.config.script == os.path.realpath(target / "run")
+    qdir = instance.root.queue_path("app")
+    assert open(os.path.join(qdir, MARKER)).read().strip() == "app"
+    assert os.readlink(os.path.join(qdir, "form.json")) == str(target / "form.json")
+    assert service.status() == [{"name": "app", "target": str(target), "queue": "app", "error": None}]
+    # The queue runs its messages with run, directly.
+    instance.create_message({"dest": "app"})
+    assert spawner.workers[-1].argv == [os.path.realpath(target / "run")]
+
+
+def test_changed_config_applies_in_place(env):
+    instance, spawner, clock, service, tmp_path = env
+    target = make_dir(tmp_path, "app", config={"num_workers": 1})
+    link(instance, "app", target)
+    scan_once(service, clock)
+    queue = instance.queue("app")
+    (target / "config.json").write_text(json.dumps({"num_workers": 4}))
+    os.utime(target / "config.json", ns=(1, 1))
+    clock.advance(SCAN_INTERVAL)
+    assert instance.queue("app") is queue
+    assert queue.config.num_workers == 4
+    saved = json.load(open(os.path.join(instance.root.queue_path("app"), "config.json")))
+    assert saved["num_workers"] == 4
+
+
+def test_bad_json_is_reported_and_queue_kept(env):
+    instance, spawner, clock, service, tmp_path = env
+    target = make_dir(tmp_path, "app", config={"num_workers": 2})
+    link(instance, "app", target)
+    scan_once(service, clock)
+    (target / "config.json").write_text("{oops")
+    clock.advance(SCAN_INTERVAL)
+    assert instance.queue("app").config.num_workers == 2
+    [status] = service.status()
+    assert status["error"].startswith("cannot read") and "config.json" in status["error"]
+
+
+def test_removed_entry_deletes_its_queue(env):
+    instance, spawner, clock, service, tmp_path = env
+    target = make_dir(tmp_path, "app")
+    link(instance, "app", target)
+    scan_once(service, clock)
+    os.unlink(instance.root.join("scandir", "app"))
+    clock.advance(SCAN_INTERVAL)
+    assert "app" not in instance.queues
+    assert not os.path.exists(instance.root.queue_path("app"))
+    assert [n for n in os.listdir(instance.root.queue_dir) if n.startswith("app.deleted.")]
+    assert service.status() == []
+
+
+def test_queue_of_entry_removed_while_stopped_is_deleted(env):
+    instance, spawner, clock, service, tmp_path = env
+    target = make_dir(tmp_path, "app")
+    link(instance, "app", target)
+    scan_once(service, clock)
+    service.stopService()
+    os.unlink(instance.root.join("scandir", "app"))
+    again = ScandirService(instance, clock)
+    scan_once(again, clock)
+    assert "app" not in instance.queues
+
+
+def test_other_queues_are_never_deleted(env):
+    instance, spawner, clock, service, tmp_path = env
+    instance.create_queue({"name": "mine", "script": "./code/noop"})
+    scan_once(service, clock)
+    clock.advance(SCAN_INTERVAL)
+    assert "mine" in instance.queues
+
+
+def test_existing_queue_is_adopted_and_set_up(env):
+    instance, spawner, clock, service, tmp_path = env
+    instance.create_queue({"name": "app", "script": "./code/noop", "num_workers": 5})
+    instance.set_admin("down", "app")
+    target = make_dir(tmp_path, "app")
+    link(instance, "app", target)
+    scan_once(service, clock)
+    queue = instance.queue("app")
+    assert queue.status() == "UP"
+    assert queue.config.script == os.path.realpath(target / "run")
+    assert queue.config.num_workers == 1
+
+
+def test_entry_without_run_is_reported(env):
+    instance, spawner, clock, service, tmp_path = env
+    target = make_dir(tmp_path, "app", executable=False)
+    link(instance, "app", target)
+    os.symlink(tmp_path / "missing", instance.root.join("scandir", "gone"))
+    scan_once(service, clock)
+    assert "app" not in instance.queues and "gone" not in instance.queues
+    status = {s["name"]: s for s in service.status()}
+    assert status["app"]["error"].startswith("no executable run")
+    assert status["gone"]["error"].endswith("is not a directory")
+    # Made executable: picked up at the next scan.
+    os.chmod(target / "run", 0o755)
+    clock.advance(SCAN_INTERVAL)
+    assert "app" in instance.queues
+
+
+def test_reload_rescans(env):
+    instance, spawner, clock, service, tmp_path = env
+    instance.reloadHooks.append(service.scan)
+    link(instance, "app", make_dir(tmp_path, "app"))
+    instance.reload()
+    assert "app" in instance.queues
+
+
+def test_stop_cancels_everything(env):
+    instance, spawner, clock, service, tmp_path = env
+    service.startService()
+    service.stopService()
+    clock.advance(SCAN_INTERVAL * 3)
+    assert service.entries == {}
+    scan_once(service, clock)
+    service.stopService()
+    assert not service._loop
+
+
+def test_entry_linking_a_config_file(env):
+    instance, spawner, clock, service, tmp_path = env
+    config = tmp_path / "q.json"
+    config.write_text(json.dumps({"name": "ignored", "script": "./code/noop", "num_workers": 2}))
+    link(instance, "filed", config)
+    scan_once(service, clock)
+    queue = instance.queue("filed")
+    assert queue.config.script == "./code/noop" and queue.config.num_workers == 2
+    config.write_text(json.dumps({"script": "./code/noop", "num_workers": 3}))
+    os.utime(config, ns=(1, 1))
+    clock.advance(SCAN_INTERVAL)
+    assert instance.queue("filed").config.num_workers == 3
+    config.write_text(json.dumps({"num_workers": 3}))
+    os.utime(config, ns=(2, 2))
+    clock.advance(SCAN_INTERVAL)
+    assert "missing script" in service.status()[0]["error"]
+    assert instance.queue("filed").config.num_workers == 3

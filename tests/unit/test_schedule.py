@@ -1,0 +1,330 @@
+"""
+Tests for L{rqtwisted.schedule}: cron entries of a queue, driven by a
+L{Clock} through the queue's scheduling passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from rqtwisted import schedule
+from rqtwisted.queue import IDLE_PASS
+from rqtwisted.root import QueueConfig
+from rqtwisted.schedule import (
+    LOOKAHEAD,
+    STATE_FILE,
+    CronEntry,
+    cron_msg_id,
+    entries_of,
+    next_fire,
+    normalize_schedule,
+    valid_spec,
+)
+from rqtwisted.testing import instance_for
+
+NEW_YORK = ZoneInfo("America/New_York")
+UTC = ZoneInfo("UTC")
+
+
+def epoch(*args: int, tz=timezone.utc) -> float:
+    return datetime(*args, tzinfo=tz).timestamp()
+
+
+def advance(clock, seconds: float, step: float = IDLE_PASS) -> None:
+    """
+    Advance in steps, so every scheduling pass on the way runs at its time.
+    """
+    while seconds > 0:
+        clock.advance(min(step, seconds))
+        seconds -= step
+
+
+@pytest.fixture(autouse=True)
+def utc(monkeypatch):
+    """
+    Specs are read in UTC unless a test says otherwise.
+    """
+    monkeypatch.setattr(schedule, "local_zone", lambda: UTC)
+
+
+def start_at(tmp_path, when: float, sched, name="cronq", start=True):
+    instance, spawner, clock = instance_for(str(tmp_path / "root"))
+    clock.advance(when - clock.seconds())
+    instance.create_queue({"name": name, "script": "./code/noop", "exec_prefix": "", "schedule": sched})
+    if start:
+        instance.startService()
+    return instance, spawner, clock
+
+
+def cron_msgs(queue):
+    """
+    The messages of a queue in que and run (fake workers never finish).
+    """
+    msgs = [dict(m) for m in queue.que.values()] + [dict(j.msg) for j in queue.run.values()]
+    return sorted(msgs, key=lambda m: (m["due"], str(m.get("param1"))))
+
+
+# -- parsing
+
+
+def test_both_schedule_shapes_are_accepted():
+    """
+    Params nested under C{params} (what create_queue writes) and at the top
+    level (what the original's loader reads) both count (quirks 14).
+    """
+    got = normalize_schedule(
+        [
+            {"cron": "@hourly", "param1": "a", "param2": 7},
+            {"cron": "0 1 * * *", "params": {"param2": "b", "param3": None}},
+            {"cron": " 5 4 * * 1 ", "params": {"param1": "x"}, "param1": "y"},
+        ]
+    )
+    assert got == (
+        {"cron": "@hourly", "params": {"param1": "a", "param2": "7"}},
+        {"cron": "0 1 * * *", "params": {"param2": "b", "param3": None}},
+        {"cron": "5 4 * * 1", "params": {"param1": "y"}},
+    )
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "not an object",
+        {"param1": "no spec"},
+        {"cron": "61 * * * *"},
+        {"cron": "* * *"},
+        {"cron": "* * * * * *"},
+        {"cron": "@reboot"},
+        {"cron": 5},
+    ],
+)
+def test_invalid_entries_are_dropped(entry):
+    assert normalize_schedule([entry, {"cron": "@daily"}]) == ({"cron": "@daily", "params": {}},)
+
+
+def test_named_specs():
+    for name in schedule.NAMED_SPECS:
+        assert valid_spec(name)
+    assert not valid_spec("@fortnightly")
+
+
+def test_queue_config_normalises_and_writes_params_shape():
+    config = QueueConfig.fromDict(
+        {"name": "q", "script": "s", "schedule": [{"cron": "*/5 * * * *", "param1": "a"}, {"cron": "bad"}]}
+    )
+    assert config.toDict()["schedule"] == [{"cron": "*/5 * * * *", "params": {"param1": "a"}}]
+    assert QueueConfig.fromDict({"name": "q", "script": "s", "schedule": "junk"}).schedule == ()
+
+
+def test_entry_keys_are_stable_and_distinct():
+    sched = normalize_schedule([{"cron": "* * * * *"}, {"cron": "* * * * *"}, {"cron": "* * * * *", "param1": "a"}])
+    keys = [e.key for e in entries_of(sched)]
+    assert len(set(keys)) == 3
+    assert keys == [e.key for e in entries_of(list(sched))]
+    # Reordering keeps each entry's key.
+    assert {e.key for e in entries_of(reversed(sched))} == set(keys)
+
+
+def test_cron_msg_id_is_per_entry_and_minute():
+    a, b = entries_of(normalize_schedule([{"cron": "* * * * *"}, {"cron": "* * * * *", "param1": "b"}]))
+    t = epoch(2021, 1, 1, 12, 0)
+    assert cron_msg_id(a, t) == cron_msg_id(a, t + 30)
+    assert cron_msg_id(a, t) != cron_msg_id(a, t + 60)
+    assert cron_msg_id(a, t) != cron_msg_id(b, t)
+    assert cron_msg_id(a, t).startswith("20210101.1159.00.000.")
+
+
+# -- DST (Vixie cron rules)
+
+
+def test_fall_back_fixed_time_runs_once():
+    """
+    1:30 happens twice on 2021-11-07 in New York: a daily 1:30 job runs at
+    the first one only.
+    """
+    [entry] = entries_of(normalize_schedule([{"cron": "30 1 * * *"}]))
+    first = next_fire(entry, epoch(2021, 11, 7, 4, 0), NEW_YORK)
+    assert first == epoch(2021, 11, 7, 5, 30)  # 01:30 EDT
+    after = next_fire(entry, first, NEW_YORK)
+    assert after == epoch(2021, 11, 8, 6, 30)  # 01:30 EST the next day
+
+
+def test_fall_back_wildcard_runs_on_real_time():
+    [entry] = entries_of(normalize_schedule([{"cron": "*/30 * * * *"}]))
+    t = epoch(2021, 11, 7, 5, 0)  # 01:00 EDT
+    fires = []
+    for _ in range(4):
+        t = next_fire(entry, t, NEW_YORK)
+        fires.append(t)
+    assert [f - fires[0] for f in fires] == [0, 1800, 3600, 5400]
+
+
+def test_spring_forward_runs_skipped_time_after_the_change():
+    """
+    2:30 does not exist on 2021-03-14 in New York: the job runs at 3:00 EDT,
+    then at 2:30 the next day.
+    """
+    [entry] = entries_of(normalize_schedule([{"cron": "30 2 * * *"}]))
+    first = next_fire(entry, epoch(2021, 3, 14, 5, 0), NEW_YORK)
+    assert first == epoch(2021, 3, 14, 7, 0)  # 03:00 EDT
+    assert next_fire(entry, first, NEW_YORK) == epoch(2021, 3, 15, 6, 30)
+
+
+def test_never_firing_spec():
+    entry = CronEntry("0 0 31 2 *", {}, "k")
+    assert next_fire(entry, epoch(2021, 1, 1), UTC) is None
+
+
+# -- the queue
+
+
+def test_job_is_queued_up_to_a_minute_early_with_exact_due(tmp_path):
+    fire = epoch(2021, 6, 1, 12, 0)
+    instance, spawner, clock = start_at(tmp_path, fire - 200, [{"cron": "0 12 * * *", "params": {"param1": "p"}}])
+    queue = instance.queue("cronq")
+    advance(clock, 200 - LOOKAHEAD)
+    # Exactly a minute ahead is not "under a minute".
+    assert cron_msgs(queue) == []
+    advance(clock, IDLE_PASS)
+    [msg] = cron_msgs(queue)
+    assert msg["src"] == "cron" and msg["dest"] == "cronq"
+    assert msg["due"] == int(fire) and msg["param1"] == "p"
+    assert spawner.workers == []
+    advance(clock, fire - clock.seconds())
+    [worker] = spawner.workers
+    assert worker.env["RQ_PARAM1"] == "p"
+    advance(clock, 120)
+    assert len(cron_msgs(queue)) == 1
+
+
+def test_two_entries_in_one_minute_both_fire(tmp_path):
+    fire = epoch(2021, 6, 1, 12, 0)
+    sched = [
+        {"cron": "0 12 * * *", "param1": "a"},
+        {"cron": "0 * * * *", "param1": "b"},
+        {"cron": "0 12 * * *", "param1": "a"},  # identical entries are two jobs
+    ]
+    instance, spawner, clock = start_at(tmp_path, fire - 100, sched)
+    advance(clock, 100)
+    msgs = cron_msgs(instance.queue("cronq"))
+    assert [(m["param1"], m["due"]) for m in msgs] == [("a", fire), ("a", fire), ("b", fire)]
+
+
+def test_restart_mid_minute_never_double_enqueues(tmp_path):
+    fire = epoch(2021, 6, 1, 12, 0)
+    instance, spawner, clock = start_at(tmp_path, fire - 30, [{"cron": "0 12 * * *"}])
+    queue = instance.queue("cronq")
+    assert len(cron_msgs(queue)) == 1
+    state = os.path.join(queue.store.path, STATE_FILE)
+    assert json.load(open(state)) == {queue.cron.entries[0].key: fire}
+    instance.stopService()
+    clock.advance(10)
+    instance.startService()
+    advance(clock, 40)
+    assert len(cron_msgs(instance.queue("cronq"))) == 1
+
+
+def test_lost_record_is_recovered_from_the_message_id(tmp_path):
+    """
+    A crash between creating the job and recording it: the job's id, derived
+    from entry and minute, is found, so it is not queued again.
+    """
+    fire = epoch(2021, 6, 1, 12, 0)
+    instance, spawner, clock = start_at(tmp_path, fire - 30, [{"cron": "0 12 * * *"}])
+    queue = instance.queue("cronq")
+    instance.stopService()
+    os.unlink(os.path.join(queue.store.path, STATE_FILE))
+    instance.startService()
+    advance(clock, 40)
+    assert len(cron_msgs(instance.queue("cronq"))) == 1
+
+
+def test_deleted_job_is_not_queued_again(tmp_path):
+    fire = epoch(2021, 6, 1, 12, 0)
+    instance, spawner, clock = start_at(tmp_path, fire - 50, [{"cron": "0 12 * * *"}])
+    queue = instance.queue("cronq")
+    [msg] = cron_msgs(queue)
+    queue.delete(msg["msg_id"])
+    advance(clock, 30)
+    assert cron_msgs(queue) == []
+
+
+@pytest.mark.parametrize("action", ["pause", "down"])
+def test_nothing_is_queued_unless_up(tmp_path, action):
+    start = epoch(2021, 6, 1, 12, 0, 30)
+    instance, spawner, clock = start_at(tmp_path, start, [{"cron": "* * * * *"}], start=False)
+    open(instance.root.marker("cronq", action), "w").close()
+    instance.startService()
+    queue = instance.queue("cronq")
+    advance(clock, 200)
+    assert cron_msgs(queue) == []
+    instance.set_admin({"pause": "resume", "down": "up"}[action], "cronq")
+    # Only the coming minute's job: the minutes passed while not UP are skipped.
+    [msg] = cron_msgs(queue)
+    assert msg["due"] == epoch(2021, 6, 1, 12, 4)
+
+
+def test_scripterror_queues_nothing(tmp_path):
+    fire = epoch(2021, 6, 1, 12, 0)
+    instance, spawner, clock = start_at(tmp_path, fire - 300, [{"cron": "* * * * *"}], start=False)
+    os.chmod(instance.root.join("code", "noop"), 0o644)
+    instance.startService()
+    queue = instance.queue("cronq")
+    advance(clock, 300 - LOOKAHEAD - 1)
+    # The first job goes to que; the failed launch marks SCRIPTERROR.
+    assert queue.status() == "SCRIPTERROR"
+    count = len(cron_msgs(queue))
+    advance(clock, 180)
+    assert len(cron_msgs(queue)) == count
+
+
+def test_dst_through_the_queue(tmp_path, monkeypatch):
+    monkeypatch.setattr(schedule, "local_zone", lambda: NEW_YORK)
+    start = epoch(2021, 11, 7, 5, 5)  # 01:05 EDT
+    instance, spawner, clock = start_at(tmp_path, start, [{"cron": "30 1 * * *"}, {"cron": "0 * * * *", "param1": "h"}])
+    advance(clock, 3 * 3600)
+    msgs = cron_msgs(instance.queue("cronq"))
+    daily = [m["due"] for m in msgs if m.get("param1") is None]
+    hourly = [m["due"] for m in msgs if m.get("param1") == "h"]
+    assert daily == [epoch(2021, 11, 7, 5, 30)]
+    # 01:00 EST (06:00 UTC), 02:00 EST, 03:00 EST: every real hour.
+    assert hourly == [epoch(2021, 11, 7, 6, 0), epoch(2021, 11, 7, 7, 0), epoch(2021, 11, 7, 8, 0)]
+
+
+def test_status_lists_schedule_with_next_run(tmp_path):
+    fire = epoch(2021, 6, 1, 12, 0)
+    instance, spawner, clock = start_at(
+        tmp_path, fire - 3600, [{"cron": "0 12 * * *", "params": {"param1": "a"}}, {"cron": "@hourly"}]
+    )
+    [q] = [q for q in instance.status()["queues"] if q["name"] == "cronq"]
+    assert q["schedule"] == [
+        {"cron": "0 12 * * *", "params": {"param1": "a"}, "next_run": int(fire)},
+        {"cron": "@hourly", "params": {}, "next_run": int(fire - 3600)},
+    ]
+    [other] = [q for q in instance.status()["queues"] if q["name"] == "relay"]
+    assert other["schedule"] == []
+
+
+def test_reload_applies_a_new_schedule_in_place(tmp_path):
+    fire = epoch(2021, 6, 1, 12, 0)
+    instance, spawner, clock = start_at(tmp_path, fire - 300, [])
+    queue = instance.queue("cronq")
+    path = os.path.join(queue.store.path, "config.json")
+    config = json.load(open(path))
+    config["schedule"] = [{"cron": "0 12 * * *", "param1": "new"}]
+    json.dump(config, open(path, "w"))
+    assert _result(instance.reload()) == "reloaded"
+    assert instance.queue("cronq") is queue
+    advance(clock, 300)
+    assert [m["param1"] for m in cron_msgs(queue)] == ["new"]
+
+
+def _result(d):
+    out = []
+    d.addBoth(out.append)
+    return out[0]

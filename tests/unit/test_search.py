@@ -1,0 +1,232 @@
+"""
+Tests for L{rqtwisted.search}: the per-queue index, kept current by the
+store, and L{rqtwisted.supervisor.Instance.search}; the C{rq search} verb.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from rqtwisted import cli
+from rqtwisted.message import MessageError
+from rqtwisted.search import QueueIndex, index_for
+from rqtwisted.testing import instance_for
+
+
+def result(d):
+    out = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+@pytest.fixture
+def env(tmp_path):
+    instance, spawner, clock = instance_for(str(tmp_path / "root"))
+    instance.create_queue({"name": "alpha", "script": "./code/noop", "exec_prefix": ""})
+    instance.create_queue({"name": "beta", "script": "./code/noop", "exec_prefix": ""})
+    instance.startService()
+    return instance, spawner, clock
+
+
+def send(instance, dest, **fields):
+    full = result(instance.create_message(dict(fields, dest=dest)))
+    return full.rsplit("/", 1)[1]
+
+
+def ids(found):
+    return [m["msg_id"] for m in found]
+
+
+def populate(instance, spawner):
+    """
+    alpha: one done, one err, one running, one queued; beta: one prep.
+    """
+    done = send(instance, "alpha", param1="apple pie", src="kitchen")
+    spawner.workers[-1].say("done baked")
+    spawner.workers[-1].exit(0)
+    err = send(instance, "alpha", param1="apple", src="garden")
+    spawner.workers[-1].say("err burnt")
+    spawner.workers[-1].exit(0)
+    running = send(instance, "alpha", param1="pear")
+    queued = send(instance, "alpha", param1="plum", due=10**10)
+    prep = result(instance.create_message({"dest": "beta", "param1": "apple"}, "prep")).rsplit("/", 1)[1]
+    return done, err, running, queued, prep
+
+
+def test_contains_and_exact_over_all_states(env):
+    instance, spawner, clock = env
+    done, err, running, queued, prep = populate(instance, spawner)
+    found = instance.search(None, {"param1": "apple"}, False)
+    assert sorted(ids(found)) == sorted([done, err, prep])
+    # Queues in order (user queues by name), newest first in each.
+    assert ids(instance.search(None, {"param1": "apple"}, True)) == [err, prep]
+    assert ids(instance.search("alpha", {"param1": "apple"}, True)) == [err]
+    # Several pairs must all hold.
+    assert ids(instance.search("alpha", {"param1": "apple", "src": "kit"}, False)) == [done]
+
+
+def test_results_are_full_read_forms(env):
+    instance, spawner, clock = env
+    done, *_ = populate(instance, spawner)
+    [msg] = instance.search("alpha", {"src": "kitchen"}, True)
+    assert msg == instance.queue("alpha").get(done)
+    assert msg["state"] == "done" and msg["status"] == "done - baked"
+    assert msg["path"].startswith("queue/alpha/done/")
+
+
+def test_state_and_status_fields(env):
+    instance, spawner, clock = env
+    done, err, running, queued, prep = populate(instance, spawner)
+    assert ids(instance.search("alpha", {"state": "run"}, True)) == [running]
+    assert ids(instance.search("alpha", {"status": "burnt"}, False)) == [err]
+    assert ids(instance.search("alpha", {"status": "que"}, True)) == [queued]
+
+
+def test_non_text_fields_match_as_json(env):
+    instance, spawner, clock = env
+    a = send(instance, "alpha", max_count=7)
+    found = instance.search("alpha", {"max_count": "7"}, True)
+    assert ids(found) == [a]
+    assert instance.search("alpha", {"nosuchfield": ""}, False) == []
+
+
+def test_index_is_built_once_and_kept_current(env, monkeypatch):
+    instance, spawner, clock = env
+    done, err, running, queued, prep = populate(instance, spawner)
+    queue = instance.queue("alpha")
+    instance.search("alpha", {}, False)
+    builds = []
+    monkeypatch.setattr(QueueIndex, "build", lambda self, q: builds.append(q))
+    # Every change after the build reaches the index through the store.
+    spawner.workers[-1].say("run halfway there")
+    assert ids(instance.search("alpha", {"status": "halfway"}, False)) == [running]
+    spawner.workers[-1].say("done")
+    spawner.workers[-1].exit(0)
+    assert ids(instance.search("alpha", {"param1": "pear"}, True)) == [running]
+    assert instance.search("alpha", {"param1": "pear"}, True)[0]["state"] == "done"
+    new = send(instance, "alpha", param1="fig")
+    assert ids(instance.search("alpha", {"param1": "fig"}, True)) == [new]
+    result(queue.delete(err))
+    assert instance.search("alpha", {"src": "garden"}, True) == []
+    result(queue.run_now(queued))
+    assert instance.search("alpha", {"param1": "plum"}, True)[0]["due"] < 10**10
+    assert builds == []
+    assert len(index_for(queue).entries) == 4  # done, pear, plum, fig
+
+
+def test_searching_reads_only_matches(env, monkeypatch):
+    instance, spawner, clock = env
+    for n in range(20):
+        send(instance, "beta", param1=f"n{n}", due=10**10)
+    instance.search("beta", {}, False)
+    store = instance.queue("beta").store
+    reads = []
+    original = store.read
+    monkeypatch.setattr(store, "read", lambda state, msg_id: reads.append(msg_id) or original(state, msg_id))
+    [found] = instance.search("beta", {"param1": "n7"}, True)
+    assert reads == [found["msg_id"]]
+
+
+def test_message_removed_behind_the_store_is_dropped(env):
+    instance, spawner, clock = env
+    done, *_ = populate(instance, spawner)
+    queue = instance.queue("alpha")
+    instance.search("alpha", {}, False)
+    shutil.rmtree(queue.store.msg_dir("done", done))
+    assert instance.search("alpha", {"src": "kitchen"}, True) == []
+    assert done not in index_for(queue).entries
+
+
+def test_restarted_queue_builds_a_fresh_index(env):
+    instance, spawner, clock = env
+    a = send(instance, "beta", param1="x", due=10**10)
+    instance.search("beta", {}, False)
+    result(instance.restart_queue("beta"))
+    assert ids(instance.search("beta", {"param1": "x"}, True)) == [a]
+
+
+def test_limit_newest_first(env):
+    instance, spawner, clock = env
+    made = []
+    for n in range(5):
+        clock.advance(1)
+        made.append(send(instance, "beta", param1="same", due=10**10))
+    found = instance.search(None, {"param1": "same"}, True, limit=3)
+    assert ids(found) == made[::-1][:3]
+
+
+def test_bad_requests(env):
+    instance, spawner, clock = env
+    with pytest.raises(MessageError, match="Queue not found"):
+        instance.search("nosuch", {}, False)
+    with pytest.raises(MessageError, match="must be text"):
+        instance.search(None, {"param1": 5}, False)
+    with pytest.raises(MessageError, match="object"):
+        instance.search(None, ["param1"], False)
+
+
+# -- rq search
+
+
+class FakeClient:
+    def __init__(self, reply):
+        self.reply = reply
+        self.calls = []
+
+    def __call__(self, socket_path):
+        return self
+
+    def call(self, command, **args):
+        self.calls.append((command, args))
+        return self.reply
+
+
+def test_repeated_option():
+    args = ["--query", "param1=a", "--query=src=b", "--exact", "--query", "--name", "q"]
+    assert cli.repeated_option(args, "query") == ["param1=a", "src=b", True]
+
+
+def test_rq_search(tmp_path):
+    client = FakeClient(("ok", json.dumps([{"msg_id": "1", "param1": "a b"}, {"msg_id": "2"}])))
+    ok, out = cli.run(
+        "search",
+        ["--root", str(tmp_path), "--name", "q", "--query", "param1=a b", "--query", "src=x=y", "--exact"],
+        client,
+    )
+    assert ok
+    assert out.splitlines() == ["ok 2", '{"msg_id": "1", "param1": "a b"}', '{"msg_id": "2"}']
+    [(command, args)] = client.calls
+    assert command == "Search"
+    assert json.loads(args.pop("query")) == {"param1": "a b", "src": "x=y"}
+    assert args == {"name": "q", "exact": "1"}
+
+
+def test_rq_search_refusals(tmp_path):
+    client = FakeClient(("fail", "Queue not found"))
+    assert cli.run("search", ["--root", str(tmp_path), "--name", "nosuch"], client) == (False, "fail Queue not found")
+    assert cli.run("search", ["--root", str(tmp_path), "--query", "novalue"], client) == (
+        False,
+        "fail --query takes field=value",
+    )
+    assert len(client.calls) == 1
+
+
+def test_forget_for_removals_without_the_store(env):
+    from rqtwisted.search import forget_bucket, forget_ids
+
+    instance, spawner, clock = env
+    done, err, *_ = populate(instance, spawner)
+    queue = instance.queue("alpha")
+    assert forget_bucket(queue, "done", done[:8]) == 0  # no index yet: nothing to do
+    instance.search("alpha", {}, False)
+    assert forget_bucket(queue, "done", "19990101") == 0
+    assert forget_bucket(queue, "done", done[:8], done[9:11]) == 1
+    assert done not in index_for(queue).entries and err in index_for(queue).entries
+    forget_ids(queue, [err, "nosuch"])
+    assert err not in index_for(queue).entries

@@ -1,0 +1,236 @@
+/*
+ * Home page: keeps the status line and the queue table live.
+ *
+ * Every 900 ms GET <root>q.json and refresh
+ *   - #status #ping #pid #uptime #time #version (status line), and
+ *   - per queue <name>: the counts <state>-<name> (prep que run err done
+ *     relayed), ping-<name>, pid-<name>, uptime-<name>, status-<name>, and
+ *     the pause/resume and down/up buttons of its admin form.
+ * When queues appear or disappear the page is loaded again.
+ *
+ * <root> is relative_root: the data-root attribute of <body>, else derived
+ * from this script's own URL (<root>js/home.js).
+ */
+(function (global) {
+  "use strict";
+
+  var INTERVAL = 900;
+  var STATES = ["prep", "que", "run", "err", "done", "relayed"];
+  var COLOURS = ["green", "red", "orange"];
+
+  var SCRIPT = document.currentScript;
+
+  function root() {
+    var r = document.body && document.body.getAttribute("data-root");
+    if (r) {
+      return r.charAt(r.length - 1) === "/" ? r : r + "/";
+    }
+    if (SCRIPT && SCRIPT.src) {
+      var path = new URL(SCRIPT.src, global.location.href).pathname;
+      var at = path.lastIndexOf("js/");
+      if (at >= 0) {
+        return path.slice(0, at);
+      }
+    }
+    return "/";
+  }
+
+  /*
+   * An absolute URL without user:password (fetch refuses URLs holding
+   * credentials, and relative URLs inherit them from a page opened as
+   * http://user:pass@host/...; the browser still sends the cached login).
+   */
+  function bare(url) {
+    var u = new URL(url, global.location.href);
+    u.username = "";
+    u.password = "";
+    return u.href;
+  }
+
+  function text(value) {
+    return value === null || value === undefined ? "" : String(value);
+  }
+
+  /* Set the text of element #id (only when it changed); the element. */
+  function setText(id, value) {
+    var el = document.getElementById(id);
+    if (el && el.textContent !== text(value)) {
+      el.textContent = text(value);
+    }
+    return el;
+  }
+
+  function colour(el, name) {
+    if (!el) {
+      return;
+    }
+    COLOURS.forEach(function (c) {
+      if (c !== name && el.classList.contains(c)) {
+        el.classList.remove(c);
+      }
+    });
+    if (name && !el.classList.contains(name)) {
+      el.classList.add(name);
+    }
+  }
+
+  /* Colour of a queue status: UP green, PAUSE orange, anything else red. */
+  function statusColour(status) {
+    if (status === "UP") {
+      return "green";
+    }
+    if (status === "PAUSE") {
+      return "orange";
+    }
+    return "red";
+  }
+
+  /* The epoch time as the page shows it: "YYYY-MM-DD HH:MM:SS UTC". */
+  function formatTime(epoch, sample) {
+    if (/^\d+$/.test(sample)) {
+      return String(epoch);
+    }
+    var d = new Date(epoch * 1000);
+    if (isNaN(d.getTime())) {
+      return text(epoch);
+    }
+    return d.toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC");
+  }
+
+  /*
+   * Make the admin form of queue <name> offer the actions that fit its
+   * status: pause or resume, down or up.
+   */
+  function adminButtons(name, status) {
+    var forms = document.querySelectorAll("form[action$='q/" + CSS.escape(name) + "/adminoper']");
+    var wanted = {
+      pause: status === "PAUSE" ? "resume" : "pause",
+      down: status === "DOWN" ? "up" : "down",
+    };
+    var pairs = { pause: "pause", resume: "pause", down: "down", up: "down" };
+    forms.forEach(function (form) {
+      form.querySelectorAll("button[name], input[type=submit][name]").forEach(function (button) {
+        var pair = pairs[button.name];
+        if (!pair || button.name === wanted[pair]) {
+          return;
+        }
+        var label = wanted[pair];
+        button.name = label;
+        if (button.tagName === "BUTTON") {
+          button.value = label;
+          button.textContent = label;
+        } else {
+          button.value = label;
+        }
+      });
+    });
+  }
+
+  var rendered = null;   // queue names the page was rendered with
+
+  function queueNamesOnPage() {
+    var names = [];
+    document.querySelectorAll("[id^='status-']").forEach(function (el) {
+      names.push(el.id.slice("status-".length));
+    });
+    return names.sort().join("\n");
+  }
+
+  var pageVersion = null;
+
+  function update(data) {
+    var status = setText("status", data.status);
+    colour(status, data.status === "OPERATIONAL" ? "green" : "red");
+    setText("ping", data.ping);
+    setText("pid", data.pid);
+    setText("uptime", data.uptime);
+    var time = document.getElementById("time");
+    if (time) {
+      setText("time", formatTime(data.time, time.getAttribute("data-format") === "epoch" ? "0" : time.textContent));
+    }
+    var version = document.getElementById("version");
+    if (version) {
+      if (pageVersion === null) {
+        pageVersion = (version.getAttribute("data-version") || version.textContent).replace(/^v/, "").trim();
+      }
+      if (data.version && data.version !== pageVersion) {
+        setText("version", "server:v" + data.version + " != web:v" + pageVersion);
+        colour(version, "red");
+      }
+    }
+
+    var queues = data.queues || [];
+    var names = queues.map(function (q) { return q.name; }).sort().join("\n");
+    if (rendered === null) {
+      rendered = queueNamesOnPage();
+    }
+    if (rendered && names !== rendered) {
+      global.location.reload();
+      return;
+    }
+    queues.forEach(function (q) {
+      var counts = q.counts || {};
+      STATES.forEach(function (state) {
+        var cell = setText(state + "-" + q.name, counts[state]);
+        if (cell) {
+          cell.classList.toggle("nonzero", Number(counts[state]) > 0);
+        }
+      });
+      setText("ping-" + q.name, q.ping);
+      setText("pid-" + q.name, q.pid);
+      setText("uptime-" + q.name, q.uptime);
+      var shown = text(q.status);
+      if (shown !== "UP" && shown !== "PAUSE" && shown !== "DOWN") {
+        // Not running: the page says why ("DOWN <error>"); keep that.
+        var cell = document.getElementById("status-" + q.name);
+        shown = cell && cell.textContent.indexOf("DOWN ") === 0 ? cell.textContent : "DOWN " + shown;
+      }
+      colour(setText("status-" + q.name, shown), statusColour(q.status));
+      adminButtons(q.name, q.status);
+    });
+  }
+
+  function unreachable() {
+    colour(setText("status", "UNREACHABLE"), "red");
+  }
+
+  function poll() {
+    global
+      .fetch(bare(root() + "q.json"), { cache: "no-store", credentials: "same-origin" })
+      .then(function (response) {
+        if (!response.ok) {
+          throw new Error("HTTP " + response.status);
+        }
+        return response.json();
+      })
+      .then(update, unreachable)
+      .catch(function (e) {
+        if (global.console) {
+          global.console.error(e);
+        }
+      })
+      .then(function () {
+        global.setTimeout(poll, INTERVAL);
+      });
+  }
+
+  global.RQHome = { update: update, formatTime: formatTime, root: root };
+
+  /* Highlight the non-zero counts the server rendered. */
+  function markCounts() {
+    document.querySelectorAll("td.count").forEach(function (cell) {
+      cell.classList.toggle("nonzero", Number(cell.textContent) > 0);
+    });
+  }
+
+  function start() {
+    markCounts();
+    global.setTimeout(poll, INTERVAL);
+  }
+
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", start);
+  } else {
+    start();
+  }
+})(window);
