@@ -330,7 +330,7 @@ class CleanerHandler:
                 except FileNotFoundError:
                     continue
                 if queue is not None:
-                    _forget_hashed_dirs(queue.store, source)
+                    queue.store.forget_dirs(source)
                     forget_bucket(queue, state, bucket.day, bucket.hour)
                 aside.append((state, trash))
         cutoff = now - keep_days * 86400
@@ -381,17 +381,6 @@ class CleanerHandler:
             self._drop_count("relay", queue, "relayed", removed)
             total += removed
         return total
-
-
-def _forget_hashed_dirs(store: Any, prefix: str) -> None:
-    """
-    Make a queue's store forget the hashed directories it created below
-    C{prefix} (they were set aside), so it creates them again when needed.
-    """
-    known = getattr(store, "_hashdirs", None)
-    if isinstance(known, set):
-        below = prefix.rstrip(os.sep) + os.sep
-        known.difference_update({p for p in known if p == prefix or p.startswith(below)})
 
 
 def thread_runner(reactor: Any) -> ThreadRunner:

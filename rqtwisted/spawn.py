@@ -1,30 +1,34 @@
 """
 Start a worker process directly, without a shell in between.
 
-A worker must run in its own session, in its job directory, at nice 19,
-and its C{stdio.log} must start with a line holding its pid before anything
-the script writes. C{os.posix_spawn} cannot change directory and holds the
-GIL until the child has exec'd; a shell launcher can do all of it but costs
-one more exec per worker. L{DirectSpawner} calls the C library's
-C{posix_spawn} through C{ctypes} (which releases the GIL), with these file
-actions run in the child before the exec:
+A worker must run in its own session, in its job directory, at nice 19, and
+its C{stdio.log} must start with a line holding its pid before anything the
+script writes. C{os.posix_spawn} cannot change directory and holds the GIL
+until the child has exec'd; a shell launcher can do all of it but costs one
+more exec per worker. L{DirectSpawner} calls the C library's C{posix_spawn}
+through C{ctypes} (which releases the GIL) from a spawn thread, with these
+file actions run in the child before the exec:
 
- 1. C{dup2} of fds 0 to 4, C{chdir} to the job directory;
- 2. open a FIFO for writing: this meets the L{DirectSpawner}'s gate thread,
-    blocked opening it for reading;
- 3. open a second FIFO for reading: this blocks until the gate thread opens
-    it for writing;
+ 1. C{dup2} of fds 0 to 4, close every other fd, C{chdir} to the job
+    directory;
+ 2. open FIFO C{in} for writing: this meets the caller, blocked opening it
+    for reading;
+ 3. open FIFO C{out} for writing: this blocks until the caller opens it for
+    reading;
  4. close every fd from 5 up; exec.
 
-Between 2 and 3, while the child waits, the gate thread finds the child's
-pid (the newest entry of C{/proc/self/task/<tid>/children} of the spawning
-thread, checked against the FIFO the child holds), renices it and writes the
-start line to C{stdio.log}. Nothing of the script runs before that.
+Between 2 and 3 the caller finds the child's pid (the newest entry of
+C{/proc/self/task/<tid>/children} of the spawn thread, checked against the
+FIFO the child holds), renices it and writes the start line to
+C{stdio.log}; then it opens C{out} for reading, without waiting, and returns
+the pid. Nothing of the script runs before that, and the caller never waits
+for the child at nice 19 (the spawn thread waits for the exec). Each spawn
+thread has its own FIFOs; idle ones are reused.
 
-This needs Linux, C{/proc}, and a C library with C{posix_spawn_file_actions_addchdir_np},
-C{posix_spawn_file_actions_addclosefrom_np} and C{POSIX_SPAWN_SETSID}
-(glibc 2.34 and later); L{DirectSpawner.available} says whether they are
-there.
+This needs Linux, C{/proc}, and a C library with
+C{posix_spawn_file_actions_addchdir_np},
+C{posix_spawn_file_actions_addclosefrom_np} and C{POSIX_SPAWN_SETSID} (glibc
+2.34 and later); L{DirectSpawner.available} says whether they are there.
 """
 
 from __future__ import annotations
@@ -42,39 +46,30 @@ import time
 from typing import Callable
 
 from twisted.internet import process as _twprocess
-from twisted.logger import Logger
-
-_log = Logger()
 
 # <spawn.h> flags (glibc).
 _POSIX_SPAWN_SETSIGDEF = 0x04
 _POSIX_SPAWN_SETSIGMASK = 0x08
 _POSIX_SPAWN_SETSID = 0x80
 
-#: Opaque C structures, allocated larger than any C library needs.
+#: Opaque C structures are allocated larger than any C library needs.
 _STRUCT_SIZE = 1024
 
-#: The fds the child opens the two FIFOs on (before closing every fd from
-#: 5 up).
-_GATE_FD_IN, _GATE_FD_OUT = 5, 6
+#: The fds the child opens the two FIFOs on.
+_FD_IN, _FD_OUT = 5, 6
 
-#: How long the gate thread waits for the child's fd before giving up.
-_FIND_TIMEOUT = 5.0
+#: How long the caller waits for the child to show up at the gate.
+_GATE_TIMEOUT = 30.0
 
-#: How long the spawning thread waits for the gate thread once the spawn
-#: returned before it unblocks it.
-_GATE_GRACE = 0.05
+#: The most spawn threads (spawns whose exec is still under way).
+MAX_THREADS = 16
 
 
 class SpawnFailed(OSError):
     """
-    The child could not be started; C{started} says whether it got past the
-    gate (its start line was written, then removed again).
+    The child could not be started; nothing of it ran and nothing was
+    written to its log.
     """
-
-    def __init__(self, code: int, message: str, started: bool) -> None:
-        super().__init__(code, message)
-        self.started = started
 
 
 class _Libc:
@@ -86,8 +81,7 @@ class _Libc:
 
     def __init__(self) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
-        p, c = ctypes.c_void_p, ctypes.c_char_p
-        i = ctypes.c_int
+        p, c, i = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
         self.spawn = libc.posix_spawn
         self.spawn.argtypes = [ctypes.POINTER(ctypes.c_int), c, p, p, p, p]
         self.fa_init = libc.posix_spawn_file_actions_init
@@ -123,61 +117,136 @@ def _check(result: int, what: str) -> None:
         raise OSError(result, f"{what}: {os.strerror(result)}")
 
 
-def _cstrings(items: list[bytes]) -> ctypes.Array[ctypes.c_char_p]:
+def _cstrings(items: list[bytes]) -> "ctypes.Array[ctypes.c_char_p]":
     array = (ctypes.c_char_p * (len(items) + 1))()
     array[: len(items)] = items
     return array
 
 
-class _GateRequest:
+class _Request:
     """
-    One spawn, as the gate thread sees it.
+    One spawn handed to a spawn thread.
     """
 
-    def __init__(self, tid: int, log_fd: int, line: Callable[[int], bytes], niceness: int) -> None:
-        self.tid = tid
-        self.log_fd = log_fd
-        self.line = line
-        self.niceness = niceness
-        self.aborted = False
+    def __init__(
+        self,
+        path: bytes,
+        actions: "ctypes.Array[ctypes.c_char]",
+        argv: "ctypes.Array[ctypes.c_char_p]",
+        envp: "ctypes.Array[ctypes.c_char_p]",
+        failed: Callable[[int, int], None],
+    ) -> None:
+        self.path = path
+        self.actions = actions
+        self.argv = argv
+        self.envp = envp
+        self.failed = failed
+        #: Set by the spawn thread when the child never reached the gate.
+        self.early: int | None = None
+        #: Set by the caller: the child's pid and our end of FIFO C{out},
+        #: which must stay open until the child exec'd.
         self.pid: int | None = None
-        self.line_at: int | None = None
-        self.error: BaseException | None = None
         self.release_fd: int | None = None
-        self.done = threading.Event()
+        #: Set by the caller when it let the child go without setting it
+        #: up: the spawn thread kills and reaps it.
+        self.abandoned = False
+        self.passed = threading.Event()
 
 
-def _retry(call: Callable[[], int]) -> int:
+class _SpawnThread:
     """
-    Open a FIFO end, waiting out a transient lack of fds.
+    A thread that runs C{posix_spawn} calls, with its own pair of FIFOs.
     """
-    delay = 0.001
-    while True:
-        try:
-            return call()
-        except InterruptedError:
-            continue
-        except OSError as e:
-            if e.errno not in (errno.EMFILE, errno.ENFILE):
-                raise
-            threading.Event().wait(delay)
-            delay = min(delay * 2, 0.1)
+
+    def __init__(self, owner: "DirectSpawner", directory: str, n: int) -> None:
+        self._owner = owner
+        self.fifo_in = os.fsencode(os.path.join(directory, f"in{n}"))
+        self.fifo_out = os.fsencode(os.path.join(directory, f"out{n}"))
+        os.mkfifo(self.fifo_in, 0o600)
+        os.mkfifo(self.fifo_out, 0o600)
+        self.fifo_in_ino = os.stat(self.fifo_in).st_ino
+        self._requests: _queue.SimpleQueue[_Request | None] = _queue.SimpleQueue()
+        self.tid: int | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"rq-spawn-{n}", daemon=True)
+        self._thread.start()
+        self._started.wait()
+
+    def submit(self, request: _Request | None) -> None:
+        self._requests.put(request)
+
+    def join(self) -> None:
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        self.tid = threading.get_native_id()
+        self._started.set()
+        libc = self._owner._libc
+        attr = self._owner._attr
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            pid = ctypes.c_int(0)
+            try:
+                result = libc.spawn(
+                    ctypes.byref(pid), request.path, request.actions, attr, request.argv, request.envp
+                )
+            except BaseException:
+                result = errno.EINVAL
+            if result != 0 and not request.passed.is_set():
+                # Never at the gate (the fork or a first action failed), or
+                # died there: let the caller go on.
+                request.early = result
+                self._unblock(request)
+            # The child exec'd, failed or died: our end of "out" can go.
+            request.passed.wait()
+            if request.release_fd is not None:
+                os.close(request.release_fd)
+            if result == 0 and request.abandoned:
+                try:
+                    os.killpg(pid.value, 9)
+                except OSError:
+                    pass
+                os.waitpid(pid.value, 0)
+            elif result != 0 and request.pid is not None:
+                request.failed(request.pid, result)
+            self._owner._libc.fa_destroy(request.actions)
+            self._owner._idle(self)
+
+    def _unblock(self, request: _Request) -> None:
+        """
+        Meet the caller, blocked opening FIFO C{in}, ourselves.
+        """
+        wait = threading.Event()
+        while not request.passed.is_set():
+            try:
+                fd = os.open(self.fifo_in, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as e:
+                # ENXIO: the caller is not at the FIFO yet.
+                if e.errno not in (errno.ENXIO, errno.EMFILE, errno.ENFILE, errno.EINTR):
+                    raise
+                wait.wait(0.001)
+                continue
+            request.passed.wait()
+            os.close(fd)
+            return
 
 
 class DirectSpawner:
     """
     Spawn processes with C{posix_spawn} and a gate (see the module
-    docstring); one per process, used from one thread at a time.
+    docstring). Spawns are started from one thread at a time.
     """
 
     def __init__(self) -> None:
         self._libc = _Libc()
         self._lock = threading.Lock()
-        self._requests: _queue.SimpleQueue[_GateRequest | None] = _queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._idle_lock = threading.Lock()
+        self._threads: list[_SpawnThread] = []
+        self._idle_threads: list[_SpawnThread] = []
+        self._free = threading.Semaphore(MAX_THREADS)
         self._dir: str | None = None
-        self._fifo_in = self._fifo_out = b""
-        self._fifo_in_ino = 0
         self._attr = ctypes.create_string_buffer(_STRUCT_SIZE)
         self._attr_ready = False
 
@@ -193,25 +262,23 @@ class DirectSpawner:
         tid = threading.get_native_id()
         return os.path.exists(f"/proc/self/task/{tid}/children")
 
-    # -- set-up
-
-    def _start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="rq-spawn-")
-            fifo_in = os.path.join(self._dir, "in")
-            fifo_out = os.path.join(self._dir, "out")
-            os.mkfifo(fifo_in, 0o600)
-            os.mkfifo(fifo_out, 0o600)
-            self._fifo_in, self._fifo_out = os.fsencode(fifo_in), os.fsencode(fifo_out)
-            self._fifo_in_ino = os.stat(fifo_in).st_ino
-        self._thread = threading.Thread(target=self._gate, name="rq-spawn-gate", daemon=True)
-        self._thread.start()
+    def close(self) -> None:
+        """
+        Stop the spawn threads and remove the FIFOs.
+        """
+        for thread in self._threads:
+            thread.submit(None)
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+        self._idle_threads = []
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     def _make_attr(self) -> None:
         """
-        Spawn attributes: new session, no signal blocked, ignored signals
+        Spawn attributes: new session, no signal blocked, signals we ignore
         back to their default.
         """
         libc, attr = self._libc, self._attr
@@ -232,79 +299,24 @@ class DirectSpawner:
         _check(libc.attr_setflags(attr, flags), "posix_spawnattr_setflags")
         self._attr_ready = True
 
-    def close(self) -> None:
+    def _take(self) -> _SpawnThread:
         """
-        Stop the gate thread and remove the FIFOs.
+        An idle spawn thread (a new one if none is idle).
         """
-        if self._thread is not None:
-            self._requests.put(None)
-            self._thread.join(5)
-            self._thread = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self._free.acquire()
+        with self._idle_lock:
+            if self._idle_threads:
+                return self._idle_threads.pop()
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="rq-spawn-")
+        thread = _SpawnThread(self, self._dir, len(self._threads))
+        self._threads.append(thread)
+        return thread
 
-    # -- the gate thread
-
-    def _gate(self) -> None:
-        while True:
-            request = self._requests.get()
-            if request is None:
-                return
-            child = False
-            try:
-                fd = _retry(lambda: os.open(self._fifo_in, os.O_RDONLY | os.O_CLOEXEC))
-                os.close(fd)
-                child = not request.aborted
-                if child:
-                    pid = self._find_child(request.tid)
-                    os.setpriority(os.PRIO_PROCESS, pid, request.niceness)
-                    line = request.line(pid)
-                    os.write(request.log_fd, line)
-                    request.line_at = os.fstat(request.log_fd).st_size - len(line)
-                    request.pid = pid
-            except BaseException as e:
-                request.error = e
-            finally:
-                if child:
-                    try:
-                        request.release_fd = _retry(
-                            lambda: os.open(self._fifo_out, os.O_WRONLY | os.O_CLOEXEC)
-                        )
-                    except BaseException as e:
-                        request.error = request.error or e
-                request.done.set()
-
-    def _find_child(self, tid: int) -> int:
-        """
-        The child waiting at the gate: the newest child of thread C{tid}
-        that holds the in FIFO on L{_GATE_FD_IN}.
-        """
-        wait = threading.Event()
-        deadline = time.monotonic() + _FIND_TIMEOUT
-        tries = 0
-        while True:
-            with open(f"/proc/self/task/{tid}/children", "rb") as f:
-                pids = f.read().split()
-            for text in reversed(pids):
-                pid = int(text)
-                try:
-                    info = os.stat(f"/proc/{pid}/fd/{_GATE_FD_IN}")
-                except OSError:
-                    continue
-                if info.st_ino == self._fifo_in_ino and stat.S_ISFIFO(info.st_mode):
-                    return pid
-            # The child has not installed the fd yet (it met us inside its
-            # open call).
-            if time.monotonic() > deadline:
-                raise OSError(errno.ESRCH, "the spawned child was not found")
-            tries += 1
-            if tries < 50:
-                os.sched_yield()
-            else:
-                wait.wait(0.0002)
-
-    # -- spawning
+    def _idle(self, thread: _SpawnThread) -> None:
+        with self._idle_lock:
+            self._idle_threads.append(thread)
+        self._free.release()
 
     def spawn(
         self,
@@ -316,17 +328,25 @@ class DirectSpawner:
         log_fd: int,
         line: Callable[[int], bytes],
         niceness: int,
+        failed: Callable[[int, int], None],
     ) -> int:
         """
         Start C{executable} (a path) with C{args} and C{env}, child fds from
         C{fdmap} (child fd -> our fd; nothing else is inherited), in C{cwd},
         in a new session, at C{niceness}; C{line(pid)} is appended to
-        C{log_fd} before it runs.
+        C{log_fd} before it runs. Returns once that is done, maybe before
+        the exec.
 
-        @raise SpawnFailed: it could not be started (nothing runs then).
+        @param failed: called with the pid and an errno, from another
+            thread, when the exec itself fails after this returned (the
+            child is then gone, reaped by the C library).
+
+        @raise SpawnFailed: the child could not be started.
         """
         with self._lock:
-            return self._spawn(executable, args, env, fdmap, cwd, log_fd, line, niceness)
+            if not self._attr_ready:
+                self._make_attr()
+            return self._spawn(executable, args, env, fdmap, cwd, log_fd, line, niceness, failed)
 
     def _spawn(
         self,
@@ -338,82 +358,95 @@ class DirectSpawner:
         log_fd: int,
         line: Callable[[int], bytes],
         niceness: int,
+        failed: Callable[[int, int], None],
     ) -> int:
-        self._start()
-        if not self._attr_ready:
-            self._make_attr()
         libc = self._libc
         fsencode = os.fsencode
-        argv = _cstrings([fsencode(a) for a in args])
-        envp = _cstrings([fsencode(f"{k}={v}") for k, v in env.items()])
+        thread = self._take()
         actions = ctypes.create_string_buffer(_STRUCT_SIZE)
         _check(libc.fa_init(actions), "posix_spawn_file_actions_init")
+        request: _Request | None = None
         try:
-            sources = {fd: True for fd in fdmap.values()}
-            for action in _twprocess._getFileActions(
-                list(sources.items()), fdmap, doClose=0, doDup2=1
-            ):
+            sources = [(fd, True) for fd in set(fdmap.values())]
+            for action in _twprocess._getFileActions(sources, fdmap, doClose=0, doDup2=1):
                 if action[0] == 1:
                     _check(libc.fa_dup2(actions, action[1], action[2]), "adddup2")
                 else:
                     _check(libc.fa_close(actions, action[1]), "addclose")
             # Every other fd closed, so that the FIFOs land on 5 and 6.
-            _check(libc.fa_closefrom(actions, _GATE_FD_IN), "addclosefrom")
+            _check(libc.fa_closefrom(actions, _FD_IN), "addclosefrom")
             _check(libc.fa_chdir(actions, fsencode(cwd)), "addchdir")
-            _check(libc.fa_open(actions, _GATE_FD_IN, self._fifo_in, os.O_WRONLY, 0), "addopen")
-            _check(libc.fa_open(actions, _GATE_FD_OUT, self._fifo_out, os.O_RDONLY, 0), "addopen")
-            _check(libc.fa_closefrom(actions, _GATE_FD_IN), "addclosefrom")
-            path = fsencode(executable)
-            pid = ctypes.c_int(0)
-            request = _GateRequest(threading.get_native_id(), log_fd, line, niceness)
-            self._requests.put(request)
-            try:
-                result = libc.spawn(ctypes.byref(pid), path, actions, self._attr, argv, envp)
-            finally:
-                self._settle(request)
-        finally:
+            _check(libc.fa_open(actions, _FD_IN, thread.fifo_in, os.O_WRONLY, 0), "addopen")
+            _check(libc.fa_open(actions, _FD_OUT, thread.fifo_out, os.O_WRONLY, 0), "addopen")
+            _check(libc.fa_closefrom(actions, _FD_IN), "addclosefrom")
+            request = _Request(
+                fsencode(executable),
+                actions,
+                _cstrings([fsencode(a) for a in args]),
+                _cstrings([fsencode(f"{k}={v}") for k, v in env.items()]),
+                failed,
+            )
+        except BaseException:
             libc.fa_destroy(actions)
-        if result != 0:
-            started = request.line_at is not None
-            if started:
-                # Nothing of the child ran: take its start line back.
-                try:
-                    os.ftruncate(log_fd, request.line_at)
-                except OSError:
-                    pass
-            raise SpawnFailed(result, f"{executable}: {os.strerror(result)}", started)
-        if request.error is not None or request.pid != pid.value:
-            # It runs, but without its start line or niceness: stop it.
-            try:
-                os.killpg(pid.value, 9)
-            except OSError:
-                pass
-            os.waitpid(pid.value, 0)
-            error = request.error or OSError(errno.ESRCH, "the spawned child was not found")
-            raise SpawnFailed(getattr(error, "errno", None) or errno.EIO, f"gate: {error}", False)
-        return pid.value
+            self._idle(thread)
+            raise
+        # The spawn thread destroys the file actions once it is done.
+        thread.submit(request)
+        try:
+            return self._gate(thread, request, log_fd, line, niceness)
+        finally:
+            request.passed.set()
 
-    def _settle(self, request: _GateRequest) -> None:
+    def _gate(
+        self,
+        thread: _SpawnThread,
+        request: _Request,
+        log_fd: int,
+        line: Callable[[int], bytes],
+        niceness: int,
+    ) -> int:
         """
-        Once the spawn returned: wait for the gate thread (unblocking it if
-        the child never reached the gate) and close its FIFO end.
+        Meet the child at the gate, set it up, let it go on.
         """
-        if not request.done.wait(_GATE_GRACE):
-            # The child never reached the gate (or died there): meet the
-            # gate thread at both FIFOs ourselves.
-            request.aborted = True
-            extra = [os.open(self._fifo_out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)]
-            wait = threading.Event()
-            while not request.done.is_set():
-                if len(extra) == 1:
-                    try:
-                        extra.append(os.open(self._fifo_in, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
-                    except OSError as e:
-                        # ENXIO: the gate thread is not at the FIFO yet.
-                        if e.errno != errno.ENXIO:
-                            raise
-                wait.wait(0.001)
-            for fd in extra:
-                os.close(fd)
-        if request.release_fd is not None:
-            os.close(request.release_fd)
+        fd = os.open(thread.fifo_in, os.O_RDONLY | os.O_CLOEXEC)
+        os.close(fd)
+        if request.early is not None:
+            raise SpawnFailed(request.early, os.strerror(request.early))
+        try:
+            pid = self._find_child(thread)
+            os.setpriority(os.PRIO_PROCESS, pid, niceness)
+            os.write(log_fd, line(pid))
+        except OSError as e:
+            request.abandoned = True
+            request.release_fd = os.open(thread.fifo_out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            raise SpawnFailed(e.errno or errno.EIO, f"cannot set the child up: {e}")
+        request.pid = pid
+        request.release_fd = os.open(thread.fifo_out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return pid
+
+    def _find_child(self, thread: _SpawnThread) -> int:
+        """
+        The child at the gate: the newest child of the spawn thread that
+        holds its FIFO C{in} on L{_FD_IN}.
+        """
+        deadline = time.monotonic() + _GATE_TIMEOUT
+        tries = 0
+        while True:
+            with open(f"/proc/self/task/{thread.tid}/children", "rb") as f:
+                pids = f.read().split()
+            for text in reversed(pids):
+                pid = int(text)
+                try:
+                    info = os.stat(f"/proc/{pid}/fd/{_FD_IN}")
+                except OSError:
+                    continue
+                if info.st_ino == thread.fifo_in_ino and stat.S_ISFIFO(info.st_mode):
+                    return pid
+            # We met the child inside its open call: the fd comes next.
+            if time.monotonic() > deadline:
+                raise OSError(errno.ESRCH, "the spawned child cannot be found")
+            tries += 1
+            if tries < 100:
+                os.sched_yield()
+            else:
+                time.sleep(0.0002)

@@ -417,6 +417,17 @@ class QueueStore:
             pass
         return path
 
+    def forget_dirs(self, prefix: str) -> None:
+        """
+        Forget the hashed directories created below C{prefix} (for instance a
+        bucket the cleaner set aside), so that they are created again when a
+        message next moves there.
+        """
+        below = prefix.rstrip(os.sep) + os.sep
+        self._hashdirs.difference_update(
+            {p for p in self._hashdirs if p == prefix or p.startswith(below)}
+        )
+
     def move(self, msg_id: str, source: str, target: str) -> Deferred[None]:
         """
         Move a message between states by one C{rename}; the result fires once

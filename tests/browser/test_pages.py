@@ -60,11 +60,13 @@ def test_home_and_queue_pages_stay_live(daemon: Daemon, browser: Any, page: Any,
     assert page.locator("#version").inner_text().startswith("v")
 
     # home.js refreshes from q.json: a new message shows up in the count,
-    # and the server time moves on.
+    # and the server time moves on -- without reloading the page.
+    page.evaluate("window.rqMarker = 1")
     time_before = page.locator("#time").inner_text()
     second = daemon.send("colors", "--due", later())
     expect(page.locator("#que-colors")).to_have_text("2", timeout=5_000)
     expect(page.locator("#time")).not_to_have_text(time_before, timeout=5_000)
+    assert page.evaluate("window.rqMarker") == 1
     # A queue created meanwhile gets its row (the page reloads itself).
     daemon.queue_with_script("another", 'echo "done fine" >&3\n')
     expect(page.locator("#status-another")).to_have_text("UP", timeout=5_000)
@@ -101,9 +103,11 @@ def test_home_and_queue_pages_stay_live(daemon: Daemon, browser: Any, page: Any,
     expect(page.locator("#que_size")).to_have_text("2")
     expect(page.locator("#list-que li.msg")).to_have_count(2)
 
-    # queue.js refreshes from q/colors.json.
+    # queue.js refreshes from q/colors.json (without reloading the page).
+    page.evaluate("window.rqMarker = 2")
     third = daemon.send("colors", "--due", later())
     expect(page.locator("#que_size")).to_have_text("3", timeout=5_000)
+    assert page.evaluate("window.rqMarker") == 2
     entries = page.locator("#list-que li.msg")
     expect(entries).to_have_count(3)
     # Newest first, under the day heading of its id.

@@ -126,14 +126,39 @@
     });
   }
 
-  var rendered = null;   // queue names the page was rendered with
-
-  function queueNamesOnPage() {
-    var names = [];
-    document.querySelectorAll("[id^='status-']").forEach(function (el) {
-      names.push(el.id.slice("status-".length));
+  /* Whether q.json lists other queues than the page shows. */
+  function queuesChanged(queues) {
+    var listed = {};
+    var missing = false;
+    queues.forEach(function (q) {
+      listed[q.name] = true;
+      if (!document.getElementById("status-" + q.name)) {
+        missing = true;
+      }
     });
-    return names.sort().join("\n");
+    var gone = false;
+    document.querySelectorAll("[id^='ping-']").forEach(function (cell) {
+      if (!listed[cell.id.slice("ping-".length)]) {
+        gone = true;
+      }
+    });
+    return missing || gone;
+  }
+
+  /* Load the page again, at most once in 10 s (never a reload loop). */
+  function reload() {
+    var key = "rq-home-reloaded";
+    try {
+      var last = Number(global.sessionStorage.getItem(key)) || 0;
+      if (Date.now() - last < 10000) {
+        return false;
+      }
+      global.sessionStorage.setItem(key, String(Date.now()));
+    } catch (e) {
+      return false;
+    }
+    global.location.reload();
+    return true;
   }
 
   var pageVersion = null;
@@ -160,12 +185,7 @@
     }
 
     var queues = data.queues || [];
-    var names = queues.map(function (q) { return q.name; }).sort().join("\n");
-    if (rendered === null) {
-      rendered = queueNamesOnPage();
-    }
-    if (rendered && names !== rendered) {
-      global.location.reload();
+    if (queuesChanged(queues) && reload()) {
       return;
     }
     queues.forEach(function (q) {

@@ -73,6 +73,22 @@
     return u.href;
   }
 
+  /* Load the page again, at most once in 10 s (never a reload loop). */
+  function reload() {
+    var key = "rq-queue-reloaded";
+    try {
+      var last = Number(global.sessionStorage.getItem(key)) || 0;
+      if (Date.now() - last < 10000) {
+        return false;
+      }
+      global.sessionStorage.setItem(key, String(Date.now()));
+    } catch (e) {
+      return false;
+    }
+    global.location.reload();
+    return true;
+  }
+
   function text(value) {
     return value === null || value === undefined ? "" : String(value);
   }
@@ -225,8 +241,7 @@
       var word = shown ? shown.textContent.trim() : data.status;
       pageDown = word !== "UP" && word !== "PAUSE";
     }
-    if ((data.status === "DOWN") !== pageDown) {
-      global.location.reload();
+    if ((data.status === "DOWN") !== pageDown && reload()) {
       return;
     }
     colour(setText("status", data.status), statusColour(data.status));
