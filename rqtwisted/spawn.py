@@ -40,6 +40,7 @@ import os
 import queue as _queue
 import shutil
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -60,6 +61,9 @@ _FD_IN, _FD_OUT = 5, 6
 
 #: How long the caller waits for the child to show up at the gate.
 _GATE_TIMEOUT = 30.0
+
+_ENCODING = sys.getfilesystemencoding()
+_ERRORS = sys.getfilesystemencodeerrors()
 
 #: The most spawn threads (spawns whose exec is still under way).
 MAX_THREADS = 16
@@ -382,8 +386,8 @@ class DirectSpawner:
             request = _Request(
                 fsencode(executable),
                 actions,
-                _cstrings([fsencode(a) for a in args]),
-                _cstrings([fsencode(f"{k}={v}") for k, v in env.items()]),
+                _cstrings([a.encode(_ENCODING, _ERRORS) for a in args]),
+                _cstrings([f"{k}={v}".encode(_ENCODING, _ERRORS) for k, v in env.items()]),
                 failed,
             )
         except BaseException:

@@ -113,6 +113,11 @@ class QueueStore:
         self._now = now
         self._suffix = random.randrange(1, 10**9)
         self._hashdirs: set[str] = set()
+        #: Former pid files parked in C{tmp/}, reused by L{write_pid}: on
+        #: some filesystems creating and deleting a file per message costs
+        #: more than all the rest of the message's disk work.
+        self._spare_pids: list[str] = []
+        self._spare_serial = 0
         #: Told of every change of a message (the search index,
         #: L{rqtwisted.search.QueueIndex}); C{None}: nobody listens.
         self.observer: Any = None
@@ -174,6 +179,7 @@ class QueueStore:
         written to in the last L{PARTIAL_MAX_AGE} seconds.
         """
         tmp = self.state_dir("tmp")
+        self._spare_pids = []
         for entry in os.listdir(tmp):
             if entry != PARTIAL_DIR:
                 path = os.path.join(tmp, entry)
@@ -383,9 +389,24 @@ class QueueStore:
 
     def write_pid(self, msg_id: str, pid: int) -> None:
         """
-        Record a running message's worker pid (C{run/<id>/pid}).
+        Record a running message's worker pid (C{run/<id>/pid}): written
+        to a spare file in C{tmp/} (or C{pid.tmp}) and renamed into place.
         """
-        replace_file(os.path.join(self.msg_dir("run", msg_id), "pid"), str(pid).encode("ascii"))
+        target = os.path.join(self.msg_dir("run", msg_id), "pid")
+        data = str(pid).encode("ascii")
+        while self._spare_pids:
+            spare = self._spare_pids.pop()
+            try:
+                fd = os.open(spare, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            os.rename(spare, target)
+            return
+        replace_file(target, data)
 
     def read_pid(self, msg_id: str) -> int | None:
         """
@@ -399,10 +420,23 @@ class QueueStore:
 
     def clear_pid(self, msg_id: str) -> None:
         """
-        Remove C{run/<id>/pid}.
+        Remove C{run/<id>/pid} (parked in C{tmp/} for L{write_pid}).
         """
+        path = os.path.join(self.msg_dir("run", msg_id), "pid")
+        if len(self._spare_pids) < 64:
+            self._spare_serial += 1
+            spare = os.path.join(self.state_dir("tmp"), f"pid.{self._spare_serial}")
+            try:
+                os.rename(path, spare)
+            except FileNotFoundError:
+                return
+            except OSError:
+                pass
+            else:
+                self._spare_pids.append(spare)
+                return
         try:
-            os.unlink(os.path.join(self.msg_dir("run", msg_id), "pid"))
+            os.unlink(path)
         except FileNotFoundError:
             pass
 

@@ -27,6 +27,7 @@ that kills every running worker's process group when the daemon dies.
 from __future__ import annotations
 
 import _signal as _csignal
+import functools
 import os
 import shlex
 import signal as _signal
@@ -173,10 +174,19 @@ def script_argv(exec_prefix: str | None, real_script: str) -> list[str]:
     if exec_prefix is None:
         exec_prefix = "bash -lc"
     try:
-        prefix = shlex.split(exec_prefix.strip())
+        prefix = _split_prefix(exec_prefix.strip())
     except ValueError as e:
         raise ScriptError(f"invalid exec_prefix: {e}")
-    return prefix + [real_script]
+    return list(prefix) + [real_script]
+
+
+@functools.lru_cache(maxsize=64)
+def _split_prefix(exec_prefix: str) -> tuple[str, ...]:
+    """
+    C{exec_prefix} word-split as by C{/bin/sh} (cached: it is split at
+    every start).
+    """
+    return tuple(shlex.split(exec_prefix))
 
 
 def _env_value(value: Any) -> str:
@@ -620,6 +630,7 @@ class _DirectProcess(_twprocess.Process):
         environment: dict[str, str],
         fdmap: dict[int, int],
     ) -> None:
+        reactor = self._reactor
         self.pid = self._spawner.spawn(
             executable,
             args,
@@ -629,9 +640,35 @@ class _DirectProcess(_twprocess.Process):
             self._log_fd,
             self._line,
             WORKER_NICENESS,
+            lambda pid, code: reactor.callFromThread(self._execFailed, executable, pid, code),
         )
         self.status = -1
         self.spawnedPid = self.pid
+
+    def _execFailed(self, executable: str, pid: int, code: int) -> None:
+        """
+        The exec failed after the spawn returned (the C library reaped the
+        child): say so in C{stdio.log} and report exit status 127, as a
+        shell does.
+        """
+        try:
+            fd = os.open(os.path.join(self._cwd, "stdio.log"), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except OSError:
+            pass
+        else:
+            try:
+                os.write(fd, os.fsencode(f"rq: {executable}: {os.strerror(code)}\n"))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        if self.pid != pid:
+            return
+        try:
+            _twprocess.unregisterReapProcessHandler(pid, self)
+        except RuntimeError:
+            pass
+        self.processEnded(127 << 8)
 
 
 #: The L{DirectSpawner} of this process: L{None} until first needed, then

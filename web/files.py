@@ -51,8 +51,8 @@ class FileProducer:
         """
         Register with the request and write what the connection takes.
         """
-        self.request.registerProducer(self, True)
         self.request.notifyFinish().addBoth(lambda _: self._close())
+        self.request.registerProducer(self, True)
         self._produce()
 
     def _produce(self) -> None:

@@ -174,3 +174,30 @@ def test_daemon_serves_the_web_on_addr_port(tmp_path):
         assert (port, bound) == (4567, interface)
         assert isinstance(factory, Site)
         web.stopService()
+
+
+def test_file_producer_honours_back_pressure(tmp_path):
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from rqtwisted.web.files import CHUNK, FileProducer
+
+    path = tmp_path / "big"
+    data = bytes(range(256)) * (CHUNK * 3 // 256 + 7)
+    path.write_bytes(data)
+    request = DummyRequest([b""])
+    producer = FileProducer(request, open(path, "rb"), len(data))
+    writes = []
+
+    def write(chunk):
+        writes.append(chunk)
+        producer.pauseProducing()  # the transport's buffer is full after each chunk
+
+    request.write = write
+    request.registerProducer = lambda producer, streaming: None  # a real channel does not drive it
+    request.unregisterProducer = lambda: None
+    producer.start()
+    assert len(writes) == 1 and request.finished == 0
+    while not producer.done:
+        producer.resumeProducing()
+    assert b"".join(writes) == data and len(writes) == 4
+    assert request.finished == 1 and producer.file.closed
