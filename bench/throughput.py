@@ -57,15 +57,49 @@ from rqtwisted.ampclient import AdminClient, AdminClientError  # noqa: E402
 #: The queue script: a no-op that reports success on fd 3.
 SCRIPT = '#!/bin/sh\necho "done ok" >&3\n'
 
-#: What the daemon's worker launcher reads on fd 4 before it goes on.
+#: What the daemon's fallback worker launcher reads on fd 4 before it goes on.
 GO_LINE = b"go\n"
+
+# <linux/fs.h>: the ext4 "top of a directory hierarchy" flag.
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_SETFLAGS = 0x40086602
+_FS_TOPDIR_FL = 0x00020000
+
+
+def spread_subdirs(path: str) -> bool:
+    """
+    Mark C{path} as the top of a directory hierarchy (ext4's C{T}
+    attribute, as C{chattr +T}), so that each run's root, made in a
+    sub-directory, gets block groups of its own instead of sharing the
+    parent's. On an ext4 without a journal, creating a file in a block
+    group where many files were deleted in the last minutes is slow (see
+    C{bench/README.md}); other processes' churn in C{$TMPDIR} would
+    otherwise be measured as the daemon's cost. False where the flag
+    cannot be set (another filesystem, no permission).
+    """
+    import fcntl
+    import struct
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        flags = struct.unpack("i", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, struct.pack("i", 0)))[0]
+        fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("i", flags | _FS_TOPDIR_FL))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def worker_launcher() -> str | None:
     """
-    The C{/bin/sh} launcher the daemon starts every worker through
-    (C{rqtwisted.worker._LAUNCHER}: one more shell exec per message), or
-    None if it cannot be found. Imported lazily: it imports Twisted.
+    The C{/bin/sh} launcher the daemon falls back to where it cannot spawn
+    a script directly (C{rqtwisted.worker._LAUNCHER}: one more shell exec
+    per message), or None if it cannot be found. Imported lazily: it
+    imports Twisted.
     """
     try:
         from rqtwisted.worker import _LAUNCHER
@@ -682,7 +716,7 @@ def print_report(phases: list[Phase], raw: dict[int, Raw], launcher: dict[int, R
         via = launcher.get(k)
         print(
             f"  concurrency {k}: {raw[k].rate:6.0f} spawns/s, {raw[k].cpu_us:5.0f} us CPU per spawn"
-            + (f"   (through the daemon's sh launcher: {via.rate:6.0f}/s, {via.cpu_us:5.0f} us)" if via else "")
+            + (f"   (through the fallback sh launcher: {via.rate:6.0f}/s, {via.cpu_us:5.0f} us)" if via else "")
         )
     print()
     header = (
@@ -717,7 +751,8 @@ def print_report(phases: list[Phase], raw: dict[int, Raw], launcher: dict[int, R
               (live: enqueueing included); reactor: the main thread's part of it,
               the rest is the fsync thread pool
   enqueue     paused: daemon CPU per message while the messages were enqueued
-  workers     CPU of the reaped worker processes (launcher + script) per message
+  workers     CPU of the reaped worker processes per message (the script; launcher + script
+              where the daemon falls back to its /bin/sh launcher)
   clients     CPU of the enqueue clients (this process's threads, or its children)
   peak RSS    the daemon's VmHWM at the end of the run (a fresh daemon per run)"""
     )
@@ -792,6 +827,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " collapsed stacks in DIR/<run>.txt",
     )
     parser.add_argument("--top", type=int, default=25, help="profile entries to print (0: none)")
+    parser.add_argument(
+        "--no-spread", action="store_true",
+        help="do not give each run's root block groups of its own (see bench/README.md)",
+    )
+    parser.add_argument(
+        "--launcher", action="store_true",
+        help="also measure the raw spawn rate through the daemon's fallback /bin/sh launcher",
+    )
     options = parser.parse_args(argv)
     options.workers = [int(w) for w in options.workers.split(",") if w]
     options.variants = [v for v in options.variants.split(",") if v]
@@ -819,12 +862,19 @@ def main(argv: list[str] | None = None) -> int:
     with open(script, "w") as f:
         f.write(SCRIPT)
     os.chmod(script, 0o755)
+    spread = False if options.no_spread else spread_subdirs(base)
+    print(
+        f"run directory {base}: "
+        + ("each run's root in block groups of its own (ext4 T attribute)" if spread
+           else "roots share the parent's block groups (--no-spread, or not ext4)"),
+        flush=True,
+    )
     job = os.path.join(base, "job")
     os.mkdir(job)
     go_file = os.path.join(base, "go")
     with open(go_file, "wb") as f:
         f.write(GO_LINE)
-    launcher_script = worker_launcher()
+    launcher_script = worker_launcher() if options.launcher else None
     raw_count = options.raw_count or options.messages
     raw: dict[int, Raw] = {}
     launcher: dict[int, Raw] = {}

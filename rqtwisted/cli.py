@@ -469,13 +469,18 @@ def _write(stream: Any, text: str) -> None:
         os.dup2(devnull, stream.fileno())
 
 
-def run(verb: str, args: list[str], client_factory: ClientFactory) -> Outcome:
+def run(
+    verb: str, args: list[str], client_factory: ClientFactory, environ: Mapping[str, str] | None = None
+) -> Outcome:
     """
-    Run one known command with its argument words; never raises.
+    Run one known command with its argument words; never raises. The one
+    dispatch of the command line and of C{rq console}.
+
+    @param environ: Where C{RQ_ROOT} is looked up (default C{os.environ}).
     """
     try:
         options = parse_options(args)
-        invocation = Invocation(verb, resolve_root(options), options, client_factory, args)
+        invocation = Invocation(verb, resolve_root(options, environ), options, client_factory, args)
         return _HANDLERS[verb](invocation)
     except CommandFailed as e:
         return False, f"fail {e.reason}"
@@ -497,6 +502,10 @@ def main(argv: list[str] | None = None, client_factory: ClientFactory | None = N
         _write(sys.stdout, _usage())
         return 1
     verb = args[0]
+    if verb == "console":
+        from rqtwisted.console import main as console
+
+        return console(args[1:], client_factory)
     if verb not in _HANDLERS:
         _write(sys.stderr, f"Command not found: {verb} (cmd_{verb})")
         return 1

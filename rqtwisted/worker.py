@@ -703,6 +703,20 @@ def _find_executable(name: str, env: Mapping[str, str]) -> str | None:
     return None
 
 
+def _directly_executable(path: str) -> bool:
+    """
+    Whether C{exec} can run C{path} by itself: a C{#!} script or an ELF
+    binary. A shell runs anything else as a shell script, so that is left
+    to the launcher.
+    """
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return False
+    return magic.startswith(b"#!") or magic == b"\x7fELF"
+
+
 def _spawn_direct(
     reactor: Any,
     spawner: DirectSpawner,
@@ -718,7 +732,7 @@ def _spawn_direct(
     fails the way a shell does).
     """
     executable = _find_executable(argv[0], env) if argv else None
-    if executable is None:
+    if executable is None or not _directly_executable(executable):
         return None
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
     try:

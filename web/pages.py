@@ -382,7 +382,7 @@ def queue_content(root: str, q: Mapping[str, Any]) -> list[Any]:
         head.append(tags.p("queue is COMPLETELY DOWN", class_="red", id="status"))
         return head
     head.append(
-        tags.p(
+        tags.div(
             "Status: ", tags.span(status, id="status", class_=_status_class(status)),
             " ping: ", tags.span("pong", id="ping"),
             " pid: ", tags.span(str(q["pid"]), id="pid"),
@@ -655,7 +655,9 @@ def tail_content(root: str, name: str, msg_id: str, title: str, log_url: str, st
             " ", tags.a("raw", href=log_url, id="raw-log"),
             id="tail-header",
         ),
-        tags.pre(*ansi_to_tags(text), id="log", class_="log", **{
+        # The newline right after <pre> is dropped by HTML parsers: one more
+        # keeps a first empty log line visible.
+        tags.pre("\n", *ansi_to_tags(text), id="log", class_="log", **{
             "data-log-url": log_url,
             "data-state-url": state_url,
             "data-offset": str(offset),

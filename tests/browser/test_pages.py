@@ -264,6 +264,11 @@ def test_new_message_form_and_live_tail(daemon: Daemon, page: Any, shots: Shots,
     expect(page.locator("#msg-param1")).to_have_text("the browser")
     expect(page.frame_locator("#tail-frame").locator("#log span.ansi-fg-6")).to_have_text("colour line 6")
     shots(page, "message_done")
+    # Links in the frame open in the whole window.
+    with page.expect_navigation():
+        page.frame_locator("#tail-frame").locator("#raw-log").click()
+    assert page.url.endswith(f"/q/colors/{short(full)}/log/stdio.log")
+    assert "colour line 6" in page.content()
 
 
 def test_relative_root_and_basic_auth(tmp_path: Path, page: Any, shots: Shots) -> None:

@@ -9,6 +9,7 @@ bounded by a timeout; nothing sleeps.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import select
@@ -25,7 +26,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+import rqtwisted.worker as worker_module
 from rqtwisted.protocol import Report
+from rqtwisted.spawn import DirectSpawner, SpawnFailed
 from rqtwisted.worker import (
     ScriptError,
     _SessionProcess,
@@ -750,6 +753,19 @@ def real_spawn(
     return worker, script, job_dir
 
 
+@pytest.fixture(params=["direct", "launcher"])
+def spawn_path(request: Any, monkeypatch: Any) -> str:
+    """
+    Run a real-worker test with the direct spawner, then with the C{/bin/sh}
+    launcher it falls back to.
+    """
+    if request.param == "launcher":
+        monkeypatch.setattr(worker_module, "_direct", False)
+    elif worker_module._direct_spawner() is None:
+        pytest.skip("no direct spawner on this system")
+    return str(request.param)
+
+
 BASICS = r"""
 echo "cwd:$(pwd)"
 if read line; then echo "stdin:$line"; else echo "stdin:eof"; fi
@@ -765,7 +781,7 @@ echo "done all good" >&3
 
 
 @pytest_twisted.ensureDeferred
-async def test_real_worker(tmp_path: Any) -> None:
+async def test_real_worker(tmp_path: Any, spawn_path: str) -> None:
     """
     A real worker: cwd, stdin, stdio.log, fd 3 reports, fd 4 reply, nice
     19, its own session and process group, no other inherited fds.
@@ -822,7 +838,7 @@ os.write(3, ("done " + repr(sorted(fds.items()))).encode() + b"\\n")
 
 
 @pytest_twisted.ensureDeferred
-async def test_real_worker_fds(tmp_path: Any) -> None:
+async def test_real_worker_fds(tmp_path: Any, spawn_path: str) -> None:
     """
     The script gets fds 0 to 4 and nothing else from the daemon.
     """
@@ -849,7 +865,7 @@ async def test_real_worker_fds(tmp_path: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_real_exit_status_and_partial_line(tmp_path: Any) -> None:
+async def test_real_exit_status_and_partial_line(tmp_path: Any, spawn_path: str) -> None:
     events = Recorder()
     real_spawn(tmp_path, "printf 'run a\\nerr no newline' >&3\nexit 3\n", events)
     await events.wait_exit()
@@ -861,7 +877,7 @@ async def test_real_exit_status_and_partial_line(tmp_path: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_real_quick_exits(tmp_path: Any) -> None:
+async def test_real_quick_exits(tmp_path: Any, spawn_path: str) -> None:
     """
     Workers that exit at once, maybe before the spawn returned, still have
     their pid and report their exit once, after the spawn returned.
@@ -961,7 +977,7 @@ async def test_real_stdio_log_unwritable(tmp_path: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_real_signal_kills_group(tmp_path: Any) -> None:
+async def test_real_signal_kills_group(tmp_path: Any, spawn_path: str) -> None:
     """
     L{Worker.signal} reaches the worker and its children.
     """
@@ -985,7 +1001,7 @@ async def test_real_signal_kills_group(tmp_path: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_real_grandchild_holding_fd3(tmp_path: Any) -> None:
+async def test_real_grandchild_holding_fd3(tmp_path: Any, spawn_path: str) -> None:
     """
     A background grandchild that keeps fds 3 and 4 open does not delay the
     exit report; it stays in the worker's process group.
@@ -1023,6 +1039,183 @@ async def test_real_fork_path(tmp_path: Any, monkeypatch: Any) -> None:
     assert (int(fields[2]), int(fields[3]), int(fields[16])) == (worker.pid, worker.pid, 19)
     with open(os.path.join(job, "stdio.log")) as f:
         assert f.read().startswith(f"\n{worker.pid} - ")
+
+
+# -- the direct spawner
+
+
+def direct_only() -> DirectSpawner:
+    """
+    The process's L{DirectSpawner}, or skip the test.
+    """
+    spawner = worker_module._direct_spawner()
+    if spawner is None:
+        pytest.skip("no direct spawner on this system")
+    return spawner
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_direct_no_launcher(tmp_path: Any) -> None:
+    """
+    With the direct spawner the worker is the script itself (no shell in
+    between), a child of the daemon, reniced before it ran.
+    """
+    direct_only()
+    events = Recorder()
+    body = "cat /proc/$$/stat > stat.txt\ncat /proc/$$/cmdline > cmdline.txt\necho 'done ok' >&3\n"
+    worker, script, job = real_spawn(tmp_path, body, events)
+    await events.wait_exit()
+    assert events.events == [("report", Report("done", "ok")), ("exit", 0, None)]
+    with open(os.path.join(job, "cmdline.txt"), "rb") as f:
+        assert f.read().split(b"\0")[:2] == [b"/bin/sh", os.fsencode(script)]
+    fields = saved_stat(job)
+    assert int(fields[1]) == os.getpid()
+    assert (int(fields[2]), int(fields[3]), int(fields[16])) == (worker.pid, worker.pid, 19)
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_no_shebang(tmp_path: Any) -> None:
+    """
+    An executable without C{#!} runs as a shell script, as with a shell.
+    """
+    direct_only()
+    events = Recorder()
+    script = tmp_path / "plain"
+    script.write_text("echo 'done plain' >&3\n")
+    script.chmod(0o755)
+    job = tmp_path / "job"
+    job.mkdir()
+    spawn_worker(
+        reactor,
+        argv=[str(script)],
+        env=dict(os.environ),
+        job_dir=str(job),
+        real_script=str(script),
+        events=events,
+    )
+    await events.wait_exit()
+    assert events.events == [("report", Report("done", "plain")), ("exit", 0, None)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_exec_fails_after_start_line(tmp_path: Any) -> None:
+    """
+    A script whose interpreter is missing fails in the exec itself: exit
+    127, one start line and the reason in C{stdio.log}.
+    """
+    direct_only()
+    events = Recorder()
+    script = tmp_path / "broken.sh"
+    script.write_text("#!/nonexistent/rq-interpreter\n")
+    script.chmod(0o755)
+    job = tmp_path / "job"
+    job.mkdir()
+    worker = spawn_worker(
+        reactor,
+        argv=[str(script)],
+        env=dict(os.environ),
+        job_dir=str(job),
+        real_script=str(script),
+        events=events,
+    )
+    await events.wait_exit()
+    assert events.exit == (127, None)
+    lines = (job / "stdio.log").read_text().splitlines()
+    assert lines[0] == ""
+    assert lines[1].startswith(f"{worker.pid} - ") and lines[1].endswith(f" - RQ START - {script}")
+    assert lines[2:] == [f"rq: {script}: No such file or directory"]
+
+
+class TestDirectSpawner:
+    """
+    L{DirectSpawner} on its own (no reactor: the caller blocks until the
+    child is set up).
+    """
+
+    def spawn(self, spawner: DirectSpawner, tmp_path: Any, cwd: str, argv: list[str]) -> tuple[int, Any]:
+        log = os.open(str(tmp_path / "log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC)
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        failures: list[tuple[int, int]] = []
+        try:
+            pid = spawner.spawn(
+                argv[0],
+                argv,
+                {"PATH": os.defpath},
+                {0: null, 1: log, 2: log, 3: null, 4: null},
+                cwd,
+                log,
+                lambda pid: b"start %d\n" % pid,
+                19,
+                lambda pid, code: failures.append((pid, code)),
+            )
+        finally:
+            os.close(log)
+            os.close(null)
+        return pid, failures
+
+    def test_spawn_wait(self, tmp_path: Any) -> None:
+        """
+        The start line comes first; the child runs in C{cwd}, at nice 19,
+        leading its own session; a spawn thread is reused.
+        """
+        if not DirectSpawner.available():
+            pytest.skip("no direct spawner on this system")
+        spawner = DirectSpawner()
+        try:
+            pids = []
+            for n in range(3):
+                pid, failures = self.spawn(
+                    spawner, tmp_path, str(tmp_path), ["/bin/sh", "-c", "echo $(pwd) $$; cat /proc/$$/stat"]
+                )
+                assert os.waitpid(pid, 0)[1] == 0
+                assert failures == []
+                pids.append(pid)
+            lines = (tmp_path / "log").read_text().splitlines()
+            assert len(lines) == 9
+            for n, pid in enumerate(pids):
+                start, where, stat_line = lines[3 * n : 3 * n + 3]
+                assert start == f"start {pid}"
+                assert where == f"{tmp_path} {pid}"
+                fields = stat_fields(stat_line)
+                assert (int(fields[2]), int(fields[3]), int(fields[16])) == (pid, pid, 19)
+            assert len(spawner._threads) == 1
+        finally:
+            spawner.close()
+
+    def test_failure_before_the_gate(self, tmp_path: Any) -> None:
+        """
+        A child that cannot enter its directory never reaches the gate:
+        L{SpawnFailed}, nothing in the log, and the next spawn works.
+        """
+        if not DirectSpawner.available():
+            pytest.skip("no direct spawner on this system")
+        spawner = DirectSpawner()
+        try:
+            with pytest.raises(SpawnFailed):
+                self.spawn(spawner, tmp_path, str(tmp_path / "missing"), ["/bin/true"])
+            assert (tmp_path / "log").read_text() == ""
+            pid, failures = self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"])
+            assert os.waitpid(pid, 0)[1] == 0
+            assert (tmp_path / "log").read_text() == f"start {pid}\n"
+        finally:
+            spawner.close()
+
+    def test_exec_failure_reported(self, tmp_path: Any) -> None:
+        """
+        An exec that fails after the gate is reported to C{failed}, with the
+        pid, from the spawn thread.
+        """
+        if not DirectSpawner.available():
+            pytest.skip("no direct spawner on this system")
+        spawner = DirectSpawner()
+        try:
+            pid, failures = self.spawn(spawner, tmp_path, str(tmp_path), [str(tmp_path / "nothing-here")])
+            for thread in spawner._threads:
+                thread.submit(None)
+                thread.join()
+            assert failures == [(pid, errno.ENOENT)]
+        finally:
+            spawner.close()
 
 
 # -- the watchdog

@@ -1,8 +1,8 @@
 /*
  * Queue page: keeps the status, counts and message lists live.
  *
- * Every 900 ms GET q/<name>.json (the data-json-url of the #queue box) and
- * refresh #status #ping #pid #uptime, the counts #<state>_size and the lists
+ * Every 900 ms GET q/<name>.json?limit=<list size> (the data-json-url of the
+ * #queue box) and refresh #status #ping #pid #uptime, the counts #<state>_size and the lists
  * #list-<state> with the markup the server renders (web/pages.py): the
  * newest messages (at most data-limit of the list, or data-per-page of
  * <body>, default 50) grouped under YYYYMMDD headings, each linking to its
@@ -265,9 +265,20 @@
     });
   }
 
+  /* q/<name>.json asking only for as many messages as the lists show. */
+  function pollUrl() {
+    var url = new URL(bare(jsonUrl()));
+    var most = 0;
+    document.querySelectorAll("[id^='list-']").forEach(function (list) {
+      most = Math.max(most, limitOf(list));
+    });
+    url.searchParams.set("limit", String(most || DEFAULT_LIMIT));
+    return url.href;
+  }
+
   function poll() {
     global
-      .fetch(bare(jsonUrl()), { cache: "no-store", credentials: "same-origin" })
+      .fetch(pollUrl(), { cache: "no-store", credentials: "same-origin" })
       .then(function (response) {
         if (!response.ok) {
           throw new Error("HTTP " + response.status);

@@ -422,7 +422,15 @@
 
   function start() {
     if (global.self !== global.top && document.body) {
-      document.body.classList.add("embedded");   // in the message page's frame
+      // In the message page's frame: show just the log, open links in the
+      // whole window rather than in the frame.
+      document.body.classList.add("embedded");
+      document.addEventListener("click", function (event) {
+        var link = event.target.closest ? event.target.closest("a[href]") : null;
+        if (link && !link.target) {
+          link.target = "_top";
+        }
+      });
     }
     var pre = document.getElementById("log");
     if (pre && pre.getAttribute("data-log-url")) {
