@@ -455,7 +455,7 @@ VERBS: tuple[str, ...] = tuple(_HANDLERS)
 
 
 def _usage() -> str:
-    return "\n".join(["Valid commands are:", *VERBS])
+    return "\n".join(["Valid commands are:", *VERBS, "console"])
 
 
 def _write(stream: Any, text: str) -> None:

@@ -343,7 +343,10 @@ class Console(cmd.Cmd):
         """
         The first lines of an interactive session: where it is connected.
         """
-        ok, output = self.dispatch("ping", [])
+        try:
+            ok, output = self.dispatch("ping", [])
+        except KeyboardInterrupt:
+            ok, output = False, "fail cancelled"
         self._note_reconnect()
         if ok:
             where = f"connected to the rq daemon of {self.root}"
@@ -418,6 +421,9 @@ class Console(cmd.Cmd):
                     # Ctrl-C while typing: drop the line, prompt again.
                     self._out("^C")
                     intro = self.intro = None
+        except Exception as e:  # never a traceback (e.g. stdin unreadable)
+            self._out(f"fail internal error: {e.__class__.__name__}: {e}", self.stderr)
+            return 1
         finally:
             self.close()
         return 1 if self.failures and not self.interactive else 0
@@ -734,6 +740,12 @@ def main(
     except cli.CommandFailed as e:
         cli._write(stdout, f"fail {e.reason}")
         return 1
+    if stdin is None:
+        # Bytes that are not UTF-8 reach the verbs, which refuse them.
+        try:
+            sys.stdin.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            pass
     console = Console(root, client_factory or SessionClient, stdin=stdin, stdout=stdout, stderr=stderr)
     history = history_path(environ) if console.interactive else None
     readline = _load_history(history) if console.interactive else None

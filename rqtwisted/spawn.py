@@ -18,8 +18,7 @@ file actions run in the child before the exec:
  4. close every fd from 5 up; exec.
 
 Between 2 and 3 the caller finds the child's pid (the newest entry of
-C{/proc/self/task/<tid>/children} of the spawn thread, checked against the
-FIFO the child holds), renices it and writes the start line to
+C{/proc/self/task/<tid>/children} of the spawn thread), renices it and writes the start line to
 C{stdio.log}; then it opens C{out} for reading, without waiting, and returns
 the pid. Nothing of the script runs before that, and the caller never waits
 for the child at nice 19 (the spawn thread waits for the exec). Each spawn
@@ -39,7 +38,6 @@ import errno
 import os
 import queue as _queue
 import shutil
-import stat
 import sys
 import tempfile
 import threading
@@ -58,9 +56,6 @@ _STRUCT_SIZE = 1024
 
 #: The fds the child opens the two FIFOs on.
 _FD_IN, _FD_OUT = 5, 6
-
-#: How long the caller waits for the child to show up at the gate.
-_GATE_TIMEOUT = 30.0
 
 _ENCODING = sys.getfilesystemencoding()
 _ERRORS = sys.getfilesystemencodeerrors()
@@ -127,6 +122,22 @@ def _cstrings(items: list[bytes]) -> "ctypes.Array[ctypes.c_char_p]":
     return array
 
 
+def _open_fifo(path: bytes, flags: int) -> int:
+    """
+    Open our end of a FIFO; a child waits at the other end, so a lack of
+    fds is waited out rather than raised.
+    """
+    delay = 0.001
+    while True:
+        try:
+            return os.open(path, flags)
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
 class _Request:
     """
     One spawn handed to a spawn thread.
@@ -168,7 +179,6 @@ class _SpawnThread:
         self.fifo_out = os.fsencode(os.path.join(directory, f"out{n}"))
         os.mkfifo(self.fifo_in, 0o600)
         os.mkfifo(self.fifo_out, 0o600)
-        self.fifo_in_ino = os.stat(self.fifo_in).st_ino
         self._requests: _queue.SimpleQueue[_Request | None] = _queue.SimpleQueue()
         self.tid: int | None = None
         self._started = threading.Event()
@@ -412,7 +422,7 @@ class DirectSpawner:
         """
         Meet the child at the gate, set it up, let it go on.
         """
-        fd = os.open(thread.fifo_in, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open_fifo(thread.fifo_in, os.O_RDONLY | os.O_CLOEXEC)
         os.close(fd)
         if request.early is not None:
             raise SpawnFailed(request.early, os.strerror(request.early))
@@ -422,35 +432,21 @@ class DirectSpawner:
             os.write(log_fd, line(pid))
         except OSError as e:
             request.abandoned = True
-            request.release_fd = os.open(thread.fifo_out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            request.release_fd = _open_fifo(thread.fifo_out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             raise SpawnFailed(e.errno or errno.EIO, f"cannot set the child up: {e}")
         request.pid = pid
-        request.release_fd = os.open(thread.fifo_out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        request.release_fd = _open_fifo(thread.fifo_out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         return pid
 
     def _find_child(self, thread: _SpawnThread) -> int:
         """
-        The child at the gate: the newest child of the spawn thread that
-        holds its FIFO C{in} on L{_FD_IN}.
+        The child at the gate: the newest child of the spawn thread (the
+        kernel lists a thread's children oldest first; orphans are given to
+        the main thread, never to a spawn thread, which only makes
+        workers).
         """
-        deadline = time.monotonic() + _GATE_TIMEOUT
-        tries = 0
-        while True:
-            with open(f"/proc/self/task/{thread.tid}/children", "rb") as f:
-                pids = f.read().split()
-            for text in reversed(pids):
-                pid = int(text)
-                try:
-                    info = os.stat(f"/proc/{pid}/fd/{_FD_IN}")
-                except OSError:
-                    continue
-                if info.st_ino == thread.fifo_in_ino and stat.S_ISFIFO(info.st_mode):
-                    return pid
-            # We met the child inside its open call: the fd comes next.
-            if time.monotonic() > deadline:
-                raise OSError(errno.ESRCH, "the spawned child cannot be found")
-            tries += 1
-            if tries < 100:
-                os.sched_yield()
-            else:
-                time.sleep(0.0002)
+        with open(f"/proc/self/task/{thread.tid}/children", "rb") as f:
+            pids = f.read().split()
+        if not pids:
+            raise OSError(errno.ESRCH, "the spawned child cannot be found")
+        return int(pids[-1])

@@ -183,7 +183,7 @@ def test_help(rq: Run, argv: list[str]) -> None:
     daemon = FakeDaemon()
     code, out, err = rq(daemon, *argv)
     assert (code, err) == (1, "")
-    assert out.splitlines() == ["Valid commands are:", *VERBS]
+    assert out.splitlines() == ["Valid commands are:", *VERBS, "console"]
     assert daemon.sockets == []
 
 

@@ -240,6 +240,22 @@ def test_interruptedCommand() -> None:
     assert (code, out, err) == (1, "ok pong\n", "cancelled\n")
 
 
+class BrokenInput(io.StringIO):
+    def readline(self, *args: Any) -> str:  # type: ignore[override]
+        raise OSError(5, "Input/output error")
+
+
+def test_unreadableInput() -> None:
+    """
+    An input that cannot be read ends the session with a fail line, exit 1.
+    """
+    session = Session(FakeDaemon())
+    session.console.stdin = BrokenInput()
+    code, out, err = session.run("")
+    assert (code, out) == (1, "")
+    assert err == "fail internal error: OSError: [Errno 5] Input/output error\n"
+
+
 # -- status ---------------------------------------------------------------------------------
 
 STATUS = {
@@ -424,6 +440,17 @@ def test_interactiveNoDaemon() -> None:
         f"rq console: fail rq daemon not running at {ROOT}: Connection refused",
         "(the console connects again at each command)",
     ]
+    assert "rq> ok pong" in out.splitlines()
+
+
+def test_interruptedGreeting() -> None:
+    """
+    Ctrl-C while the greeting waits for the daemon cancels only that.
+    """
+    daemon = FakeDaemon(Ping=[KeyboardInterrupt(), ("ok", "pong")])
+    code, out, _ = Session(daemon, interactive=True).run("ping\n")
+    assert code == 0
+    assert out.splitlines()[0] == "rq console: fail cancelled"
     assert "rq> ok pong" in out.splitlines()
 
 
