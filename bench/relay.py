@@ -229,7 +229,12 @@ def main() -> None:
         for name, before, after in zip(("a (sender)", "b (receiver)"), hwm_before, hwm_after):
             print(f"peak RSS {name}: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after "
                   f"(+{(after - before) / 1024:.1f} MiB)")
-    finally:
+    except BaseException:
+        a.stop()
+        b.stop()
+        print(f"failed; roots and daemon logs kept in {base}")
+        raise
+    else:
         a.stop()
         b.stop()
         shutil.rmtree(base, ignore_errors=True)

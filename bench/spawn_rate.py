@@ -2,10 +2,11 @@
 How many workers per second can L{rqtwisted.worker.spawn_worker} start?
 
 Spawns a no-op C{#!/bin/sh} script N times at concurrency 1 and 4, through
-C{spawn_worker} on the real reactor (launcher, stdio.log, pipes, setsid,
-nice 19, exit reporting), next to a raw C{os.posix_spawn} + C{waitpid} of the
-same script as the floor, and of the C{/bin/sh} launcher that C{spawn_worker}
-uses (the launcher costs one extra shell start per worker). Run from the project root::
+C{spawn_worker} on the real reactor (stdio.log, pipes, setsid, nice 19, start
+line, exit reporting): with the direct spawner it uses by default, and with
+the C{/bin/sh} launcher it falls back to (one more shell start per worker);
+next to a raw C{os.posix_spawn} + C{waitpid} of the same script as the
+floor. Run from the project root::
 
     python bench/spawn_rate.py [-n COUNT]
 """
@@ -21,11 +22,14 @@ import time
 from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from twisted.internet.defer import Deferred  # noqa: E402
 
 from rqtwisted.protocol import Report  # noqa: E402
-from rqtwisted.worker import _LAUNCHER, _SH, script_argv, spawn_worker  # noqa: E402
+import rqtwisted.worker as worker_module  # noqa: E402
+from rqtwisted.worker import script_argv, spawn_worker  # noqa: E402
+from throughput import spread_subdirs  # noqa: E402
 
 
 def make_script(directory: str) -> str:
@@ -136,12 +140,11 @@ def main() -> None:
     from twisted.internet import defer, reactor
 
     tmp = tempfile.mkdtemp(prefix="rq-spawn-bench-")
+    # Job dirs in block groups of their own (see bench/README.md).
+    spread_subdirs(tmp)
     script = make_script(tmp)
-    # The launcher's go line, from a file instead of the daemon.
-    go = os.path.join(tmp, "go")
-    with open(go, "w") as f:
-        f.write("\n")
     results: list[str] = []
+    direct = worker_module._direct_spawner() is not None
 
     @defer.inlineCallbacks
     def run():
@@ -149,23 +152,20 @@ def main() -> None:
             for concurrency in (1, 4):
                 n = options.count
                 raw = raw_rate(lambda i: [script], n, concurrency)
-                # The launcher alone (go line, cd, stdio.log, exec), no
-                # Twisted.
-                dirs = job_dirs(tmp, f"raw{concurrency}", n)
-                launcher = raw_rate(
-                    lambda i: [_SH, "-c", _LAUNCHER, "rq-worker", dirs[i], "now", script, script],
-                    n,
-                    concurrency,
-                    go=go,
-                )
-                dirs = job_dirs(tmp, f"worker{concurrency}", n)
-                rate = yield worker_rate(reactor, script, dirs, concurrency)
-                results.append(
-                    f"concurrency {concurrency}: spawn_worker {rate:7.0f}/s"
-                    f"   raw posix_spawn {raw:7.0f}/s ({rate / raw:.0%})"
-                    f"   raw posix_spawn of the sh launcher {launcher:7.0f}/s"
-                    f" ({rate / launcher:.0%})"
-                )
+                line = f"concurrency {concurrency}: raw posix_spawn {raw:7.0f}/s"
+                if direct:
+                    dirs = job_dirs(tmp, f"direct{concurrency}", n)
+                    rate = yield worker_rate(reactor, script, dirs, concurrency)
+                    line += f"   spawn_worker {rate:7.0f}/s ({rate / raw:.0%})"
+                saved = worker_module._direct
+                worker_module._direct = False
+                try:
+                    dirs = job_dirs(tmp, f"launcher{concurrency}", n)
+                    rate = yield worker_rate(reactor, script, dirs, concurrency)
+                finally:
+                    worker_module._direct = saved
+                line += f"   through the fallback sh launcher {rate:7.0f}/s ({rate / raw:.0%})"
+                results.append(line)
         finally:
             reactor.stop()
 

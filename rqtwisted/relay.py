@@ -70,7 +70,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer
+from twisted.web.client import FileBodyProducer, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
@@ -1151,6 +1151,14 @@ class Relayer:
         return out
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """
+    The HTTP client factory, without its "Starting factory" log lines.
+    """
+
+    noisy = False
+
+
 def make_handler(instance: "Instance") -> Callable[["InProcessJob"], Any]:
     """
     The C{relay} queue's handler for a running daemon: a real HTTP agent on
@@ -1162,6 +1170,7 @@ def make_handler(instance: "Instance") -> Callable[["InProcessJob"], Any]:
     reactor: Any = instance.clock
     config = RelayConfig.fromSettings(instance.settings.raw)
     pool = HTTPConnectionPool(reactor, persistent=False)
+    pool._factory = _QuietClientFactory  # no log line per connection
     agent = Agent(reactor, connectTimeout=config.connect_timeout or None, pool=pool)
     cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f))
 

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -82,6 +83,41 @@ def md5_file(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+#: md5s of attachments already hashed, by C{(device, inode, size, mtime)}:
+#: an attachment keeps its inode when its message changes state, and a
+#: message page must not re-read a multi-GiB file on the reactor each time.
+_MD5_CACHE: "OrderedDict[tuple[int, int, int, int], str]" = OrderedDict()
+_MD5_CACHE_SIZE = 4096
+
+
+def _md5_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def remember_md5(path: str, digest: str) -> None:
+    """
+    Record the md5 of the file at C{path} (known from its upload).
+    """
+    _MD5_CACHE[_md5_key(os.stat(path))] = digest
+    while len(_MD5_CACHE) > _MD5_CACHE_SIZE:
+        _MD5_CACHE.popitem(last=False)
+
+
+def cached_md5(path: str) -> str:
+    """
+    The md5 of the file at C{path}, hashed only when the file is new to
+    this process or has changed since.
+    """
+    key = _md5_key(os.stat(path))
+    digest = _MD5_CACHE.get(key)
+    if digest is None:
+        digest = md5_file(path)
+        remember_md5(path, digest)
+    else:
+        _MD5_CACHE.move_to_end(key)
+    return digest
 
 
 def check_attachment_name(name: str) -> None:
@@ -288,7 +324,7 @@ class QueueStore:
             if entry.name.startswith(".") or entry.name.endswith(".tmp") or not entry.is_file():
                 continue
             out[entry.name] = {
-                "md5": md5_file(entry.path),
+                "md5": cached_md5(entry.path),
                 "size": entry.stat().st_size,
                 "path": entry.path,
             }
@@ -563,6 +599,7 @@ class QueueStore:
         digest = md5 if md5 is not None else md5_file(tmp)
         final = os.path.join(adir, name)
         os.rename(tmp, final)
+        remember_md5(final, digest)
         d = self._syncer.sync(final, adir, mdir)
         d.addCallback(lambda _: digest)
         return d

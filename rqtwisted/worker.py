@@ -136,17 +136,33 @@ class ScriptError(Exception):
         self.reason = reason
 
 
+#: Seconds a script's resolved symlinks are reused (it is resolved at every
+#: start; whether the real file is still executable is checked every time).
+REALPATH_TTL = 1.0
+
+_realpaths: dict[str, tuple[str, float]] = {}
+
+
 def resolve_script(script: str, root: str) -> str:
     """
     The real path of a queue's script: relative to C{root} unless absolute,
-    symlinks followed.
+    symlinks followed (a change of a symlink is seen within
+    L{REALPATH_TTL} seconds).
 
     @raise ScriptError: when it is not an executable regular file.
     """
     if not script:
         raise ScriptError("script not configured")
     path = script if os.path.isabs(script) else os.path.join(root, script)
-    real = os.path.realpath(path)
+    now = time.monotonic()
+    cached = _realpaths.get(path)
+    if cached is not None and cached[1] > now:
+        real = cached[0]
+    else:
+        real = os.path.realpath(path)
+        if len(_realpaths) > 256:
+            _realpaths.clear()
+        _realpaths[path] = (real, now + REALPATH_TTL)
     try:
         info = os.stat(real)
     except OSError:

@@ -44,9 +44,16 @@ class Spool:
     @classmethod
     def create(cls, directory: str, prefix: str = "upload-") -> "Spool":
         """
-        A new, empty temp file (mode 0600) in C{directory}.
+        A new, empty temp file in C{directory}, mode 0644 like every file
+        the store writes (it becomes an attachment by hard link).
         """
         fd, path = tempfile.mkstemp(prefix=prefix, dir=directory)
+        try:
+            os.fchmod(fd, 0o644)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
         return cls(path, fd)
 
     @classmethod

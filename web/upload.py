@@ -944,7 +944,9 @@ def attach_put(request: Any, uploads: Uploads, name: str, msg_id: str, att: str)
     another chunk of it is being received). While incomplete: 308 with
     C{Range: bytes=0-<held-1>} (no C{Range} when nothing is held) and
     C{["partial","<held>"]}. C{Content-Range: bytes */T} with an empty body
-    asks for that status. With the last byte the file is checked against an
+    asks for that status; it answers 200 C{["ok","<md5>-Attached
+    successfully"]} when nothing is held but the attachment is there already
+    with T bytes (and the C{X-RQ-MD5} given, if any): a lost answer. With the last byte the file is checked against an
     optional C{X-RQ-MD5: <hex>} (mismatch: 422 C{["fail","md5 mismatch ..."]},
     partial dropped), attached, and answered as above. A C{X-RQ-MD5} on a
     whole-file C{PUT} is checked the same way.
@@ -1001,6 +1003,8 @@ def _put_range(request: Any, uploads: Uploads, upload: RangeUpload) -> Deferred[
     held = upload.held
     total = upload.content_range.total
     path = upload.path
+    if upload.spool is None and held == 0 and total > 0:
+        return _probe_attached(request, uploads, upload, total)
     if held < total:
         partial = render_json(request, 308, ["partial", str(held)], held_range(held))
         if upload.spool is None or upload.received == 0:
@@ -1013,6 +1017,9 @@ def _put_range(request: Any, uploads: Uploads, upload: RangeUpload) -> Deferred[
     if not uploads.claim(path):
         refusal = uploads.busy()
         return succeed(render_json(request, refusal.code, refusal.body))
+    if total == 0:
+        # An empty file is complete as soon as it is asked for.
+        Spool.append(path, 0).close()
 
     def check(md5: str) -> Deferred[AttachOutcome] | AttachOutcome:
         mismatch = _md5_mismatch(upload.expected_md5, md5)
@@ -1034,6 +1041,27 @@ def _put_range(request: Any, uploads: Uploads, upload: RangeUpload) -> Deferred[
     d.addCallback(check)
     d.addBoth(unbusy)
     return d.addCallback(done)
+
+
+def _probe_attached(request: Any, uploads: Uploads, upload: RangeUpload, total: int) -> Deferred[bytes]:
+    """
+    A status probe when nothing is held: if the message already has this
+    attachment with C{total} bytes (and the C{X-RQ-MD5} given, if any), the
+    upload is complete (an earlier answer was lost): 200 with its md5.
+    Else 308, nothing held.
+    """
+    assert upload.target.name is not None
+    nothing = render_json(request, 308, ["partial", "0"])
+    existing = os.path.join(upload.queue.store.msg_dir("prep", upload.target.msg_id), "attach", upload.target.name)
+    if not os.path.isfile(existing) or _size(existing) != total:
+        return succeed(nothing)
+
+    def answer(md5: str) -> bytes:
+        if _md5_mismatch(upload.expected_md5, md5) is not None:
+            return nothing
+        return render_json(request, 200, ["ok", f"{md5}-Attached successfully"])
+
+    return uploads.runInThread(md5_file, existing).addCallback(answer)
 
 
 def mount_uploads(app: Any, web: Any) -> Callable[..., UploadRequest]:

@@ -46,8 +46,12 @@ def prep(daemon: Daemon, queue: str = "up") -> str:
 
 
 def tmp_entries(daemon: Daemon, queue: str = "up") -> list[str]:
+    """
+    Upload files in the queue's C{tmp/}: spooled bodies and partial uploads.
+    """
     tmp = daemon.queue_dir(queue) / "tmp"
-    return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    found = (str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    return sorted(f for f in found if f.startswith(("upload-", "partial/")))
 
 
 def binary(path: Path, size: int) -> bytes:
@@ -113,7 +117,8 @@ def test_curl_put_upload_and_ranges(daemon: Daemon, tmp_path: Path) -> None:
     data = binary(tmp_path / "log.txt", 50_000)
     out = curl("-T", str(tmp_path / "log.txt"), f"{full}/attach/log.txt")
     assert json.loads(out.stdout) == ["ok", f"{md5(data)}-Attached successfully"], out
-    code, headers, body = http_request(daemon, "GET", f"{path_of(full)}/attach/log.txt", headers={"Range": "bytes=1000-"})
+    code, headers, body = http_request(daemon, "GET", f"{path_of(full)}/attach/log.txt",
+                                       headers={"Range": "bytes=1000-"})
     assert code == 206
     assert headers["content-range"] == f"bytes 1000-{len(data) - 1}/{len(data)}"
     assert body == data[1000:]
@@ -184,7 +189,8 @@ def test_size_cap(daemon: Daemon, tmp_path: Path) -> None:
     assert daemon.ok("restart") == "restarted"
     full = prep(daemon)
     binary(tmp_path / "big.bin", 200_000)
-    for args in (["-T", str(tmp_path / "big.bin")], ["-H", "Transfer-Encoding: chunked", "-T", str(tmp_path / "big.bin")]):
+    big = str(tmp_path / "big.bin")
+    for args in (["-T", big], ["-H", "Transfer-Encoding: chunked", "-T", big]):
         out = curl("-w", " %{http_code}", *args, f"{full}/attach/big.bin")
         body, code = out.stdout.rsplit(b" ", 1)
         assert code == b"413", out
@@ -198,7 +204,8 @@ def test_size_cap(daemon: Daemon, tmp_path: Path) -> None:
 def test_disconnect_mid_upload_leaves_nothing(daemon: Daemon) -> None:
     full = prep(daemon)
     with socket.create_connection(("127.0.0.1", daemon.port)) as s:
-        s.sendall(f"PUT {path_of(full)}/attach/cut.bin HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n".encode())
+        head = f"PUT {path_of(full)}/attach/cut.bin HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n"
+        s.sendall(head.encode())
         s.sendall(b"x" * 1_000_000)
         wait_for(lambda: tmp_entries(daemon), 10, what="the spooled upload")
     wait_for(lambda: tmp_entries(daemon) == [], 10, what="the temp file to go")

@@ -151,3 +151,29 @@ def test_delete_hashed(store):
     store.move(msg_id, "que", "done")
     store.delete("done", msg_id)
     assert not store.exists("done", msg_id)
+
+
+def test_attachment_md5_cached_by_inode(tmp_path, monkeypatch) -> None:
+    """
+    An attachment is hashed once; a changed file is hashed again.
+    """
+    from rqtwisted import store as store_module
+
+    path = tmp_path / "big"
+    path.write_bytes(b"abc")
+    calls: list[str] = []
+    real = store_module.md5_file
+
+    def counting(p: str) -> str:
+        calls.append(p)
+        return real(p)
+
+    monkeypatch.setattr(store_module, "md5_file", counting)
+    first = store_module.cached_md5(str(path))
+    assert first == "900150983cd24fb0d6963f7d28e17f72"
+    assert store_module.cached_md5(str(path)) == first
+    assert len(calls) == 1
+    path.write_bytes(b"abcd")
+    os.utime(path, ns=(1, 1))
+    assert store_module.cached_md5(str(path)) == "e2fc714c4727ee9395f324cd2e7f331f"
+    assert len(calls) == 2

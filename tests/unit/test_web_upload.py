@@ -109,7 +109,7 @@ class Env:
         found = []
         for top, dirs, files in os.walk(self.tmp):
             found.extend(os.path.relpath(os.path.join(top, f), self.tmp) for f in files)
-        return sorted(found)
+        return sorted(f for f in found if f.startswith(("upload-", "partial/")))
 
     def cap(self, size: int) -> None:
         self.instance.settings = dataclasses.replace(self.instance.settings, max_upload_size=size)
@@ -200,7 +200,13 @@ def multipart(filename: str | None, content: bytes, **fields: str) -> bytes:
     return b"".join(parts)
 
 
-def http(method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None, chunked_sizes: list[int] | None = None) -> bytes:
+def http(
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    chunked_sizes: list[int] | None = None,
+) -> bytes:
     head = [f"{method} {path} HTTP/1.1", "Host: localhost"]
     for k, v in (headers or {}).items():
         head.append(f"{k}: {v}")
@@ -303,7 +309,8 @@ def test_form_sink_truncated(tmp_path: Any) -> None:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_multipart_any_split(env: Env, tcp_cuts: list[int], chunk_sizes: list[int] | None) -> None:
     msg_id = env.prep()
-    request = form_post(msg_id, multipart("data.bin", PAYLOAD, x_format="json", pathname="/tmp/data.bin", msg_id="x"), chunked_sizes=chunk_sizes)
+    body = multipart("data.bin", PAYLOAD, x_format="json", pathname="/tmp/data.bin", msg_id="x")
+    request = form_post(msg_id, body, chunked_sizes=chunk_sizes)
     conn = Connection(env.site)
     conn.send(request, [c for c in tcp_cuts if c < len(request)])
     code, headers, body = conn.response()
@@ -433,7 +440,8 @@ def test_chunked_body_crossing_cap(env: Env, kind: str) -> None:
 
 def test_other_requests_keep_twisted_bodies(env: Env) -> None:
     conn = Connection(env.site)
-    conn.send(http("POST", "/q/test/new_message", b"mesg=%7B%7D", {"Content-Type": "application/x-www-form-urlencoded"}))
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    conn.send(http("POST", "/q/test/new_message", b"mesg=%7B%7D", form))
     [request] = env.routes.processed
     assert request.upload is None
     assert request.args[b"mesg"] == [b"{}"]
@@ -503,7 +511,9 @@ def test_down_queue_refuses(env: Env) -> None:
     assert conn.response()[0] == 503
 
 
-def chunk(env: Env, msg_id: str, data: bytes, start: int, total: int, **headers: str) -> tuple[int, dict[str, str], Any]:
+def chunk(
+    env: Env, msg_id: str, data: bytes, start: int, total: int, **headers: str
+) -> tuple[int, dict[str, str], Any]:
     conn = Connection(env.site)
     end = start + len(data) - 1
     crange = f"bytes {start}-{end}/{total}" if data else f"bytes */{total}"
@@ -584,7 +594,8 @@ def test_resumable_total_over_cap(env: Env) -> None:
 def test_partial_kept_while_busy_refused(env: Env) -> None:
     msg_id = env.prep()
     first = Connection(env.site)
-    request = http("PUT", f"/q/test/{msg_id}/attach/big.bin", PAYLOAD, {"Content-Range": f"bytes 0-{len(PAYLOAD) - 1}/{len(PAYLOAD) * 2}"})
+    crange = {"Content-Range": f"bytes 0-{len(PAYLOAD) - 1}/{len(PAYLOAD) * 2}"}
+    request = http("PUT", f"/q/test/{msg_id}/attach/big.bin", PAYLOAD, crange)
     first.send(request[:-10])
     code, _, reply = chunk(env, msg_id, b"", 0, len(PAYLOAD) * 2)
     assert code == 409
@@ -661,3 +672,43 @@ def test_auth_checked_before_the_body(env: Env, app_site: Site) -> None:
     authorized = request.replace(b"Host: localhost", b"Host: localhost\r\nAuthorization: Basic b3BzOnNlY3JldA==")
     conn.send(authorized)
     assert json.loads(conn.response()[2])[0] == "ok"
+
+
+def test_buffered_requests_handled_alike(env: Env) -> None:
+    """
+    Requests of Twisted's own factory (as in-memory route tests make them)
+    have their buffered bodies received the same way.
+    """
+    plain = Site(env.routes, reactor=MemoryReactorClock())
+    msg_id = env.prep()
+    conn = Connection(plain)
+    conn.send(form_post(msg_id, multipart("a.bin", PAYLOAD, x_format="json")))
+    assert json.loads(conn.response()[2]) == ["ok", f"{md5(PAYLOAD)}-Attached successfully"]
+    conn = Connection(plain)
+    conn.send(http("PUT", f"/q/test/{msg_id}/attach/b.bin", PAYLOAD))
+    assert json.loads(conn.response()[2]) == ["ok", f"{md5(PAYLOAD)}-Attached successfully"]
+    conn = Connection(plain)
+    conn.send(form_post(msg_id, multipart("../x", PAYLOAD, x_format="json")))
+    assert conn.response()[0] == 400
+    assert env.attachment(msg_id, "a.bin") == env.attachment(msg_id, "b.bin") == PAYLOAD
+    assert env.temp_files() == []
+
+
+def test_probe_after_completion_reports_attached(env: Env) -> None:
+    msg_id = env.prep()
+    data = PAYLOAD
+    assert chunk(env, msg_id, data, 0, len(data))[0] == 200
+    code, _, reply = chunk(env, msg_id, b"", 0, len(data), **{"X-RQ-MD5": md5(data)})
+    assert (code, reply) == (200, ["ok", f"{md5(data)}-Attached successfully"])
+    # Another file of that name: start from nothing.
+    code, headers, reply = chunk(env, msg_id, b"", 0, len(data), **{"X-RQ-MD5": "0" * 32})
+    assert (code, reply, "range" in headers) == (308, ["partial", "0"], False)
+    assert chunk(env, msg_id, b"", 0, len(data) + 1)[::2] == (308, ["partial", "0"])
+
+
+def test_empty_file_by_probe(env: Env) -> None:
+    msg_id = env.prep()
+    code, _, reply = chunk(env, msg_id, b"", 0, 0)
+    assert (code, reply) == (200, ["ok", f"{md5(b'')}-Attached successfully"])
+    assert env.attachment(msg_id, "big.bin") == b""
+    assert env.temp_files() == []
