@@ -24,13 +24,15 @@ and goes back to C{que/} at the next start, like a killed script's.
 
 A user who replaces the placeholder with a script of their own gets that
 script forked as usual: L{BuiltinSpawner} decides at every launch, from the
-resolved script path the queue service passes it.
+resolved script path the queue service passes it (the placeholder is known
+by its first two lines, L{is_placeholder}).
 
 Handlers are found through L{HANDLERS}: queue name -> handler factory
 C{(instance) -> handler}, given either as a callable or as a dotted name
-C{"package.module.attribute"} imported on first use (a module that does not
-exist yet leaves the queue forking its placeholder). L{register_handler}
-adds or replaces an entry.
+C{"package.module.attribute"} imported on first use. A module that does not
+exist, or a factory that raises (logged), leaves the queue forking its
+placeholder, which ends each message in err with a clear status.
+L{register_handler} adds or replaces an entry.
 
 The in-process worker has pid 0 (written to C{run/<id>/pid}; the watchdog and
 C{read_pid} ignore it) and appends its progress to the job's C{stdio.log}

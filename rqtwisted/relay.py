@@ -23,8 +23,9 @@ What rqtwisted adds, without changing the wire:
  - I{Idempotence.} When C{job/relay_id} exists (an earlier attempt got that
    far, or the daemon died after the remote commit), the remote is asked
    for that message's state (C{GET <remote id>/state.json}) first: a
-   committed message is not sent again; a prep one gets its attachments and
-   commit again; an unknown one (404) is prepared anew.
+   committed message is not sent again; a prep one gets the attachments it
+   lacks (its read form, C{GET <remote id>.json}, lists those it has with
+   their md5) and the commit; an unknown one (404) is prepared anew.
  - I{Resumable uploads} between rqtwisted hosts: attachments of at least
    L{RelayConfig.resumable_min} bytes are sent with C{PUT <remote
    id>/attach/<name>} and C{Content-Range}; a probe (C{Content-Range:
@@ -60,13 +61,13 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 from urllib.parse import quote, urlencode
 
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol as _Protocol
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -344,6 +345,27 @@ def parse_state(code: int, body: bytes) -> str | None:
     raise SoftFailure("state failed - garbage answer")
 
 
+def parse_attached(code: int, body: bytes) -> dict[str, str]:
+    """
+    C{{name: md5}} of the C{_attachments} of a message's read form
+    (C{GET <id>.json}); empty for anything else.
+    """
+    if code != 200:
+        return {}
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    attachments = value.get("_attachments") if isinstance(value, dict) else None
+    if not isinstance(attachments, dict):
+        return {}
+    return {
+        name: info["md5"]
+        for name, info in attachments.items()
+        if isinstance(name, str) and isinstance(info, dict) and isinstance(info.get("md5"), str)
+    }
+
+
 _RANGE_RE = re.compile(r"^\s*bytes\s*=\s*0-(\d+)\s*$")
 
 
@@ -437,16 +459,28 @@ class BytesProducer:
         self.length = len(data)
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        """
+        Start writing the body to C{consumer}; fires when all is written.
+        """
         consumer.write(self._data)
         return succeed(None)
 
     def pauseProducing(self) -> None:
+        """
+        Stop reading until L{resumeProducing} (back-pressure).
+        """
         pass
 
     def resumeProducing(self) -> None:
+        """
+        Go on reading.
+        """
         pass
 
     def stopProducing(self) -> None:
+        """
+        Stop for good (the request was abandoned).
+        """
         pass
 
 
@@ -509,6 +543,9 @@ class RangeFileProducer:
         self.length = length
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        """
+        Start writing the body to C{consumer}; fires when all is written.
+        """
         d = self._file.startProducing(_CountingConsumer(consumer, self._progress))
         return d.addBoth(self._closed)
 
@@ -517,12 +554,21 @@ class RangeFileProducer:
         return result
 
     def pauseProducing(self) -> None:
+        """
+        Stop reading until L{resumeProducing} (back-pressure).
+        """
         self._file.pauseProducing()
 
     def resumeProducing(self) -> None:
+        """
+        Go on reading.
+        """
         self._file.resumeProducing()
 
     def stopProducing(self) -> None:
+        """
+        Stop for good (the request was abandoned).
+        """
         self._file.stopProducing()
         self._raw.close()
 
@@ -571,26 +617,31 @@ class MultipartFileProducer:
         self._file = RangeFileProducer(path, 0, size, cooperator, progress)
         self.length = len(self._head) + size + len(self._tail)
 
-    @property
-    def content_type(self) -> bytes:
-        """
-        The request's C{Content-Type}.
-        """
-        return b"multipart/form-data; boundary=" + self.boundary.encode("ascii")
-
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        """
+        Start writing the body to C{consumer}; fires when all is written.
+        """
         consumer.write(self._head)
         d = self._file.startProducing(consumer)
         d.addCallback(lambda _: consumer.write(self._tail))
         return d
 
     def pauseProducing(self) -> None:
+        """
+        Stop reading until L{resumeProducing} (back-pressure).
+        """
         self._file.pauseProducing()
 
     def resumeProducing(self) -> None:
+        """
+        Go on reading.
+        """
         self._file.resumeProducing()
 
     def stopProducing(self) -> None:
+        """
+        Stop for good (the request was abandoned).
+        """
         self._file.stopProducing()
 
 
@@ -624,7 +675,7 @@ class _IdleWatch:
         self._call = None
 
 
-class _Collector(Protocol):
+class _Collector(_Protocol):
     """
     Read a response body up to C{limit} bytes; abort beyond that or when
     asked.
@@ -819,6 +870,39 @@ class _Attachment:
     md5: str
 
 
+class Peer(Protocol):
+    """
+    Where a delivery goes: the steps of the exchange, each raising
+    L{SoftFailure} (or L{RemoteLost}) when it fails.
+    """
+
+    async def state(self, remote_id: str) -> str | None:
+        """
+        The state of the prepared message, or L{None} when it is unknown.
+        """
+
+    async def prep(self, job: "InProcessJob") -> str:
+        """
+        Prepare the copy; its full id.
+        """
+
+    async def attached(self, remote_id: str) -> dict[str, str]:
+        """
+        C{{name: md5}} of the attachments the prepared copy has already
+        (empty when unknown).
+        """
+
+    async def attach(self, remote_id: str, attachment: _Attachment) -> None:
+        """
+        Add one attachment to the prepared copy.
+        """
+
+    async def commit(self, remote_id: str) -> None:
+        """
+        Commit the prepared copy.
+        """
+
+
 class LocalPeer:
     """
     Deliveries to a queue of this host through the queue API (prep with
@@ -835,6 +919,9 @@ class LocalPeer:
         return queue
 
     async def state(self, remote_id: str) -> str | None:
+        """
+        The state of a local message, or L{None} when it is gone.
+        """
         name, short = split_full_id(remote_id)
         try:
             return self._queue(name).locate(short)
@@ -842,6 +929,9 @@ class LocalPeer:
             return None
 
     async def prep(self, job: "InProcessJob") -> str:
+        """
+        Create the copy in prep, attachments hard-linked; its full id.
+        """
         fields = prep_fields(job.msg)
         method = fields.pop("_method")
         queue = self._queue(dest_queue(job.msg["dest"]))
@@ -851,10 +941,21 @@ class LocalPeer:
         except MessageError as e:
             raise SoftFailure(f"prep failed - {e.reason}")
 
+    async def attached(self, remote_id: str) -> dict[str, str]:
+        """
+        Nothing to skip: L{attach} does nothing.
+        """
+        return {}
+
     async def attach(self, remote_id: str, attachment: _Attachment) -> None:
-        pass  # linked at prep
+        """
+        Nothing to do: the attachments were linked by L{prep}.
+        """
 
     async def commit(self, remote_id: str) -> None:
+        """
+        Commit the copy.
+        """
         name, short = split_full_id(remote_id)
         try:
             await self._queue(name).commit(short)
@@ -875,20 +976,43 @@ class RemotePeer:
         self._job = job
 
     async def state(self, remote_id: str) -> str | None:
+        """
+        The remote message's state (C{GET <id>/state.json}), or L{None} on 404.
+        """
         answer = await self._http.request(b"GET", remote_id.rstrip("/") + "/state.json")
         return parse_state(answer.code, answer.body)
 
     async def prep(self, job: "InProcessJob") -> str:
+        """
+        Prepare the remote message; its full id.
+        """
         url, body = prep_request(job.msg)
         answer = await self._http.post_form(url, body)
         return parse_prep(answer.code, answer.body, job.msg["dest"])
 
+    async def attached(self, remote_id: str) -> dict[str, str]:
+        """
+        C{{name: md5}} from the remote message's read form (C{GET
+        <id>.json}); empty when it cannot be had.
+        """
+        try:
+            answer = await self._http.request(b"GET", remote_id.rstrip("/") + ".json")
+        except SoftFailure:
+            return {}
+        return parse_attached(answer.code, answer.body)
+
     async def commit(self, remote_id: str) -> None:
+        """
+        Commit the remote message.
+        """
         url, body = commit_request(remote_id)
         answer = await self._http.post_form(url, body)
         expect_ok(answer.code, answer.body, "commit")
 
     async def attach(self, remote_id: str, attachment: _Attachment) -> None:
+        """
+        Upload one attachment: resumable C{PUT} when the peer has it and the file is big enough, else multipart.
+        """
         relayer = self._relayer
         peer = remote_id.split("/q/", 1)[0]
         if attachment.size >= relayer.config.resumable_min and not relayer.lacks_resume(peer):
@@ -901,7 +1025,7 @@ class RemotePeer:
         short = remote_id.rstrip("/").rsplit("/", 1)[-1]
         cooperator = self._relayer.cooperator
         self._job.log(f"attach {a.name} ({a.size} bytes, multipart)")
-        # The content type needs the boundary: make the producer first.
+        # The boundary is in the Content-Type header and in the body.
         boundary = "rq-" + os.urandom(12).hex()
 
         def make(progress: Callable[[int], None]) -> IBodyProducer:
@@ -1090,7 +1214,7 @@ class Relayer:
             job.report(f"fail {LOOP_REASON}")
             return
         local = not force and same_host(dest, self.instance.settings.base_url)
-        peer: Any = LocalPeer(self.instance) if local else RemotePeer(self, job)
+        peer: Peer = LocalPeer(self.instance) if local else RemotePeer(self, job)
         job.log(f"attempting {'local' if local else 'remote'} {dest}")
         try:
             remote_id = await self._deliver(job, peer)
@@ -1110,8 +1234,9 @@ class Relayer:
         job.log(f"attempt failed: {reason}; retry in {delay}s")
         job.report(f"resend {delay}-{reason}")
 
-    async def _deliver(self, job: "InProcessJob", peer: Any) -> str:
+    async def _deliver(self, job: "InProcessJob", peer: Peer) -> str:
         remote_id = self.read_relay_id(job)
+        have: dict[str, str] = {}
         if remote_id is not None:
             state = await peer.state(remote_id)
             job.log(f"remote {remote_id} is {state or 'unknown'}")
@@ -1120,6 +1245,8 @@ class Relayer:
                 remote_id = None
             elif state != "prep":
                 return remote_id
+            else:
+                have = await peer.attached(remote_id)
         saved: Deferred[None] = succeed(None)
         if remote_id is None:
             job.report("run prep")
@@ -1131,6 +1258,9 @@ class Relayer:
         try:
             attachments = await self._attachments(job)
             for a in attachments:
+                if have.get(a.name) == a.md5:
+                    job.log(f"attach {a.name}: on the remote already")
+                    continue
                 job.report(f"run attach {a.name}")
                 await peer.attach(remote_id, a)
         finally:

@@ -446,6 +446,7 @@ def netns_pair(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
             d.teardown()
         for name in ns:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"va{tag}"], capture_output=True)
 
 
 def test_relay_across_network_namespaces(netns_pair: tuple[Daemon, Daemon], tmp_path: Path) -> None:

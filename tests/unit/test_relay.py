@@ -39,6 +39,7 @@ from rqtwisted.relay import (
     commit_request,
     md5_file,
     parse_answer,
+    parse_attached,
     parse_held,
     parse_prep,
     parse_state,
@@ -158,8 +159,12 @@ class OriginalRQ:
             fields[part.name] = part
         part = fields["filedata"]
         path = os.path.join(self.instance.root.path, "tmp", f"upload-{part.filename}")
+        data = part.raw
+        if kind == "corrupt":
+            # Damaged on the way: the far side stores and sums other bytes.
+            kind, data = None, bytes([data[0] ^ 1]) + data[1:]
         with open(path, "wb") as f:
-            f.write(part.raw)
+            f.write(data)
         assert fields["pathname"].value == part.filename
         assert fields["msg_id"].value == msg_id
         assert fields["x_format"].value == "json"
@@ -231,6 +236,19 @@ class OriginalRQ:
                 return fail(e)
 
         return self._answer(request, kind, None, run)
+
+    @app.route("/q/<name>/<msg_id>.json", methods=["GET"])
+    def read_form(self, request, name, msg_id):
+        self._record(request, "json")
+        kind = self._fault("json", request)
+        if kind is not None:
+            return self._answer(request, kind, None)
+        try:
+            msg = self.instance.queue(name).get(msg_id)
+        except MessageError:
+            request.setResponseCode(404)
+            return b"Not Found"
+        return json.dumps(msg).encode()
 
     @app.route("/q/<name>/<msg_id>/state.json", methods=["GET"])
     def state(self, request, name, msg_id):
@@ -431,6 +449,15 @@ def test_parse_state():
         parse_state(200, b"[]")
 
 
+def test_parse_attached():
+    body = json.dumps({"msg_id": "1", "_attachments": {"a": {"md5": "x", "size": 1}, "b": {"size": 2}}}).encode()
+    assert parse_attached(200, body) == {"a": "x"}
+    assert parse_attached(200, b'{"msg_id": "1"}') == {}
+    assert parse_attached(200, b"<html>") == {}
+    assert parse_attached(200, b"[1]") == {}
+    assert parse_attached(404, body) == {}
+
+
 def test_parse_held():
     h = Headers()
     assert parse_held(200, h, b"", 10) == 10
@@ -537,7 +564,7 @@ def test_resumable_upload_resumes(tmp_path, monkeypatch):
     world.peer.partial[(prepped, "big")] = bytearray(data[:40_000])
     world.retry(msg_id)
     assert world.state(msg_id) == "relayed", world.status(msg_id)
-    assert world.steps() == ["prep", "put", "state", "put", "put", "commit"]
+    assert world.steps() == ["prep", "put", "state", "json", "put", "put", "commit"]
     assert world.peer.headers[-2].getRawHeaders("content-range") == ["bytes 40000-99999/100000"]
     assert world.peer.bodies["put"][-1] == data[40_000:]
     assert world.committed() == [prepped]
@@ -573,7 +600,7 @@ def test_resumable_refusal_is_not_an_original_peer(tmp_path, monkeypatch):
     assert not world.relayer.lacks_resume("http://farhost:3333")
     world.retry(msg_id)
     assert world.state(msg_id) == "relayed"
-    assert world.steps() == ["prep", "put", "state", "put", "put", "commit"]
+    assert world.steps() == ["prep", "put", "state", "json", "put", "put", "commit"]
 
 
 def test_resumable_probe_unknown_message(tmp_path, monkeypatch):
@@ -690,7 +717,7 @@ def test_wrong_md5_never_commits(world):
     A wrong md5 is a soft failure; the retry reuses the prepared message,
     uploads again and commits once.
     """
-    world.peer.faults = [("attach", "md5")]
+    world.peer.faults = [("attach", "corrupt")]
     msg_id = world.send(attachments=[("f", b"data")])
     world.settle()
     assert world.state(msg_id) == "que"
@@ -702,7 +729,49 @@ def test_wrong_md5_never_commits(world):
     world.retry(msg_id)
     assert world.state(msg_id) == "relayed"
     assert world.committed() == [prepped]
-    assert world.steps() == ["prep", "attach", "state", "attach", "commit"]
+    assert world.steps() == ["prep", "attach", "state", "json", "attach", "commit"]
+    got = world.far.queue("inbox").get(prepped)["_attachments"]["f"]["md5"]
+    assert got == hashlib.md5(b"data").hexdigest()
+
+
+def test_md5_answer_mismatch(world):
+    """
+    An answer with another md5 than ours is a soft failure even when the
+    bytes arrived intact.
+    """
+    world.peer.faults = [("attach", "md5")]
+    msg_id = world.send(attachments=[("f", b"data")])
+    world.settle()
+    assert world.state(msg_id) == "que"
+    assert "md5 mismatch" in world.status(msg_id)
+    assert world.committed() == []
+
+
+def test_retry_skips_attachments_the_remote_has(world):
+    """
+    After a failed commit, the retry finds the prepared remote message with
+    its attachments (read form) and only commits.
+    """
+    world.peer.faults = [("commit", "500")]
+    files = [("a", b"first"), ("b", b"second")]
+    msg_id = world.send(attachments=files)
+    world.settle()
+    assert world.state(msg_id) == "que"
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
+    assert world.steps() == ["prep", "attach", "attach", "commit", "state", "json", "commit"]
+    [remote] = world.committed()
+    got = world.far.queue("inbox").get(remote)["_attachments"]
+    assert {n: a["md5"] for n, a in got.items()} == {n: hashlib.md5(d).hexdigest() for n, d in files}
+
+
+def test_retry_with_unreadable_read_form_uploads_again(world):
+    world.peer.faults = [("commit", "500"), ("json", "garbage")]
+    msg_id = world.send(attachments=[("a", b"first")])
+    world.settle()
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
+    assert world.steps() == ["prep", "attach", "commit", "state", "json", "attach", "commit"]
 
 
 def test_close_mid_upload(world):
@@ -969,6 +1038,30 @@ def test_stop_while_reading_an_answer(world):
     world._result(world.near.restart_queue("relay"))
     world.settle()
     assert world.state(msg_id) == "relayed"
-    assert world.steps() == ["prep", "commit", "state", "commit"]
+    assert world.steps() == ["prep", "commit", "state", "json", "commit"]
     assert len(world.committed()) == 1
     assert world.relay.get(msg_id)["count"] == 0
+
+
+def test_real_app_restart_with_prepared_remote(real):
+    """
+    A relay_id naming a prepared remote message that has the attachment
+    already: the retry only commits it.
+    """
+    data = b"already there"
+    path = os.path.join(real.far.root.path, "tmp", "pre")
+    with open(path, "wb") as f:
+        f.write(data)
+    inbox = real.far.queue("inbox")
+    remote = real._result(inbox.create({"dest": FAR}, "prep"))
+    real._result(inbox.attach(remote.rsplit("/", 1)[1], path, "f"))
+    msg_id = real.send(attachments=[("f", data)])
+    job = os.path.join(real.relay.store.msg_dir("run", msg_id), "job")
+    os.makedirs(job, exist_ok=True)
+    with open(os.path.join(job, "relay_id"), "w") as f:
+        f.write(remote)
+    real.settle()
+    assert real.state(msg_id) == "relayed", real.status(msg_id)
+    assert real.committed() == [remote.rsplit("/", 1)[1]]
+    log = open(os.path.join(real.relay.store.msg_dir("relayed", msg_id), "job", "stdio.log")).read()
+    assert "attach f: on the remote already" in log
