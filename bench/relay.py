@@ -6,8 +6,8 @@ whose script only reports C{done}), starts both daemons and measures:
 
  1. I{small messages}: N messages (C{rq sendmesg --dest
     http://localhost:<b>/q/inbox --relay-ok}, the same admin call) enqueued
-    on C{a}; msg/s is N over the time from the first enqueue until C{a}'s
-    C{relay} queue has relayed all N;
+    on C{a} while its C{relay} queue is paused; msg/s is N over the time
+    from resuming it until it has relayed all N;
  2. I{a large attachment}: one message with one attachment of C{--size-mb}
     MiB (default 2048); MB/s is its size over the time from the commit on
     C{a} until C{a} reports it relayed (the far side has checked its md5),
@@ -20,6 +20,10 @@ Run from the project root with the Python of the environment rqtwisted is
 installed in (C{twistd} is looked up next to it)::
 
     python bench/relay.py [--messages N] [--size-mb M] [--dir DIR] [--relay-workers K]
+
+C{--size-mb 0} measures small messages only. The bench stops, printing
+why the queued messages wait (their status), when nothing is relayed for
+20 s.
 """
 
 from __future__ import annotations
@@ -142,14 +146,43 @@ class Daemon:
         return vm_kib(self.proc.pid, "VmHWM")
 
 
-def wait_relayed(a: Daemon, total: int, timeout: float) -> None:
+def queued_statuses(a: Daemon, limit: int = 5) -> list[str]:
+    """
+    C{<id> due in <s>s: <status>} of the first queued relay messages (why
+    they wait: back-off after failed attempts shows its reason here).
+    """
+    que = os.path.join(a.root, "queue", "relay", "que")
+    out = []
+    for msg_id in sorted(os.listdir(que))[:limit]:
+        try:
+            with open(os.path.join(que, msg_id, "msg")) as f:
+                due = json.load(f).get("due", 0)
+            with open(os.path.join(que, msg_id, "status")) as f:
+                text = json.load(f).get("job_status")
+        except (OSError, ValueError):
+            due, text = 0, None
+        out.append(f"{msg_id} due in {float(due) - time.time():.0f}s: {text}")
+    return out
+
+
+def wait_relayed(a: Daemon, total: int, timeout: float, stall: float = 20.0) -> None:
+    """
+    Wait until C{a}'s relay queue has relayed C{total} messages. Gives up,
+    saying why messages wait, when nothing was relayed for C{stall} seconds.
+    """
     deadline = time.monotonic() + timeout
+    last, moved = -1, time.monotonic()
     while time.monotonic() < deadline:
         counts = a.counts("relay")
         if counts.get("relayed", 0) >= total:
             return
         if counts.get("err", 0):
             raise SystemExit(f"relay err: {counts}")
+        if counts.get("relayed", 0) != last:
+            last, moved = counts.get("relayed", 0), time.monotonic()
+        elif time.monotonic() - moved > stall:
+            lines = "\n  ".join(queued_statuses(a))
+            raise SystemExit(f"no progress for {stall:g}s: {counts}\n  {lines}")
         time.sleep(0.02)
     raise SystemExit(f"timed out: {a.counts('relay')}")
 
@@ -193,7 +226,9 @@ def main() -> None:
         print(f"relay bench: {options.messages} small messages, {options.size_mb} MiB attachment, "
               f"relay num_workers {options.relay_workers}, load {os.getloadavg()[0]:.2f}")
 
-        # 1. small messages
+        # 1. small messages, enqueued while the relay queue is paused (the
+        # admin socket's enqueue rate must not cap the figure), then relayed
+        a.call("QueueAdmin", action="pause", name="relay")
         start = time.monotonic()
         for i in range(options.messages):
             status, detail = a.call(
@@ -201,35 +236,14 @@ def main() -> None:
             )
             assert status == "ok", detail
         enqueued = time.monotonic() - start
+        start = time.monotonic()
+        a.call("QueueAdmin", action="resume", name="relay")
         wait_relayed(a, options.messages, 600)
         took = time.monotonic() - start
         print(f"small messages: {options.messages / took:8.1f} msg/s "
-              f"({options.messages} in {took:.2f}s; enqueue alone {options.messages / enqueued:.0f} msg/s)")
-
-        # 2. one large attachment
-        big = os.path.join(base, "big.bin")
-        make_file(big, options.size_mb)
-        size = os.path.getsize(big)
-        hwm_before = (a.hwm(), b.hwm())
-        status, full = a.call("CreateMessage", message=json.dumps({"dest": dest}), method="prep", relay_ok="1")
-        assert status == "ok", full
-        status, detail = a.call("AttachMessage", msg_id=full, pathname=big, name="big.bin")
-        assert status == "ok", detail
-        start = time.monotonic()
-        status, detail = a.call("MessageAction", action="commit", msg_id=full)
-        assert status == "ok", detail
-        wait_relayed(a, options.messages + 1, 3600)
-        took = time.monotonic() - start
-        hwm_after = (a.hwm(), b.hwm())
-        mb = size / 1e6
-        print(f"large attachment: {mb / took:8.1f} MB/s ({size} bytes in {took:.2f}s, md5 on both sides included)")
-        # Best of two of each: the first copy may read a cold file.
-        cp = min(timed_cp(big, big + ".copy", sync=False) for _ in range(2))
-        cp_sync = min(timed_cp(big, big + ".copy", sync=True) for _ in range(2))
-        print(f"cp same file:     {mb / cp:8.1f} MB/s ({cp:.2f}s); cp + sync {mb / cp_sync:.1f} MB/s ({cp_sync:.2f}s)")
-        for name, before, after in zip(("a (sender)", "b (receiver)"), hwm_before, hwm_after):
-            print(f"peak RSS {name}: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after "
-                  f"(+{(after - before) / 1024:.1f} MiB)")
+              f"({options.messages} relayed in {took:.2f}s; enqueue alone {options.messages / enqueued:.0f} msg/s)")
+        if options.size_mb > 0:
+            large(a, b, dest, base, options.messages, options.size_mb)
     except BaseException:
         a.stop()
         b.stop()
@@ -239,6 +253,37 @@ def main() -> None:
         a.stop()
         b.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def large(a: Daemon, b: Daemon, dest: str, base: str, relayed: int, size_mb: int) -> None:
+    """
+    Relay one message with a C{size_mb} MiB attachment; print MB/s beside
+    C{cp}, and both daemons' peak RSS before and after.
+    """
+    # 2. one large attachment
+    big = os.path.join(base, "big.bin")
+    make_file(big, size_mb)
+    size = os.path.getsize(big)
+    hwm_before = (a.hwm(), b.hwm())
+    status, full = a.call("CreateMessage", message=json.dumps({"dest": dest}), method="prep", relay_ok="1")
+    assert status == "ok", full
+    status, detail = a.call("AttachMessage", msg_id=full, pathname=big, name="big.bin")
+    assert status == "ok", detail
+    start = time.monotonic()
+    status, detail = a.call("MessageAction", action="commit", msg_id=full)
+    assert status == "ok", detail
+    wait_relayed(a, relayed + 1, 3600)
+    took = time.monotonic() - start
+    hwm_after = (a.hwm(), b.hwm())
+    mb = size / 1e6
+    print(f"large attachment: {mb / took:8.1f} MB/s ({size} bytes in {took:.2f}s, md5 on both sides included)")
+    # Best of two of each: the first copy may read a cold file.
+    cp = min(timed_cp(big, big + ".copy", sync=False) for _ in range(2))
+    cp_sync = min(timed_cp(big, big + ".copy", sync=True) for _ in range(2))
+    print(f"cp same file:     {mb / cp:8.1f} MB/s ({cp:.2f}s); cp + sync {mb / cp_sync:.1f} MB/s ({cp_sync:.2f}s)")
+    for name, before, after in zip(("a (sender)", "b (receiver)"), hwm_before, hwm_after):
+        print(f"peak RSS {name}: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after "
+              f"(+{(after - before) / 1024:.1f} MiB)")
 
 
 if __name__ == "__main__":

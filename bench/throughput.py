@@ -38,6 +38,7 @@ import os
 import platform
 import re
 import resource
+import secrets
 import shutil
 import signal
 import statistics
@@ -579,7 +580,10 @@ def run_phase(base: str, script: str, workers: int, variant: str, label: str, op
     """
     Start a daemon on a fresh root, run one variant, stop the daemon.
     """
-    phase_dir = os.path.join(base, label)
+    # A name of its own: ext4 picks a top-level directory's block group
+    # starting from a hash of its name, and a fixed name would land where
+    # the previous run, just removed, was.
+    phase_dir = os.path.join(base, f"{label}-{secrets.token_hex(4)}")
     os.makedirs(phase_dir)
     root = os.path.join(phase_dir, "root")
     cprofile = os.path.join(options.cprofile, f"{label}.prof") if options.cprofile else None
@@ -733,10 +737,7 @@ def print_report(
         )
     for k in sorted(raw19 or {}):
         assert raw19 is not None
-        print(
-            f"  concurrency {k}, children reniced to 19 as workers are: {raw19[k].rate:6.0f} spawns/s"
-            f" (ratio against it: see below)"
-        )
+        print(f"  concurrency {k}, children reniced to 19 as workers are: {raw19[k].rate:6.0f} spawns/s")
     print()
     header = (
         f"{'workers':>7} {'variant':<7} {'load':>4} {'enqueue/s':>9} {'msg/s':>6} {'secs':>6} {'raw/s':>6}"
@@ -768,7 +769,7 @@ def print_report(
   ratio       msg/s / raw spawn rate at concurrency = workers
   daemon      daemon CPU (user+sys, every thread) per message over the msg/s span
               (live: enqueueing included); reactor: the main thread's part of it,
-              the rest is the fsync thread pool
+              the rest is the fsync and spawn threads
   enqueue     paused: daemon CPU per message while the messages were enqueued
   workers     CPU of the reaped worker processes per message (the script; launcher + script
               where the daemon falls back to its /bin/sh launcher)
@@ -897,6 +898,17 @@ def main(argv: list[str] | None = None) -> int:
         f"run directory {base}: "
         + ("each run's root in block groups of its own (ext4 T attribute)" if spread
            else "roots share the parent's block groups (--no-spread, or not ext4)"),
+        flush=True,
+    )
+    try:
+        from rqtwisted.spawn import DirectSpawner
+
+        direct = DirectSpawner.available()
+    except ImportError:
+        direct = False
+    print(
+        "workers: " + ("the script spawned directly (rqtwisted.spawn)" if direct
+                       else "through the /bin/sh launcher (no direct spawner on this system)"),
         flush=True,
     )
     job = os.path.join(base, "job")

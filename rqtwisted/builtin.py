@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Union
 
-from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -195,6 +195,7 @@ class InProcessWorker:
         self._replies: list[Deferred[str]] = []
         self._deferred: Deferred[None] | None = None
         self._signal: int | None = None
+        self._file: Any = None
         self.exited = False
 
     def _report(self, line: str) -> None:
@@ -208,12 +209,31 @@ class InProcessWorker:
 
     def _log(self, text: str) -> None:
         stamp = start_line_time(time.time())
-        line = f"{os.getpid()} - {stamp} - {text}\n".encode("utf-8", "replace")
+        self._write(f"{os.getpid()} - {stamp} - {text}\n".encode("utf-8", "replace"))
+
+    def _write(self, data: bytes) -> None:
+        """
+        Append to the job's C{stdio.log}, kept open (unbuffered) while the
+        job runs.
+        """
         try:
-            with open(self._stdio, "ab") as f:
-                f.write(line)
+            if self._file is None:
+                if self.exited:
+                    with open(self._stdio, "ab") as f:
+                        f.write(data)
+                    return
+                self._file = open(self._stdio, "ab", buffering=0)
+            self._file.write(data)
         except OSError as e:
             _log.warn("cannot write {path}: {error}", path=self._stdio, error=e)
+
+    def _close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
 
     def reply(self, line: str) -> None:
         """
@@ -229,13 +249,20 @@ class InProcessWorker:
         if self.exited:
             return
         self._signal = sig
-        if self._deferred is not None:
-            self._deferred.cancel()
+        if self._deferred is None:
+            return  # not started: _run exits at once
+        self._deferred.cancel()
+        if not self.exited:
+            # The handler swallowed its cancellation: the job ends here all
+            # the same (its slot is freed; later reports are ignored).
+            self._log(f"cancelled (signal {sig}); the handler did not stop")
+            self._exit(None, sig)
 
     def _exit(self, code: int | None, sig: int | None) -> None:
         if self.exited:
             return
         self.exited = True
+        self._close()
         for d in self._replies:
             d.cancel()
         self._replies = []
@@ -255,6 +282,10 @@ class InProcessWorker:
         self._deferred = d
 
         def finished(result: object) -> None:
+            if self.exited:
+                if isinstance(result, Failure) and not result.check(CancelledError):
+                    _log.failure("{queue} handler failed after its end", result, queue=job.queue)
+                return
             if self._signal is not None:
                 job.log(f"cancelled (signal {self._signal})")
                 self._exit(None, self._signal)
@@ -362,9 +393,8 @@ class BuiltinSpawner:
             clock=self._instance.clock,
             _worker=worker,
         )
-        with open(stdio, "ab") as f:
-            stamp = start_line_time(time.time())
-            f.write(f"\n{os.getpid()} - {stamp} - RQ START - in-process {self._name}\n".encode())
+        stamp = start_line_time(time.time())
+        worker._write(f"\n{os.getpid()} - {stamp} - RQ START - in-process {self._name}\n".encode())
         # Like spawn_worker: no event before this returns.
         self._instance.clock.callLater(0, worker._run, handler, job)
         return worker

@@ -305,12 +305,8 @@ def _attach_status(inv: Invocation) -> Outcome:
 def _verify_rules(inv: Invocation) -> Outcome:
     path = inv.text("path")
     verbose = inv.flag("verbose")
-    try:
-        from rqtwisted.router import verify_rules_file
-    except ImportError as e:
-        if e.name != "rqtwisted.router":
-            raise
-        raise CommandFailed("verify_rules is not available") from None
+    from rqtwisted.rules import verify_rules_file
+
     ok, text = verify_rules_file(path, verbose)
     lines = ["ok" if ok else "fail bad router rules file"]
     if verbose and text:

@@ -15,13 +15,14 @@ C{rq reload} and SIGHUP do the same at once.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import Service
+from twisted.application.internet import TimerService
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from rqtwisted.filekey import FileKey, file_key
 from rqtwisted.message import valid_queue_name
 
 if TYPE_CHECKING:
@@ -32,13 +33,14 @@ _log = Logger()
 #: Seconds between polls.
 POLL_INTERVAL = 2.0
 
-Snapshot = dict[str, "tuple[int, int, int] | None"]
+#: Queue name -> the key of its config.json (None: unreadable).
+Snapshot = dict[str, FileKey | None]
 
 
 def snapshot(queue_dir: str) -> Snapshot:
     """
-    C{{name: (size, mtime_ns, inode) of its config.json, or None}} for each
-    validly named entry of C{queue_dir}.
+    C{{name: L{file_key} of its config.json}} for each validly named entry
+    of C{queue_dir}.
     """
     try:
         names = os.listdir(queue_dir)
@@ -48,18 +50,14 @@ def snapshot(queue_dir: str) -> Snapshot:
     for name in names:
         if not valid_queue_name(name):
             continue
-        try:
-            st = os.stat(os.path.join(queue_dir, name, "config.json"))
-        except OSError:
-            out[name] = None
-            continue
-        out[name] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        out[name] = file_key(os.path.join(queue_dir, name, "config.json"))
     return out
 
 
-class ConfigWatcher(Service):
+class ConfigWatcher(TimerService):
     """
-    Reloads queue configs when their files change.
+    Reloads queue configs when their files change: L{poll} every
+    C{interval} seconds from start.
     """
 
     def __init__(self, instance: "Instance", clock: IReactorTime, interval: float = POLL_INTERVAL) -> None:
@@ -68,39 +66,28 @@ class ConfigWatcher(Service):
         @param clock: time source.
         @param interval: seconds between polls.
         """
-        self.instance = instance
+        super().__init__(interval, self.poll)
         self.clock = clock
-        self.interval = interval
+        self.instance = instance
         self._last: Snapshot | None = None
-        self._loop: LoopingCall | None = None
 
-    def startService(self) -> None:
+    def stopService(self) -> Any:
         """
-        Take the first snapshot now, poll every L{interval} seconds.
+        Stop polling; the next start takes a fresh first snapshot.
         """
-        super().startService()
-        self._last = snapshot(self.instance.root.queue_dir)
-        self._loop = LoopingCall(self.poll)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False).addErrback(lambda f: _log.failure("config polling stopped", f))
-
-    def stopService(self) -> None:
-        """
-        Stop polling.
-        """
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        self._last = None
+        return super().stopService()
 
     def poll(self) -> bool:
         """
         Reload if anything changed since the last poll; C{True} if it did.
+        The first poll after start only takes the snapshot.
         """
         current = snapshot(self.instance.root.queue_dir)
-        if current == self._last:
+        if self._last is None or current == self._last:
+            self._last = current
             return False
         self._last = current
-        d = self.instance.reload_configs()
+        d = maybeDeferred(self.instance.reload_configs)
         d.addErrback(lambda f: _log.failure("config reload failed", f))
         return True

@@ -361,7 +361,7 @@ class QueueService(Service):
         msg = self.que.pop(msg_id)
         job = Job(msg_id, msg)
         self.run[msg_id] = job
-        self.store.move(msg_id, "que", "run")
+        self.store.move_soon(msg_id, "que", "run")
         if self.config.coalesce_params:
             key = params_tuple(msg, self.config.coalesce_params)
             for other in [o for o, m in self.que.items() if params_tuple(m, self.config.coalesce_params) == key]:
@@ -463,21 +463,21 @@ class QueueService(Service):
         del self.run[msg_id]
         self.store.clear_pid(msg_id)
         if state == "que":
-            self.store.move(msg_id, "run", "que")
+            self.store.move_soon(msg_id, "run", "que")
             self._enqueue(msg_id, job.msg)
             self._release_dups(job)
             return
         if job.dups and state in ("done", "relayed"):
             job.msg["dups"] = [self.full_id(d) for d in job.dups]
             self.store.write_msg("run", msg_id, job.msg)
-        self.store.move(msg_id, "run", state)
+        self.store.move_soon(msg_id, "run", state)
         self.counts[state] += 1
         if state in ("done", "relayed"):
             for dup in job.dups:
                 self.held.pop(dup, None)
                 try:
                     self.store.write_status("que", dup, f"duplicate {self.full_id(msg_id)}")
-                    self.store.move(dup, "que", state)
+                    self.store.move_soon(dup, "que", state)
                 except OSError as e:
                     # Removed behind our back: nothing left to settle.
                     _log.warn("queue {queue}: coalesced {dup} not settled: {error}", queue=self.name, dup=dup, error=e)

@@ -294,7 +294,7 @@ class Root:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise ConfigError(f"could not read queue config [ {path} ]: {e}")
         return QueueConfig.fromDict(data, dirname=name)
 

@@ -44,6 +44,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from rqtwisted.filekey import file_key
 from rqtwisted.message import MessageError, valid_queue_name
 from rqtwisted.root import ConfigError, QueueConfig, write_json
 
@@ -72,14 +73,6 @@ class ScandirError(Exception):
         self.reason = reason
 
 
-def _stat_key(path: str) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
-
-
 def entry_config(name: str, target: str) -> QueueConfig:
     """
     The queue config an entry whose real directory is C{target} asks for.
@@ -93,23 +86,12 @@ def entry_config(name: str, target: str) -> QueueConfig:
     run = os.path.realpath(os.path.join(target, "run"))
     if not os.path.isfile(run) or not os.access(run, os.X_OK):
         raise ScandirError(f"no executable run in {target}")
-    data: Any = {}
     path = os.path.join(target, "config.json")
-    if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ScandirError(f"cannot read {path}: {e}")
-        if not isinstance(data, dict):
-            raise ScandirError(f"{path} must hold a JSON object")
+    data = _read_object(path) if os.path.exists(path) else {}
     data = dict(data, name=name, script=run)
     data.setdefault("num_workers", "1")
     data.setdefault("exec_prefix", "")
-    try:
-        return QueueConfig.fromDict(data)
-    except ConfigError as e:
-        raise ScandirError(f"{path}: {e.reason}")
+    return _queue_config(path, data)
 
 
 def file_config(name: str, path: str) -> QueueConfig:
@@ -119,15 +101,33 @@ def file_config(name: str, path: str) -> QueueConfig:
 
     @raise ScandirError: unreadable or invalid.
     """
+    return _queue_config(path, dict(_read_object(path), name=name))
+
+
+def _read_object(path: str) -> dict[str, Any]:
+    """
+    The JSON object in file C{path}.
+
+    @raise ScandirError: unreadable, not JSON, or not an object.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ScandirError(f"cannot read {path}: {e}")
     if not isinstance(data, dict):
         raise ScandirError(f"{path} must hold a JSON object")
+    return data
+
+
+def _queue_config(path: str, data: dict[str, Any]) -> QueueConfig:
+    """
+    Validate the queue config read from C{path}.
+
+    @raise ScandirError: invalid (the reason names C{path}).
+    """
     try:
-        return QueueConfig.fromDict(dict(data, name=name))
+        return QueueConfig.fromDict(data)
     except ConfigError as e:
         raise ScandirError(f"{path}: {e.reason}")
 
@@ -256,8 +256,8 @@ class ScandirService(Service):
         target = entry.target
         fingerprint = (
             target,
-            _stat_key(target) if os.path.isfile(target) else _stat_key(os.path.join(target, "config.json")),
-            _stat_key(os.path.join(target, "run")),
+            file_key(target) if os.path.isfile(target) else file_key(os.path.join(target, "config.json")),
+            file_key(os.path.join(target, "run")),
             os.path.realpath(os.path.join(target, "run")),
             os.path.exists(os.path.join(target, "form.json")),
         )

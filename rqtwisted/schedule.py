@@ -281,7 +281,7 @@ class QueueCron:
                 data = json.load(f)
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             _log.warn("cron record {path} unreadable ({error}); starting afresh", path=self.state_path, error=e)
             return {}
         if not isinstance(data, dict):

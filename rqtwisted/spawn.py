@@ -33,6 +33,7 @@ C{posix_spawn_file_actions_addclosefrom_np} and C{POSIX_SPAWN_SETSID} (glibc
 from __future__ import annotations
 
 import _signal as _csignal
+import atexit
 import ctypes
 import errno
 import os
@@ -187,9 +188,15 @@ class _SpawnThread:
         self._started.wait()
 
     def submit(self, request: _Request | None) -> None:
+        """
+        Hand a spawn to the thread (L{None} ends it).
+        """
         self._requests.put(request)
 
     def join(self) -> None:
+        """
+        Wait (a little) for the thread to end.
+        """
         self._thread.join(5)
 
     def _run(self) -> None:
@@ -239,7 +246,9 @@ class _SpawnThread:
             except OSError as e:
                 # ENXIO: the caller is not at the FIFO yet.
                 if e.errno not in (errno.ENXIO, errno.EMFILE, errno.ENFILE, errno.EINTR):
-                    raise
+                    # The FIFO is gone: the caller cannot be waiting on it.
+                    request.passed.wait()
+                    return
                 wait.wait(0.001)
                 continue
             request.passed.wait()
@@ -263,6 +272,9 @@ class DirectSpawner:
         self._dir: str | None = None
         self._attr = ctypes.create_string_buffer(_STRUCT_SIZE)
         self._attr_ready = False
+        #: Set when the FIFOs went missing: the caller should spawn some
+        #: other way.
+        self.broken = False
 
     @staticmethod
     def available() -> bool:
@@ -321,9 +333,16 @@ class DirectSpawner:
         with self._idle_lock:
             if self._idle_threads:
                 return self._idle_threads.pop()
-        if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="rq-spawn-")
-        thread = _SpawnThread(self, self._dir, len(self._threads))
+        try:
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix="rq-spawn-")
+                # The spawn threads are daemon threads: nothing else ends them.
+                atexit.register(shutil.rmtree, self._dir, True)
+            thread = _SpawnThread(self, self._dir, len(self._threads))
+        except OSError as e:
+            self._free.release()
+            self.broken = True
+            raise SpawnFailed(e.errno or errno.EIO, f"spawn thread: {e}")
         self._threads.append(thread)
         return thread
 
@@ -422,7 +441,13 @@ class DirectSpawner:
         """
         Meet the child at the gate, set it up, let it go on.
         """
-        fd = _open_fifo(thread.fifo_in, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = _open_fifo(thread.fifo_in, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            # The FIFOs were removed (a cleaner of $TMPDIR?): the child
+            # cannot reach them either.
+            self.broken = True
+            raise SpawnFailed(e.errno or errno.EIO, f"spawn gate: {e}")
         os.close(fd)
         if request.early is not None:
             raise SpawnFailed(request.early, os.strerror(request.early))
@@ -432,11 +457,23 @@ class DirectSpawner:
             os.write(log_fd, line(pid))
         except OSError as e:
             request.abandoned = True
-            request.release_fd = _open_fifo(thread.fifo_out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._release(thread, request)
             raise SpawnFailed(e.errno or errno.EIO, f"cannot set the child up: {e}")
         request.pid = pid
-        request.release_fd = _open_fifo(thread.fifo_out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._release(thread, request)
         return pid
+
+    def _release(self, thread: _SpawnThread, request: _Request) -> None:
+        """
+        Let the child past the gate.
+        """
+        try:
+            request.release_fd = _open_fifo(thread.fifo_out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            # The child cannot open it either: it fails before its exec.
+            self.broken = True
+            request.abandoned = True
+            raise SpawnFailed(e.errno or errno.EIO, f"spawn gate: {e}")
 
     def _find_child(self, thread: _SpawnThread) -> int:
         """

@@ -120,6 +120,14 @@ def cached_md5(path: str) -> str:
     return digest
 
 
+def known_md5(path: str) -> str | None:
+    """
+    The md5 of the file at C{path} if this process knows it already (see
+    L{cached_md5}), without reading the file; L{None} otherwise.
+    """
+    return _MD5_CACHE.get(_md5_key(os.stat(path)))
+
+
 def check_attachment_name(name: str) -> None:
     """
     Refuse attachment names that are dot-files, hold a reserved character or
@@ -503,8 +511,22 @@ class QueueStore:
         Move a message between states by one C{rename}; the result fires once
         both directory entries are durable.
         """
+        return self._syncer.sync(*self._move(msg_id, source, target))
+
+    def move_soon(self, msg_id: str, source: str, target: str) -> None:
+        """
+        L{move}, for a move nobody waits for (the queue's own moves to and
+        from C{run/}): its directories are synced with a later round.
+        """
+        self._syncer.later(*self._move(msg_id, source, target))
+
+    def _move(self, msg_id: str, source: str, target: str) -> list[str]:
+        """
+        Rename a message's directory; the directories to sync, the one that
+        gained the entry first.
+        """
         dest = self.msg_dir(target, msg_id)
-        sync = [self.state_dir(source)]
+        sync = []
         if target in HASHED_STATES:
             parent = os.path.dirname(dest)
             if parent not in self._hashdirs:
@@ -513,6 +535,7 @@ class QueueStore:
             sync.append(parent)
         else:
             sync.append(self.state_dir(target))
+        sync.append(self.state_dir(source))
         os.rename(self.msg_dir(source, msg_id), dest)
         if self.observer is not None:
             self.observer.moved(msg_id, source, target)
@@ -520,7 +543,7 @@ class QueueStore:
             self.drop_partials(msg_id)
         if source in HASHED_STATES:
             sync.append(os.path.dirname(self.msg_dir(source, msg_id)))
-        return self._syncer.sync(*sync)
+        return sync
 
     def _makedirs(self, path: str) -> list[str]:
         """

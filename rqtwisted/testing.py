@@ -33,6 +33,21 @@ def syncNow(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return fail(Failure())
 
 
+def result_of(d: Deferred[Any]) -> Any:
+    """
+    The result of a L{Deferred} that has already fired; its failure is
+    raised. For tests driven by a L{Clock}, where nothing waits.
+
+    @raise AssertionError: C{d} has not fired.
+    """
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
 def immediateSyncer() -> Syncer:
     """
     A L{Syncer} whose rounds run synchronously.

@@ -17,7 +17,8 @@ Due times live in memory: after a restart every timer is new, so it fires
 once at start.
 
 C{rq status} shows every timer (L{TimerService.status}):
-C{{"name", "period", "next_run", "last_run", "error"}}.
+C{{"name", "period", "dest", "next_run", "last_run", "sent", "error"}}; the
+home page lists them.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from twisted.application.service import Service
+from twisted.application import internet
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rqtwisted.filekey import FileKey, file_key
 from rqtwisted.message import MessageError
 
 _log = Logger()
@@ -110,7 +111,7 @@ class Timer:
     """
     One timer file and its schedule.
 
-    @ivar stat: C{(size, mtime_ns, inode)} of the file when last read.
+    @ivar stat: the L{file_key} of the file when last read.
     @ivar next_run: epoch seconds of its next run (C{None}: invalid).
     @ivar last_run: epoch seconds of its last run, if any.
     @ivar error: why the file is invalid or why the last send failed.
@@ -118,7 +119,7 @@ class Timer:
 
     name: str
     path: str
-    stat: tuple[int, int, int]
+    stat: FileKey
     period: int | None = None
     msg: dict[str, Any] | None = None
     next_run: float | None = None
@@ -135,7 +136,7 @@ class Timer:
             with open(self.path, encoding="utf-8") as f:
                 data = json.load(f)
             self.period, self.msg = parse_timer(data)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             self.error = f"cannot read {os.path.basename(self.path)}: {e}"
         except TimerError as e:
             self.error = e.reason
@@ -145,20 +146,25 @@ class Timer:
 
     def status(self) -> dict[str, Any]:
         """
-        C{{"name", "period", "next_run", "last_run", "error"}}.
+        C{{"name", "period", "dest", "next_run", "last_run", "sent",
+        "error"}}: C{dest} is that of its message (C{None} while invalid),
+        C{sent} how many messages it created since the daemon started.
         """
         return {
             "name": self.name,
             "period": self.period,
+            "dest": None if self.msg is None else self.msg.get("dest"),
             "next_run": None if self.next_run is None else int(self.next_run),
             "last_run": None if self.last_run is None else int(self.last_run),
+            "sent": self.sent,
             "error": self.error,
         }
 
 
-class TimerService(Service):
+class TimerService(internet.TimerService):
     """
-    Runs the timers of C{timers/}.
+    Runs the timers of C{timers/}: L{rescan} every C{rescan_interval}
+    seconds from start, and a delayed call for the next due timer.
 
     @ivar timers: the known timers by name.
     """
@@ -176,54 +182,37 @@ class TimerService(Service):
         @param clock: time source.
         @param rescan_interval: seconds between rescans.
         """
+        super().__init__(rescan_interval, self.rescan)
+        self.clock = clock
         self.directory = directory
         self.send = send
-        self.clock = clock
         self.rescan_interval = rescan_interval
         self.timers: dict[str, Timer] = {}
-        self._loop: LoopingCall | None = None
         self._call: IDelayedCall | None = None
 
-    def startService(self) -> None:
-        """
-        Scan now and every L{rescan_interval} seconds.
-        """
-        super().startService()
-        self._loop = LoopingCall(self.rescan)
-        self._loop.clock = self.clock
-        self._loop.start(self.rescan_interval, now=True).addErrback(
-            lambda f: _log.failure("timer rescans stopped", f)
-        )
-
-    def stopService(self) -> None:
+    def stopService(self) -> Any:
         """
         Stop scanning and firing.
         """
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+        return super().stopService()
 
-    def _files(self) -> dict[str, tuple[str, tuple[int, int, int] | None]]:
+    def _files(self) -> dict[str, tuple[str, FileKey | None]]:
+        """
+        C{{name: (path, L{file_key} or None for a dangling link)}}.
+        """
         try:
             names = sorted(os.listdir(self.directory))
         except (FileNotFoundError, NotADirectoryError):
             return {}
-        found: dict[str, tuple[str, tuple[int, int, int] | None]] = {}
+        found: dict[str, tuple[str, FileKey | None]] = {}
         for filename in names:
             name = timer_name(filename)
-            if name is None:
-                continue
-            path = os.path.join(self.directory, filename)
-            try:
-                st = os.stat(path)
-            except OSError:
-                found[name] = (path, None)  # a dangling link
-                continue
-            found[name] = (path, (st.st_size, st.st_mtime_ns, st.st_ino))
+            if name is not None:
+                path = os.path.join(self.directory, filename)
+                found[name] = (path, file_key(path))
         return found
 
     def rescan(self) -> None:

@@ -842,13 +842,16 @@ def spawn_worker(
     @param job_dir: the message's C{job/} directory (must exist).
     @param real_script: the resolved script path (for the C{RQ START} line).
     @param now: the time of the C{RQ START} line (default: now).
-    @param spawner: how to start the process (for tests); it must have
-        reniced the process when it returns.
+    @param spawner: how to start the process through the launcher (for
+        tests); it must have reniced the process when it returns. By default
+        the script is started directly (L{rqtwisted.spawn.DirectSpawner})
+        where possible, and through the launcher otherwise or when that
+        fails.
 
     @raise OSError: when the spawn fails (e.g. no more processes or fds);
         nothing is running then. A job dir that cannot be entered or a
         C{stdio.log} that cannot be opened makes the worker exit 126; a
-        command that cannot be found, 127 (the shell's message is in
+        command that cannot be found or run, 127 (the reason is in
         C{stdio.log}).
     """
     job_dir = os.path.abspath(job_dir)
@@ -856,7 +859,7 @@ def spawn_worker(
     protocol = WorkerProtocol(events)
     protocol._hold()
     direct = _direct_spawner() if spawner is None else None
-    if direct is not None:
+    if direct is not None and not direct.broken:
         tail = f" - {stamp} - RQ START - ".encode() + os.fsencode(real_script) + b"\n"
         pid = _spawn_direct(
             reactor, direct, protocol, argv, env, job_dir, lambda pid: b"\n%d%s" % (pid, tail)

@@ -9,6 +9,11 @@ routes: one byte range. C{Range: bytes=N-} (or C{N-M}, C{-N}) gives 206 with
 C{Content-Range: bytes N-E/SIZE}; a start at or past the end gives 416 with
 C{Content-Range: bytes */SIZE}; no range, a malformed one or several ranges
 give the whole file (200).
+
+Files users put there (attachments, job logs) are sent with
+C{X-Content-Type-Options: nosniff} and C{Content-Security-Policy: sandbox}:
+an attachment named C{page.html} is still shown as HTML, but its scripts
+never run with the web interface's origin (the forms have no CSRF token).
 """
 
 from __future__ import annotations
@@ -142,14 +147,17 @@ class FileResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, path: str, content_type: str | None = None) -> None:
+    def __init__(self, path: str, content_type: str | None = None, sandbox: bool = False) -> None:
         """
         @param path: the file.
         @param content_type: the type to send (default: from the extension,
             else C{application/octet-stream}).
+        @param sandbox: a file from users: never sniffed, and shown in a
+            sandbox (no scripts, an origin of its own) if a browser renders it.
         """
         super().__init__()
         self.path = path
+        self.sandbox = sandbox
         if content_type is None:
             guessed, encoding = mimetypes.guess_type(path)
             content_type = guessed if guessed and not encoding else "application/octet-stream"
@@ -170,6 +178,9 @@ class FileResource(resource.Resource):
             f.close()
             return not_found(request)
         request.setHeader(b"accept-ranges", b"bytes")
+        if self.sandbox:
+            request.setHeader(b"x-content-type-options", b"nosniff")
+            request.setHeader(b"content-security-policy", b"sandbox")
         request.setHeader(b"content-type", self.content_type.encode("ascii"))
         wanted = parse_range(request.getHeader(b"range"), size)
         if wanted == "unsatisfiable":
@@ -197,12 +208,12 @@ class FileResource(resource.Resource):
     render_HEAD = render_GET
 
 
-def file_resource(path: str, text: bool = False) -> FileResource:
+def file_resource(path: str, text: bool = False, sandbox: bool = False) -> FileResource:
     """
     The resource that sends C{path} (a log when C{text}: plain text whatever
-    its extension).
+    its extension; see L{FileResource} for C{sandbox}).
     """
-    return FileResource(path, LOG_TYPE if text else None)
+    return FileResource(path, LOG_TYPE if text else None, sandbox)
 
 
 def tail_bytes(path: str, limit: int) -> tuple[bytes, int, int, int]:

@@ -338,6 +338,20 @@ def queue_entry(root: str, name: str, state: str, entry: Mapping[str, Any], now:
     return tags.li(*parts, class_=f"msg {state}")
 
 
+def list_key(entries: Sequence[Mapping[str, Any]]) -> str:
+    """
+    What identifies a list's content for the queue page script: the JSON of
+    each entry's id, dest, status and remote id, as C{queue.js} computes it
+    from C{q/<name>.json}. The script rebuilds a list only when this changes,
+    so the list the server rendered is kept (no click lost to a rebuild).
+    """
+    return json.dumps(
+        [[e.get("msg_id"), e.get("dest"), e.get("status"), e.get("new_msg")] for e in entries],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
 def state_column(root: str, name: str, state: str, size: int, entries: Sequence[Mapping[str, Any]],
                  page: int, per_page: int, now: float, base_query: Mapping[str, str]) -> Tag:
     """
@@ -360,7 +374,8 @@ def state_column(root: str, name: str, state: str, size: int, entries: Sequence[
                               class_="older")]
     return tags.div(
         tags.h3(state.upper(), " ", tags.span(str(size), id=f"{state}_size", class_="size")),
-        tags.ul(*groups, id=f"list-{state}", class_="msg-list", **{"data-limit": str(per_page)}),
+        tags.ul(*groups, id=f"list-{state}", class_="msg-list",
+                **{"data-limit": str(per_page), "data-key": list_key(entries)}),
         tags.div(*pager, class_="pager"),
         class_=f"column {state}",
         id=f"column-{state}",

@@ -150,6 +150,12 @@ def test_home_and_queue_pages_stay_live(daemon: Daemon, browser: Any, page: Any,
     expect(page.locator("#list-done li.msg a.msg-link")).to_have_text(short(first))
     expect(page.locator("#que_size")).to_have_text("2")
     assert daemon.state(second) == "que"
+    # Nothing changed since the server rendered the lists: queue.js keeps
+    # them (rebuilding them under the pointer could swallow a click).
+    page.evaluate("window.rqFirstEntry = document.querySelector('#list-que li.msg')")
+    uptime = page.locator("#uptime").inner_text()
+    expect(page.locator("#uptime")).not_to_have_text(uptime, timeout=5_000)
+    assert page.evaluate("document.querySelector('#list-que li.msg') === window.rqFirstEntry")
 
     # "Delete" from the list removes a queued message.
     entries = page.locator("#list-que li.msg")

@@ -184,6 +184,20 @@ def test_cleaner_on_thousands_of_done_messages(no_daemon: Daemon) -> None:
         serial += n
         (kept if age_days < 2 else removed).extend(ids)
     synthesize(daemon.root, "bulk", "relayed", now - 30 * DAY, 100, serial)
+    # A second queue, left alone by the first run, cleaned by ALLQUEUES:
+    # old and recent done messages, acknowledged (err/.<id>) and plain errors.
+    odir = daemon.root / "queue" / "other"
+    odir.mkdir()
+    (odir / "config.json").write_text(json.dumps({"name": "other", "script": "./code/bulk.sh", "exec_prefix": ""}))
+    other_old = synthesize(daemon.root, "other", "done", now - 5 * DAY, 200, 10_000)
+    other_new = synthesize(daemon.root, "other", "done", now - 0.5 * DAY, 100, 20_000)
+    errs = {}
+    for label, age, acked in (("old_acked", 5, True), ("new_acked", 0.5, True), ("old_plain", 5, False)):
+        msg_id = make_msg_id(now - age * DAY, 30_000 + len(errs))
+        name = "." + msg_id if acked else msg_id
+        (odir / "err" / name / "job").mkdir(parents=True)
+        (odir / "err" / name / "msg").write_text(json.dumps({"msg_id": msg_id, "dest": "other"}))
+        errs[label] = name
     daemon.start()
     assert counts(daemon, "bulk")["done"] == 2000
     assert counts(daemon, "bulk")["relayed"] == 100
@@ -196,6 +210,15 @@ def test_cleaner_on_thousands_of_done_messages(no_daemon: Daemon) -> None:
     assert counts(daemon, "bulk")["done"] == len(kept) == 600
     assert counts(daemon, "bulk")["relayed"] == 0
     assert not [n for n in os.listdir(qdir / "tmp") if n.startswith("cleaner-")]
+    assert {p.name for p in (odir / "done").glob("*/*/*/*")} == set(other_old + other_new)
+    # ALLQUEUES: every queue, acknowledged errors too (plain errors stay).
+    full = daemon.send("cleaner", "--param1", "ALLQUEUES", "--param2", "2")
+    daemon.wait_state(full, "done", timeout=60)
+    assert daemon.statusmesg(full) == ["ok done - successfully ran this script"]
+    assert {p.name for p in (odir / "done").glob("*/*/*/*")} == set(other_new)
+    assert sorted(os.listdir(odir / "err")) == sorted([errs["new_acked"], errs["old_plain"]])
+    assert counts(daemon, "other")["done"] == 100
+    assert {p.name for p in (daemon.root / "queue" / "bulk" / "done").glob("*/*/*/*")} == set(kept)
     # The queue still works: a new message lands in today's bucket.
     new = daemon.send("bulk")
     daemon.wait_state(new, "done")
@@ -228,6 +251,7 @@ rule "fan"
 rule "drop"
   action :done
   src /^drop/
+  delay 1
 """
 
 
@@ -250,9 +274,13 @@ def test_router_rules_end_to_end(daemon: Daemon) -> None:
     assert daemon.statusmesg(fan) == ["ok done - done relay of 2 messages"]
     assert counts(daemon, "relay")["que"] == 3
 
+    sent = time.time()
     drop = daemon.send("rq_router", "--src", "drop-it")
     daemon.wait_state(drop, "done")
+    assert time.time() - sent >= 1
     assert daemon.statusmesg(drop) == ["ok done - router processed a done"]
+    log = (daemon.msg_dir(drop) / "job" / "stdio.log").read_text()
+    assert "rule 'drop' (line 13): action done" in log and "delay 1 seconds" in log
 
     other = daemon.send("rq_router", "--src", "mystery")
     daemon.wait_state(other, "err")
@@ -268,7 +296,7 @@ def test_router_rules_end_to_end(daemon: Daemon) -> None:
     rules.write_text(RULES + '\nrule "bad"\n  action :done\n  src ENV["X"] ? /a/ : /b/\n')
     code, out = daemon.rq("verify_rules", "--path", str(rules), "--verbose")
     assert code == 1
-    assert out == ["fail bad router rules file", "line 19: not a literal value: ENV[\"X\"] ? /a/ : /b/"]
+    assert out == ["fail bad router rules file", "line 20: not a literal value: ENV[\"X\"] ? /a/ : /b/"]
     broken = daemon.send("rq_router", "--src", "drop-it")
     daemon.wait_state(broken, "err")
     assert daemon.statusmesg(broken) == [f"ok err - Bad rule file at: {rules}"]
@@ -284,7 +312,7 @@ def test_verify_rules_without_daemon(no_daemon: Daemon, tmp_path: Path) -> None:
     bad.write_text(RULES + "\n# trailing\nrule 'x'\n  action :done\n  src /a/\n  system 'id'\n")
     result = no_daemon.rq_full("verify_rules", "--path", str(bad))
     assert (result.returncode, result.stdout, result.stderr) == (
-        1, "fail bad router rules file\n", "line 21: unknown statement 'system'\n")
+        1, "fail bad router rules file\n", "line 22: unknown statement 'system'\n")
     good = tmp_path / "good.rb"
     good.write_text(RULES)
     assert no_daemon.rq("verify_rules", "--path", str(good)) == (0, ["ok"])

@@ -201,6 +201,37 @@ def test_size_cap(daemon: Daemon, tmp_path: Path) -> None:
     assert "_attachments" not in daemon.show(full)
 
 
+@needs_curl
+def test_refusal_reaches_clients_that_do_not_wait(daemon: Daemon, tmp_path: Path) -> None:
+    """
+    A client that sends its whole body without waiting for C{100 Continue}
+    (relay peers do so) gets the 413, not a connection reset: the daemon
+    keeps reading and dropping the refused body after its answer. (Closing
+    at once lost about one answer in fifteen here.)
+    """
+    config = daemon.root / "config" / "config.json"
+    settings = json.loads(config.read_text())
+    settings["max_upload_size"] = 100_000
+    config.write_text(json.dumps(settings))
+    assert daemon.ok("restart") == "restarted"
+    full = prep(daemon)
+    big = tmp_path / "big.bin"
+    binary(big, 5_000_000)
+    no_wait = ("-H", "Expect:")
+    variants = (
+        ("-T", str(big), f"{full}/attach/big.bin"),
+        ("-H", "Transfer-Encoding: chunked", "-T", str(big), f"{full}/attach/big.bin"),
+        ("-F", f"filedata=@{big}", f"{full}/attach/new"),
+    )
+    codes = []
+    for _ in range(20):
+        for args in variants:
+            out = curl("-o", "/dev/null", "-w", "%{http_code}", *no_wait, *args)
+            codes.append((out.returncode, out.stdout, out.stderr.strip()))
+    assert set(codes) == {(0, b"413", b"")}, [c for c in codes if c != (0, b"413", b"")]
+    assert tmp_entries(daemon) == []
+
+
 def test_disconnect_mid_upload_leaves_nothing(daemon: Daemon) -> None:
     full = prep(daemon)
     with socket.create_connection(("127.0.0.1", daemon.port)) as s:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 
 from rqtwisted import builtin
 from rqtwisted.builtin import BuiltinSpawner, handler_factory, is_placeholder, register_handler
@@ -280,3 +280,112 @@ def test_broken_factory_falls_back(tmp_path, handlers):
     assert queue.running and queue.locate(msg_id) == "run"
     [worker] = spawner.workers
     assert worker.env["RQ_MSG_ID"] == msg_id
+
+
+KINDS = (
+    "done", "raise", "late_done", "late_raise", "resend", "err", "silent", "hang", "stubborn", "deaf", "dup", "relayed",
+    "plain_raise", "plain_fail", "plain_none",
+)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hammer_random_outcomes(tmp_path, handlers, seed):
+    """
+    Hundreds of messages through four in-process slots with random outcomes
+    (synchronous and late reports, exceptions, resends, dups, handlers that
+    hang until destroyed, handlers that report after being cancelled and
+    ignore the cancellation): every slot is freed, every message leaves run
+    exactly once, and nothing stays queued.
+    """
+    import random
+    from dataclasses import replace
+
+    from twisted.internet.defer import CancelledError
+    from twisted.internet.task import deferLater
+
+    rng = random.Random(seed)
+    exits: dict[str, int] = {}
+
+    def handler(job):
+        # Not a coroutine function: may also raise or answer at once.
+        kind = rng.choice(KINDS)
+        if kind == "plain_raise":
+            raise RuntimeError("raised before any Deferred")
+        if kind == "plain_fail":
+            return fail(RuntimeError("failed Deferred"))
+        if kind == "plain_none":
+            return None
+        return coroutine(job, kind)
+
+    async def coroutine(job, kind):
+        if kind == "done":
+            job.report("done now")
+        elif kind == "raise":
+            raise RuntimeError("boom")
+        elif kind == "late_done":
+            await deferLater(clock, rng.random() * 3)
+            job.report("done later")
+        elif kind == "late_raise":
+            await deferLater(clock, rng.random() * 3)
+            raise RuntimeError("late boom")
+        elif kind == "resend":
+            job.report("resend 1-try again")
+        elif kind == "err":
+            job.report("err bad")
+        elif kind == "hang":
+            job.report("run hanging")
+            await Deferred()
+        elif kind == "stubborn":
+            try:
+                await Deferred()
+            except CancelledError:
+                job.report("done after cancel")
+                await deferLater(clock, 1)
+                job.report("run still going")
+        elif kind == "deaf":
+            # Ignores its cancellation for good: the slot must be freed anyway.
+            while True:
+                try:
+                    await Deferred()
+                except CancelledError:
+                    job.report("done not listening")
+        elif kind == "dup":
+            reply = await job.dup("0-X-test")
+            job.report(f"done {reply}")
+        elif kind == "relayed":
+            job.report("relayed http://far:3333/q/x/20200101.0000.00.000.1")
+
+    instance, spawner, clock = start(tmp_path, handler)
+    queue = instance.queue("relay")
+    queue.reconfigure(replace(queue.config, num_workers=4))
+    original = queue.workerExited
+
+    def counting(job, code, sig):
+        exits[job.msg_id] = exits.get(job.msg_id, 0) + 1
+        return original(job, code, sig)
+
+    queue.workerExited = counting
+    starts: dict[str, int] = {}
+    spawn = queue.spawn
+
+    def counting_spawn(**kwargs):
+        msg_id = os.path.basename(os.path.dirname(kwargs["job_dir"]))
+        starts[msg_id] = starts.get(msg_id, 0) + 1
+        return spawn(**kwargs)
+
+    queue.spawn = counting_spawn
+    ids = [send(instance, param1=str(i)) for i in range(150)]
+    for _ in range(3000):
+        assert len(queue.run) <= 4
+        if queue.run and rng.random() < 0.2:
+            queue.destroy(rng.choice(sorted(queue.run)))
+        clock.advance(rng.choice([0, 0, 0.5, 1, 2]))
+        if not queue.que and not queue.run:
+            break
+    assert queue.running
+    assert not queue.que and not queue.held and not queue.run
+    states = {queue.locate(m) for m in ids}
+    assert states <= {"done", "err", "relayed"}
+    assert sum(queue.counts.values()) == len(ids)
+    # Exactly one exit per start of a message (resends start it again).
+    assert exits == starts

@@ -15,19 +15,11 @@ from rqtwisted import builtin, cleaner
 from rqtwisted.builtin import register_handler
 from rqtwisted.cleaner import Bucket, CleanerHandler, expired_buckets, id_time, parse_days, purge
 from rqtwisted.message import hashed_subpath, make_msg_id
-from rqtwisted.testing import instance_for, syncNow
+from rqtwisted.testing import instance_for, result_of, syncNow
 
 DAY = 86400
 HOUR = 3600
 
-
-def result(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 # -- pure parts ---------------------------------------------------------------------
@@ -121,7 +113,7 @@ def synthesize(instance, queue: str, state: str, when: float, n: int = 1, start:
 
 
 def clean(instance, clock, **params) -> dict:
-    full = result(instance.queue("cleaner").create({"dest": "cleaner", **params}))
+    full = result_of(instance.queue("cleaner").create({"dest": "cleaner", **params}))
     clock.advance(0)
     return instance.queue("cleaner").get(full.rsplit("/", 1)[1])
 
@@ -246,9 +238,9 @@ def test_old_id_finishing_after_its_bucket_was_cleaned(cleaning) -> None:
     instance.startService()
     instance.set_admin("pause", "test")
     q = instance.queue("test")
-    first = result(instance.create_message({"dest": "test"})).rsplit("/", 1)[1]
-    late = result(instance.create_message({"dest": "test", "due": int(clock.seconds()) + 5 * DAY})).rsplit("/", 1)[1]
-    result(q.run_now(first))
+    first = result_of(instance.create_message({"dest": "test"})).rsplit("/", 1)[1]
+    late = result_of(instance.create_message({"dest": "test", "due": int(clock.seconds()) + 5 * DAY})).rsplit("/", 1)[1]
+    result_of(q.run_now(first))
     instance.set_admin("resume", "test")
     spawner.workers[-1].say("done")
     spawner.workers[-1].exit(0)

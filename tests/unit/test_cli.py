@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import types
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -445,14 +446,14 @@ def test_show(rq: Run) -> None:
 
 def _router(monkeypatch: pytest.MonkeyPatch, result: tuple[bool, str]) -> list[tuple[str, bool]]:
     calls: list[tuple[str, bool]] = []
-    module = types.ModuleType("rqtwisted.router")
+    module = types.ModuleType("rqtwisted.rules")
 
     def verify_rules_file(path: str, verbose: bool) -> tuple[bool, str]:
         calls.append((path, verbose))
         return result
 
     module.verify_rules_file = verify_rules_file  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "rqtwisted.router", module)
+    monkeypatch.setitem(sys.modules, "rqtwisted.rules", module)
     return calls
 
 
@@ -478,12 +479,14 @@ def test_verifyRulesBad(rq: Run, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (code, out) == (1, "fail bad router rules file\nline 3: syntax error\n")
 
 
-def test_verifyRulesUnavailable(rq: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verifyRulesMissingFile(rq: Run, tmp_path: Path) -> None:
     """
-    Without the router module, C{verify_rules} says so.
+    A rules file that cannot be read is bad rules: the original's line,
+    exit 1, the reason on stderr, no traceback.
     """
-    monkeypatch.setitem(sys.modules, "rqtwisted.router", None)
-    assert rq(FakeDaemon(), "verify_rules", "--path", "r") == (1, "fail verify_rules is not available\n", "")
+    code, out, err = rq(FakeDaemon(), "verify_rules", "--path", str(tmp_path / "nope.rb"))
+    assert (code, out) == (1, "fail bad router rules file\n")
+    assert "nope.rb" in err and "Traceback" not in err
 
 
 def test_verifyRulesNeedsPath(rq: Run) -> None:

@@ -11,16 +11,8 @@ import signal
 import pytest
 
 from rqtwisted.root import QueueConfig
-from rqtwisted.testing import instance_for
+from rqtwisted.testing import instance_for, result_of
 
-
-def result(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 @pytest.fixture
@@ -43,7 +35,7 @@ def make(tmp_path):
 def send(instance, clock, due_in=0, **fields):
     fields.setdefault("dest", "q")
     fields["due"] = int(clock.seconds()) + due_in
-    return result(instance.create_message(fields)).rsplit("/", 1)[1]
+    return result_of(instance.create_message(fields)).rsplit("/", 1)[1]
 
 
 def running(spawner):
@@ -176,7 +168,7 @@ def test_deleting_a_held_dup(make) -> None:
     m = send(instance, clock, -1, param1="a")
     dup = send(instance, clock, 0, param1="a")
     instance.set_admin("resume", "q")
-    assert result(q.delete(dup)) == "msg deleted"
+    assert result_of(q.delete(dup)) == "msg deleted"
     spawner.workers[0].say("done")
     spawner.workers[0].exit(0)
     assert "dups" not in q.get(m)
@@ -190,7 +182,7 @@ def test_dups_survive_a_restart(make) -> None:
     instance.set_admin("resume", "q")
     d = instance.restart_queue("q")
     spawner.workers[0].exit(None, signal.SIGTERM)
-    assert result(d) == "q"
+    assert result_of(d) == "q"
     q2 = instance.queue("q")
     # The interrupted message runs again and coalesces the dup again.
     assert q2.held == {dup: spawner.running[0].env["RQ_MSG_ID"]}

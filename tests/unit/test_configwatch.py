@@ -13,16 +13,8 @@ import pytest
 
 from rqtwisted.admin import AdminAPI
 from rqtwisted.configwatch import POLL_INTERVAL, ConfigWatcher
-from rqtwisted.testing import instance_for
+from rqtwisted.testing import instance_for, result_of
 
-
-def result(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 @pytest.fixture
@@ -74,9 +66,9 @@ def test_bad_json_keeps_old_config_and_is_reported(env):
     reason = instance.config_errors["work"]
     assert reason.startswith("could not read queue config [") and "config.json" in reason
     assert instance.status()["config_errors"] == {"work": reason}
-    text = result(instance.reload())
+    text = result_of(instance.reload())
     assert text == f"bad queue config, old config kept: work: {reason}"
-    assert result(AdminAPI(instance).reload()) == ("fail", text)
+    assert result_of(AdminAPI(instance).reload()) == ("fail", text)
     # Still working with the old config.
     instance.create_message({"dest": "work"})
     assert len(spawner.workers) == 1
@@ -85,7 +77,21 @@ def test_bad_json_keeps_old_config_and_is_reported(env):
     clock.advance(POLL_INTERVAL)
     assert instance.config_errors == {}
     assert queue.config.num_workers == 3
-    assert result(AdminAPI(instance).reload()) == ("ok", "reloaded")
+    assert result_of(AdminAPI(instance).reload()) == ("ok", "reloaded")
+
+
+def test_json_too_deep_for_the_parser_is_a_bad_config(env):
+    """
+    A config the JSON parser gives up on (nested too deeply) is reported
+    like bad JSON; other queues' changes still apply.
+    """
+    instance, spawner, clock, watcher = env
+    instance.create_queue({"name": "other", "script": "./code/noop", "exec_prefix": ""})
+    rewrite(instance, text="[" * 100_000 + "]" * 100_000)
+    rewrite(instance, "other", num_workers=5)
+    assert result_of(instance.reload()).startswith("bad queue config, old config kept: work: could not read")
+    assert instance.queue("work").config.num_workers == 1
+    assert instance.queue("other").config.num_workers == 5
 
 
 def test_invalid_config_is_reported_too(env):
@@ -141,8 +147,31 @@ def test_reload_runs_hooks_and_survives_a_failing_one(env):
         raise RuntimeError("boom")
 
     instance.reloadHooks.extend([broken, lambda: calls.append(1)])
-    assert result(instance.reload()) == "reloaded"
+    assert result_of(instance.reload()) == "reloaded"
     assert calls == [1]
+
+
+def test_failing_reload_does_not_stop_polling(env):
+    """
+    A reload that raises (e.g. on a config file the JSON parser chokes on)
+    is logged; the next change is picked up all the same.
+    """
+    instance, spawner, clock, watcher = env
+    real = instance.reload_configs
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RecursionError("maximum recursion depth exceeded")
+
+    instance.reload_configs = broken
+    rewrite(instance, num_workers=2)
+    clock.advance(POLL_INTERVAL)
+    assert calls == [1]
+    instance.reload_configs = real
+    rewrite(instance, num_workers=12)
+    clock.advance(POLL_INTERVAL)
+    assert instance.queue("work").config.num_workers == 12
 
 
 def test_stop(env):
@@ -170,7 +199,7 @@ def test_daemon_wiring(tmp_path):
     top.startService()
     with open(instance.root.join("timers", "t.json"), "w") as f:
         json.dump({"period": 60, "msg": {"dest": "tq", "param1": "p"}}, f)
-    result(instance.reload())
+    result_of(instance.reload())
     clock.advance(0)
     status = instance.status()
     [timer] = status["timers"]

@@ -58,8 +58,40 @@ def test_concurrent_syncs_share_rounds():
     assert len(thread.calls) == 1
     thread.finish()
     assert fired == ["a", "b", "c"]
-    assert synced == [["a"], ["b", "c", "d", "e"]]
-    assert syncer.rounds == 2
+    # Nobody waits for "e": it did not slow the waiters' round down, and
+    # goes with the next one.
+    thread.finish()
+    assert synced == [["a"], ["b", "c", "d"], ["e"]]
+    assert syncer.rounds == 3
+
+
+def test_later_alone_syncs_at_once():
+    synced: list[list[str]] = []
+    thread = ManualThread()
+    syncer = Syncer(thread, lambda paths: synced.append(list(paths)))
+    syncer.later("a", "b")
+    thread.finish()
+    assert synced == [["a", "b"]]
+
+
+def test_later_held_back_while_acks_wait():
+    """
+    Paths nobody waits for ride with the waiters' rounds only every
+    C{lazyRounds} rounds, together.
+    """
+    synced: list[list[str]] = []
+    thread = ManualThread()
+    syncer = Syncer(thread, lambda paths: synced.append(list(paths)))
+    syncer.lazyRounds = 2
+    syncer.sync("s0")
+    for n in range(1, 5):
+        syncer.later(f"l{n}")
+        syncer.sync(f"s{n}")
+        thread.finish()
+    thread.finish()
+    # Then, with nobody waiting, the rest goes at once.
+    thread.finish()
+    assert synced == [["s0"], ["s1"], ["s2"], ["s3", "l1", "l2", "l3"], ["s4"], ["l4"]]
 
 
 def test_failed_round_errbacks_its_waiters_only():

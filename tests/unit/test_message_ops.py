@@ -13,16 +13,8 @@ import pytest
 
 from rqtwisted.admin import AdminAPI
 from rqtwisted.message import MessageError
-from rqtwisted.testing import instance_for
+from rqtwisted.testing import instance_for, result_of
 
-
-def result(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 @pytest.fixture
@@ -36,14 +28,14 @@ def env(tmp_path):
 
 def send(instance, method="commit", **fields):
     fields.setdefault("dest", "q")
-    return result(instance.create_message(fields, method)).rsplit("/", 1)[1]
+    return result_of(instance.create_message(fields, method)).rsplit("/", 1)[1]
 
 
 def finish(instance, spawner, q, msg_id, line):
     """
     Run C{msg_id} now and end it with report C{line}.
     """
-    result(q.run_now(msg_id))
+    result_of(q.run_now(msg_id))
     instance.set_admin("resume", "q")
     worker = spawner.running[-1]
     assert worker.env["RQ_MSG_ID"] == msg_id
@@ -66,7 +58,7 @@ def test_delete_finished_messages(env, line, state) -> None:
     if state != "err":
         assert path.endswith(os.path.join(state, msg_id[:8], msg_id[9:11], msg_id[11:13], msg_id))
     assert q.num_messages()[state] == 1
-    assert result(q.delete(msg_id)) == "msg deleted"
+    assert result_of(q.delete(msg_id)) == "msg deleted"
     assert not os.path.exists(path)
     assert q.num_messages()[state] == 0
     with pytest.raises(MessageError, match="msg not found"):
@@ -77,8 +69,8 @@ def test_delete_prep_and_que(env) -> None:
     instance, spawner, clock, q = env
     prep = send(instance, "prep")
     que = send(instance)
-    assert result(q.delete(prep)) == "msg deleted"
-    assert result(q.delete(que)) == "msg deleted"
+    assert result_of(q.delete(prep)) == "msg deleted"
+    assert result_of(q.delete(que)) == "msg deleted"
     assert q.num_messages() == {"prep": 0, "que": 0, "run": 0, "done": 0, "err": 0, "relayed": 0}
     assert os.listdir(q.store.state_dir("prep")) == [] and os.listdir(q.store.state_dir("que")) == []
     # A deleted queued message never runs.
@@ -90,7 +82,7 @@ def test_delete_refuses_running_and_down(env) -> None:
     instance, spawner, clock, q = env
     running = send(instance)
     other = send(instance)
-    result(q.run_now(running))
+    result_of(q.run_now(running))
     instance.set_admin("resume", "q")
     assert q.locate(running) == "run"
     with pytest.raises(MessageError, match="destroy"):
@@ -112,7 +104,7 @@ def test_run_now(env) -> None:
     now = int(clock.seconds())
     early = send(instance, due=now - 100)
     later = send(instance, due=now + 3600)
-    assert result(q.run_now(later)) == "msg sent to front of run queue"
+    assert result_of(q.run_now(later)) == "msg sent to front of run queue"
     # due = min(now, earliest due - 1), saved on disk.
     assert q.get(later)["due"] == now - 101
     assert q.store.read("que", later)["due"] == now - 101
@@ -131,7 +123,7 @@ def test_run_now_alone_is_due_now(env) -> None:
     instance, spawner, clock, q = env
     now = int(clock.seconds())
     msg_id = send(instance, due=now + 500)
-    result(q.run_now(msg_id))
+    result_of(q.run_now(msg_id))
     assert q.get(msg_id)["due"] == now
 
 
@@ -145,12 +137,12 @@ def test_clone_copies_creation_fields_and_links_attachments(env, tmp_path) -> No
                   post_run_webhook=["http://h/"], orig_msg_id="http://o:3333/q/x/1")
     f = tmp_path / "data.bin"
     f.write_bytes(b"payload")
-    result(q.attach(source, str(f)))
-    result(q.commit(source))
+    result_of(q.attach(source, str(f)))
+    result_of(q.commit(source))
     finish(instance, spawner, q, source, "resend 0")
     finish(instance, spawner, q, source, "err gave up")
     assert q.get(source)["count"] == 1
-    full = result(q.clone(source))
+    full = result_of(q.clone(source))
     assert full.startswith("http://testhost:3333/q/q/")
     new_id = full.rsplit("/", 1)[1]
     copy = q.get(new_id)
@@ -171,7 +163,7 @@ def test_clone_done_and_relayed(env, line) -> None:
     instance, spawner, clock, q = env
     source = send(instance, param2="b")
     finish(instance, spawner, q, source, line)
-    new_id = result(q.clone(source)).rsplit("/", 1)[1]
+    new_id = result_of(q.clone(source)).rsplit("/", 1)[1]
     assert q.get(new_id)["param2"] == "b"
     assert q.get(new_id)["orig_msg_id"] == q.full_id(source)
 
@@ -184,7 +176,7 @@ def test_clone_refusals(env) -> None:
         q.clone(prep)
     with pytest.raises(MessageError, match="^cannot clone message in que state$"):
         q.clone(que)
-    result(q.run_now(que))
+    result_of(q.run_now(que))
     instance.set_admin("resume", "q")
     with pytest.raises(MessageError, match="^cannot clone message in run state$"):
         q.clone(que)
@@ -206,8 +198,8 @@ def test_single_que(env) -> None:
     assert send(instance, "single_que") == newest
     assert q.num_messages()["que"] == 2
     # Once nothing is queued (only running), a new one is made.
-    result(q.delete(first))
-    result(q.run_now(newest))
+    result_of(q.delete(first))
+    result_of(q.run_now(newest))
     instance.set_admin("resume", "q")
     assert q.num_messages()["que"] == 0 and q.num_messages()["run"] == 1
     made = send(instance, "single_que")
@@ -222,11 +214,11 @@ def test_single_que_counts_held_dups(tmp_path) -> None:
     instance.create_queue({"name": "c", "script": "./code/noop", "exec_prefix": "", "coalesce_params": [1]})
     instance.startService()
     instance.set_admin("pause", "c")
-    result(instance.create_message({"dest": "c", "param1": "a"}))
-    held = result(instance.create_message({"dest": "c", "param1": "a"}))
+    result_of(instance.create_message({"dest": "c", "param1": "a"}))
+    held = result_of(instance.create_message({"dest": "c", "param1": "a"}))
     instance.set_admin("resume", "c")
     assert instance.queue("c").held
-    assert result(instance.create_message({"dest": "c"}, "single_que")) == held
+    assert result_of(instance.create_message({"dest": "c"}, "single_que")) == held
 
 
 # -- max_count ------------------------------------------------------------------------
@@ -263,18 +255,18 @@ def test_default_max_count_is_15(env) -> None:
 def test_admin_message_actions(env) -> None:
     instance, spawner, clock, q = env
     api = AdminAPI(instance)
-    status, full = result(api.create_message(json.dumps({"dest": "q", "max_count": "3"}), "single_que"))
+    status, full = result_of(api.create_message(json.dumps({"dest": "q", "max_count": "3"}), "single_que"))
     assert status == "ok"
-    assert result(api.create_message(json.dumps({"dest": "q"}), "single_que")) == ("ok", full)
-    assert result(api.message_action("run_now", full)) == ("ok", "msg sent to front of run queue")
+    assert result_of(api.create_message(json.dumps({"dest": "q"}), "single_que")) == ("ok", full)
+    assert result_of(api.message_action("run_now", full)) == ("ok", "msg sent to front of run queue")
     instance.set_admin("resume", "q")
     spawner.running[0].say("done fine")
     spawner.running[0].exit(0)
     assert api.message_action("status", full) == ("ok", "done - fine")
-    status, clone = result(api.message_action("clone", full))
+    status, clone = result_of(api.message_action("clone", full))
     assert status == "ok" and clone != full
     assert json.loads(api.get_message(clone)[1])["cloned_from"] == full.rsplit("/", 1)[1]
-    assert result(api.message_action("delete", full)) == ("ok", "msg deleted")
+    assert result_of(api.message_action("delete", full)) == ("ok", "msg deleted")
     with pytest.raises(MessageError, match="msg not found"):
         api.message_action("state", full)
     with pytest.raises(MessageError, match="Queue not found"):

@@ -1,5 +1,6 @@
 """
-Tests for L{rqtwisted.relay}: the wire steps as pure functions, and whole
+Tests for L{rqtwisted.relay} and its modules (L{rqtwisted.relaywire},
+L{rqtwisted.relayhttp}, L{rqtwisted.relaypeers}, L{rqtwisted.relaybodies}): the wire steps as pure functions, and whole
 deliveries from one in-memory instance to another through the in-memory
 HTTP agent of C{treq.testing} (what C{StubTreq} runs on), with a L{Clock}.
 
@@ -29,15 +30,14 @@ from twisted.web.http_headers import Headers
 from rqtwisted import builtin
 from rqtwisted.builtin import register_handler
 from rqtwisted.message import creation_fields, MessageError
-from rqtwisted.relay import (
+from rqtwisted.relay import Relayer
+from rqtwisted.relaywire import (
     LOOP_REASON,
     RelayConfig,
-    Relayer,
     SoftFailure,
     backoff,
     check_attached,
     commit_request,
-    md5_file,
     parse_answer,
     parse_attached,
     parse_held,
@@ -47,6 +47,7 @@ from rqtwisted.relay import (
     prep_request,
     same_host,
 )
+from rqtwisted.store import md5_file
 from rqtwisted.testing import instance_for
 
 FAR = "http://farhost:3333/q/inbox"
@@ -556,7 +557,7 @@ def test_resumable_upload_resumes(tmp_path, monkeypatch):
     world = World(tmp_path, monkeypatch, resumable_min=1)
     world.peer.resumable = True
     data = os.urandom(100_000)
-    world.peer.faults = [("put", "drop")]  # the probe is dropped
+    world.peer.faults = [("put", "drop")] * 2  # the probe and its resend are dropped
     msg_id = world.send(attachments=[("big", data)])
     world.settle()
     assert world.state(msg_id) == "que"
@@ -564,7 +565,7 @@ def test_resumable_upload_resumes(tmp_path, monkeypatch):
     world.peer.partial[(prepped, "big")] = bytearray(data[:40_000])
     world.retry(msg_id)
     assert world.state(msg_id) == "relayed", world.status(msg_id)
-    assert world.steps() == ["prep", "put", "state", "json", "put", "put", "commit"]
+    assert world.steps() == ["prep", "put", "put", "state", "json", "put", "put", "commit"]
     assert world.peer.headers[-2].getRawHeaders("content-range") == ["bytes 40000-99999/100000"]
     assert world.peer.bodies["put"][-1] == data[40_000:]
     assert world.committed() == [prepped]
@@ -649,7 +650,8 @@ def test_resumable_md5_mismatch_starts_again(tmp_path, monkeypatch):
     ],
 )
 def test_prep_failures_retry(world, fault, reason):
-    world.peer.faults = [fault]
+    # A dropped connection is sent again at once: drop that one too.
+    world.peer.faults = [fault] * (2 if fault[1] == "drop" else 1)
     msg_id = world.send()
     world.settle()
     if fault[1] == "hang":
@@ -775,7 +777,7 @@ def test_retry_with_unreadable_read_form_uploads_again(world):
 
 
 def test_close_mid_upload(world):
-    world.peer.faults = [("attach", "drop")]
+    world.peer.faults = [("attach", "drop")] * 2
     msg_id = world.send(attachments=[("f", os.urandom(300_000))])
     world.settle()
     assert world.state(msg_id) == "que"
@@ -795,6 +797,39 @@ def test_cannot_find_message_preps_again(world):
     world.retry(msg_id)
     assert world.state(msg_id) == "relayed"
     assert world.steps() == ["prep", "attach", "prep", "attach", "commit"]
+
+
+@pytest.mark.parametrize("step", ["prep", "attach"])
+def test_dropped_connection_is_sent_again_at_once(world, step):
+    """
+    A request whose connection closes before any answer (a pooled
+    connection the peer had just closed) is sent again on a new connection
+    within the same attempt.
+    """
+    world.peer.faults = [(step, "drop")]
+    msg_id = world.send(attachments=[("f", b"data")])
+    world.settle()
+    assert world.state(msg_id) == "relayed", world.status(msg_id)
+    assert world.relay.get(msg_id)["count"] == 0
+    assert len(world.committed()) == 1
+    assert world.steps().count(step) == 2
+
+
+def test_commit_is_not_sent_twice(world):
+    """
+    A commit whose connection closes before any answer is not sent again
+    in the same attempt (the remote may have committed): the next attempt
+    asks the remote for the state instead.
+    """
+    world.peer.faults = [("commit", "drop")]
+    msg_id = world.send()
+    world.settle()
+    assert world.state(msg_id) == "que"
+    assert world.steps() == ["prep", "commit"]
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
+    assert world.steps() == ["prep", "commit", "state", "json", "commit"]
+    assert len(world.committed()) == 1
 
 
 def test_lost_commit_answer_is_not_resent(world):
@@ -1065,3 +1100,82 @@ def test_real_app_restart_with_prepared_remote(real):
     assert real.committed() == [remote.rsplit("/", 1)[1]]
     log = open(os.path.join(real.relay.store.msg_dir("relayed", msg_id), "job", "stdio.log")).read()
     assert "attach f: on the remote already" in log
+
+
+# -- the transport's connection choice
+
+
+class _Response:
+    def __init__(self, version, connection=None):
+        self.version = version
+        self.headers = Headers({b"connection": [connection]} if connection else {})
+
+
+def test_keeps_alive():
+    from rqtwisted.relayhttp import keeps_alive
+
+    assert keeps_alive(_Response((b"HTTP", 1, 1)))
+    assert keeps_alive(_Response((b"HTTP", 1, 1), b"keep-alive"))
+    assert not keeps_alive(_Response((b"HTTP", 1, 1), b"Close"))
+    assert not keeps_alive(_Response((b"HTTP", 1, 0)))
+
+
+def test_pooled_client_only_for_peers_keeping_connections(world):
+    """
+    A peer is reached with the one-connection-per-request client until it
+    shows it keeps connections open; then with the pooled one.
+    """
+    from rqtwisted.relayhttp import HttpPeer
+
+    used = []
+
+    class Recording(HTTPClient):
+        def __init__(self, name, agent):
+            super().__init__(agent)
+            self.name = name
+
+        def request(self, *args, **kwargs):
+            used.append(self.name)
+            return super().request(*args, **kwargs)
+
+    http = HttpPeer(Recording("pooled", world.agent), world.clock, 30, Recording("oneshot", world.agent))
+    world.relayer.http = http
+    world.send()
+    world.send()
+    world.settle()
+    assert used == ["oneshot", "pooled", "pooled", "pooled"]
+    assert len(world.committed()) == 2
+
+
+def test_upload_file_closed_when_never_sent(tmp_path):
+    """
+    An attachment opened for an upload is closed again when the exchange
+    fails before its body was sent (the peer is down).
+    """
+    from twisted.internet.defer import ensureDeferred, fail
+    from twisted.internet.error import ConnectionRefusedError
+
+    from rqtwisted.relaybodies import MultipartFileProducer
+    from rqtwisted.relayhttp import HttpPeer
+
+    class Down:
+        def request(self, *args, **kwargs):
+            return fail(ConnectionRefusedError())
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 1000)
+    made = []
+
+    def body(progress):
+        made.append(MultipartFileProducer([], "filedata", "f", str(path), Cooperator(), progress))
+        return made[-1]
+
+    clock = Clock()
+    failures = []
+    ensureDeferred(HttpPeer(Down(), clock, 30).request(b"POST", "http://far/q/x/1/attach/new", {}, body)).addErrback(
+        failures.append
+    )
+    assert failures and failures[0].check(SoftFailure)
+    assert "cannot connect" in failures[0].value.reason
+    assert len(made) == 1  # not sent again: nothing was answered, but it never left
+    assert made[0]._file._raw.closed

@@ -61,6 +61,7 @@ def test_entry_config_defaults_and_overlay(tmp_path):
     "config, executable, reason",
     [
         ("{bad", True, "cannot read"),
+        ("[" * 100_000 + "]" * 100_000, True, "cannot read"),
         ("[]", True, "must hold a JSON object"),
         ({"num_workers": 500}, True, "out of range"),
         (None, False, "no executable run"),

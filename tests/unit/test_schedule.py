@@ -25,7 +25,7 @@ from rqtwisted.schedule import (
     normalize_schedule,
     valid_spec,
 )
-from rqtwisted.testing import instance_for
+from rqtwisted.testing import instance_for, result_of
 
 NEW_YORK = ZoneInfo("America/New_York")
 UTC = ZoneInfo("UTC")
@@ -318,13 +318,8 @@ def test_reload_applies_a_new_schedule_in_place(tmp_path):
     config = json.load(open(path))
     config["schedule"] = [{"cron": "0 12 * * *", "param1": "new"}]
     json.dump(config, open(path, "w"))
-    assert _result(instance.reload()) == "reloaded"
+    assert result_of(instance.reload()) == "reloaded"
     assert instance.queue("cronq") is queue
     advance(clock, 300)
     assert [m["param1"] for m in cron_msgs(queue)] == ["new"]
 
-
-def _result(d):
-    out = []
-    d.addBoth(out.append)
-    return out[0]

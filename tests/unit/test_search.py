@@ -13,16 +13,8 @@ import pytest
 from rqtwisted import cli
 from rqtwisted.message import MessageError
 from rqtwisted.search import QueueIndex, index_for
-from rqtwisted.testing import instance_for
+from rqtwisted.testing import instance_for, result_of
 
-
-def result(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 @pytest.fixture
@@ -35,7 +27,7 @@ def env(tmp_path):
 
 
 def send(instance, dest, **fields):
-    full = result(instance.create_message(dict(fields, dest=dest)))
+    full = result_of(instance.create_message(dict(fields, dest=dest)))
     return full.rsplit("/", 1)[1]
 
 
@@ -55,7 +47,7 @@ def populate(instance, spawner):
     spawner.workers[-1].exit(0)
     running = send(instance, "alpha", param1="pear")
     queued = send(instance, "alpha", param1="plum", due=10**10)
-    prep = result(instance.create_message({"dest": "beta", "param1": "apple"}, "prep")).rsplit("/", 1)[1]
+    prep = result_of(instance.create_message({"dest": "beta", "param1": "apple"}, "prep")).rsplit("/", 1)[1]
     return done, err, running, queued, prep
 
 
@@ -112,9 +104,9 @@ def test_index_is_built_once_and_kept_current(env, monkeypatch):
     assert instance.search("alpha", {"param1": "pear"}, True)[0]["state"] == "done"
     new = send(instance, "alpha", param1="fig")
     assert ids(instance.search("alpha", {"param1": "fig"}, True)) == [new]
-    result(queue.delete(err))
+    result_of(queue.delete(err))
     assert instance.search("alpha", {"src": "garden"}, True) == []
-    result(queue.run_now(queued))
+    result_of(queue.run_now(queued))
     assert instance.search("alpha", {"param1": "plum"}, True)[0]["due"] < 10**10
     assert builds == []
     assert len(index_for(queue).entries) == 4  # done, pear, plum, fig
@@ -147,7 +139,7 @@ def test_restarted_queue_builds_a_fresh_index(env):
     instance, spawner, clock = env
     a = send(instance, "beta", param1="x", due=10**10)
     instance.search("beta", {}, False)
-    result(instance.restart_queue("beta"))
+    result_of(instance.restart_queue("beta"))
     assert ids(instance.search("beta", {"param1": "x"}, True)) == [a]
 
 

@@ -111,8 +111,10 @@ def test_unchanged_timer_does_not_fire_again_at_rescan(env):
     assert status == {
         "name": "a",
         "period": 3600,
+        "dest": "cleaner",
         "next_run": int(T0 + 3600),
         "last_run": int(T0),
+        "sent": 1,
         "error": None,
     }
 
@@ -169,6 +171,7 @@ def test_invalid_timers_are_listed_and_never_fire(env):
     assert status["broken"]["error"].startswith("cannot read broken.json")
     assert status["short"]["error"] == "period must be at least 60 seconds"
     assert status["short"]["next_run"] is None
+    assert status["short"]["dest"] is None and status["short"]["sent"] == 0
     # Fixing the file makes it a timer.
     write(directory, "short", period=60)
     clock.advance(RESCAN_INTERVAL)
@@ -184,6 +187,7 @@ def test_send_failure_is_reported_and_retried_next_period(env):
     [status] = service.status()
     assert status["error"] == "send failed: Queue not found"
     assert status["last_run"] == int(T0) and status["next_run"] == int(T0 + 60)
+    assert (status["dest"], status["sent"]) == ("nosuchqueue", 0)
     sender.failing = None
     clock.advance(60)
     assert len(sender.sent) == 1
@@ -208,3 +212,22 @@ def test_stop_cancels_pending_runs(env):
     clock.advance(0)
     service.stopService()
     assert clock.getDelayedCalls() == []
+
+
+def test_deeply_nested_file_is_an_invalid_timer(env):
+    """
+    JSON nested too deeply for the parser is reported like any bad file;
+    the other timers and later rescans go on.
+    """
+    service, sender, clock, directory = env
+    (directory / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    write(directory, "fine", period=60)
+    service.startService()
+    clock.advance(0)
+    status = {s["name"]: s for s in service.status()}
+    assert status["deep"]["error"].startswith("cannot read deep.json")
+    clock.advance(STAGGER)
+    assert [f["dest"] for _, f in sender.sent] == ["cleaner"]
+    write(directory, "later", period=60, dest="other")
+    clock.advance(RESCAN_INTERVAL)
+    assert "later" in {s["name"] for s in service.status()}

@@ -317,6 +317,29 @@ def test_queue_page_lists_server_side_newest_first(env):
     assert 'id="list-done"' in text and 'id="list-relayed"' not in text
 
 
+def test_queue_page_list_keys_match_the_json(env):
+    """
+    Each list carries the key queue.js computes from q/<name>.json, so the
+    script keeps the server's list while nothing changes.
+    """
+    import html
+
+    instance, spawner, clock, client = env
+    send(instance)
+    clock.advance(2)
+    for i in range(3):
+        send(instance, param1=f"<{i}>", dest="t\u00e9st")
+    text = client.get("/q/test").text
+    data = client.get("/q/test.json?limit=50").json()
+    for state in ("prep", "que", "run", "done", "err"):
+        match = re.search(rf'<ul id="list-{state}"[^>]* data-key="([^"]*)"', text)
+        assert match, state
+        expected = json.dumps([[m.get("msg_id"), m.get("dest"), m.get("status"), m.get("new_msg")]
+                               for m in data["messages"][state]], separators=(",", ":"), ensure_ascii=False)
+        assert html.unescape(match.group(1)) == expected, state
+    assert data["messages"]["que"] and data["messages"]["run"]
+
+
 def test_queue_page_pages_done_list(env):
     instance, spawner, clock, client = env
     ids = []
@@ -687,6 +710,30 @@ def test_attachment_listed_and_downloaded(attached):
     assert reply.headers["accept-ranges"] == "bytes"
 
 
+def test_user_files_are_sandboxed(attached):
+    """
+    An attachment named like a web page is still served by its extension,
+    but never sniffed and, if a browser renders it, in a sandbox (no
+    scripts in the interface's origin: its forms have no CSRF token).
+    Static assets are not sandboxed.
+    """
+    instance, client, msg, payload = attached
+    source = instance.root.join("tmp", "page.html")
+    with open(source, "w") as f:
+        f.write("<script>fetch('/q/test/adminoper', {method: 'POST', body: 'down=1'})</script>")
+    result(instance.queue("test").attach(msg, source, "page.html"))
+    running = send(instance)
+    _write_log(instance, running, b"<script>alert(1)</script>\n")
+    for path in (f"/q/test/{msg}/attach/page.html", f"/q/test/{msg}/attach/data.bin",
+                 f"/q/test/{running}/log/stdio.log"):
+        reply = client.get(path)
+        assert reply.code == 200, path
+        assert reply.headers["x-content-type-options"] == "nosniff", path
+        assert reply.headers["content-security-policy"] == "sandbox", path
+    assert client.get(f"/q/test/{msg}/attach/page.html").headers["content-type"].startswith("text/html")
+    assert "content-security-policy" not in client.get("/css/rq.css").headers
+
+
 def test_attachment_ranges(attached):
     instance, client, msg, payload = attached
     reply = client.get(f"/q/test/{msg}/attach/data.bin", headers={"Range": "bytes=10000-"})
@@ -817,6 +864,37 @@ def test_router_mode_routes_messages_to_rq_router(env):
     assert "/q/relay/" in reply.json()[1]
     # not routed: the queue page and its raw config
     assert client.get("/q/test/config.json").json()["name"] == "test"
+
+
+def test_router_mode_one_definition_for_app_and_uploads(env, monkeypatch):
+    """
+    The app's routes and the upload routes ask L{rqtwisted.router} which
+    queue a (R) route addresses: one definition of router mode.
+    """
+    import rqtwisted.web.app as app_module
+    import rqtwisted.web.upload as upload_module
+    from rqtwisted import router
+    from rqtwisted.web.upload_routes import mount_uploads
+
+    instance, spawner, clock, client = env
+    mount_uploads(client.web.app, client.web)
+    asked = []
+
+    def routed(root, name):
+        asked.append(name)
+        return router.routed_queue(root, name)
+
+    monkeypatch.setattr(app_module, "routed_queue", routed)
+    monkeypatch.setattr(upload_module, "routed_queue", routed)
+    with open(instance.root.join("config", "rq_router_rules.rb"), "w") as f:
+        f.write("")
+    msg = send(instance, queue="rq_router", method="prep")
+    client.get(f"/q/test/{msg}/state.json")
+    reply = client.request("PUT", f"/q/test/{msg}/attach/a.txt", data=b"abc")
+    assert reply.code == 200, reply.text
+    assert reply.json()[1].endswith("-Attached successfully")
+    assert asked == ["test", "test"]
+    assert "a.txt" in instance.queue("rq_router").get(msg)["_attachments"]
 
 
 # -- flash

@@ -149,13 +149,9 @@ def test_make_site_mounts_uploads(tmp_path):
     web = site.rqweb
     rules = {(rule.rule, tuple(sorted(rule.methods or ()))) for rule in web.app.url_map.iter_rules()}
     assert ("/q/<name>/new_message", ("POST",)) in rules
-    try:
-        from rqtwisted.web import upload
-    except ImportError:
-        return
-    if hasattr(upload, "mount_uploads"):
-        assert any(r == "/q/<name>/<msg_id>/attach/new" for r, _ in rules)
-        assert site.requestFactory is not Site.requestFactory
+    assert ("/q/<name>/<msg_id>/attach/new", ("POST",)) in rules
+    assert ("/q/<name>/<msg_id>/attach/<att>", ("PUT",)) in rules
+    assert site.requestFactory is not Site.requestFactory
 
 
 def test_daemon_serves_the_web_on_addr_port(tmp_path):

@@ -1,5 +1,6 @@
 """
-Tests for L{rqtwisted.web.upload} (with L{rqtwisted.web.formdata} and
+Tests for the streaming uploads (L{rqtwisted.web.upload}, L{rqtwisted.web.upload_request},
+L{rqtwisted.web.upload_routes}, with L{rqtwisted.web.formdata} and
 L{rqtwisted.web.spool}): a real L{HTTPChannel} on a L{StringTransport}, fed
 requests byte by byte or in arbitrary pieces, in front of a small resource
 that routes the two upload requests to the upload handlers.
@@ -26,17 +27,9 @@ from rqtwisted.store import PARTIAL_MAX_AGE
 from rqtwisted.testing import instance_for, syncNow
 from rqtwisted.web.formdata import FormError, FormSink
 from rqtwisted.web.spool import Spool
-from rqtwisted.web.upload import (
-    ContentRange,
-    UploadRefused,
-    UploadRequest,
-    Uploads,
-    attach_new,
-    attach_put,
-    match_upload,
-    path_segments,
-    render_attach_new,
-)
+from rqtwisted.web.upload import ContentRange, UploadRefused, Uploads, match_upload, path_segments
+from rqtwisted.web.upload_request import UploadRequest
+from rqtwisted.web.upload_routes import attach_new, attach_put, render_attach_new
 
 BOUNDARY = "------------------------d74496d66958873e"
 
@@ -414,6 +407,51 @@ def test_content_length_over_cap_refused_before_body(env: Env) -> None:
     assert json.loads(body) == ["fail", "upload larger than max_upload_size (1000 bytes)"]
     assert b"100 Continue" not in conn.transport.value()
     assert conn.transport.disconnecting
+    assert env.temp_files() == []
+
+
+class HalfCloseTransport(StringTransport):
+    """
+    A TCP-like transport: it can shut its write side and be aborted.
+    """
+
+    write_closed = False
+    aborted = False
+    disconnected = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+def test_refused_connection_lingers(env: Env) -> None:
+    """
+    A refused upload's connection sends the answer, shuts its write side
+    and reads and drops what the client still sends (closing with unread
+    bytes would reset the connection, and the client could lose the 413);
+    it is aborted after LINGER seconds if the client does not close.
+    """
+    from rqtwisted.web.upload_request import LINGER
+
+    env.cap(1000)
+    msg_id = env.prep()
+    conn = Connection(env.site)
+    conn.transport = HalfCloseTransport()
+    conn.channel.makeConnection(conn.transport)
+    request = http("PUT", f"/q/test/{msg_id}/attach/a", PAYLOAD * 3)
+    conn.send(request[:2000])
+    code, headers, body = conn.response()
+    assert (code, headers["connection"]) == (413, "close")
+    assert conn.transport.write_closed and not conn.transport.disconnecting
+    conn.send(request[2000:] + http("PUT", f"/q/test/{msg_id}/attach/b", b"more"))
+    assert len(conn.responses()) == 1
+    clock = env.site.reactor
+    clock.advance(LINGER - 0.1)
+    assert not conn.transport.aborted
+    clock.advance(0.1)
+    assert conn.transport.aborted
     assert env.temp_files() == []
 
 

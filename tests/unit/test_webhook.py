@@ -17,7 +17,7 @@ from twisted.web.resource import Resource
 
 from rqtwisted import builtin
 from rqtwisted.builtin import register_handler
-from rqtwisted.testing import instance_for
+from rqtwisted.testing import instance_for, result_of
 from rqtwisted.webhook import (
     MAX_TRIES,
     REQUEST_TIMEOUT,
@@ -28,14 +28,6 @@ from rqtwisted.webhook import (
     webhook_payload,
 )
 
-
-def result(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 class Receiver(Resource):
@@ -88,7 +80,7 @@ def hooked(tmp_path, monkeypatch):
 
 def finish(instance, spawner, clock, verb="done all good", code=0, **fields):
     fields.setdefault("dest", "test")
-    full = result(instance.create_message(fields))
+    full = result_of(instance.create_message(fields))
     worker = spawner.workers[-1]
     worker.say(verb)
     worker.exit(code)
@@ -167,7 +159,7 @@ def test_missing_or_down_webhook_queue_is_logged_not_fatal(hooked) -> None:
     full = finish(instance, spawner, clock, post_run_webhook=["http://a/"])
     q = instance.queue("test")
     assert q.locate(full.rsplit("/", 1)[1]) == "done"
-    result(instance.delete_queue("webhook"))
+    result_of(instance.delete_queue("webhook"))
     finish(instance, spawner, clock, post_run_webhook=["http://a/"])
     assert "test" in instance.queues and instance.queue("test").running
     assert sum(isinstance(h, WebhookFeeder) for h in instance.finishedHooks) == 1
@@ -220,9 +212,9 @@ def test_connection_error_resends(hooked) -> None:
     finish(instance, spawner, clock, post_run_webhook=["http://down.example/"])
     [hook] = hooks(instance)
     q = instance.queue("webhook")
-    result(q.store.write_msg("que", hook["msg_id"], {**{k: v for k, v in hook.items() if k not in
+    result_of(q.store.write_msg("que", hook["msg_id"], {**{k: v for k, v in hook.items() if k not in
                                                           ("state", "status", "path")}, "count": 3}))
-    result(instance.restart_queue("webhook"))
+    result_of(instance.restart_queue("webhook"))
     instance.set_admin("resume", "webhook")
     clock.advance(0)
     [hook] = hooks(instance)
@@ -257,7 +249,7 @@ def test_gives_up_after_15(hooked) -> None:
     instance, spawner, clock, holder = hooked
     holder["http"] = http = FakeHTTP(lambda: fail(RuntimeError("unused")))
     instance.set_admin("pause", "webhook")
-    result(instance.queue("webhook").create(
+    result_of(instance.queue("webhook").create(
         {"dest": "webhook", "param1": "http://x/", "param2": "{}", "count": MAX_TRIES + 1, "max_count": 99}))
     instance.set_admin("resume", "webhook")
     clock.advance(0)
@@ -269,7 +261,7 @@ def test_gives_up_after_15(hooked) -> None:
 def test_invalid_url_is_err(hooked) -> None:
     instance, spawner, clock, holder = hooked
     holder["http"] = http = FakeHTTP(lambda: fail(RuntimeError("unused")))
-    result(instance.queue("webhook").create({"dest": "webhook", "param1": "ftp://x/", "param2": "{}"}))
+    result_of(instance.queue("webhook").create({"dest": "webhook", "param1": "ftp://x/", "param2": "{}"}))
     clock.advance(0)
     [hook] = hooks(instance)
     assert (hook["state"], hook["status"]) == ("err", "err - invalid webhook URL: 'ftp://x/'")
@@ -283,7 +275,7 @@ def test_stop_cancels_a_pending_post(hooked) -> None:
     clock.advance(0)
     [hook] = hooks(instance)
     q = instance.queue("webhook")
-    result(q.stopService())
+    result_of(q.stopService())
     assert q.store.exists("run", hook["msg_id"])
 
 

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import select
+import shutil
 import signal
 import sys
 from typing import Any, Callable
@@ -1196,6 +1197,26 @@ class TestDirectSpawner:
             assert (tmp_path / "log").read_text() == ""
             pid, failures = self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"])
             assert os.waitpid(pid, 0)[1] == 0
+            assert (tmp_path / "log").read_text() == f"start {pid}\n"
+        finally:
+            spawner.close()
+
+    def test_fifos_removed(self, tmp_path: Any) -> None:
+        """
+        If its FIFOs are removed, the spawner says it is broken and starts
+        nothing.
+        """
+        if not DirectSpawner.available():
+            pytest.skip("no direct spawner on this system")
+        spawner = DirectSpawner()
+        try:
+            pid, _ = self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"])
+            assert os.waitpid(pid, 0)[1] == 0
+            assert spawner._dir is not None
+            shutil.rmtree(spawner._dir)
+            with pytest.raises(SpawnFailed):
+                self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"])
+            assert spawner.broken
             assert (tmp_path / "log").read_text() == f"start {pid}\n"
         finally:
             spawner.close()

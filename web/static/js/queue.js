@@ -11,7 +11,8 @@
  *   run      status, "Destroy" form,
  *   relayed  "relayed" and the remote id.
  * A list showing a later page (?<state>_page=N, N > 1) keeps what the server
- * rendered. When the queue goes DOWN or comes back the page is loaded again
+ * rendered; so does a list whose content has not changed since (its
+ * data-key, computed as here), so a click on it is never lost to a rebuild. When the queue goes DOWN or comes back the page is loaded again
  * (its layout differs).
  *
  * <root> is relative_root (data-root of <body>, else derived from this
@@ -194,6 +195,10 @@
       return;
     }
     var shown = (messages || []).slice(0, limitOf(list));
+    if (list.rqKey === undefined && list.hasAttribute("data-key")) {
+      // What the server rendered: kept while it is still what q/<name>.json says.
+      list.rqKey = list.getAttribute("data-key");
+    }
     var key = JSON.stringify(
       shown.map(function (m) {
         return [m.msg_id, m.dest, m.status, m.new_msg];

@@ -1,0 +1,349 @@
+"""
+The relay's HTTP transport: one exchange with a peer through a treq
+L{HTTPClient} (L{HttpPeer.request}), with an idle timeout on every
+exchange, answers capped at L{MAX_ANSWER} bytes and every failure turned
+into a L{SoftFailure} with a short reason. L{make_clients} builds the
+clients of a running daemon: a persistent connection pool, so that the
+steps of a delivery (and the next deliveries) reuse one connection to a
+peer that keeps connections open, and a connection per request for the
+others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol as _Protocol
+from twisted.python.failure import Failure
+from twisted.web._newclient import RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+
+from rqtwisted.relaybodies import BytesProducer
+from rqtwisted.relaywire import SoftFailure
+
+#: The largest answer body read from a peer.
+MAX_ANSWER = 64 * 1024
+
+
+class _IdleWatch:
+    """
+    Call C{expire} when L{touch} was not called for C{timeout} seconds.
+    """
+
+    def __init__(self, clock: IReactorTime, timeout: float, expire: Callable[[], None]) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        self._expire = expire
+        self.expired = False
+        self._call = clock.callLater(timeout, self._fire) if timeout > 0 else None
+
+    def _fire(self) -> None:
+        self._call = None
+        self.expired = True
+        self._expire()
+
+    def touch(self, n: int = 0) -> None:
+        if self._call is not None and self._call.active():
+            self._call.reset(self._timeout)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
+class _Collector(_Protocol):
+    """
+    Read a response body up to C{limit} bytes; abort beyond that or when
+    asked.
+    """
+
+    def __init__(self, limit: int, progress: Callable[[int], None]) -> None:
+        self.done: Deferred[bytes] = Deferred(lambda d: self._cancel())
+        self._cancelled = False
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self._progress = progress
+        self._failed: str | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self._progress(len(data))
+        self._size += len(data)
+        if self._size > self._limit:
+            self.abort("answer too long")
+            return
+        self._chunks.append(data)
+
+    def abort(self, why: str) -> None:
+        if self._failed is None:
+            self._failed = why
+            if self.transport is not None:
+                self.transport.stopProducing()
+
+    def _cancel(self) -> None:
+        self._cancelled = True
+        self.abort("cancelled")
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.done.called:
+            return
+        if self._cancelled:
+            self.done.errback(CancelledError())
+            return
+        if self._failed is not None:
+            self.done.errback(SoftFailure(self._failed))
+            return
+        from twisted.web.client import ResponseDone
+        from twisted.web.http import PotentialDataLoss
+
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(SoftFailure(f"connection lost - {reason.getErrorMessage()}"))
+
+
+@dataclass
+class Answer:
+    """
+    A peer's answer: status code, headers, body (at most L{MAX_ANSWER}).
+    """
+
+    code: int
+    headers: Headers
+    body: bytes
+
+
+def _cancelled(error: BaseException) -> bool:
+    """
+    Is C{error} (or what it wraps) a cancellation?
+    """
+    if isinstance(error, CancelledError):
+        return True
+    return any(r.check(CancelledError) for r in getattr(error, "reasons", None) or [])
+
+
+def _describe(failure: Failure) -> str:
+    """
+    A short reason for a failed request.
+    """
+    from twisted.internet.error import ConnectError, TimeoutError
+    from twisted.web._newclient import RequestNotSent, ResponseFailed
+
+    value = failure.value
+    if isinstance(value, SoftFailure):
+        return value.reason
+    text = failure.getErrorMessage() or type(value).__name__
+    reasons = getattr(value, "reasons", None)
+    if reasons:
+        text = "; ".join(r.getErrorMessage() or type(r.value).__name__ for r in reasons)
+    if isinstance(value, TimeoutError):
+        prefix = "connect timed out"
+    elif isinstance(value, ConnectError):
+        prefix = "cannot connect"
+    elif isinstance(value, (ResponseFailed, RequestNotSent)):
+        prefix = "connection lost"
+    else:
+        prefix = "request failed"
+    return f"{prefix} - {text}".replace("\n", " ")[:200]
+
+
+class _NoAnswer(Exception):
+    """
+    The connection closed before any answer (see L{HttpPeer.request}).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def keeps_alive(response: IResponse) -> bool:
+    """
+    Does the server of C{response} keep its connection open for another
+    request (HTTP/1.1 without C{Connection: close})? An HTTP/1.0 server
+    closes it, which Twisted's client does not notice before reusing it.
+    """
+    if tuple(response.version) < (b"HTTP", 1, 1):
+        return False
+    values = response.headers.getRawHeaders(b"connection") or []
+    return not any(b"close" in v.lower() for v in values)
+
+
+class HttpPeer:
+    """
+    Requests to peers through a treq L{HTTPClient}, with an idle timeout on
+    every exchange (no byte sent or received for C{idle_timeout} seconds).
+
+    With a C{oneshot} client (one connection per request), a peer is
+    reached through it until one of its answers shows that it keeps
+    connections open (L{keeps_alive}); from then on through C{client} (a
+    persistent pool).
+    """
+
+    def __init__(
+        self,
+        client: HTTPClient,
+        clock: IReactorTime,
+        idle_timeout: float,
+        oneshot: HTTPClient | None = None,
+    ) -> None:
+        self.client = client
+        self._oneshot = oneshot
+        self._clock = clock
+        self._idle = idle_timeout
+        self._keepalive: dict[str, bool] = {}
+
+    def _client_for(self, origin: str) -> HTTPClient:
+        if self._oneshot is None or self._keepalive.get(origin):
+            return self.client
+        return self._oneshot
+
+    async def request(
+        self,
+        method: bytes,
+        url: str,
+        headers: dict[bytes, bytes] | None = None,
+        body: Callable[[Callable[[int], None]], IBodyProducer] | None = None,
+        retry: bool = True,
+    ) -> Answer:
+        """
+        One exchange. C{body} makes the producer, given the progress
+        callback.
+
+        A request that got no answer at all because its connection closed
+        under it (a pooled connection the peer had just closed) is sent once
+        more on a new connection, unless C{retry} is false (the commit: a
+        lost answer there is settled by the next attempt asking the remote
+        for the message's state).
+
+        @raise SoftFailure: any failure, with a short reason.
+        """
+        for attempt in (1, 2):
+            try:
+                return await self._exchange(method, url, headers, body)
+            except _NoAnswer as e:
+                if not retry or attempt == 2:
+                    raise SoftFailure(e.reason)
+        raise AssertionError("unreachable")
+
+    async def _exchange(
+        self,
+        method: bytes,
+        url: str,
+        headers: dict[bytes, bytes] | None,
+        body: Callable[[Callable[[int], None]], IBodyProducer] | None,
+    ) -> Answer:
+        hdrs = Headers({k: [v] for k, v in (headers or {}).items()})
+        hdrs.setRawHeaders(b"user-agent", [b"rqtwisted-relay"])
+        pending: list[Deferred[Any]] = []
+
+        def expire() -> None:
+            for d in pending:
+                d.cancel()
+
+        watch = _IdleWatch(self._clock, self._idle, expire)
+        producer: Any = None
+        try:
+            producer = body(watch.touch) if body is not None else None
+            origin = urlsplit(url).netloc
+            d = self._client_for(origin).request(
+                method.decode("ascii"),
+                url,
+                headers=hdrs,
+                data=producer,
+                allow_redirects=False,
+                unbuffered=True,
+            )
+            pending.append(d)
+            try:
+                response: IResponse = await d
+            except Exception as e:
+                if watch.expired:
+                    raise SoftFailure(f"timed out after {self._idle:g}s idle")
+                if _cancelled(e):
+                    raise CancelledError()
+                failure = Failure()
+                if failure.check(ResponseNeverReceived, RequestNotSent, RequestTransmissionFailed):
+                    raise _NoAnswer(_describe(failure))
+                raise SoftFailure(_describe(failure))
+            pending.clear()
+            watch.touch()
+            collector = _Collector(MAX_ANSWER, watch.touch)
+            pending.append(collector.done)
+
+            def cancel_body() -> None:
+                collector.abort(f"timed out after {self._idle:g}s idle")
+
+            watch._expire = cancel_body
+            response.deliverBody(collector)
+            try:
+                data = await collector.done
+            except SoftFailure:
+                raise
+            except Exception as e:
+                if _cancelled(e):
+                    raise CancelledError()
+                raise SoftFailure(_describe(Failure()))
+            self._keepalive[origin] = keeps_alive(response)
+            return Answer(response.code, response.headers, data)
+        except OSError as e:
+            raise SoftFailure(f"cannot read attachment - {e.strerror or e}")
+        finally:
+            watch.stop()
+            close = getattr(producer, "close", None)
+            if close is not None:
+                close()
+
+    async def post_form(self, url: str, body: bytes, retry: bool = True) -> Answer:
+        """
+        POST an urlencoded form (C{retry}: see L{request}).
+        """
+        return await self.request(
+            b"POST",
+            url,
+            {b"content-type": b"application/x-www-form-urlencoded"},
+            lambda progress: BytesProducer(body),
+            retry,
+        )
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """
+    The HTTP client factory, without its "Starting factory" log lines.
+    """
+
+    noisy = False
+
+
+#: Idle connections kept per peer (one per relay worker is plenty).
+POOL_PER_HOST = 8
+
+#: Seconds an idle pooled connection is kept: well below the idle limits
+#: of common servers, so that a peer rarely closes one as it is reused.
+POOL_IDLE = 30.0
+
+
+def make_clients(reactor: Any, connect_timeout: float) -> tuple[HTTPClient, HTTPClient]:
+    """
+    The relay's HTTP clients on C{reactor}, both with a connect timeout
+    (none when 0): one with a persistent connection pool (peers that keep
+    connections open are reached over one connection per worker), and one
+    opening a connection per request (original RQ hosts close each one).
+    """
+
+    def client(persistent: bool) -> HTTPClient:
+        pool = HTTPConnectionPool(reactor, persistent=persistent)
+        pool.maxPersistentPerHost = POOL_PER_HOST
+        pool.cachedConnectionTimeout = POOL_IDLE
+        pool._factory = _QuietClientFactory  # no log line per connection
+        return HTTPClient(Agent(reactor, connectTimeout=connect_timeout or None, pool=pool))
+
+    return client(True), client(False)

@@ -1,0 +1,66 @@
+"""
+The small vocabulary the web routes answer with: JSON and text bodies, the
+L{HTTPError} a handler raises to answer early, and form field access.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+JSON_TYPE = b"application/json"
+TEXT_TYPE = b"text/plain;charset=utf-8"
+
+
+def dumps(value: Any) -> bytes:
+    """
+    Compact JSON, as the original's C{to_json}.
+    """
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def reply_text(status: str, detail: Any) -> str:
+    """
+    A reply array as shown in notices and error texts:
+    C{["fail", "reason"]}.
+    """
+    return json.dumps([status, detail])
+
+
+class HTTPError(Exception):
+    """
+    Answer with C{code} and C{body}: C{kind} is C{json} (C{["fail", body]}),
+    C{text}, or C{page} (the HTML Not Found page).
+    """
+
+    def __init__(self, code: int, body: str, kind: str = "text") -> None:
+        super().__init__(body)
+        self.code = code
+        self.body = body
+        self.kind = kind
+
+
+def form_arg(request: Any, key: str) -> str | None:
+    """
+    The first value of form or query field C{key}, decoded (C{None} when
+    absent).
+    """
+    values = request.args.get(key.encode("utf-8"))
+    if not values:
+        return None
+    value = values[0]
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def form_fields(request: Any, prefix: str) -> dict[str, str]:
+    """
+    C{{inner: value}} for form fields C{<prefix>[inner]}.
+    """
+    out: dict[str, str] = {}
+    raw = prefix.encode("utf-8") + b"["
+    for key, values in request.args.items():
+        if key.startswith(raw) and key.endswith(b"]") and values:
+            inner = key[len(raw) : -1].decode("utf-8", "replace")
+            value = values[0]
+            out[inner] = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return out
