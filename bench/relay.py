@@ -141,6 +141,21 @@ class Daemon:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
+    def cpu_seconds(self) -> float:
+        """
+        User + system CPU time the daemon has used so far.
+        """
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def sync_rounds(self) -> int:
+        """
+        fsync rounds the daemon has run so far.
+        """
+        return int(json.loads(self.call("Status")[1]).get("sync_rounds", 0))
+
     def hwm(self) -> int:
         assert self.proc is not None
         return vm_kib(self.proc.pid, "VmHWM")
@@ -236,12 +251,19 @@ def main() -> None:
             )
             assert status == "ok", detail
         enqueued = time.monotonic() - start
+        cpu = (a.cpu_seconds(), b.cpu_seconds())
+        rounds = (a.sync_rounds(), b.sync_rounds())
         start = time.monotonic()
         a.call("QueueAdmin", action="resume", name="relay")
         wait_relayed(a, options.messages, 600)
         took = time.monotonic() - start
-        print(f"small messages: {options.messages / took:8.1f} msg/s "
-              f"({options.messages} relayed in {took:.2f}s; enqueue alone {options.messages / enqueued:.0f} msg/s)")
+        n = options.messages
+        cpu = (a.cpu_seconds() - cpu[0], b.cpu_seconds() - cpu[1])
+        rounds = (a.sync_rounds() - rounds[0], b.sync_rounds() - rounds[1])
+        print(f"small messages: {n / took:8.1f} msg/s "
+              f"({n} relayed in {took:.2f}s; enqueue alone {n / enqueued:.0f} msg/s)")
+        print(f"  per message: CPU {cpu[0] * 1000 / n:.2f} ms sender, {cpu[1] * 1000 / n:.2f} ms receiver "
+              f"(its inbox script included); fsync rounds {rounds[0] / n:.2f} sender, {rounds[1] / n:.2f} receiver")
         if options.size_mb > 0:
             large(a, b, dest, base, options.messages, options.size_mb)
     except BaseException:

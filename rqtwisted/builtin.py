@@ -20,7 +20,9 @@ the same completion table (script-api.md): returning is a clean exit (status
 in err with that text; being cancelled (the queue stops or the message is
 destroyed: L{InProcessWorker.signal}) cancels the handler's L{Deferred} and
 counts as death by that signal, so on shutdown the message stays in C{run/}
-and goes back to C{que/} at the next start, like a killed script's.
+and goes back to C{que/} at the next start, like a killed script's. A
+handler that swallows its cancellation is abandoned all the same: the job
+ends there, its slot is freed, and whatever it reports later is ignored.
 
 A user who replaces the placeholder with a script of their own gets that
 script forked as usual: L{BuiltinSpawner} decides at every launch, from the

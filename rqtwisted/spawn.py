@@ -182,6 +182,8 @@ class _SpawnThread:
         os.mkfifo(self.fifo_out, 0o600)
         self._requests: _queue.SimpleQueue[_Request | None] = _queue.SimpleQueue()
         self.tid: int | None = None
+        #: The C{/proc} file listing the thread's children.
+        self.children = ""
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"rq-spawn-{n}", daemon=True)
         self._thread.start()
@@ -201,6 +203,7 @@ class _SpawnThread:
 
     def _run(self) -> None:
         self.tid = threading.get_native_id()
+        self.children = f"/proc/self/task/{self.tid}/children"
         self._started.set()
         libc = self._owner._libc
         attr = self._owner._attr
@@ -378,7 +381,11 @@ class DirectSpawner:
         """
         with self._lock:
             if not self._attr_ready:
-                self._make_attr()
+                try:
+                    self._make_attr()
+                except OSError as e:
+                    self.broken = True
+                    raise SpawnFailed(e.errno or errno.EIO, str(e))
             return self._spawn(executable, args, env, fdmap, cwd, log_fd, line, niceness, failed)
 
     def _spawn(
@@ -397,8 +404,9 @@ class DirectSpawner:
         fsencode = os.fsencode
         thread = self._take()
         actions = ctypes.create_string_buffer(_STRUCT_SIZE)
-        _check(libc.fa_init(actions), "posix_spawn_file_actions_init")
-        request: _Request | None = None
+        if libc.fa_init(actions) != 0:
+            self._idle(thread)
+            raise SpawnFailed(errno.ENOMEM, "posix_spawn_file_actions_init failed")
         try:
             sources = [(fd, True) for fd in set(fdmap.values())]
             for action in _twprocess._getFileActions(sources, fdmap, doClose=0, doDup2=1):
@@ -419,9 +427,11 @@ class DirectSpawner:
                 _cstrings([f"{k}={v}".encode(_ENCODING, _ERRORS) for k, v in env.items()]),
                 failed,
             )
-        except BaseException:
+        except BaseException as e:
             libc.fa_destroy(actions)
             self._idle(thread)
+            if isinstance(e, OSError) and not isinstance(e, SpawnFailed):
+                raise SpawnFailed(e.errno or errno.EIO, str(e))
             raise
         # The spawn thread destroys the file actions once it is done.
         thread.submit(request)
@@ -482,8 +492,14 @@ class DirectSpawner:
         the main thread, never to a spawn thread, which only makes
         workers).
         """
-        with open(f"/proc/self/task/{thread.tid}/children", "rb") as f:
-            pids = f.read().split()
+        fd = os.open(thread.children, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            chunks = [os.read(fd, 65536)]
+            while chunks[-1]:
+                chunks.append(os.read(fd, 65536))
+        finally:
+            os.close(fd)
+        pids = b"".join(chunks).split()
         if not pids:
             raise OSError(errno.ESRCH, "the spawned child cannot be found")
         return int(pids[-1])

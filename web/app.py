@@ -28,8 +28,9 @@ Conventions:
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from klein import Klein
 from twisted.python.failure import Failure
@@ -49,13 +50,21 @@ from rqtwisted.web.queue_routes import QueueRoutes
 from rqtwisted.web.site import RootResource, RQSite, normalize_segments
 from rqtwisted.web.upload_routes import mount_uploads
 
+#: A C{Host} header used for redirects: a name or address, and a port.
+_HOST = re.compile(r"[A-Za-z0-9._\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
+
+#: Characters kept as they are in a redirect's path and query.
+_URL_SAFE = "/?&=%#:@!$'()*+,;~-._"
+
 #: The static assets shipped with the package.
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
 class RQWeb(InstanceRoutes, QueueRoutes, MessageRoutes):
     """
-    The web face of one running instance.
+    The web face of one running instance: the route table and what every
+    handler shares; the handlers come from L{InstanceRoutes},
+    L{QueueRoutes} and L{MessageRoutes}.
 
     @ivar app: the klein app (other modules may add routes to it).
     @ivar flash: the signer of flash cookies.
@@ -204,13 +213,16 @@ class RQWeb(InstanceRoutes, QueueRoutes, MessageRoutes):
         return self._text(request, f"405 - Method {request.method.decode('ascii', 'replace')} not allowed", 405)
 
     def _location(self, request: Any, path: str) -> str:
-        host = request.getHeader(b"host")
-        if host:
-            netloc = host.decode("latin-1")
-        else:
-            netloc = f"{self.settings.host}:{self.settings.port}"
+        """
+        The absolute URL of C{path} on this site, from the request's C{Host}
+        (the configured host and port when it is missing or not a host name);
+        characters a URL cannot hold are percent-encoded.
+        """
+        host = (request.getHeader(b"host") or b"").decode("latin-1")
+        if not _HOST.fullmatch(host):
+            host = f"{self.settings.host}:{self.settings.port}"
         scheme = "https" if request.isSecure() else "http"
-        return f"{scheme}://{netloc}{path}"
+        return f"{scheme}://{host}{quote(path, safe=_URL_SAFE)}"
 
     def _redirect(self, request: Any, path: str) -> bytes:
         """

@@ -193,6 +193,43 @@ def test_destroy_ends_in_err(tmp_path, handlers):
     assert "signal" in queue.get_status(msg_id)["status"]
 
 
+def test_handler_ignoring_cancellation_frees_its_slot(tmp_path, handlers):
+    """
+    A handler that swallows its cancellation is abandoned: the destroyed
+    message ends in err at once, the next one runs, and what the abandoned
+    handler reports later is ignored.
+    """
+    from twisted.internet.defer import CancelledError
+
+    later: Deferred[None] = Deferred()
+    ran = []
+
+    async def handler(job):
+        ran.append(job.msg_id)
+        if len(ran) > 1:
+            job.report("done second")
+            return
+        try:
+            await Deferred()
+        except CancelledError:
+            await later
+            job.report("done after all")
+
+    instance, spawner, clock = start(tmp_path, handler)
+    first = send(instance)
+    second = send(instance)
+    clock.advance(0)
+    queue = instance.queue("relay")
+    assert queue.locate(second) == "que"
+    queue.destroy(first)
+    assert queue.locate(first) == "err"
+    clock.advance(0)
+    assert queue.locate(second) == "done"
+    later.callback(None)
+    assert queue.locate(first) == "err"
+    assert "did not stop" in stdio(queue, first)
+
+
 def test_signal_before_start(tmp_path, handlers):
     """
     A job signalled before its handler started never runs it.

@@ -1,8 +1,9 @@
 """
 Tests for L{rqtwisted.relay} and its modules (L{rqtwisted.relaywire},
-L{rqtwisted.relayhttp}, L{rqtwisted.relaypeers}, L{rqtwisted.relaybodies}): the wire steps as pure functions, and whole
-deliveries from one in-memory instance to another through the in-memory
-HTTP agent of C{treq.testing} (what C{StubTreq} runs on), with a L{Clock}.
+L{rqtwisted.relayhttp}, L{rqtwisted.relaypeers}, L{rqtwisted.relaybodies}):
+the wire steps as pure functions, and whole deliveries from one in-memory
+instance to another through the in-memory HTTP agent of C{treq.testing}
+(what C{StubTreq} runs on), with a L{Clock}.
 
 The far side is L{OriginalRQ}: a small klein resource over a second
 L{Instance} that answers exactly as an original RQ host does (prep, attach

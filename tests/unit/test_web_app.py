@@ -440,6 +440,24 @@ def test_config_json_and_config(env):
                            "blocking_params", "schedule"}
 
 
+def test_redirect_location_is_a_clean_url(env):
+    """
+    A 303's Location is absolute from Host, its path percent-encoded (a
+    C{back} holding spaces, quotes or line breaks stays one URL); a Host
+    header that is not a host name gives way to the configured host:port.
+    """
+    instance, spawner, clock, client = env
+    reply = client.post("/q/test/adminoper", data={"pause": "1", "back": '/q/test?x=<a b>"\r\nX-Evil: 1'})
+    assert reply.code == 303
+    assert reply.headers["location"] == "http://testhost:3333/q/test?x=%3Ca%20b%3E%22%0D%0AX-Evil:%201"
+    assert "x-evil" not in reply.headers
+    reply = client.post("/q/test/adminoper", data={"resume": "1"}, headers={"Host": 'evil"<x>'})
+    settings = instance.settings
+    assert reply.headers["location"] == f"http://{settings.host}:{settings.port}/q/test"
+    reply = client.post("/q/test/adminoper", data={"pause": "1"}, headers={"Host": "[::1]:8080"})
+    assert reply.headers["location"] == "http://[::1]:8080/q/test"
+
+
 def test_adminoper_and_restart(env):
     instance, spawner, clock, client = env
     reply = client.post("/q/test/adminoper", data={"pause": "pause", "back": "/q/test"})
