@@ -181,7 +181,13 @@ class WebhookHandler:
         payload = msg.get("param2")
         data = {"x_format": "json", "payload": payload if isinstance(payload, str) else ""}
         job.log(f"POST {url}")
-        request: Deferred[Any] = self.http.post(url, data=data, allow_redirects=False)
+        try:
+            request: Deferred[Any] = self.http.post(url, data=data, allow_redirects=False)
+        except Exception as e:
+            # Raised before any I/O (a host name that is no host name, ...):
+            # retrying cannot help.
+            job.report(f"err invalid webhook URL: {url!r}: {e}")
+            return
         request.addTimeout(REQUEST_TIMEOUT, self.clock)
         try:
             response = await request

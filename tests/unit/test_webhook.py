@@ -268,6 +268,21 @@ def test_invalid_url_is_err(hooked) -> None:
     assert http.calls == []
 
 
+def test_url_treq_cannot_build_is_err(hooked) -> None:
+    """
+    A URL the HTTP client refuses before any I/O (a host that is no host
+    name) ends the webhook message in err, without a traceback.
+    """
+    instance, spawner, clock, holder = hooked
+    holder["http"] = StubTreq(Receiver([200]))
+    url = 'http://a"><script>x</script>/'
+    result_of(instance.queue("webhook").create({"dest": "webhook", "param1": url, "param2": "{}"}))
+    clock.advance(0)
+    [hook] = hooks(instance)
+    assert hook["state"] == "err"
+    assert hook["status"].startswith(f"err - invalid webhook URL: {url!r}")
+
+
 def test_stop_cancels_a_pending_post(hooked) -> None:
     instance, spawner, clock, holder = hooked
     holder["http"] = FakeHTTP(lambda: Deferred())
