@@ -73,6 +73,7 @@ class InstanceRoutes:
             "time": status.get("time", int(time.time())),
             "queues": queues,
             "timers": status.get("timers") or [],
+            "scandir": status.get("scandir") or [],
         }
 
     # -- instance routes
@@ -118,12 +119,11 @@ class InstanceRoutes:
         name = form_arg(request, "name") or ""
         query = form_fields(request, "query")
         exact = b"exact" in request.args or b"exact" in parse_qs(urlsplit(request.uri).query, keep_blank_values=True)
-        search = getattr(self.instance, "search", None)
-        if search is None:
-            return self._json(request, ["fail", "search is not available in this version"], 501)
+        if b"query" in request.args:
+            return self._json(request, ["fail", "query needs a field: query[<field>]=<value>"], 400)
         if name:
             self._queue(name, "json")
-        d = maybeDeferred(search, name or None, query, exact)
+        d = maybeDeferred(self.instance.search, name or None, query, exact)
 
         def failed(f: Failure) -> bytes:
             f.trap(MessageError)

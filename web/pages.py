@@ -197,9 +197,22 @@ def fmt_time(epoch: Any) -> str:
 # -- home
 
 
+def _table(header: Sequence[str], rows: Iterable[tuple[str, Sequence[Any]]], table_id: str) -> Tag:
+    """
+    A plain table: C{rows} are C{(row id, cells)}; a last cell that is not
+    empty is an error, shown red.
+    """
+    def row(row_id: str, cells: Sequence[Any]) -> Tag:
+        *first, last = [str(c) if c is not None else "" for c in cells]
+        error = tags.td(last, class_="red") if last else tags.td()
+        return tags.tr(*[tags.td(c) for c in first], error, id=row_id)
+
+    return tags.table(tags.tr(*[tags.th(h) for h in header]), *[row(i, c) for i, c in rows], id=table_id)
+
+
 def home_content(root: str, info: Mapping[str, Any], allow_new_queue: bool, back: str) -> list[Any]:
     """
-    The home page: the status line, the queue table, timers.
+    The home page: the status line, the queue table, timers, scandir links.
     """
     rows = []
     for q in info["queues"]:
@@ -272,29 +285,39 @@ def home_content(root: str, info: Mapping[str, Any], allow_new_queue: bool, back
         content.append(tags.p(tags.a("New Queue", href=url(root, "new_queue"), id="new-queue-link")))
     content.append(tags.h2("Queue List"))
     content.append(tags.table(tags.thead(header), tags.tbody(*rows), id="queue-list", class_="queues"))
-    timers = info.get("timers") or []
+    now = info.get("time") or 0
+    timers = [t for t in info.get("timers") or [] if isinstance(t, dict)]
     if timers:
         content.append(tags.h2("Timer List"))
-        content.append(
-            tags.table(
-                tags.tr(*[tags.th(h) for h in ("name", "period", "dest", "next run", "last run", "error")]),
-                *[
-                    tags.tr(
-                        tags.td(str(t.get("name", ""))),
-                        tags.td(str(t.get("period", t.get("cron", "")))),
-                        tags.td(str(t.get("dest", (t.get("msg") or {}).get("dest", "")
-                                          if isinstance(t.get("msg"), dict) else ""))),
-                        tags.td(fmt_time(t["next_run"]) if t.get("next_run") else ""),
-                        tags.td(fmt_time(t["last_run"]) if t.get("last_run") else ""),
-                        tags.td(str(t.get("error") or ""), class_="red" if t.get("error") else ""),
-                        id=f"timer-{t.get('name', '')}",
-                    )
-                    for t in timers
-                    if isinstance(t, dict)
-                ],
-                id="timer-list",
-            )
-        )
+        content.append(_table(
+            ("name", "period", "dest", "due in", "next run", "last run", "sent", "error"),
+            [
+                (
+                    f"timer-{t.get('name', '')}",
+                    [
+                        t.get("name", ""), t.get("period", ""), t.get("dest", ""),
+                        f"{max(0, int(t['next_run'] - now))} s" if t.get("next_run") else "",
+                        fmt_time(t["next_run"]) if t.get("next_run") else "",
+                        fmt_time(t["last_run"]) if t.get("last_run") else "",
+                        t.get("sent", ""), t.get("error") or "",
+                    ],
+                )
+                for t in timers
+            ],
+            "timer-list",
+        ))
+    links = [e for e in info.get("scandir") or [] if isinstance(e, dict)]
+    if links:
+        content.append(tags.h2("Scandir"))
+        content.append(_table(
+            ("name", "target", "queue", "error"),
+            [
+                (f"scandir-{e.get('name', '')}",
+                 [e.get("name", ""), e.get("target", ""), e.get("queue", ""), e.get("error") or ""])
+                for e in links
+            ],
+            "scandir-list",
+        ))
     return content
 
 

@@ -74,6 +74,29 @@ def test_home_shows_cron_entries_with_run_now_form(env):
     assert 'id="timer-list"' in text and "tick" in text
 
 
+def test_home_timers_due_in_and_scandir(env):
+    """
+    Timers show seconds to due (special-queues.md); scandir links and their
+    errors are listed too.
+    """
+    instance, spawner, clock, client = env
+    status = instance.status
+
+    def with_watchers():
+        data = status()
+        data["timers"] = [{"name": "tick", "period": 60, "dest": "test", "next_run": data["time"] + 42,
+                           "last_run": None, "sent": 3, "error": None}]
+        data["scandir"] = [{"name": "auto", "target": "/srv/auto", "queue": "auto", "error": None},
+                           {"name": "bad", "target": "/srv/bad", "queue": None, "error": "no <run>"}]
+        return data
+
+    instance.status = with_watchers
+    text = client.get("/").text
+    assert '<tr id="timer-tick"><td>tick</td><td>60</td><td>test</td><td>42 s</td>' in text
+    assert '<tr id="scandir-auto"><td>auto</td><td>/srv/auto</td><td>auto</td><td></td></tr>' in text
+    assert '<td class="red">no &lt;run&gt;</td>' in text
+
+
 def test_q_json_shape_and_order(env):
     instance, spawner, clock, client = env
     send(instance)
@@ -275,18 +298,14 @@ def test_search(env):
     assert client.get("/search?name=nope&query[param1]=x").code == 404
 
 
-def test_search_without_instance_support_is_501(env):
+def test_search_query_without_field_is_400(env):
+    """
+    C{query=v} without C{[field]} is a mistake, not "match everything".
+    """
     instance, spawner, clock, client = env
-
-    class NoSearch:
-        def __getattr__(self, name):
-            if name == "search":
-                raise AttributeError(name)
-            return getattr(instance, name)
-
-    client = Client(RQWeb(NoSearch(), None))
-    reply = client.get("/search?name=test&query[param1]=x")
-    assert reply.code == 501 and reply.json()[0] == "fail"
+    reply = client.get("/search?name=test&query=abc")
+    assert reply.code == 400
+    assert reply.json() == ["fail", "query needs a field: query[<field>]=<value>"]
 
 
 def test_search_passes_query_to_instance(env):
