@@ -139,6 +139,31 @@ def _open_fifo(path: bytes, flags: int) -> int:
         delay = min(delay * 2, 0.1)
 
 
+#: The FIFOs' directory: C{<tmp>/rq-spawn-<pid>-<random>}.
+_DIR_PREFIX = "rq-spawn-"
+
+
+def _remove_stale(directory: str) -> None:
+    """
+    Remove the FIFO directories of processes that died without removing
+    theirs (killed with C{SIGKILL}).
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_DIR_PREFIX):
+            continue
+        try:
+            pid = int(name[len(_DIR_PREFIX) :].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        except (ValueError, OSError):
+            continue
+
+
 class _Request:
     """
     One spawn handed to a spawn thread.
@@ -338,7 +363,8 @@ class DirectSpawner:
                 return self._idle_threads.pop()
         try:
             if self._dir is None:
-                self._dir = tempfile.mkdtemp(prefix="rq-spawn-")
+                _remove_stale(tempfile.gettempdir())
+                self._dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
                 # The spawn threads are daemon threads: nothing else ends them.
                 atexit.register(shutil.rmtree, self._dir, True)
             thread = _SpawnThread(self, self._dir, len(self._threads))

@@ -16,6 +16,7 @@ import select
 import shutil
 import signal
 import sys
+import tempfile
 from typing import Any, Callable
 
 import pytest
@@ -1218,6 +1219,32 @@ class TestDirectSpawner:
                 self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"])
             assert spawner.broken
             assert (tmp_path / "log").read_text() == f"start {pid}\n"
+        finally:
+            spawner.close()
+
+    def test_stale_fifo_dirs_removed(self, tmp_path: Any, monkeypatch: Any) -> None:
+        """
+        The FIFO directories of dead processes are removed when a spawner
+        makes its own; those of live processes stay.
+        """
+        if not DirectSpawner.available():
+            pytest.skip("no direct spawner on this system")
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        dead = os.fork()
+        if dead == 0:
+            os._exit(0)
+        os.waitpid(dead, 0)
+        (tmp_path / f"rq-spawn-{dead}-abc").mkdir()
+        (tmp_path / f"rq-spawn-{os.getpid()}-abc").mkdir()
+        (tmp_path / "rq-spawn-junk").mkdir()
+        spawner = DirectSpawner()
+        try:
+            pid, _ = self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"])
+            assert os.waitpid(pid, 0)[1] == 0
+            names = sorted(n for n in os.listdir(tmp_path) if n.startswith("rq-spawn-"))
+            assert f"rq-spawn-{dead}-abc" not in names
+            assert f"rq-spawn-{os.getpid()}-abc" in names and "rq-spawn-junk" in names
+            assert len(names) == 3
         finally:
             spawner.close()
 
