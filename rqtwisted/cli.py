@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 from rqtwisted.admincommands import SOCKET
 from rqtwisted.ampclient import AdminClient, AdminClientError, DaemonNotReachable
+from rqtwisted.message import PARAM_KEYS
 
 __all__ = [
     "AdminCaller",
@@ -43,10 +44,7 @@ MESSAGE_KEYS = (
     "src",
     "count",
     "max_count",
-    "param1",
-    "param2",
-    "param3",
-    "param4",
+    *PARAM_KEYS,
     "due",
     "force_remote",
 )
@@ -87,7 +85,14 @@ def parse_options(args: list[str]) -> Options:
     C{True}. Other words are ignored; a later option overrides an earlier
     one.
     """
-    options: Options = {}
+    return dict(_option_pairs(args))
+
+
+def _option_pairs(args: list[str]) -> Iterator[tuple[str, str | bool]]:
+    """
+    Each option of C{args} as C{(name, value)}, in order, by the rules of
+    L{parse_options}.
+    """
     i = 0
     while i < len(args):
         word = args[i]
@@ -97,13 +102,12 @@ def parse_options(args: list[str]) -> Options:
         name = word.split("--", 1)[1]
         if "=" in name:
             key, value = name.split("=", 1)
-            options[key] = value
+            yield key, value
         elif i < len(args) and "--" not in args[i]:
-            options[name] = args[i]
+            yield name, args[i]
             i += 1
         else:
-            options[name] = True
-    return options
+            yield name, True
 
 
 def resolve_root(options: Options, environ: Mapping[str, str] | None = None) -> str:
@@ -396,25 +400,7 @@ def repeated_option(args: list[str], name: str) -> list[str | bool]:
     """
     Every value of a repeatable option, by the rules of L{parse_options}.
     """
-    values: list[str | bool] = []
-    i = 0
-    while i < len(args):
-        word = args[i]
-        i += 1
-        if "--" not in word:
-            continue
-        key = word.split("--", 1)[1]
-        if "=" in key:
-            key, value = key.split("=", 1)
-            if key == name:
-                values.append(value)
-        elif i < len(args) and "--" not in args[i]:
-            if key == name:
-                values.append(args[i])
-            i += 1
-        elif key == name:
-            values.append(True)
-    return values
+    return [value for key, value in _option_pairs(args) if key == name]
 
 
 @_verbs("search")

@@ -18,14 +18,14 @@ STATES = ("prep", "que", "run", "done", "relayed", "err")
 #: States whose directories are hashed by date (layout.md).
 HASHED_STATES = frozenset({"done", "relayed"})
 
+#: The four free parameters of a message.
+PARAM_KEYS = ("param1", "param2", "param3", "param4")
+
 #: Keys copied from input into a new message (message.md, "Creation").
 CREATION_KEYS = (
     "dest",
     "src",
-    "param1",
-    "param2",
-    "param3",
-    "param4",
+    *PARAM_KEYS,
     "due",
     "count",
     "max_count",
@@ -210,7 +210,7 @@ def creation_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     for key in CREATION_KEYS:
         if key in data:
             fields[key] = data[key]
-    for key in ("param1", "param2", "param3", "param4", "src", "orig_msg_id"):
+    for key in (*PARAM_KEYS, "src", "orig_msg_id"):
         value = fields.get(key)
         if value is not None and not isinstance(value, str):
             fields[key] = str(value) if isinstance(value, (int, float)) else None

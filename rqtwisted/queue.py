@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from rqtwisted.message import (
     CREATION_KEYS,
+    PARAM_KEYS,
     MessageError,
     due_of,
     full_id,
@@ -507,8 +508,8 @@ class QueueService(Service):
         if target is None or not target.running:
             reply(f"fail couldn't connect to queue - {target_name}")
             return
-        fields = {k: job.msg[k] for k in ("src", "param1", "param2", "param3", "param4",
-                                          "max_count", "post_run_webhook") if k in job.msg}
+        fields = {k: job.msg[k] for k in ("src", *PARAM_KEYS, "max_count", "post_run_webhook")
+                  if k in job.msg}
         fields.update(
             dest=parsed.dest,
             orig_msg_id=job.msg.get("orig_msg_id") or self.full_id(job.msg_id),

@@ -115,8 +115,29 @@ class _LimitedFile(io.RawIOBase):
         super().close()
 
 
+class _FileProducer:
+    """
+    Back-pressure for a body read from a file: pausing and resuming are
+    passed on to the producer in C{_file}.
+    """
+
+    _file: Any
+
+    def pauseProducing(self) -> None:
+        """
+        Stop reading until L{resumeProducing} (back-pressure).
+        """
+        self._file.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """
+        Go on reading.
+        """
+        self._file.resumeProducing()
+
+
 @implementer(IBodyProducer)
-class RangeFileProducer:
+class RangeFileProducer(_FileProducer):
     """
     Stream bytes C{[start, start + length)} of a file, with back-pressure;
     C{progress(n)} is told of every write.
@@ -148,18 +169,6 @@ class RangeFileProducer:
         self._raw.close()
         return result
 
-    def pauseProducing(self) -> None:
-        """
-        Stop reading until L{resumeProducing} (back-pressure).
-        """
-        self._file.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        """
-        Go on reading.
-        """
-        self._file.resumeProducing()
-
     def stopProducing(self) -> None:
         """
         Stop for good (the request was abandoned).
@@ -179,7 +188,7 @@ def _quote_param(value: str) -> str:
 
 
 @implementer(IBodyProducer)
-class MultipartFileProducer:
+class MultipartFileProducer(_FileProducer):
     """
     A C{multipart/form-data} body of some text fields and one file field,
     the file streamed from disk (the shape of the original relay's upload).
@@ -226,18 +235,6 @@ class MultipartFileProducer:
         d = self._file.startProducing(consumer)
         d.addCallback(lambda _: consumer.write(self._tail))
         return d
-
-    def pauseProducing(self) -> None:
-        """
-        Stop reading until L{resumeProducing} (back-pressure).
-        """
-        self._file.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        """
-        Go on reading.
-        """
-        self._file.resumeProducing()
 
     def stopProducing(self) -> None:
         """

@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 
 from twisted.web.http_headers import Headers
 
-from rqtwisted.message import MessageError, split_full_id
+from rqtwisted.message import PARAM_KEYS, MessageError, split_full_id
 
 #: Keys of the local message sent with the prep request (relay.md, exact).
 PREP_KEYS = (
@@ -31,10 +31,7 @@ PREP_KEYS = (
     "src",
     "count",
     "max_count",
-    "param1",
-    "param2",
-    "param3",
-    "param4",
+    *PARAM_KEYS,
     "post_run_webhook",
     "orig_msg_id",
 )

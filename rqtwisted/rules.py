@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 #: Routing actions.
 ACTIONS = ("relay", "balance", "done", "err")
@@ -81,6 +81,20 @@ _NUMBER = re.compile(r"-?\d+(?:_\d+)*(\.\d+(?:_\d+)*)?(?![A-Za-z_.\d])")
 _SYMBOL = re.compile(r":([A-Za-z_][A-Za-z0-9_]*[?!]?)")
 _DQ_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "s": " ", "e": "\x1b", "0": "\0", "a": "\a", "b": "\b",
                "f": "\f", "v": "\v"}
+
+
+def _sq_escape(c: str) -> str:
+    # In single quotes only \\ and \' are escapes.
+    return c if c in "\\'" else "\\" + c
+
+
+def _dq_escape(c: str) -> str:
+    return _DQ_ESCAPES.get(c, c)
+
+
+def _regex_escape(c: str) -> str:
+    # \/ is a slash; every other escape is the regular expression's own.
+    return "/" if c == "/" else "\\" + c
 
 
 def _convert_regex(source: str) -> str:
@@ -199,55 +213,46 @@ class _Reader:
         snippet = rest[:30] or "end of line"
         raise _Syntax(f"not a literal value: {snippet}")
 
-    def _string(self, quote: str) -> str:
+    def _delimited(self, close: str, what: str, escape: Callable[[str], str], interpolating: bool) -> str:
+        """
+        The text of a literal whose opening character is at C{pos}, up to
+        C{close}; C{\\x} becomes C{escape(x)}.
+
+        @raise _Syntax: it is not terminated, or (when C{interpolating}) it
+            interpolates.
+        """
         self.pos += 1
         out = []
         while True:
             if self.pos >= len(self.text):
-                raise _Syntax("unterminated string")
+                raise _Syntax(f"unterminated {what}")
             c = self.text[self.pos]
-            if c == quote:
+            if c == close:
                 self.pos += 1
                 return "".join(out)
             if c == "\\" and self.pos + 1 < len(self.text):
-                nxt = self.text[self.pos + 1]
+                out.append(escape(self.text[self.pos + 1]))
                 self.pos += 2
-                if quote == "'":
-                    out.append(nxt if nxt in "\\'" else "\\" + nxt)
-                else:
-                    out.append(_DQ_ESCAPES.get(nxt, nxt))
                 continue
-            if quote == '"' and c == "#" and self.text[self.pos + 1 : self.pos + 2] in ("{", "@", "$"):
-                raise _Syntax("string interpolation is not allowed")
+            if interpolating and c == "#" and self.text[self.pos + 1 : self.pos + 2] in ("{", "@", "$"):
+                raise _Syntax(f"{what} interpolation is not allowed")
             out.append(c)
             self.pos += 1
 
+    def _string(self, quote: str) -> str:
+        if quote == "'":
+            return self._delimited(quote, "string", _sq_escape, interpolating=False)
+        return self._delimited(quote, "string", _dq_escape, interpolating=True)
+
     def _regex(self) -> Regex:
-        self.pos += 1
-        out = []
-        while True:
-            if self.pos >= len(self.text):
-                raise _Syntax("unterminated regular expression")
-            c = self.text[self.pos]
-            if c == "/":
-                self.pos += 1
-                break
-            if c == "\\" and self.pos + 1 < len(self.text):
-                nxt = self.text[self.pos + 1]
-                out.append("/" if nxt == "/" else c + nxt)
-                self.pos += 2
-                continue
-            if c == "#" and self.text[self.pos + 1 : self.pos + 2] in ("{", "@", "$"):
-                raise _Syntax("regular expression interpolation is not allowed")
-            out.append(c)
-            self.pos += 1
+        source = self._delimited("/", "regular expression", _regex_escape, interpolating=True)
         start = self.pos
         while self.pos < len(self.text) and self.text[self.pos].isalpha():
             self.pos += 1
         flags = self.text[start : self.pos]
         if any(f not in "imxo" for f in flags):
             raise _Syntax(f"unknown regular expression flags {flags!r}")
-        return _compile_regex("".join(out), flags)
+        return _compile_regex(source, flags)
 
 
 def parse_statement(text: str) -> tuple[str, list[Any]]:

@@ -46,7 +46,7 @@ from croniter import CroniterBadDateError, croniter
 from twisted.logger import Logger
 
 from rqtwisted.durable import dumps, replace_file
-from rqtwisted.message import MessageError, make_msg_id
+from rqtwisted.message import PARAM_KEYS, MessageError, make_msg_id
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -69,7 +69,6 @@ STATE_FILE = "cron.json"
 #: Message id suffixes of cron jobs start here, far above the store's range.
 _CRON_SUFFIX_BASE = 2_000_000_000
 
-_PARAMS = ("param1", "param2", "param3", "param4")
 
 _log = Logger()
 
@@ -113,10 +112,10 @@ def normalize_schedule(raw: Any) -> tuple[dict[str, Any], ...]:
         params: dict[str, str | None] = {}
         nested = item.get("params")
         for source in (nested if isinstance(nested, dict) else {}, item):
-            for key in _PARAMS:
+            for key in PARAM_KEYS:
                 if key in source:
                     params[key] = _param_value(source[key])
-        out.append({"cron": item["cron"].strip(), "params": {k: params[k] for k in _PARAMS if k in params}})
+        out.append({"cron": item["cron"].strip(), "params": {k: params[k] for k in PARAM_KEYS if k in params}})
     return tuple(out)
 
 

@@ -412,23 +412,31 @@ class DirectSpawner:
                 except OSError as e:
                     self.broken = True
                     raise SpawnFailed(e.errno or errno.EIO, str(e))
-            return self._spawn(executable, args, env, fdmap, cwd, log_fd, line, niceness, failed)
+            thread = self._take()
+            request = self._request(thread, executable, args, env, fdmap, cwd, failed)
+            # The spawn thread destroys the file actions once it is done.
+            thread.submit(request)
+            try:
+                return self._gate(thread, request, log_fd, line, niceness)
+            finally:
+                request.passed.set()
 
-    def _spawn(
+    def _request(
         self,
+        thread: _SpawnThread,
         executable: str,
         args: list[str],
         env: dict[str, str],
         fdmap: dict[int, int],
         cwd: str,
-        log_fd: int,
-        line: Callable[[int], bytes],
-        niceness: int,
         failed: Callable[[int, int], None],
-    ) -> int:
+    ) -> _Request:
+        """
+        What C{thread} is to spawn: the file actions, C{argv} and C{envp}.
+        On failure C{thread} is idle again.
+        """
         libc = self._libc
         fsencode = os.fsencode
-        thread = self._take()
         actions = ctypes.create_string_buffer(_STRUCT_SIZE)
         if libc.fa_init(actions) != 0:
             self._idle(thread)
@@ -459,12 +467,7 @@ class DirectSpawner:
             if isinstance(e, OSError) and not isinstance(e, SpawnFailed):
                 raise SpawnFailed(e.errno or errno.EIO, str(e))
             raise
-        # The spawn thread destroys the file actions once it is done.
-        thread.submit(request)
-        try:
-            return self._gate(thread, request, log_fd, line, niceness)
-        finally:
-            request.passed.set()
+        return request
 
     def _gate(
         self,

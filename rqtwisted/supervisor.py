@@ -135,15 +135,26 @@ class Instance(MultiService):
         self._restarts.clear()
         return super().stopService()
 
-    def _add(self, name: str) -> QueueService | None:
+    def _load_config(self, name: str, refusal: str) -> QueueConfig | None:
+        """
+        The config of queue C{name}, or L{None} when it is bad: then it is
+        kept in C{config_errors} and C{refusal} is logged with the reason
+        (once per distinct reason).
+        """
         try:
             config = self.root.load_queue_config(name)
         except ConfigError as e:
             if self.config_errors.get(name) != e.reason:
-                _log.error("queue {queue} not started: {reason}", queue=name, reason=e.reason)
+                _log.error(refusal, queue=name, reason=e.reason)
             self.config_errors[name] = e.reason
             return None
         self.config_errors.pop(name, None)
+        return config
+
+    def _add(self, name: str) -> QueueService | None:
+        config = self._load_config(name, "queue {queue} not started: {reason}")
+        if config is None:
+            return None
         store = QueueStore(self.root.queue_path(name), self.syncer, self.clock.seconds)
         queue = QueueService(self, config, store, self.clock, spawner_for(self, name, self.spawn))
         queue.setName(name)
@@ -383,14 +394,9 @@ class Instance(MultiService):
                 _log.info("queue {queue}: directory gone; stopping", queue=name)
                 steps.append(self._remove(name))
                 continue
-            try:
-                config = self.root.load_queue_config(name)
-            except ConfigError as e:
-                if self.config_errors.get(name) != e.reason:
-                    _log.error("queue {queue}: config not reloaded, old one kept: {reason}", queue=name, reason=e.reason)
-                self.config_errors[name] = e.reason
+            config = self._load_config(name, "queue {queue}: config not reloaded, old one kept: {reason}")
+            if config is None:
                 continue
-            self.config_errors.pop(name, None)
             queue = self.queues[name]
             if config != queue.config:
                 _log.info("queue {queue}: config reloaded", queue=name)

@@ -23,6 +23,13 @@ TAIL_BYTES = 64 * 1024
 #: States in which a message may still change (its log may grow).
 LIVE_STATES = ("prep", "que", "run")
 
+#: Operations with a route of their own: the verb of the failure text, the
+#: notice, and whether the redirect goes to the message (else its queue).
+_OWN_ROUTE_ANSWERS = {
+    "clone": ("clone", "Message cloned successfully", False),
+    "run_now": ("run", "Message sent to the front of the run queue", True),
+}
+
 
 class MessageRoutes:
     """
@@ -93,12 +100,9 @@ class MessageRoutes:
         result = yield self._operate(request, queue, operations[method], msg_id)
         if as_json:
             return self._json(request, result)
-        msg_page = self._url("q", queue.name, msg_id)
         if method == "run_now":
-            if result[0] != "ok":
-                return self._text(request, f"500 - Couldn't run message. {reply_text(*result)}.", 500)
-            self._notify(request, "Message sent to the front of the run queue")
-            return self._redirect(request, msg_page)
+            return self._operation_page(request, queue, msg_id, method, result)
+        msg_page = self._url("q", queue.name, msg_id)
         if result[0] == "ok":
             texts = {"delete": "Message deleted successfully", "destroy": "Message destroyed successfully",
                      "commit": "Message committed successfully"}
@@ -109,31 +113,41 @@ class MessageRoutes:
             target = msg_page
         return self._redirect(request, target)
 
-    @inlineCallbacks
     def clone(self, request: Any, name: str, msg_id: str) -> Any:
         """
         C{POST /q/<name>/<id>/clone} (R).
         """
-        queue = self._queue(name, "page", routed=True)
-        self._message_state(queue, msg_id)
-        result = yield self._operate(request, queue, queue.clone, msg_id)
-        if result[0] != "ok":
-            return self._text(request, f"500 - Couldn't clone message. {reply_text(*result)}.", 500)
-        self._notify(request, "Message cloned successfully")
-        return self._redirect(request, self._url("q", queue.name))
+        return self._own_route_operation(request, name, msg_id, "clone")
 
-    @inlineCallbacks
     def run_now(self, request: Any, name: str, msg_id: str) -> Any:
         """
         C{POST /q/<name>/<id>/run_now} (R).
         """
+        return self._own_route_operation(request, name, msg_id, "run_now")
+
+    @inlineCallbacks
+    def _own_route_operation(self, request: Any, name: str, msg_id: str, method: str) -> Any:
+        """
+        Run C{queue.<method>} on the message and answer as its own route
+        does (L{_operation_page}).
+        """
         queue = self._queue(name, "page", routed=True)
         self._message_state(queue, msg_id)
-        result = yield self._operate(request, queue, queue.run_now, msg_id)
+        result = yield self._operate(request, queue, getattr(queue, method), msg_id)
+        return self._operation_page(request, queue, msg_id, method, result)
+
+    def _operation_page(self, request: Any, queue: Any, msg_id: str, method: str, result: list[Any]) -> Any:
+        """
+        The HTML answer to a clone or run-now: a 500 with the reason when it
+        failed, else a notice and a redirect.
+        """
+        verb, notice, to_message = _OWN_ROUTE_ANSWERS[method]
         if result[0] != "ok":
-            return self._text(request, f"500 - Couldn't run message. {reply_text(*result)}.", 500)
-        self._notify(request, "Message sent to the front of the run queue")
-        return self._redirect(request, self._url("q", queue.name, msg_id))
+            return self._text(request, f"500 - Couldn't {verb} message. {reply_text(*result)}.", 500)
+        self._notify(request, notice)
+        if to_message:
+            return self._redirect(request, self._url("q", queue.name, msg_id))
+        return self._redirect(request, self._url("q", queue.name))
 
     def _message_file(self, queue: Any, msg_id: str, subdir: str, filename: str, kind: str = "text") -> tuple[str, str]:
         """

@@ -23,6 +23,7 @@ from urllib.parse import quote, urlencode
 from twisted.python.filepath import FilePath
 from twisted.web.template import Element, Tag, XMLFile, renderer, tags
 
+from rqtwisted.message import PARAM_KEYS
 from rqtwisted.web.ansi import ansi_to_tags
 from rqtwisted.web.listing import STATES
 
@@ -36,10 +37,7 @@ DETAIL_FIELDS = (
     "msg_id",
     "count",
     "max_count",
-    "param1",
-    "param2",
-    "param3",
-    "param4",
+    *PARAM_KEYS,
     "post_run_webhook",
     "orig_msg_id",
     "cloned_from",

@@ -98,6 +98,19 @@ def check_access(
     return None
 
 
+def check_request(settings: Any, request: Any) -> Denied | None:
+    """
+    L{check_access} for a request under the instance's C{settings} (their
+    C{allowed_ips} and C{basic_auth}).
+    """
+    return check_access(
+        settings.allowed_ips,
+        settings.basic_auth,
+        client_ip(request),
+        request.getHeader(b"authorization"),
+    )
+
+
 def client_ip(request: Any) -> str:
     """
     The client's address as text (C{""} for non-IP transports).

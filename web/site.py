@@ -17,7 +17,7 @@ from urllib.parse import unquote_to_bytes
 from twisted.web import resource
 from twisted.web.server import Site
 
-from rqtwisted.web.security import check_access, client_ip
+from rqtwisted.web.security import check_request
 
 if TYPE_CHECKING:
     from rqtwisted.web.app import RQWeb
@@ -61,12 +61,7 @@ class RootResource(resource.Resource):
         Route one request.
         """
         settings = self.web.instance.settings
-        denied = check_access(
-            settings.allowed_ips,
-            settings.basic_auth,
-            client_ip(request),
-            request.getHeader(b"authorization"),
-        )
+        denied = check_request(settings, request)
         if denied is not None:
             request.setResponseCode(denied.code)
             for name, value in denied.headers:

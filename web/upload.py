@@ -49,7 +49,7 @@ from rqtwisted.router import routed_queue
 from rqtwisted.store import check_attachment_name, md5_file
 from rqtwisted.web.answers import dumps
 from rqtwisted.web.formdata import FormError, FormSink, boundary_of
-from rqtwisted.web.security import check_access, client_ip
+from rqtwisted.web.security import check_request
 from rqtwisted.web.spool import Spool
 
 if TYPE_CHECKING:
@@ -272,13 +272,7 @@ class Uploads:
 
         @raise UploadRefused: 403 / 401 as the app answers them.
         """
-        settings = self.instance.settings
-        denied = check_access(
-            settings.allowed_ips,
-            settings.basic_auth,
-            client_ip(request),
-            request.getHeader(b"authorization"),
-        )
+        denied = check_request(self.instance.settings, request)
         if denied is not None:
             raise UploadRefused(denied.code, denied.body, denied.headers, "text/plain; charset=utf-8")
 
@@ -528,6 +522,9 @@ class FormUpload(Upload):
     sink: FormSink | None = None
 
     def write(self, data: bytes) -> None:
+        """
+        Feed a chunk to the multipart parser.
+        """
         super().write(data)
         assert self.sink is not None
         try:
@@ -536,6 +533,9 @@ class FormUpload(Upload):
             raise fail(e.code, e.reason)
 
     def finish(self) -> None:
+        """
+        End the form; its fields are then in C{fields}.
+        """
         assert self.sink is not None
         try:
             self.sink.close()
@@ -558,6 +558,9 @@ class FormUpload(Upload):
         return self.sink.filename if self.sink is not None else None
 
     def discard(self) -> None:
+        """
+        Remove the spooled file part, if any.
+        """
         if self.sink is not None and self.sink.file is not None:
             self.sink.file.discard()
 
@@ -572,15 +575,24 @@ class RawUpload(Upload):
     expected_md5: str | None = None
 
     def write(self, data: bytes) -> None:
+        """
+        Spool a chunk of the file.
+        """
         super().write(data)
         assert self.spool is not None
         self.spool.write(data)
 
     def finish(self) -> None:
+        """
+        Close the spool: the file is complete.
+        """
         assert self.spool is not None
         self.spool.close()
 
     def discard(self) -> None:
+        """
+        Remove the spooled file.
+        """
         if self.spool is not None:
             self.spool.discard()
 
@@ -599,6 +611,9 @@ class RangeUpload(Upload):
     _released: bool = field(default=False, init=False)
 
     def write(self, data: bytes) -> None:
+        """
+        Append a chunk to the partial file, within its C{Content-Range}.
+        """
         assert self.content_range is not None
         if self.spool is None:
             raise fail(400, "a Content-Range */T status probe has no body")
@@ -609,6 +624,9 @@ class RangeUpload(Upload):
         self.spool.write(data)
 
     def finish(self) -> None:
+        """
+        The chunk is in: release the partial file.
+        """
         self.discard()
 
     @property
@@ -619,6 +637,10 @@ class RangeUpload(Upload):
         return self.spool.size if self.spool is not None else file_size(self.path)
 
     def discard(self) -> None:
+        """
+        The chunk request is over: free its partial file for the next one
+        (L{Uploads.release}). Idempotent.
+        """
         if self._released:
             return
         self._released = True
