@@ -20,12 +20,8 @@ Run from the project root::
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,10 +32,12 @@ from twisted.internet.task import LoopingCall  # noqa: E402
 
 from rqtwisted.builtin import register_handler  # noqa: E402
 from rqtwisted.cleaner import CleanerHandler, thread_runner  # noqa: E402
-from rqtwisted.message import hashed_subpath, make_msg_id  # noqa: E402
+from rqtwisted.message import make_msg_id  # noqa: E402
 from rqtwisted.root import init_root  # noqa: E402
 from rqtwisted.supervisor import Instance  # noqa: E402
 from rqtwisted.testing import FakeSpawner, immediateSyncer  # noqa: E402
+
+from _common import bench_options, scratch, store_message  # noqa: E402
 
 DAY = 86400
 
@@ -51,14 +49,7 @@ def populate(qdir: str, count: int, now: float) -> None:
     step = 10 * DAY / max(count, 1)
     for n in range(count):
         msg_id = make_msg_id(now - n * step, n + 1)
-        mdir = os.path.join(qdir, "done", hashed_subpath(msg_id))
-        os.makedirs(os.path.join(mdir, "job"))
-        with open(os.path.join(mdir, "msg"), "w") as f:
-            json.dump({"msg_id": msg_id, "dest": "bench", "count": 0}, f)
-        with open(os.path.join(mdir, "status"), "w") as f:
-            f.write('{"job_status": "ok"}')
-        with open(os.path.join(mdir, "job", "stdio.log"), "w") as f:
-            f.write("log\n")
+        store_message(qdir, "done", {"msg_id": msg_id, "dest": "bench", "count": 0}, {"job_status": "ok"}, log="log\n")
 
 
 async def run(instance: Instance) -> tuple[float, float, int]:
@@ -92,12 +83,8 @@ def _sleep(seconds: float):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=50000)
-    parser.add_argument("--root", help="lay out the root in DIR (kept); default: a temporary directory")
-    args = parser.parse_args()
-    base = args.root or tempfile.mkdtemp(prefix="rq-cleaner-bench-")
-    try:
+    args = bench_options(__doc__, messages=50000)
+    with scratch(args.root, "rq-cleaner-bench-") as base:
         root = init_root(os.path.join(base, "root"), host="bench")
         script = root.join("code", "noop")
         with open(script, "w") as f:
@@ -134,9 +121,6 @@ def main() -> None:
         print(f"longest stall ms    {stall * 1000:.1f}")
         print(f"ticks late > 50 ms  {late}")
         print(f"load average        {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    finally:
-        if not args.root:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -28,17 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import quote
+
+from _common import bin_next_to_python, free_port, proc_status, rq_argv, scratch, start_daemon
 
 #: The original RQ on its reference machine: clients -> msg/s.
 ORIGINAL = {1: 50.0, 4: 100.0}
@@ -49,39 +48,6 @@ TARGET = 1000.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def bin_next_to_python(name: str) -> str | None:
-    """
-    The console script C{name} installed next to the running interpreter.
-    """
-    path = os.path.join(os.path.dirname(sys.executable), name)
-    return path if os.access(path, os.X_OK) else None
-
-
-def twistd_argv() -> list[str]:
-    """
-    How to run twistd with this interpreter's environment.
-    """
-    path = bin_next_to_python("twistd")
-    return [path] if path else [sys.executable, "-m", "twisted"]
-
-
-def rq_argv() -> list[str]:
-    """
-    How to run the rq command line with this interpreter's environment.
-    """
-    path = bin_next_to_python("rq")
-    return [path] if path else [sys.executable, "-m", "rqtwisted"]
-
-
-def free_port() -> int:
-    """
-    A free TCP port on loopback.
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def proc_cpu(pid: int) -> float:
     """
     CPU seconds (user + system, all threads) of a process.
@@ -89,17 +55,6 @@ def proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def proc_kb(pid: int, key: str) -> int:
-    """
-    A kB figure of C{/proc/<pid>/status}, e.g. C{VmHWM}.
-    """
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 class Daemon:
@@ -119,24 +74,13 @@ class Daemon:
         Start and wait until the admin socket answers.
         """
         log = open(os.path.join(self.base, "daemon.log"), "ab")
-        self.proc = subprocess.Popen(
-            [*twistd_argv(), "-n", "--pidfile=", "rq", "--root", self.root, "--port", str(self.port)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            cwd=self.base,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"daemon exited with {self.proc.returncode}; see {self.base}/daemon.log")
-            if os.path.exists(os.path.join(self.root, "config", "rq.sock")):
-                if self.rq("ping") == "ok pong":
-                    return
-            time.sleep(0.05)
-        raise SystemExit("daemon did not answer ping within 30 s")
+        self.proc = start_daemon(self.root, self.port, log, self.base, self._answers, env=self.env)
+
+    def _answers(self) -> bool:
+        """
+        Whether the admin socket is there and answers ping.
+        """
+        return os.path.exists(os.path.join(self.root, "config", "rq.sock")) and self.rq("ping") == "ok pong"
 
     def rq(self, *args: str) -> str:
         """
@@ -310,7 +254,7 @@ def measure(daemon: Daemon, queue: str, clients: int, messages: int) -> Run:
         raise SystemExit(f"{len(errors)} clients failed, first: {errors[0]}")
     rounds = rounds1 - rounds0 if rounds0 is not None and rounds1 is not None else None
     stored = count_stored(daemon, queue) - before_stored
-    return Run(clients, messages, seconds, cpu, rounds, proc_kb(pid, "VmHWM"), stored)
+    return Run(clients, messages, seconds, cpu, rounds, proc_status(pid, "VmHWM") or 0, stored)
 
 
 def py_spy_top(path: str, top: int = 15) -> list[tuple[float, str]]:
@@ -339,65 +283,63 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--py-spy", dest="py_spy", help="sample the daemon during the last run into this file")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",") if c]
-    base = args.root or tempfile.mkdtemp(prefix="rq-http-enqueue-")
-    os.makedirs(base, exist_ok=True)
-    daemon = Daemon(base)
-    try:
-        daemon.start()
-        script = os.path.join(daemon.root, "code", "bench.sh")
-        with open(script, "w") as f:
-            f.write('#!/bin/sh\necho "done ok" >&3\n')
-        os.chmod(script, 0o755)
-        print(daemon.rq("create_queue", "--name", "bench", "--script", script, "--exec_prefix", ""))
-        print(daemon.rq("pause", "--name", "bench"))
-        measure(daemon, "bench", 1, 200)  # warm-up
-        load = os.getloadavg()[0]
-        print(f"\nPOST /q/bench/new_message, keep-alive, loopback, queue paused; load {load:.2f}; "
-              f"root {daemon.root}\n")
-        print(f"{'clients':>7} {'messages':>8} {'secs':>6} {'msg/s':>7} {'CPU us/msg':>10} "
-              f"{'fsync rounds':>12} {'msg/round':>9} {'peak RSS':>10} {'stored':>6}")
-        best: dict[int, Run] = {}
-        spy: subprocess.Popen[bytes] | None = None
-        for index, clients in enumerate(counts):
-            for r in range(args.repeat):
-                last = index == len(counts) - 1 and r == args.repeat - 1
-                if last and args.py_spy:
-                    assert daemon.proc is not None
-                    spy = subprocess.Popen(
-                        [bin_next_to_python("py-spy") or "py-spy", "record", "--pid", str(daemon.proc.pid),
-                         "--format", "raw", "--output", args.py_spy, "--rate", "250", "--nonblocking"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    )
-                    time.sleep(1.0)
-                run = measure(daemon, "bench", clients, args.messages)
-                if spy is not None:
-                    spy.send_signal(signal.SIGINT)
-                    spy.wait(30)
-                    spy = None
-                per_round = f"{run.messages / run.rounds:9.1f}" if run.rounds else f"{'-':>9}"
-                print(f"{run.clients:7d} {run.messages:8d} {run.seconds:6.2f} {run.rate:7.0f} "
-                      f"{1e6 * run.cpu / run.messages:10.0f} {run.rounds if run.rounds is not None else '-':>12} "
-                      f"{per_round} {run.peak_kb / 1024:7.1f} MiB {run.stored:6d}")
-                if run.stored != run.messages:
-                    raise SystemExit(f"{run.messages} acknowledged but {run.stored} stored")
-                if clients not in best or run.rate > best[clients].rate:
-                    best[clients] = run
-        print()
-        for clients, run in sorted(best.items()):
-            original = ORIGINAL.get(clients)
-            vs = f" (original RQ: {original:.0f}/s, x{run.rate / original:.1f})" if original else ""
-            print(f"{clients} client{'s' if clients > 1 else ''}: {run.rate:.0f} durable msg/s{vs}")
-        if 4 in best:
-            verdict = "met" if best[4].rate >= TARGET else "NOT met"
-            print(f"target >= {TARGET:.0f} msg/s with 4 clients: {verdict}")
-        if args.py_spy and os.path.exists(args.py_spy):
-            print(f"\npy-spy, own time of the daemon's top functions ({args.py_spy}):")
-            for share, frame in py_spy_top(args.py_spy):
-                print(f"  {share:5.1f}%  {frame}")
-    finally:
-        daemon.stop()
-        if not args.root:
-            shutil.rmtree(base, ignore_errors=True)
+    with scratch(args.root, "rq-http-enqueue-") as base:
+        os.makedirs(base, exist_ok=True)
+        daemon = Daemon(base)
+        try:
+            daemon.start()
+            script = os.path.join(daemon.root, "code", "bench.sh")
+            with open(script, "w") as f:
+                f.write('#!/bin/sh\necho "done ok" >&3\n')
+            os.chmod(script, 0o755)
+            print(daemon.rq("create_queue", "--name", "bench", "--script", script, "--exec_prefix", ""))
+            print(daemon.rq("pause", "--name", "bench"))
+            measure(daemon, "bench", 1, 200)  # warm-up
+            load = os.getloadavg()[0]
+            print(f"\nPOST /q/bench/new_message, keep-alive, loopback, queue paused; load {load:.2f}; "
+                  f"root {daemon.root}\n")
+            print(f"{'clients':>7} {'messages':>8} {'secs':>6} {'msg/s':>7} {'CPU us/msg':>10} "
+                  f"{'fsync rounds':>12} {'msg/round':>9} {'peak RSS':>10} {'stored':>6}")
+            best: dict[int, Run] = {}
+            spy: subprocess.Popen[bytes] | None = None
+            for index, clients in enumerate(counts):
+                for r in range(args.repeat):
+                    last = index == len(counts) - 1 and r == args.repeat - 1
+                    if last and args.py_spy:
+                        assert daemon.proc is not None
+                        spy = subprocess.Popen(
+                            [bin_next_to_python("py-spy") or "py-spy", "record", "--pid", str(daemon.proc.pid),
+                             "--format", "raw", "--output", args.py_spy, "--rate", "250", "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        )
+                        time.sleep(1.0)
+                    run = measure(daemon, "bench", clients, args.messages)
+                    if spy is not None:
+                        spy.send_signal(signal.SIGINT)
+                        spy.wait(30)
+                        spy = None
+                    per_round = f"{run.messages / run.rounds:9.1f}" if run.rounds else f"{'-':>9}"
+                    print(f"{run.clients:7d} {run.messages:8d} {run.seconds:6.2f} {run.rate:7.0f} "
+                          f"{1e6 * run.cpu / run.messages:10.0f} {run.rounds if run.rounds is not None else '-':>12} "
+                          f"{per_round} {run.peak_kb / 1024:7.1f} MiB {run.stored:6d}")
+                    if run.stored != run.messages:
+                        raise SystemExit(f"{run.messages} acknowledged but {run.stored} stored")
+                    if clients not in best or run.rate > best[clients].rate:
+                        best[clients] = run
+            print()
+            for clients, run in sorted(best.items()):
+                original = ORIGINAL.get(clients)
+                vs = f" (original RQ: {original:.0f}/s, x{run.rate / original:.1f})" if original else ""
+                print(f"{clients} client{'s' if clients > 1 else ''}: {run.rate:.0f} durable msg/s{vs}")
+            if 4 in best:
+                verdict = "met" if best[4].rate >= TARGET else "NOT met"
+                print(f"target >= {TARGET:.0f} msg/s with 4 clients: {verdict}")
+            if args.py_spy and os.path.exists(args.py_spy):
+                print(f"\npy-spy, own time of the daemon's top functions ({args.py_spy}):")
+                for share, frame in py_spy_top(args.py_spy):
+                    print(f"  {share:5.1f}%  {frame}")
+        finally:
+            daemon.stop()
 
 
 if __name__ == "__main__":

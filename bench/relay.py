@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,37 +44,9 @@ from rqtwisted.admincommands import SOCKET  # noqa: E402
 from rqtwisted.ampclient import AdminClient  # noqa: E402
 from rqtwisted.root import init_root  # noqa: E402
 
+from _common import free_port, proc_status, start_daemon  # noqa: E402
+
 INBOX_SCRIPT = '#!/bin/sh\necho "done received" >&3\n'
-
-
-def twistd_argv() -> list[str]:
-    """
-    How to run twistd with this interpreter's environment.
-    """
-    path = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.access(path, os.X_OK):
-        return [path]
-    return [sys.executable, "-m", "twisted"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def vm_kib(pid: int, key: str) -> int:
-    """
-    A C{/proc/<pid>/status} figure in KiB (0 when unknown).
-    """
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 class Daemon:
@@ -102,25 +73,19 @@ class Daemon:
         return f"http://localhost:{self.port}/"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [*twistd_argv(), "-n", "--pidfile=", "rq", "--root", self.root, "--port", str(self.port)],
-            stdin=subprocess.DEVNULL,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=self.root,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"daemon {self.name} exited while starting")
-            try:
-                if self.call("Ping")[0] == "ok":
-                    return
-            except Exception:
-                pass
-            time.sleep(0.05)
-        raise SystemExit(f"daemon {self.name} did not start")
+        """
+        Start and wait until the admin socket answers ping.
+        """
+        self.proc = start_daemon(self.root, self.port, self.log, self.root, self._answers, what=f"daemon {self.name}")
+
+    def _answers(self) -> bool:
+        """
+        Whether the admin socket answers ping.
+        """
+        try:
+            return self.call("Ping")[0] == "ok"
+        except Exception:
+            return False
 
     def call(self, command: str, **args: str) -> tuple[str, str]:
         return AdminClient(os.path.join(self.root, SOCKET)).call(command, **args)
@@ -158,7 +123,7 @@ class Daemon:
 
     def hwm(self) -> int:
         assert self.proc is not None
-        return vm_kib(self.proc.pid, "VmHWM")
+        return proc_status(self.proc.pid, "VmHWM") or 0
 
 
 def queued_statuses(a: Daemon, limit: int = 5) -> list[str]:

@@ -17,21 +17,19 @@ Run from the project root::
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import tracemalloc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rqtwisted.message import hashed_subpath, make_msg_id  # noqa: E402
+from rqtwisted.message import make_msg_id  # noqa: E402
 from rqtwisted.search import QueueIndex  # noqa: E402
 from rqtwisted.testing import instance_for  # noqa: E402
+
+from _common import bench_options, scratch, store_message  # noqa: E402
 
 
 def populate(qdir: str, count: int, start: float) -> None:
@@ -41,8 +39,6 @@ def populate(qdir: str, count: int, start: float) -> None:
     for n in range(count):
         created = start - 7 * n
         msg_id = make_msg_id(created, 1000 + n)
-        mdir = os.path.join(qdir, "done", hashed_subpath(msg_id))
-        os.makedirs(mdir)
         msg = {
             "dest": "bench",
             "src": "loader" if n % 3 else "cron",
@@ -56,19 +52,12 @@ def populate(qdir: str, count: int, start: float) -> None:
             "orig_msg_id": f"http://h:3333/q/bench/{msg_id}",
             "msg_id": msg_id,
         }
-        with open(os.path.join(mdir, "msg"), "w") as f:
-            json.dump(msg, f)
-        with open(os.path.join(mdir, "status"), "w") as f:
-            json.dump({"job_status": f"copied {n % 97} files"}, f)
+        store_message(qdir, "done", msg, {"job_status": f"copied {n % 97} files"})
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=20000)
-    parser.add_argument("--root", help="lay out the root in DIR (kept); default: a temporary directory")
-    args = parser.parse_args()
-    base = args.root or tempfile.mkdtemp(prefix="rq-search-bench-")
-    try:
+    args = bench_options(__doc__, messages=20000)
+    with scratch(args.root, "rq-search-bench-") as base:
         instance, spawner, clock = instance_for(os.path.join(base, "root"))
         instance.create_queue({"name": "bench", "script": "./code/noop", "exec_prefix": ""})
         populate(instance.root.queue_path("bench"), args.messages, clock.seconds())
@@ -106,9 +95,6 @@ def main() -> None:
         print(f"query contains    {contains_ms:.1f} ms ({contains_n} hits, full read forms included)")
         print(f"query exact, 2 keys {exact_ms:.1f} ms ({exact_n} hits)")
         print(f"full scan         {scan_ms:.1f} ms (reading every msg file once, {hits} hits)")
-    finally:
-        if not args.root:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

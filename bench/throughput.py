@@ -55,6 +55,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rqtwisted.admincommands import SOCKET  # noqa: E402
 from rqtwisted.ampclient import AdminClient, AdminClientError  # noqa: E402
 
+from _common import bin_next_to_python, proc_status, rq_argv, twistd_argv  # noqa: E402
+
 #: The queue script: a no-op that reports success on fd 3.
 SCRIPT = '#!/bin/sh\necho "done ok" >&3\n'
 
@@ -123,44 +125,6 @@ _LINENO = re.compile(r":\d+\)$")
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def bin_next_to_python(name: str) -> str | None:
-    """
-    The console script C{name} installed next to the running interpreter.
-    """
-    path = os.path.join(os.path.dirname(sys.executable), name)
-    return path if os.access(path, os.X_OK) else None
-
-
-def twistd_argv() -> list[str]:
-    """
-    How to run twistd with this interpreter's environment.
-    """
-    path = bin_next_to_python("twistd")
-    return [path] if path else [sys.executable, "-m", "twisted"]
-
-
-def rq_argv() -> list[str]:
-    """
-    How to run the rq command line with this interpreter's environment.
-    """
-    path = bin_next_to_python("rq")
-    return [path] if path else [sys.executable, "-m", "rqtwisted"]
-
-
-def proc_status(pid: int, key: str) -> int | None:
-    """
-    A kB figure of C{/proc/<pid>/status} (e.g. C{VmHWM}), or None.
-    """
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _stat_fields(path: str) -> list[str] | None:

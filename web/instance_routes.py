@@ -84,7 +84,7 @@ class InstanceRoutes:
         """
         info = self.instance_info()
         content = pages.home_content(self.root, info, bool(self.settings.allow_new_queue), self.root)
-        return self._page(request, content, scripts=("js/home.js",), body_class="home")
+        return self._page(request, content, scripts=("js/rq.js", "js/home.js"), body_class="home")
 
     def q_json(self, request: Any) -> bytes:
         """

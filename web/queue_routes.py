@@ -82,7 +82,7 @@ class QueueRoutes:
             "query": query,
         }
         content = pages.queue_content(self.root, data)
-        return self._page(request, content, title=title, scripts=("js/queue.js",), body_class="queue")
+        return self._page(request, content, title=title, scripts=("js/rq.js", "js/queue.js"), body_class="queue")
 
     def queue_json(self, request: Any, name: str) -> bytes:
         """

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.integration.conftest import Daemon
+# The integration tests' daemon fixture, for the pages to talk to.
+from tests.integration.conftest import Daemon, daemon  # noqa: F401
 
 CHROMIUM = Path(os.environ.get("RQ_TEST_CHROMIUM", "/usr/bin/chromium"))
 
@@ -78,9 +79,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     if not report.failed:
         return
     funcargs = getattr(item, "funcargs", {})
-    daemon = funcargs.get("daemon")
-    if isinstance(daemon, Daemon):
-        report.sections.append(("rq daemon log", daemon.log_text()))
+    running = funcargs.get("daemon")
+    if isinstance(running, Daemon):
+        report.sections.append(("rq daemon log", running.log_text()))
     tmp = funcargs.get("tmp_path")
     if isinstance(tmp, Path) and (tmp / "shots").is_dir():
         report.sections.append(("screenshots", str(tmp / "shots")))
@@ -124,19 +125,6 @@ def page(browser: Any) -> Iterator[Any]:
     finally:
         tab.close()
     assert errors == [], f"script errors in the page: {errors}"
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    """
-    A running daemon on C{<tmp_path>/root}.
-    """
-    d = Daemon(tmp_path)
-    try:
-        d.start()
-        yield d
-    finally:
-        d.teardown()
 
 
 @pytest.fixture

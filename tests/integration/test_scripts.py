@@ -128,17 +128,29 @@ def test_fails_alias_and_nonzero_exit(daemon: Daemon) -> None:
     assert daemon.rq("statusmesg", "--msg_id", full) == (0, ["ok err - nope"])
 
 
-def test_done_with_nonzero_exit_is_err(daemon: Daemon) -> None:
-    daemon.queue_with_script("test", 'echo "done but not really" >&3\nexit 3\n')
+@pytest.mark.parametrize(
+    "body, completion, number, exact",
+    [
+        ('echo "done but not really" >&3\nexit 3\n', "done", 3, "exit 3"),
+        ('echo "run about to die" >&3\nkill -KILL $$\n', "", 9, None),
+    ],
+    ids=["done-then-exit-3", "killed-by-signal"],
+)
+def test_improper_exit_is_err(daemon: Daemon, body: str, completion: str, number: int, exact: str | None) -> None:
+    """
+    A worker that exits with a non-zero status, or is killed, after
+    C{done} or without any completion verb ends in err with its exit status.
+    """
+    daemon.queue_with_script("test", body)
     full = daemon.send("test")
     daemon.wait_state(full, "err")
     code, out = daemon.rq("statusmesg", "--msg_id", full)
-    assert code == 0 and len(out) == 1
-    prefix = "ok err - " + IMPROPER + "done but exit status was "
-    assert out[0].startswith(prefix), out
-    assert re.search(r"\b3\b", out[0][len(prefix):]), out
-    # What the product writes today (Ruby's Process::Status#to_s without pid).
-    assert out[0] == prefix + "exit 3"
+    prefix = "ok err - " + IMPROPER + completion + " but exit status was "
+    assert code == 0 and len(out) == 1 and out[0].startswith(prefix), out
+    assert re.search(rf"\b{number}\b", out[0][len(prefix):]), out
+    if exact is not None:
+        # What the product writes today (Ruby's Process::Status#to_s without pid).
+        assert out[0] == prefix + exact
 
 
 def test_no_completion_verb_is_err(daemon: Daemon) -> None:
@@ -485,13 +497,3 @@ def test_dup_copies_attachments(daemon: Daemon, tmp_path: Path) -> None:
     assert lines[1].split(" ")[:3] == ["note.txt", md5_of(note), str(note.stat().st_size)]
     daemon.wait_state(copy, "done", timeout=5)
     assert daemon.rq("statusmesg", "--msg_id", copy) == (0, ["ok done - attached words"])
-
-
-def test_worker_killed_by_signal(daemon: Daemon) -> None:
-    daemon.queue_with_script("test", 'echo "run about to die" >&3\nkill -KILL $$\n')
-    full = daemon.send("test")
-    daemon.wait_state(full, "err")
-    code, out = daemon.rq("statusmesg", "--msg_id", full)
-    prefix = "ok err - " + IMPROPER + " but exit status was "
-    assert code == 0 and len(out) == 1 and out[0].startswith(prefix), out
-    assert re.search(r"\b9\b", out[0][len(prefix):]), out

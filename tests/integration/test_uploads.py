@@ -180,13 +180,20 @@ def test_resumable_wrong_offset_and_commit_drops_partial(daemon: Daemon) -> None
     assert tmp_entries(daemon) == []
 
 
-@needs_curl
-def test_size_cap(daemon: Daemon, tmp_path: Path) -> None:
+def cap_uploads(daemon: Daemon, size: int) -> None:
+    """
+    Set C{max_upload_size} in the daemon's config and restart it.
+    """
     config = daemon.root / "config" / "config.json"
     settings = json.loads(config.read_text())
-    settings["max_upload_size"] = 100_000
+    settings["max_upload_size"] = size
     config.write_text(json.dumps(settings))
     assert daemon.ok("restart") == "restarted"
+
+
+@needs_curl
+def test_size_cap(daemon: Daemon, tmp_path: Path) -> None:
+    cap_uploads(daemon, 100_000)
     full = prep(daemon)
     binary(tmp_path / "big.bin", 200_000)
     big = str(tmp_path / "big.bin")
@@ -209,11 +216,7 @@ def test_refusal_reaches_clients_that_do_not_wait(daemon: Daemon, tmp_path: Path
     keeps reading and dropping the refused body after its answer. (Closing
     at once lost about one answer in fifteen here.)
     """
-    config = daemon.root / "config" / "config.json"
-    settings = json.loads(config.read_text())
-    settings["max_upload_size"] = 100_000
-    config.write_text(json.dumps(settings))
-    assert daemon.ok("restart") == "restarted"
+    cap_uploads(daemon, 100_000)
     full = prep(daemon)
     big = tmp_path / "big.bin"
     binary(big, 5_000_000)

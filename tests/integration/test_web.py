@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+from tests.httphead import parse_head
 from tests.integration.conftest import Daemon, wait_for
 
 pytestmark = pytest.mark.integration
@@ -29,12 +30,7 @@ def curl(daemon: Daemon, path: str, *args: str) -> tuple[int, dict[str, str], by
         check=True,
     ).stdout
     head, _, body = out.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    code = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
+    code, headers = parse_head(head)
     return code, headers, body
 
 

@@ -6,31 +6,14 @@ in-process handlers, with a L{Clock} and the fake spawner as fallback.
 from __future__ import annotations
 
 import os
+from typing import Any, NamedTuple
 
 import pytest
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
 
-from rqtwisted import builtin
 from rqtwisted.builtin import BuiltinSpawner, handler_factory, is_placeholder, register_handler
-from rqtwisted.testing import instance_for
-
-
-def result(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
-
-
-@pytest.fixture
-def handlers(monkeypatch):
-    """
-    A private copy of the registry, restored after the test.
-    """
-    monkeypatch.setattr(builtin, "HANDLERS", dict(builtin.HANDLERS))
-    return builtin.HANDLERS
+from rqtwisted.testing import FakeSpawner, instance_for, result_of
 
 
 def start(tmp_path, handler, name="relay"):
@@ -43,7 +26,30 @@ def start(tmp_path, handler, name="relay"):
 
 def send(instance, queue="relay", **fields):
     fields.setdefault("dest", "http://far:3333/q/x" if queue == "relay" else queue)
-    return result(instance.queue(queue).create(fields)).rsplit("/", 1)[1]
+    return result_of(instance.queue(queue).create(fields)).rsplit("/", 1)[1]
+
+
+class Handled(NamedTuple):
+    """
+    One message sent to the C{relay} queue running an in-process handler.
+    """
+
+    instance: Any
+    spawner: FakeSpawner
+    clock: Clock
+    queue: Any
+    msg_id: str
+
+
+def handled(tmp_path, handler):
+    """
+    Start an instance whose C{relay} queue runs C{handler}, send it one
+    message and let the handler start.
+    """
+    instance, spawner, clock = start(tmp_path, handler)
+    msg_id = send(instance)
+    clock.advance(0)
+    return Handled(instance, spawner, clock, instance.queue("relay"), msg_id)
 
 
 def stdio(queue, msg_id):
@@ -85,13 +91,10 @@ def test_exception_ends_in_err_with_text(tmp_path, handlers):
     async def handler(job):
         raise RuntimeError("peer exploded")
 
-    instance, spawner, clock = start(tmp_path, handler)
-    msg_id = send(instance)
-    clock.advance(0)
-    queue = instance.queue("relay")
-    assert queue.locate(msg_id) == "err"
-    assert queue.get_status(msg_id)["status"] == "err - peer exploded"
-    assert "failed: peer exploded" in stdio(queue, msg_id)
+    h = handled(tmp_path, handler)
+    assert h.queue.locate(h.msg_id) == "err"
+    assert h.queue.get_status(h.msg_id)["status"] == "err - peer exploded"
+    assert "failed: peer exploded" in stdio(h.queue, h.msg_id)
 
 
 def test_done_then_exception_is_err(tmp_path, handlers):
@@ -99,26 +102,20 @@ def test_done_then_exception_is_err(tmp_path, handlers):
         job.report("done too early")
         raise ValueError("then broke")
 
-    instance, spawner, clock = start(tmp_path, handler)
-    msg_id = send(instance)
-    clock.advance(0)
-    queue = instance.queue("relay")
-    assert queue.locate(msg_id) == "err"
-    assert "PROCESS EXITED IMPROPERLY" in queue.get_status(msg_id)["status"]
+    h = handled(tmp_path, handler)
+    assert h.queue.locate(h.msg_id) == "err"
+    assert "PROCESS EXITED IMPROPERLY" in h.queue.get_status(h.msg_id)["status"]
 
 
 def test_resend_requeues(tmp_path, handlers):
     async def handler(job):
         job.report("resend 30-peer down")
 
-    instance, spawner, clock = start(tmp_path, handler)
-    msg_id = send(instance)
-    clock.advance(0)
-    queue = instance.queue("relay")
-    assert queue.locate(msg_id) == "que"
-    msg = queue.get(msg_id)
+    h = handled(tmp_path, handler)
+    assert h.queue.locate(h.msg_id) == "que"
+    msg = h.queue.get(h.msg_id)
     assert msg["count"] == 1
-    assert msg["due"] == int(clock.seconds()) + 30
+    assert msg["due"] == int(h.clock.seconds()) + 30
     assert msg["status"] == "que - 30-peer down"
 
 
@@ -126,12 +123,9 @@ def test_relayed(tmp_path, handlers):
     async def handler(job):
         job.report("relayed http://far:3333/q/x/20200101.0000.00.000.1")
 
-    instance, spawner, clock = start(tmp_path, handler)
-    msg_id = send(instance)
-    clock.advance(0)
-    queue = instance.queue("relay")
-    assert queue.locate(msg_id) == "relayed"
-    assert queue.get_status(msg_id)["status"] == "relayed - http://far:3333/q/x/20200101.0000.00.000.1"
+    h = handled(tmp_path, handler)
+    assert h.queue.locate(h.msg_id) == "relayed"
+    assert h.queue.get_status(h.msg_id)["status"] == "relayed - http://far:3333/q/x/20200101.0000.00.000.1"
 
 
 def test_dup_reply(tmp_path, handlers):
@@ -145,13 +139,11 @@ def test_dup_reply(tmp_path, handlers):
         replies.append(await job.dup("0-X-nosuchqueue"))
         job.report("done duped")
 
-    instance, spawner, clock = start(tmp_path, handler)
-    msg_id = send(instance)
-    clock.advance(0)
+    h = handled(tmp_path, handler)
     assert replies[0].startswith("ok http://testhost:3333/q/test/")
     assert replies[1] == "fail couldn't connect to queue - nosuchqueue"
-    assert instance.queue("relay").locate(msg_id) == "done"
-    [worker] = spawner.workers  # the copy ran in "test" with its script
+    assert h.queue.locate(h.msg_id) == "done"
+    [worker] = h.spawner.workers  # the copy ran in "test" with its script
     assert worker.env["RQ_DEST"] == "http://testhost:3333/q/test"
 
 
@@ -167,16 +159,13 @@ def test_stop_cancels_and_keeps_message(tmp_path, handlers):
         job.report("run waiting")
         await waiting
 
-    instance, spawner, clock = start(tmp_path, handler)
-    msg_id = send(instance)
-    clock.advance(0)
-    queue = instance.queue("relay")
-    assert queue.locate(msg_id) == "run"
-    stopped = queue.stopService()
+    h = handled(tmp_path, handler)
+    assert h.queue.locate(h.msg_id) == "run"
+    stopped = h.queue.stopService()
     assert cancelled == [True]
-    result(stopped)
-    assert os.path.isdir(queue.store.msg_dir("run", msg_id))
-    with open(os.path.join(queue.store.msg_dir("run", msg_id), "job", "stdio.log")) as f:
+    result_of(stopped)
+    assert os.path.isdir(h.queue.store.msg_dir("run", h.msg_id))
+    with open(os.path.join(h.queue.store.msg_dir("run", h.msg_id), "job", "stdio.log")) as f:
         assert "cancelled" in f.read()
 
 
@@ -184,13 +173,10 @@ def test_destroy_ends_in_err(tmp_path, handlers):
     async def handler(job):
         await Deferred()
 
-    instance, spawner, clock = start(tmp_path, handler)
-    msg_id = send(instance)
-    clock.advance(0)
-    queue = instance.queue("relay")
-    assert queue.destroy(msg_id) == "msg destroyed"
-    assert queue.locate(msg_id) == "err"
-    assert "signal" in queue.get_status(msg_id)["status"]
+    h = handled(tmp_path, handler)
+    assert h.queue.destroy(h.msg_id) == "msg destroyed"
+    assert h.queue.locate(h.msg_id) == "err"
+    assert "signal" in h.queue.get_status(h.msg_id)["status"]
 
 
 def test_handler_ignoring_cancellation_frees_its_slot(tmp_path, handlers):

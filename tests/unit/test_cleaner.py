@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from rqtwisted import builtin, cleaner
+from rqtwisted import cleaner
 from rqtwisted.builtin import register_handler
 from rqtwisted.cleaner import Bucket, CleanerHandler, expired_buckets, id_time, parse_days, purge
 from rqtwisted.message import hashed_subpath, make_msg_id
@@ -85,8 +85,7 @@ class Runner:
 
 
 @pytest.fixture
-def cleaning(tmp_path, monkeypatch):
-    monkeypatch.setattr(builtin, "HANDLERS", dict(builtin.HANDLERS))
+def cleaning(tmp_path, handlers):
     instance, spawner, clock = instance_for(str(tmp_path / "root"))
     runner = Runner()
     register_handler("cleaner", lambda inst: CleanerHandler(inst, runner, batch=5))

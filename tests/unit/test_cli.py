@@ -29,6 +29,7 @@ from rqtwisted.admincommands import SOCKET
 from rqtwisted.ampclient import DaemonNotReachable, ProtocolError, RemoteError
 from rqtwisted.cli import VERBS, main, parse_options, resolve_root
 from rqtwisted.message import MessageError
+from tests.unit.fake_admin import FakeDaemon
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FULL_ID = "http://localhost:3333/q/test/20100625.0127.35.122.7"
@@ -128,29 +129,6 @@ def test_resolveRoot(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # -- a fake daemon --------------------------------------------------------------
-
-
-class FakeDaemon:
-    """
-    An admin client factory and client: records the socket and the
-    requests, answers from C{replies} (an exception is raised).
-    """
-
-    def __init__(self, **replies: tuple[str, str] | Exception) -> None:
-        self.replies = replies
-        self.sockets: list[str] = []
-        self.requests: list[tuple[str, dict[str, str]]] = []
-
-    def __call__(self, socket_path: str) -> "FakeDaemon":
-        self.sockets.append(socket_path)
-        return self
-
-    def call(self, command: str, **args: str) -> tuple[str, str]:
-        self.requests.append((command, args))
-        reply = self.replies.get(command, ("ok", ""))
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
 
 
 Run = Callable[..., tuple[int, str, str]]

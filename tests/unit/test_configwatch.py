@@ -14,6 +14,7 @@ import pytest
 from rqtwisted.admin import AdminAPI
 from rqtwisted.configwatch import POLL_INTERVAL, ConfigWatcher
 from rqtwisted.testing import instance_for, result_of
+from tests.unit.roots import new_queue_dir
 
 
 
@@ -104,10 +105,7 @@ def test_invalid_config_is_reported_too(env):
 
 def test_new_directory_is_started_and_removed_one_stopped(env):
     instance, spawner, clock, watcher = env
-    qdir = instance.root.queue_path("fresh")
-    os.makedirs(qdir)
-    with open(os.path.join(qdir, "config.json"), "w") as f:
-        json.dump({"name": "fresh", "script": "./code/noop", "exec_prefix": ""}, f)
+    qdir = new_queue_dir(instance, "fresh", json.dumps({"name": "fresh", "script": "./code/noop", "exec_prefix": ""}))
     clock.advance(POLL_INTERVAL)
     assert instance.queue("fresh").running
     instance.create_message({"dest": "fresh"})
@@ -118,10 +116,7 @@ def test_new_directory_is_started_and_removed_one_stopped(env):
 
 def test_new_directory_with_bad_config_waits_for_a_fix(env):
     instance, spawner, clock, watcher = env
-    qdir = instance.root.queue_path("later")
-    os.makedirs(qdir)
-    with open(os.path.join(qdir, "config.json"), "w") as f:
-        f.write("{")
+    new_queue_dir(instance, "later", "{")
     clock.advance(POLL_INTERVAL)
     assert "later" not in instance.queues
     assert "later" in instance.status()["config_errors"]

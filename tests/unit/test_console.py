@@ -28,40 +28,11 @@ from rqtwisted.admin import AdminProtocol
 from rqtwisted.admincommands import SOCKET
 from rqtwisted.ampclient import DaemonNotReachable, ProtocolError
 from rqtwisted.console import Console, SessionClient, history_path, verb_options
+from tests.unit.fake_admin import FakeDaemon
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FULL_ID = "http://localhost:3333/q/hello/20100625.0127.35.122.7"
 ROOT = "/srv/rq"
-
-
-class FakeDaemon:
-    """
-    An admin client factory and client: records the sockets asked for and
-    the requests; answers from C{replies}, a command name mapping to a
-    reply, an exception to raise, or a list of those used in turn.
-    """
-
-    def __init__(self, **replies: Any) -> None:
-        self.replies = replies
-        self.sockets: list[str] = []
-        self.requests: list[tuple[str, dict[str, str]]] = []
-        self.closed = 0
-
-    def __call__(self, socket_path: str) -> "FakeDaemon":
-        self.sockets.append(socket_path)
-        return self
-
-    def call(self, command: str, **args: str) -> tuple[str, str]:
-        self.requests.append((command, args))
-        reply = self.replies.get(command, ("ok", ""))
-        if isinstance(reply, list):
-            reply = reply.pop(0)
-        if isinstance(reply, BaseException):
-            raise reply
-        return reply
-
-    def close(self) -> None:
-        self.closed += 1
 
 
 class Session:

@@ -13,37 +13,20 @@ import pytest
 
 from rqtwisted.message import MessageError
 from rqtwisted.queue import IDLE_PASS, STOP_GRACE
-from rqtwisted.testing import instance_for
-
-
-def result(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
-
-
-@pytest.fixture
-def setup(tmp_path):
-    instance, spawner, clock = instance_for(str(tmp_path / "root"))
-    instance.create_queue({"name": "test", "script": "./code/noop", "exec_prefix": ""})
-    instance.startService()
-    return instance, spawner, clock
+from rqtwisted.testing import result_of
 
 
 def send(instance, queue="test", **fields):
     fields.setdefault("dest", queue)
-    return result(instance.create_message(fields))
+    return result_of(instance.create_message(fields))
 
 
 def short(full):
     return full.rsplit("/", 1)[1]
 
 
-def test_message_runs_to_done(setup):
-    instance, spawner, clock = setup
+def test_message_runs_to_done(started):
+    instance, spawner, clock = started
     full = send(instance, param1="x")
     assert full.startswith("http://testhost:3333/q/test/")
     [worker] = spawner.workers
@@ -63,8 +46,8 @@ def test_message_runs_to_done(setup):
     assert not os.path.exists(os.path.join(queue.store.msg_dir("done", msg_id), "pid"))
 
 
-def test_done_with_nonzero_exit_is_err(setup):
-    instance, spawner, clock = setup
+def test_done_with_nonzero_exit_is_err(started):
+    instance, spawner, clock = started
     msg_id = short(send(instance))
     spawner.workers[0].say("done fine")
     spawner.workers[0].exit(3)
@@ -74,8 +57,8 @@ def test_done_with_nonzero_exit_is_err(setup):
     )
 
 
-def test_no_verb_is_err_and_killed_is_err(setup):
-    instance, spawner, clock = setup
+def test_no_verb_is_err_and_killed_is_err(started):
+    instance, spawner, clock = started
     a = short(send(instance))
     spawner.workers[0].exit(0)
     b = short(send(instance))
@@ -85,8 +68,8 @@ def test_no_verb_is_err_and_killed_is_err(setup):
     assert "SIGKILL" in q.get_status(b)["status"]
 
 
-def test_resend_requeues_with_count_and_due(setup):
-    instance, spawner, clock = setup
+def test_resend_requeues_with_count_and_due(started):
+    instance, spawner, clock = started
     msg_id = short(send(instance))
     w = spawner.workers[0]
     w.say("resend 30-try later")
@@ -103,8 +86,8 @@ def test_resend_requeues_with_count_and_due(setup):
     assert spawner.workers[1].env["RQ_COUNT"] == "1"
 
 
-def test_resend_hits_max_count(setup):
-    instance, spawner, clock = setup
+def test_resend_hits_max_count(started):
+    instance, spawner, clock = started
     msg_id = short(send(instance, max_count=1))
     spawner.workers[0].say("resend 0")
     spawner.workers[0].exit(0)
@@ -112,8 +95,8 @@ def test_resend_hits_max_count(setup):
     assert q.get_status(msg_id)["status"] == "err - HIT MAX RESEND COUNT - MOVING TO ERR"
 
 
-def test_first_completion_wins(setup):
-    instance, spawner, clock = setup
+def test_first_completion_wins(started):
+    instance, spawner, clock = started
     msg_id = short(send(instance))
     w = spawner.workers[0]
     w.say("err broken")
@@ -124,8 +107,8 @@ def test_first_completion_wins(setup):
     assert q.get_status(msg_id)["status"] == "err - not really"
 
 
-def test_due_in_future_waits(setup):
-    instance, spawner, clock = setup
+def test_due_in_future_waits(started):
+    instance, spawner, clock = started
     send(instance, due=int(clock.seconds()) + 100)
     assert spawner.workers == []
     clock.advance(99)
@@ -134,8 +117,8 @@ def test_due_in_future_waits(setup):
     assert len(spawner.workers) == 1
 
 
-def test_fills_all_slots_earliest_due_first(setup):
-    instance, spawner, clock = setup
+def test_fills_all_slots_earliest_due_first(started):
+    instance, spawner, clock = started
     instance.create_queue({"name": "par", "script": "./code/noop", "num_workers": 3, "exec_prefix": ""})
     instance.set_admin("pause", "par")
     now = int(clock.seconds())
@@ -149,8 +132,8 @@ def test_fills_all_slots_earliest_due_first(setup):
     assert len(ids) == 5
 
 
-def test_down_refuses_writes_pause_keeps_accepting(setup):
-    instance, spawner, clock = setup
+def test_down_refuses_writes_pause_keeps_accepting(started):
+    instance, spawner, clock = started
     instance.set_admin("down", "test")
     with pytest.raises(MessageError, match="status: DOWN"):
         instance.create_message({"dest": "test"})
@@ -162,8 +145,8 @@ def test_down_refuses_writes_pause_keeps_accepting(setup):
     assert instance.queue("test").status() == "PAUSE"
 
 
-def test_marker_removed_by_hand_is_noticed(setup):
-    instance, spawner, clock = setup
+def test_marker_removed_by_hand_is_noticed(started):
+    instance, spawner, clock = started
     instance.set_admin("pause", "test")
     send(instance)
     os.unlink(instance.root.marker("test", "pause"))
@@ -171,8 +154,8 @@ def test_marker_removed_by_hand_is_noticed(setup):
     assert len(spawner.workers) == 1
 
 
-def test_scripterror_is_rechecked(setup):
-    instance, spawner, clock = setup
+def test_scripterror_is_rechecked(started):
+    instance, spawner, clock = started
     script = instance.root.join("code", "noop")
     os.chmod(script, 0o644)
     msg_id = short(send(instance))
@@ -185,8 +168,8 @@ def test_scripterror_is_rechecked(setup):
     assert len(spawner.workers) == 1
 
 
-def test_blocking_params(setup):
-    instance, spawner, clock = setup
+def test_blocking_params(started):
+    instance, spawner, clock = started
     instance.create_queue(
         {"name": "blk", "script": "./code/noop", "num_workers": 3, "blocking_params": [1], "exec_prefix": ""}
     )
@@ -202,8 +185,8 @@ def test_blocking_params(setup):
     assert [w.env["RQ_PARAM2"] for w in spawner.running] == ["3", "2"]
 
 
-def test_coalesce_params(setup):
-    instance, spawner, clock = setup
+def test_coalesce_params(started):
+    instance, spawner, clock = started
     instance.create_queue({"name": "co", "script": "./code/noop", "coalesce_params": [1], "exec_prefix": ""})
     instance.set_admin("pause", "co")
     now = int(clock.seconds())
@@ -221,8 +204,8 @@ def test_coalesce_params(setup):
     assert q.locate(other) == "run"
 
 
-def test_coalesced_dups_return_on_err(setup):
-    instance, spawner, clock = setup
+def test_coalesced_dups_return_on_err(started):
+    instance, spawner, clock = started
     instance.create_queue({"name": "co", "script": "./code/noop", "coalesce_params": [1], "exec_prefix": ""})
     instance.set_admin("pause", "co")
     now = int(clock.seconds())
@@ -234,8 +217,8 @@ def test_coalesced_dups_return_on_err(setup):
     assert spawner.workers[1].env["RQ_MSG_ID"] == dup
 
 
-def test_dup_to_local_queue_replies(setup):
-    instance, spawner, clock = setup
+def test_dup_to_local_queue_replies(started):
+    instance, spawner, clock = started
     instance.create_queue({"name": "other", "script": "./code/noop", "exec_prefix": ""})
     instance.set_admin("pause", "other")
     src = short(send(instance, param1="p"))
@@ -253,41 +236,41 @@ def test_dup_to_local_queue_replies(setup):
     assert w.replies[2] == "fail dup failed - status: DOWN"
 
 
-def test_prep_attach_commit(setup, tmp_path):
-    instance, spawner, clock = setup
-    full = result(instance.create_message({"dest": "test"}, "prep"))
+def test_prep_attach_commit(started, tmp_path):
+    instance, spawner, clock = started
+    full = result_of(instance.create_message({"dest": "test"}, "prep"))
     q = instance.queue("test")
     msg_id = short(full)
     assert q.locate(msg_id) == "prep"
     f = tmp_path / "a.txt"
     f.write_text("abc")
-    assert result(q.attach(msg_id, str(f))) == "900150983cd24fb0d6963f7d28e17f72-Attached successfully"
+    assert result_of(q.attach(msg_id, str(f))) == "900150983cd24fb0d6963f7d28e17f72-Attached successfully"
     assert spawner.workers == []
-    assert result(q.commit(msg_id)) == "msg commited"
+    assert result_of(q.commit(msg_id)) == "msg commited"
     assert q.locate(msg_id) == "run"
     with pytest.raises(MessageError, match="cannot find message"):
         q.commit(msg_id)
 
 
-def test_single_que_returns_latest_queued(setup):
-    instance, spawner, clock = setup
+def test_single_que_returns_latest_queued(started):
+    instance, spawner, clock = started
     instance.set_admin("pause", "test")
-    a = result(instance.create_message({"dest": "test"}, "single_que"))
-    b = result(instance.create_message({"dest": "test"}, "single_que"))
+    a = result_of(instance.create_message({"dest": "test"}, "single_que"))
+    b = result_of(instance.create_message({"dest": "test"}, "single_que"))
     assert a == b
     assert instance.queue("test").num_messages()["que"] == 1
 
 
-def test_run_now_delete_clone(setup):
-    instance, spawner, clock = setup
+def test_run_now_delete_clone(started):
+    instance, spawner, clock = started
     instance.set_admin("pause", "test")
     now = int(clock.seconds())
     a = short(send(instance, due=now + 500))
     b = short(send(instance, due=now + 1000))
     q = instance.queue("test")
-    assert result(q.run_now(b)) == "msg sent to front of run queue"
+    assert result_of(q.run_now(b)) == "msg sent to front of run queue"
     assert q.get(b)["due"] <= now
-    assert result(q.delete(a)) == "msg deleted"
+    assert result_of(q.delete(a)) == "msg deleted"
     with pytest.raises(MessageError, match="msg not found"):
         q.locate(a)
     instance.set_admin("resume", "test")
@@ -296,14 +279,14 @@ def test_run_now_delete_clone(setup):
     with pytest.raises(MessageError, match="cannot clone message in que state"):
         instance.set_admin("pause", "test")
         q.clone(short(send(instance)))
-    new = result(q.clone(b))
+    new = result_of(q.clone(b))
     assert q.get(short(new))["cloned_from"] == b
-    assert result(q.delete(b)) == "msg deleted"
+    assert result_of(q.delete(b)) == "msg deleted"
     assert q.num_messages()["done"] == 0
 
 
-def test_destroy_signals_process_group(setup):
-    instance, spawner, clock = setup
+def test_destroy_signals_process_group(started):
+    instance, spawner, clock = started
     msg_id = short(send(instance))
     q = instance.queue("test")
     assert q.destroy(msg_id) == "msg destroyed"
@@ -312,8 +295,8 @@ def test_destroy_signals_process_group(setup):
         q.delete(msg_id)
 
 
-def test_stop_terminates_then_kills_and_leaves_message_in_run(setup):
-    instance, spawner, clock = setup
+def test_stop_terminates_then_kills_and_leaves_message_in_run(started):
+    instance, spawner, clock = started
     msg_id = short(send(instance))
     q = instance.queue("test")
     w = spawner.workers[0]
@@ -329,21 +312,21 @@ def test_stop_terminates_then_kills_and_leaves_message_in_run(setup):
     assert q.store.exists("run", msg_id)
 
 
-def test_restart_recovers_run_to_que(setup):
-    instance, spawner, clock = setup
+def test_restart_recovers_run_to_que(started):
+    instance, spawner, clock = started
     msg_id = short(send(instance))
     spawner.workers[0].say("run working")
     d = instance.restart_queue("test")
     assert spawner.workers[0].signals == [signal.SIGTERM]
     spawner.workers[0].exit(None, signal.SIGTERM)
-    assert result(d) == "test"
+    assert result_of(d) == "test"
     # The new queue service re-runs the message.
     assert spawner.workers[-1].env["RQ_MSG_ID"] == msg_id
     assert instance.queue("test").locate(msg_id) == "run"
 
 
-def test_get_read_form(setup):
-    instance, spawner, clock = setup
+def test_get_read_form(started):
+    instance, spawner, clock = started
     instance.set_admin("pause", "test")
     msg_id = short(send(instance, src="me", param2="two"))
     msg = instance.queue("test").get(msg_id)
@@ -354,8 +337,8 @@ def test_get_read_form(setup):
     assert json.dumps(msg)
 
 
-def test_crash_restarts_queue_with_backoff(setup):
-    instance, spawner, clock = setup
+def test_crash_restarts_queue_with_backoff(started):
+    instance, spawner, clock = started
     q = instance.queue("test")
 
     def boom():
@@ -375,33 +358,33 @@ def test_crash_restarts_queue_with_backoff(setup):
     assert "test" in instance.queues
 
 
-def test_create_queue_errors(setup):
-    instance, spawner, clock = setup
+def test_create_queue_errors(started):
+    instance, spawner, clock = started
     with pytest.raises(MessageError, match="already created"):
         instance.create_queue({"name": "test", "script": "x"})
     with pytest.raises(MessageError, match="queue name has invalid characters"):
         instance.create_queue({"name": "bad name", "script": "x"})
 
 
-def test_relay_dest_needs_relay_ok(setup):
-    instance, spawner, clock = setup
+def test_relay_dest_needs_relay_ok(started):
+    instance, spawner, clock = started
     with pytest.raises(MessageError, match="Cannot relay message"):
         instance.create_message({"dest": "http://other:3333/q/test"})
     instance.set_admin("pause", "relay")
-    full = result(instance.create_message({"dest": "http://other:3333/q/test"}, relay_ok=True))
+    full = result_of(instance.create_message({"dest": "http://other:3333/q/test"}, relay_ok=True))
     assert "/q/relay/" in full
 
 
-def test_delete_queue_renames_dir(setup):
-    instance, spawner, clock = setup
-    assert result(instance.delete_queue("test")) == "started deleting queue"
+def test_delete_queue_renames_dir(started):
+    instance, spawner, clock = started
+    assert result_of(instance.delete_queue("test")) == "started deleting queue"
     assert "test" not in instance.queues
     names = os.listdir(instance.root.queue_dir)
     assert any(n.startswith("test.deleted.") for n in names)
 
 
-def test_unbalanced_exec_prefix_is_a_scripterror(setup):
-    instance, spawner, clock = setup
+def test_unbalanced_exec_prefix_is_a_scripterror(started):
+    instance, spawner, clock = started
     instance.create_queue({"name": "bad", "script": "./code/noop", "exec_prefix": "sh '-c"})
     msg_id = short(send(instance, "bad"))
     q = instance.queue("bad")

@@ -24,7 +24,7 @@ import pytest
 from klein import Klein
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock, Cooperator
 from twisted.web.http_headers import Headers
 
@@ -115,7 +115,8 @@ class OriginalRQ:
             return json.dumps(["fail", reason]).encode()
         if kind and kind.startswith("fail:"):
             return json.dumps(["fail", kind[5:]]).encode()
-        d = run() if run is not None else succeed(ok_value)
+        # A step refused at once (MessageError) is answered like a failed one.
+        d = maybeDeferred(run) if run is not None else succeed(ok_value)
 
         def answered(value):
             if kind == "lost":
@@ -170,17 +171,7 @@ class OriginalRQ:
         assert fields["pathname"].value == part.filename
         assert fields["msg_id"].value == msg_id
         assert fields["x_format"].value == "json"
-
-        def run():
-            queue = self.instance.queue(name)
-            try:
-                return queue.attach(msg_id, path, part.filename)
-            except MessageError as e:
-                from twisted.internet.defer import fail
-
-                return fail(e)
-
-        return self._answer(request, kind, None, run)
+        return self._answer(request, kind, None, lambda: self.instance.queue(name).attach(msg_id, path, part.filename))
 
     @app.route("/q/<name>/<msg_id>/attach/<att>", methods=["PUT"])
     def put(self, request, name, msg_id, att):
@@ -228,45 +219,40 @@ class OriginalRQ:
         form = parse_qs(body.decode())
         assert form["_method"] == ["commit"] and form["x_format"] == ["json"]
         assert form["msg_id"] == [msg_id]
+        return self._answer(request, kind, None, lambda: self.instance.queue(name).commit(msg_id))
 
-        def run():
-            try:
-                return self.instance.queue(name).commit(msg_id)
-            except MessageError as e:
-                from twisted.internet.defer import fail
-
-                return fail(e)
-
-        return self._answer(request, kind, None, run)
+    def _lookup(self, request, step, look):
+        """
+        A GET step: a fault, else C{look()} as JSON (404 for an unknown message).
+        """
+        self._record(request, step)
+        kind = self._fault(step, request)
+        if kind is not None:
+            return self._answer(request, kind, None)
+        try:
+            value = look()
+        except MessageError:
+            request.setResponseCode(404)
+            return b"Not Found"
+        return json.dumps(value).encode()
 
     @app.route("/q/<name>/<msg_id>.json", methods=["GET"])
     def read_form(self, request, name, msg_id):
-        self._record(request, "json")
-        kind = self._fault("json", request)
-        if kind is not None:
-            return self._answer(request, kind, None)
-        try:
-            msg = self.instance.queue(name).get(msg_id)
-        except MessageError:
-            request.setResponseCode(404)
-            return b"Not Found"
-        return json.dumps(msg).encode()
+        return self._lookup(request, "json", lambda: self.instance.queue(name).get(msg_id))
 
     @app.route("/q/<name>/<msg_id>/state.json", methods=["GET"])
     def state(self, request, name, msg_id):
-        self._record(request, "state")
-        kind = self._fault("state", request)
-        if kind is not None:
-            return self._answer(request, kind, None)
-        try:
-            state = self.instance.queue(name).locate(msg_id)
-        except MessageError:
-            request.setResponseCode(404)
-            return b"Not Found"
-        return json.dumps([state]).encode()
+        return self._lookup(request, "state", lambda: [self.instance.queue(name).locate(msg_id)])
 
 
 # -- fixtures
+
+
+def md5s(files):
+    """
+    Name -> md5 of C{(name, data)} pairs.
+    """
+    return {n: hashlib.md5(d).hexdigest() for n, d in files}
 
 
 class World:
@@ -357,6 +343,40 @@ class World:
 
     def steps(self):
         return [s for s, _ in self.peer.log]
+
+    def job_file(self, state, msg_id, name):
+        """
+        The path of C{job/<name>} of a relay message in C{state}.
+        """
+        return os.path.join(self.relay.store.msg_dir(state, msg_id), "job", name)
+
+    def relay_id(self, state, msg_id):
+        """
+        The remote id recorded in C{job/relay_id}, or None.
+        """
+        path = self.job_file(state, msg_id, "relay_id")
+        return open(path).read() if os.path.exists(path) else None
+
+    def set_relay_id(self, msg_id, remote):
+        """
+        Record C{remote} as the relay_id of a running message (an earlier life's).
+        """
+        path = self.job_file("run", msg_id, "relay_id")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(remote)
+
+    def job_log(self, msg_id):
+        """
+        The stdio.log of a relayed message.
+        """
+        return open(self.job_file("relayed", msg_id, "stdio.log")).read()
+
+    def far_md5s(self, remote):
+        """
+        Attachment name -> md5 of a far message.
+        """
+        return {n: a["md5"] for n, a in self.far.queue("inbox").get(remote)["_attachments"].items()}
 
 
 @pytest.fixture
@@ -516,9 +536,8 @@ def test_plain_message(world):
     assert far["src"] == "tester" and far["param1"] == "p1" and far["param4"] == "p4"
     assert far["dest"] == FAR
     assert far["orig_msg_id"] == world.relay.full_id(msg_id)
-    job = os.path.join(world.relay.store.msg_dir("relayed", msg_id), "job")
-    assert not os.path.exists(os.path.join(job, "relay_id"))
-    log = open(os.path.join(job, "stdio.log")).read()
+    assert world.relay_id("relayed", msg_id) is None
+    log = world.job_log(msg_id)
     assert f"dest - {FAR}" in log and f"attempting remote {FAR}" in log
 
 
@@ -529,8 +548,7 @@ def test_attachments_multipart(world):
     assert world.state(msg_id) == "relayed", world.status(msg_id)
     assert world.steps() == ["prep", "attach", "attach", "attach", "commit"]
     [remote] = world.committed()
-    got = world.far.queue("inbox").get(remote)["_attachments"]
-    assert {n: a["md5"] for n, a in got.items()} == {n: hashlib.md5(d).hexdigest() for n, d in files}
+    assert world.far_md5s(remote) == md5s(files)
 
 
 def test_resumable_upload(tmp_path, monkeypatch):
@@ -547,7 +565,7 @@ def test_resumable_upload(tmp_path, monkeypatch):
     assert upload.getRawHeaders("content-range") == ["bytes 0-299999/300000"]
     assert upload.getRawHeaders("x-rq-md5") == [hashlib.md5(data).hexdigest()]
     [remote] = world.committed()
-    assert world.far.queue("inbox").get(remote)["_attachments"]["big"]["md5"] == hashlib.md5(data).hexdigest()
+    assert world.far_md5s(remote)["big"] == hashlib.md5(data).hexdigest()
 
 
 def test_resumable_upload_resumes(tmp_path, monkeypatch):
@@ -605,18 +623,29 @@ def test_resumable_refusal_is_not_an_original_peer(tmp_path, monkeypatch):
     assert world.steps() == ["prep", "put", "state", "json", "put", "put", "commit"]
 
 
-def test_resumable_probe_unknown_message(tmp_path, monkeypatch):
-    world = World(tmp_path, monkeypatch, resumable_min=1)
-    world.peer.resumable = True
-    world.peer.faults = [("put", "json:404:cannot find message")]
+@pytest.mark.parametrize(
+    "resumable, fault, steps",
+    [
+        (True, ("put", "json:404:cannot find message"), ["prep", "put", "prep", "put", "put", "commit"]),
+        (False, ("attach", "fail:cannot find message"), ["prep", "attach", "prep", "attach", "commit"]),
+    ],
+    ids=["resumable-probe", "multipart"],
+)
+def test_cannot_find_message_preps_again(tmp_path, monkeypatch, resumable, fault, steps):
+    """
+    A remote that lost the prepared message: the relay_id is dropped and the
+    retry prepares a new one.
+    """
+    world = World(tmp_path, monkeypatch, **({"resumable_min": 1} if resumable else {}))
+    world.peer.resumable = resumable
+    world.peer.faults = [fault]
     msg_id = world.send(attachments=[("f", b"0123456789")])
     world.settle()
     assert world.state(msg_id) == "que"
-    job = os.path.join(world.relay.store.msg_dir("que", msg_id), "job")
-    assert not os.path.exists(os.path.join(job, "relay_id"))
+    assert world.relay_id("que", msg_id) is None
     world.retry(msg_id)
     assert world.state(msg_id) == "relayed"
-    assert world.steps() == ["prep", "put", "prep", "put", "put", "commit"]
+    assert world.steps() == steps
 
 
 def test_resumable_md5_mismatch_starts_again(tmp_path, monkeypatch):
@@ -636,7 +665,7 @@ def test_resumable_md5_mismatch_starts_again(tmp_path, monkeypatch):
     world.retry(msg_id)
     assert world.state(msg_id) == "relayed"
     [remote] = world.committed()
-    assert world.far.queue("inbox").get(remote)["_attachments"]["f"]["md5"] == hashlib.md5(data).hexdigest()
+    assert world.far_md5s(remote)["f"] == hashlib.md5(data).hexdigest()
     assert world.peer.headers[-2].getRawHeaders("content-range") == ["bytes 0-49999/50000"]
 
 
@@ -727,14 +756,12 @@ def test_wrong_md5_never_commits(world):
     assert "md5 mismatch" in world.status(msg_id)
     assert world.committed() == []
     [prepped] = world.far_messages()["prep"]
-    job = world.relay.store.msg_dir("que", msg_id)
-    assert open(os.path.join(job, "job", "relay_id")).read() == f"{FAR}/{prepped}"
+    assert world.relay_id("que", msg_id) == f"{FAR}/{prepped}"
     world.retry(msg_id)
     assert world.state(msg_id) == "relayed"
     assert world.committed() == [prepped]
     assert world.steps() == ["prep", "attach", "state", "json", "attach", "commit"]
-    got = world.far.queue("inbox").get(prepped)["_attachments"]["f"]["md5"]
-    assert got == hashlib.md5(b"data").hexdigest()
+    assert world.far_md5s(prepped)["f"] == hashlib.md5(b"data").hexdigest()
 
 
 def test_md5_answer_mismatch(world):
@@ -764,8 +791,7 @@ def test_retry_skips_attachments_the_remote_has(world):
     assert world.state(msg_id) == "relayed"
     assert world.steps() == ["prep", "attach", "attach", "commit", "state", "json", "commit"]
     [remote] = world.committed()
-    got = world.far.queue("inbox").get(remote)["_attachments"]
-    assert {n: a["md5"] for n, a in got.items()} == {n: hashlib.md5(d).hexdigest() for n, d in files}
+    assert world.far_md5s(remote) == md5s(files)
 
 
 def test_retry_with_unreadable_read_form_uploads_again(world):
@@ -786,18 +812,6 @@ def test_close_mid_upload(world):
     world.retry(msg_id)
     assert world.state(msg_id) == "relayed"
     assert len(world.committed()) == 1
-
-
-def test_cannot_find_message_preps_again(world):
-    world.peer.faults = [("attach", "fail:cannot find message")]
-    msg_id = world.send(attachments=[("f", b"x")])
-    world.settle()
-    assert world.state(msg_id) == "que"
-    job = os.path.join(world.relay.store.msg_dir("que", msg_id), "job")
-    assert not os.path.exists(os.path.join(job, "relay_id"))
-    world.retry(msg_id)
-    assert world.state(msg_id) == "relayed"
-    assert world.steps() == ["prep", "attach", "prep", "attach", "commit"]
 
 
 @pytest.mark.parametrize("step", ["prep", "attach"])
@@ -866,8 +880,7 @@ def test_crash_after_commit_restart(world):
     world.far.queue("inbox").commit(prepped)
     # The daemon stops (the handler is cancelled mid-commit; on disk this
     # is what kill -9 leaves too) and the relay queue starts again from disk.
-    job = os.path.join(world.relay.store.msg_dir("run", msg_id), "job")
-    assert open(os.path.join(job, "relay_id")).read() == f"{FAR}/{prepped}"
+    assert world.relay_id("run", msg_id) == f"{FAR}/{prepped}"
     world._result(world.near.restart_queue("relay"))
     world.settle()
     assert world.state(msg_id) == "relayed"
@@ -967,8 +980,7 @@ def test_force_remote_goes_over_http(tmp_path, monkeypatch):
     assert world.state(msg_id) == "relayed"
     assert world.steps() == ["prep", "commit"]
     assert "force_remote" not in json.loads(parse_qs(world.peer.bodies["prep"][0].decode())["mesg"][0])
-    log = open(os.path.join(world.relay.store.msg_dir("relayed", msg_id), "job", "stdio.log")).read()
-    assert "FORCE REMOTE" in log
+    assert "FORCE REMOTE" in world.job_log(msg_id)
 
 
 def test_dup_to_remote_url_relays(world):
@@ -1037,9 +1049,8 @@ def test_real_app_attachments(real):
     real.settle(200)
     assert real.state(msg_id) == "relayed", real.status(msg_id)
     [remote] = real.committed()
-    got = real.far.queue("inbox").get(remote)["_attachments"]
-    assert {n: a["md5"] for n, a in got.items()} == {n: hashlib.md5(d).hexdigest() for n, d in files}
-    log = open(os.path.join(real.relay.store.msg_dir("relayed", msg_id), "job", "stdio.log")).read()
+    assert real.far_md5s(remote) == md5s(files)
+    log = real.job_log(msg_id)
     assert "attach big (250000 bytes, resumable from 0)" in log
     assert "attach small (3 bytes, multipart)" in log
 
@@ -1052,10 +1063,7 @@ def test_real_app_restart_after_commit(real):
     remote = real._result(real.far.queue("inbox").create({"dest": FAR}, "commit"))
     msg_id = real.send()
     # The message is running now; give it the relay_id of an earlier life.
-    path = os.path.join(real.relay.store.msg_dir("run", msg_id), "job")
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "relay_id"), "w") as f:
-        f.write(remote)
+    real.set_relay_id(msg_id, remote)
     real.settle()
     assert real.state(msg_id) == "relayed", real.status(msg_id)
     assert real.status(msg_id) == f"relayed - {remote}"
@@ -1092,15 +1100,11 @@ def test_real_app_restart_with_prepared_remote(real):
     remote = real._result(inbox.create({"dest": FAR}, "prep"))
     real._result(inbox.attach(remote.rsplit("/", 1)[1], path, "f"))
     msg_id = real.send(attachments=[("f", data)])
-    job = os.path.join(real.relay.store.msg_dir("run", msg_id), "job")
-    os.makedirs(job, exist_ok=True)
-    with open(os.path.join(job, "relay_id"), "w") as f:
-        f.write(remote)
+    real.set_relay_id(msg_id, remote)
     real.settle()
     assert real.state(msg_id) == "relayed", real.status(msg_id)
     assert real.committed() == [remote.rsplit("/", 1)[1]]
-    log = open(os.path.join(real.relay.store.msg_dir("relayed", msg_id), "job", "stdio.log")).read()
-    assert "attach f: on the remote already" in log
+    assert "attach f: on the remote already" in real.job_log(msg_id)
 
 
 # -- the transport's connection choice

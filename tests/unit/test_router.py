@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from rqtwisted import builtin, router
+from rqtwisted import router
 from rqtwisted.builtin import register_handler
 from rqtwisted.router import RouterHandler, new_dest, routed_queue, router_mode, select_hosts
 from rqtwisted.rules import parse_rules
@@ -64,13 +64,12 @@ def test_router_mode(tmp_path) -> None:
 
 
 @pytest.fixture
-def routed(tmp_path, monkeypatch):
+def routed(tmp_path, handlers):
     """
     An instance whose C{rq_router} runs L{RouterHandler} in-process with a
     deterministic choice; C{relay} and C{local} are paused so copies stay
     queued.
     """
-    monkeypatch.setattr(builtin, "HANDLERS", dict(builtin.HANDLERS))
     instance, spawner, clock = instance_for(str(tmp_path / "root"))
     handler = RouterHandler(instance.root.path, clock, choice=lambda seq: seq[0], pid=lambda: 4242)
     register_handler("rq_router", lambda inst: handler)

@@ -12,6 +12,7 @@ import re
 import pytest
 
 from rqtwisted.web.app import RQWeb
+from tests.unit.roots import new_queue_dir
 from tests.unit.web_helpers import Client, make_env, result, set_settings
 
 
@@ -25,6 +26,33 @@ def env(tmp_path):
 def send(instance, queue="test", method="commit", **fields):
     fields.setdefault("dest", queue)
     return result(instance.queue(queue).create(fields, method)).rsplit("/", 1)[1]
+
+
+def done_messages(instance, spawner, clock, count):
+    """
+    Send C{count} messages to C{test}, each done before the next (10 ms
+    apart); their ids, oldest first.
+    """
+    ids = []
+    for _ in range(count):
+        ids.append(send(instance))
+        finish(spawner)
+        clock.advance(0.01)
+    return ids
+
+
+def amend_status(instance, change):
+    """
+    Make C{instance.status()} pass what it answers through C{change(data)}.
+    """
+    status = instance.status
+
+    def amended():
+        data = status()
+        change(data)
+        return data
+
+    instance.status = amended
 
 
 def finish(spawner, verb="done", text="ok", code=0):
@@ -48,24 +76,22 @@ def test_home_has_status_line_ids_and_script(env):
     for state in ("prep", "que", "run", "err", "done", "relayed"):
         assert f'id="{state}-test"' in reply.text
     assert 'id="status-test" class="green">UP<' in reply.text
-    assert '<script src="/js/home.js"></script>' in reply.text
+    # The shared js/rq.js comes first.
+    assert '<script src="/js/rq.js"></script><script src="/js/home.js"></script>' in reply.text
     assert 'href="/new_queue"' in reply.text
     assert reply.text.index('href="/q/test"') < reply.text.index('href="/q/cleaner"')
 
 
 def test_home_shows_cron_entries_with_run_now_form(env):
     instance, spawner, clock, client = env
-    status = instance.status
 
-    def with_schedule():
-        data = status()
+    def with_schedule(data):
         for q in data["queues"]:
             if q["name"] == "test":
                 q["schedule"] = [{"cron": "*/5 * * * *", "params": {"param1": "a<b"}, "next_run": 1300000300}]
         data["timers"] = [{"name": "tick", "cron": "@hourly", "dest": "test"}]
-        return data
 
-    instance.status = with_schedule
+    amend_status(instance, with_schedule)
     text = client.get("/").text
     assert "CRON: */5 * * * *" in text
     assert "Next run at " in text
@@ -80,17 +106,14 @@ def test_home_timers_due_in_and_scandir(env):
     errors are listed too.
     """
     instance, spawner, clock, client = env
-    status = instance.status
 
-    def with_watchers():
-        data = status()
+    def with_watchers(data):
         data["timers"] = [{"name": "tick", "period": 60, "dest": "test", "next_run": data["time"] + 42,
                            "last_run": None, "sent": 3, "error": None}]
         data["scandir"] = [{"name": "auto", "target": "/srv/auto", "queue": "auto", "error": None},
                            {"name": "bad", "target": "/srv/bad", "queue": None, "error": "no <run>"}]
-        return data
 
-    instance.status = with_watchers
+    amend_status(instance, with_watchers)
     text = client.get("/").text
     assert '<tr id="timer-tick"><td>tick</td><td>60</td><td>test</td><td>42 s</td>' in text
     assert '<tr id="scandir-auto"><td>auto</td><td>/srv/auto</td><td>auto</td><td></td></tr>' in text
@@ -114,10 +137,7 @@ def test_q_json_shape_and_order(env):
 
 def test_q_json_queue_that_does_not_run_has_empty_counts(env):
     instance, spawner, clock, client = env
-    qdir = instance.root.queue_path("broken")
-    os.makedirs(qdir)
-    with open(os.path.join(qdir, "config.json"), "w") as f:
-        f.write("{not json")
+    new_queue_dir(instance, "broken", "{not json")
     data = client.get("/q.json").json()
     broken = [q for q in data["queues"] if q["name"] == "broken"][0]
     assert broken["status"] == "ERROR" and broken["counts"] == {}
@@ -331,7 +351,7 @@ def test_queue_page_lists_server_side_newest_first(env):
     assert f'href="/q/test/{first}"' in text
     assert 'name="_method" value="run_now"' in text and 'name="_method" value="destroy"' in text
     assert '<h4 class="day">20110313</h4>' in text
-    assert '<script src="/js/queue.js"></script>' in text
+    assert '<script src="/js/rq.js"></script><script src="/js/queue.js"></script>' in text
     assert 'data-json-url="/q/test.json"' in text
     assert 'id="list-done"' in text and 'id="list-relayed"' not in text
 
@@ -361,11 +381,7 @@ def test_queue_page_list_keys_match_the_json(env):
 
 def test_queue_page_pages_done_list(env):
     instance, spawner, clock, client = env
-    ids = []
-    for _ in range(60):
-        ids.append(send(instance))
-        finish(spawner)
-        clock.advance(0.01)
+    ids = done_messages(instance, spawner, clock, 60)
     text = client.get("/q/test").text
     assert 'id="done_size" class="size">60<' in text
     assert ids[-1] in text and ids[0] not in text
@@ -432,11 +448,7 @@ def test_queue_txt(env):
 
 def test_done_json(env):
     instance, spawner, clock, client = env
-    ids = []
-    for _ in range(12):
-        ids.append(send(instance))
-        finish(spawner)
-        clock.advance(0.01)
+    ids = done_messages(instance, spawner, clock, 12)
     assert client.get("/q/test/done.json").json() == list(reversed(ids))[:10]
     assert client.get("/q/test/done.json?limit=3").json() == list(reversed(ids))[:3]
     assert client.get("/q/test/done.json?limit=x").code == 400

@@ -24,12 +24,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from rqtwisted.store import PARTIAL_MAX_AGE
-from rqtwisted.testing import instance_for, syncNow
+from rqtwisted.testing import syncNow
 from rqtwisted.web.formdata import FormError, FormSink
 from rqtwisted.web.spool import Spool
 from rqtwisted.web.upload import ContentRange, UploadRefused, Uploads, match_upload, path_segments
 from rqtwisted.web.upload_request import UploadRequest
 from rqtwisted.web.upload_routes import attach_new, attach_put, render_attach_new
+from tests.httphead import parse_head
 
 BOUNDARY = "------------------------d74496d66958873e"
 
@@ -109,10 +110,8 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path: Any) -> Env:
-    instance, _, _ = instance_for(str(tmp_path / "root"))
-    instance.create_queue({"name": "test", "script": "./code/noop", "exec_prefix": ""})
-    instance.startService()
+def env(started: tuple[Any, Any, Any]) -> Env:
+    instance = started[0]
     uploads = Uploads(instance, syncNow)
     routes = Routes(uploads)
     site = Site(routes, reactor=MemoryReactorClock())
@@ -152,12 +151,7 @@ def parse_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     out = []
     while data:
         head, _, data = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        code = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip()
+        code, headers = parse_head(head)
         if code == 100:
             continue
         if headers.get("transfer-encoding") == "chunked":

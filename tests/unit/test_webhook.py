@@ -15,7 +15,6 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.web.resource import Resource
 
-from rqtwisted import builtin
 from rqtwisted.builtin import register_handler
 from rqtwisted.testing import instance_for, result_of
 from rqtwisted.webhook import (
@@ -64,12 +63,11 @@ class FakeHTTP:
 
 
 @pytest.fixture
-def hooked(tmp_path, monkeypatch):
+def hooked(tmp_path, handlers):
     """
     An instance with queue C{test} (fake workers) whose C{webhook} queue runs
     the handler in-process; returns a function installing the HTTP client.
     """
-    monkeypatch.setattr(builtin, "HANDLERS", dict(builtin.HANDLERS))
     instance, spawner, clock = instance_for(str(tmp_path / "root"))
     holder: dict = {}
     register_handler("webhook", lambda inst: WebhookHandler(holder["http"], clock))

@@ -699,11 +699,18 @@ class TestWorkerSignal:
         assert sent == [(1234, signal.SIGTERM)]
 
     def test_gone(self, monkeypatch: Any) -> None:
+        """
+        A group that is gone is ignored: the signal was tried, nothing raised.
+        """
+        tried = []
+
         def gone(pid: int, sig: int) -> None:
+            tried.append((pid, sig))
             raise ProcessLookupError(pid)
 
         monkeypatch.setattr(os, "killpg", gone)
-        Worker(1234, WorkerProtocol(Recorder())).signal(signal.SIGKILL)
+        assert Worker(1234, WorkerProtocol(Recorder())).signal(signal.SIGKILL) is None
+        assert tried == [(1234, signal.SIGKILL)]
 
 
 # -- real workers
@@ -753,6 +760,27 @@ def real_spawn(
         **kwargs,
     )
     return worker, script, job_dir
+
+
+def spawn_executable(tmp_path: Any, name: str, text: str, events: Recorder) -> tuple[Worker, Any, Any]:
+    """
+    Write the executable C{<tmp_path>/<name>} and spawn it as it is (its
+    path the whole command line); the worker, the file, the job dir.
+    """
+    script = tmp_path / name
+    script.write_text(text)
+    script.chmod(0o755)
+    job = tmp_path / "job"
+    job.mkdir()
+    worker = spawn_worker(
+        reactor,
+        argv=[str(script)],
+        env=dict(os.environ),
+        job_dir=str(job),
+        real_script=str(script),
+        events=events,
+    )
+    return worker, script, job
 
 
 @pytest.fixture(params=["direct", "launcher"])
@@ -1082,19 +1110,7 @@ async def test_real_no_shebang(tmp_path: Any) -> None:
     """
     direct_only()
     events = Recorder()
-    script = tmp_path / "plain"
-    script.write_text("echo 'done plain' >&3\n")
-    script.chmod(0o755)
-    job = tmp_path / "job"
-    job.mkdir()
-    spawn_worker(
-        reactor,
-        argv=[str(script)],
-        env=dict(os.environ),
-        job_dir=str(job),
-        real_script=str(script),
-        events=events,
-    )
+    spawn_executable(tmp_path, "plain", "echo 'done plain' >&3\n", events)
     await events.wait_exit()
     assert events.events == [("report", Report("done", "plain")), ("exit", 0, None)]
 
@@ -1107,19 +1123,7 @@ async def test_real_exec_fails_after_start_line(tmp_path: Any) -> None:
     """
     direct_only()
     events = Recorder()
-    script = tmp_path / "broken.sh"
-    script.write_text("#!/nonexistent/rq-interpreter\n")
-    script.chmod(0o755)
-    job = tmp_path / "job"
-    job.mkdir()
-    worker = spawn_worker(
-        reactor,
-        argv=[str(script)],
-        env=dict(os.environ),
-        job_dir=str(job),
-        real_script=str(script),
-        events=events,
-    )
+    worker, script, job = spawn_executable(tmp_path, "broken.sh", "#!/nonexistent/rq-interpreter\n", events)
     await events.wait_exit()
     assert events.exit == (127, None)
     lines = (job / "stdio.log").read_text().splitlines()

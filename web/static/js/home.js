@@ -8,82 +8,16 @@
  *     the pause/resume and down/up buttons of its admin form.
  * When queues appear or disappear the page is loaded again.
  *
- * <root> is relative_root: the data-root attribute of <body>, else derived
- * from this script's own URL (<root>js/home.js).
+ * <root> is relative_root (RQ.root()). Needs js/rq.js loaded before it.
  */
-(function (global) {
+(function (global, RQ) {
   "use strict";
 
   var INTERVAL = 900;
   var STATES = ["prep", "que", "run", "err", "done", "relayed"];
-  var COLOURS = ["green", "red", "orange"];
-
-  var SCRIPT = document.currentScript;
-
-  function root() {
-    var r = document.body && document.body.getAttribute("data-root");
-    if (r) {
-      return r.charAt(r.length - 1) === "/" ? r : r + "/";
-    }
-    if (SCRIPT && SCRIPT.src) {
-      var path = new URL(SCRIPT.src, global.location.href).pathname;
-      var at = path.lastIndexOf("js/");
-      if (at >= 0) {
-        return path.slice(0, at);
-      }
-    }
-    return "/";
-  }
-
-  /*
-   * An absolute URL without user:password (fetch refuses URLs holding
-   * credentials, and relative URLs inherit them from a page opened as
-   * http://user:pass@host/...; the browser still sends the cached login).
-   */
-  function bare(url) {
-    var u = new URL(url, global.location.href);
-    u.username = "";
-    u.password = "";
-    return u.href;
-  }
-
-  function text(value) {
-    return value === null || value === undefined ? "" : String(value);
-  }
-
-  /* Set the text of element #id (only when it changed); the element. */
-  function setText(id, value) {
-    var el = document.getElementById(id);
-    if (el && el.textContent !== text(value)) {
-      el.textContent = text(value);
-    }
-    return el;
-  }
-
-  function colour(el, name) {
-    if (!el) {
-      return;
-    }
-    COLOURS.forEach(function (c) {
-      if (c !== name && el.classList.contains(c)) {
-        el.classList.remove(c);
-      }
-    });
-    if (name && !el.classList.contains(name)) {
-      el.classList.add(name);
-    }
-  }
-
-  /* Colour of a queue status: UP green, PAUSE orange, anything else red. */
-  function statusColour(status) {
-    if (status === "UP") {
-      return "green";
-    }
-    if (status === "PAUSE") {
-      return "orange";
-    }
-    return "red";
-  }
+  var text = RQ.text;
+  var setText = RQ.setText;
+  var colour = RQ.colour;
 
   /* The epoch time as the page shows it: "YYYY-MM-DD HH:MM:SS UTC". */
   function formatTime(epoch, sample) {
@@ -145,22 +79,6 @@
     return missing || gone;
   }
 
-  /* Load the page again, at most once in 10 s (never a reload loop). */
-  function reload() {
-    var key = "rq-home-reloaded";
-    try {
-      var last = Number(global.sessionStorage.getItem(key)) || 0;
-      if (Date.now() - last < 10000) {
-        return false;
-      }
-      global.sessionStorage.setItem(key, String(Date.now()));
-    } catch (e) {
-      return false;
-    }
-    global.location.reload();
-    return true;
-  }
-
   var pageVersion = null;
 
   function update(data) {
@@ -185,7 +103,7 @@
     }
 
     var queues = data.queues || [];
-    if (queuesChanged(queues) && reload()) {
+    if (queuesChanged(queues) && RQ.reload("rq-home-reloaded")) {
       return;
     }
     queues.forEach(function (q) {
@@ -205,7 +123,7 @@
         var cell = document.getElementById("status-" + q.name);
         shown = cell && cell.textContent.indexOf("DOWN ") === 0 ? cell.textContent : "DOWN " + shown;
       }
-      colour(setText("status-" + q.name, shown), statusColour(q.status));
+      colour(setText("status-" + q.name, shown), RQ.statusColour(q.status));
       adminButtons(q.name, q.status);
     });
   }
@@ -214,43 +132,12 @@
     colour(setText("status", "UNREACHABLE"), "red");
   }
 
-  function poll() {
-    global
-      .fetch(bare(root() + "q.json"), { cache: "no-store", credentials: "same-origin" })
-      .then(function (response) {
-        if (!response.ok) {
-          throw new Error("HTTP " + response.status);
-        }
-        return response.json();
-      })
-      .then(update, unreachable)
-      .catch(function (e) {
-        if (global.console) {
-          global.console.error(e);
-        }
-      })
-      .then(function () {
-        global.setTimeout(poll, INTERVAL);
-      });
-  }
+  global.RQHome = { update: update, formatTime: formatTime, root: RQ.root };
 
-  global.RQHome = { update: update, formatTime: formatTime, root: root };
-
-  /* Highlight the non-zero counts the server rendered. */
-  function markCounts() {
-    document.querySelectorAll("td.count").forEach(function (cell) {
-      cell.classList.toggle("nonzero", Number(cell.textContent) > 0);
-    });
-  }
-
-  function start() {
-    markCounts();
-    global.setTimeout(poll, INTERVAL);
-  }
-
-  if (document.readyState === "loading") {
-    document.addEventListener("DOMContentLoaded", start);
-  } else {
-    start();
-  }
-})(window);
+  RQ.ready(function () {
+    RQ.markCounts("td.count");
+    RQ.poll(function () {
+      return RQ.bare(RQ.root() + "q.json");
+    }, INTERVAL, update, unreachable, "home");
+  });
+})(window, window.RQ);

@@ -12,37 +12,21 @@
  *   relayed  "relayed" and the remote id.
  * A list showing a later page (?<state>_page=N, N > 1) keeps what the server
  * rendered; so does a list whose content has not changed since (its
- * data-key, computed as here), so a click on it is never lost to a rebuild. When the queue goes DOWN or comes back the page is loaded again
+ * data-key, computed as here), so a click on it is never lost to a
+ * rebuild. When the queue goes DOWN or comes back the page is loaded again
  * (its layout differs).
  *
- * <root> is relative_root (data-root of <body>, else derived from this
- * script's URL); <name> is data-queue of the #queue box, else taken from the
- * path.
+ * <root> is relative_root (RQ.root()); <name> is data-queue of the #queue
+ * box, else taken from the path. Needs js/rq.js loaded before it.
  */
-(function (global) {
+(function (global, RQ) {
   "use strict";
 
   var INTERVAL = 900;
   var STATES = ["prep", "que", "run", "done", "err", "relayed"];
   var DEFAULT_LIMIT = 50;
-  var COLOURS = ["green", "red", "orange"];
-
-  var SCRIPT = document.currentScript;
-
-  function root() {
-    var r = document.body && document.body.getAttribute("data-root");
-    if (r) {
-      return r.charAt(r.length - 1) === "/" ? r : r + "/";
-    }
-    if (SCRIPT && SCRIPT.src) {
-      var path = new URL(SCRIPT.src, global.location.href).pathname;
-      var at = path.lastIndexOf("js/");
-      if (at >= 0) {
-        return path.slice(0, at);
-      }
-    }
-    return "/";
-  }
+  var text = RQ.text;
+  var setText = RQ.setText;
 
   function queueName() {
     var holder = document.querySelector("[data-queue]");
@@ -59,66 +43,7 @@
     if (holder) {
       return holder.getAttribute("data-json-url");
     }
-    return root() + "q/" + encodeURIComponent(name) + ".json";
-  }
-
-  /*
-   * An absolute URL without user:password (fetch refuses URLs holding
-   * credentials, and relative URLs inherit them from a page opened as
-   * http://user:pass@host/...; the browser still sends the cached login).
-   */
-  function bare(url) {
-    var u = new URL(url, global.location.href);
-    u.username = "";
-    u.password = "";
-    return u.href;
-  }
-
-  /* Load the page again, at most once in 10 s (never a reload loop). */
-  function reload() {
-    var key = "rq-queue-reloaded";
-    try {
-      var last = Number(global.sessionStorage.getItem(key)) || 0;
-      if (Date.now() - last < 10000) {
-        return false;
-      }
-      global.sessionStorage.setItem(key, String(Date.now()));
-    } catch (e) {
-      return false;
-    }
-    global.location.reload();
-    return true;
-  }
-
-  function text(value) {
-    return value === null || value === undefined ? "" : String(value);
-  }
-
-  function setText(id, value) {
-    var el = document.getElementById(id);
-    if (el && el.textContent !== text(value)) {
-      el.textContent = text(value);
-    }
-    return el;
-  }
-
-  function colour(el, name) {
-    if (!el) {
-      return;
-    }
-    COLOURS.forEach(function (c) {
-      el.classList.toggle(c, c === name);
-    });
-  }
-
-  function statusColour(status) {
-    if (status === "UP") {
-      return "green";
-    }
-    if (status === "PAUSE") {
-      return "orange";
-    }
-    return "red";
+    return RQ.root() + "q/" + encodeURIComponent(name) + ".json";
   }
 
   function el(tag, attrs, children) {
@@ -246,17 +171,17 @@
       var word = shown ? shown.textContent.trim() : data.status;
       pageDown = word !== "UP" && word !== "PAUSE";
     }
-    if ((data.status === "DOWN") !== pageDown && reload()) {
+    if ((data.status === "DOWN") !== pageDown && RQ.reload("rq-queue-reloaded")) {
       return;
     }
-    colour(setText("status", data.status), statusColour(data.status));
+    RQ.colour(setText("status", data.status), RQ.statusColour(data.status));
     if (data.status === "DOWN") {
       return;
     }
     setText("ping", data.ping);
     setText("pid", data.pid);
     setText("uptime", data.uptime);
-    var base = root() + "q/" + encodeURIComponent(name) + "/";
+    var base = RQ.root() + "q/" + encodeURIComponent(name) + "/";
     var messages = data.messages || {};
     STATES.forEach(function (state) {
       var size = setText(state + "_size", data[state + "_size"]);
@@ -272,7 +197,7 @@
 
   /* q/<name>.json asking only for as many messages as the lists show. */
   function pollUrl() {
-    var url = new URL(bare(jsonUrl()));
+    var url = new URL(RQ.bare(jsonUrl()));
     var most = 0;
     document.querySelectorAll("[id^='list-']").forEach(function (list) {
       most = Math.max(most, limitOf(list));
@@ -281,46 +206,13 @@
     return url.href;
   }
 
-  function poll() {
-    global
-      .fetch(pollUrl(), { cache: "no-store", credentials: "same-origin" })
-      .then(function (response) {
-        if (!response.ok) {
-          throw new Error("HTTP " + response.status);
-        }
-        return response.json();
-      })
-      .then(update)
-      .catch(function (e) {
-        if (global.console) {
-          global.console.warn("queue refresh failed:", e);
-        }
-      })
-      .then(function () {
-        global.setTimeout(poll, INTERVAL);
-      });
-  }
+  global.RQQueue = { update: update, dueText: dueText, root: RQ.root };
 
-  global.RQQueue = { update: update, dueText: dueText, root: root };
-
-  /* Highlight the non-zero counts the server rendered. */
-  function markCounts() {
-    document.querySelectorAll("[id$='_size']").forEach(function (cell) {
-      cell.classList.toggle("nonzero", Number(cell.textContent) > 0);
-    });
-  }
-
-  function start() {
-    markCounts();
+  RQ.ready(function () {
+    RQ.markCounts("[id$='_size']");
     name = queueName();
     if (name) {
-      global.setTimeout(poll, INTERVAL);
+      RQ.poll(pollUrl, INTERVAL, update, null, "queue");
     }
-  }
-
-  if (document.readyState === "loading") {
-    document.addEventListener("DOMContentLoaded", start);
-  } else {
-    start();
-  }
-})(window);
+  });
+})(window, window.RQ);
