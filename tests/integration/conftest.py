@@ -408,11 +408,16 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 
 @pytest.fixture
-def no_daemon(tmp_path: Path) -> Daemon:
+def no_daemon(tmp_path: Path) -> Iterator[Daemon]:
     """
-    A L{Daemon} helper whose daemon is never started.
+    A L{Daemon} helper whose daemon is not started for the test; one the
+    test starts itself is stopped at teardown like the C{daemon} fixture's.
     """
-    return Daemon(tmp_path)
+    d = Daemon(tmp_path)
+    try:
+        yield d
+    finally:
+        d.teardown()
 
 
 @pytest.fixture
