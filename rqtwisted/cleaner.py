@@ -30,11 +30,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from rqtwisted.message import HASHED_STATES, valid_msg_id, valid_queue_name
 from rqtwisted.search import forget_bucket, forget_ids
+from rqtwisted.threads import ThreadRunner, reactor_pool
 
 if TYPE_CHECKING:
     from rqtwisted.supervisor import Instance
@@ -59,9 +59,6 @@ TRASH_PREFIX = "cleaner-"
 _DAY = re.compile(r"^\d{8}$")
 _HOUR = re.compile(r"^\d{2}$")
 _ID_TIME = re.compile(r"^(\d{8})\.(\d{2})(\d{2})\.(\d{2})")
-
-#: Runs a blocking function in a thread: C{(f, *args) -> Deferred}.
-ThreadRunner = Callable[..., "Deferred[Any]"]
 
 
 def parse_days(value: object) -> int:
@@ -383,19 +380,8 @@ class CleanerHandler:
         return total
 
 
-def thread_runner(reactor: Any) -> ThreadRunner:
-    """
-    C{deferToThreadPool} on the reactor's thread pool.
-    """
-    from functools import partial
-
-    from twisted.internet.threads import deferToThreadPool
-
-    return partial(deferToThreadPool, reactor, reactor.getThreadPool())
-
-
 def make_handler(instance: "Instance") -> CleanerHandler:
     """
     The C{cleaner} handler of a running instance (L{rqtwisted.builtin}).
     """
-    return CleanerHandler(instance, thread_runner(instance.clock))
+    return CleanerHandler(instance, reactor_pool(instance.clock))

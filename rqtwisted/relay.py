@@ -89,6 +89,7 @@ from rqtwisted.relaywire import (
     same_host,
 )
 from rqtwisted.store import known_md5, md5_file, remember_md5
+from rqtwisted.threads import reactor_pool
 
 if TYPE_CHECKING:
     from rqtwisted.builtin import InProcessJob
@@ -305,7 +306,7 @@ def make_hasher(reactor: Any) -> Callable[[str], Deferred[str]]:
     process has hashed or received the file already (L{known_md5}), else
     read in the reactor's thread pool (and remembered).
     """
-    from twisted.internet.threads import deferToThreadPool
+    run_in_thread = reactor_pool(reactor)
 
     def hasher(path: str) -> Deferred[str]:
         digest = known_md5(path)
@@ -319,7 +320,7 @@ def make_hasher(reactor: Any) -> Callable[[str], Deferred[str]]:
                 pass
             return digest
 
-        d: Deferred[str] = deferToThreadPool(reactor, reactor.getThreadPool(), md5_file, path)
+        d: Deferred[str] = run_in_thread(md5_file, path)
         return d.addCallback(remember)
 
     return hasher

@@ -331,19 +331,25 @@ POOL_PER_HOST = 8
 POOL_IDLE = 30.0
 
 
+def make_client(reactor: Any, connect_timeout: float, persistent: bool) -> HTTPClient:
+    """
+    A treq client on C{reactor} with a connect timeout (none when 0) and no
+    log line per connection; with C{persistent}, idle connections are kept
+    (L{POOL_PER_HOST} per peer, L{POOL_IDLE} seconds), else each request
+    opens its own.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool.maxPersistentPerHost = POOL_PER_HOST
+    pool.cachedConnectionTimeout = POOL_IDLE
+    pool._factory = _QuietClientFactory
+    return HTTPClient(Agent(reactor, connectTimeout=connect_timeout or None, pool=pool))
+
+
 def make_clients(reactor: Any, connect_timeout: float) -> tuple[HTTPClient, HTTPClient]:
     """
-    The relay's HTTP clients on C{reactor}, both with a connect timeout
-    (none when 0): one with a persistent connection pool (peers that keep
-    connections open are reached over one connection per worker), and one
-    opening a connection per request (original RQ hosts close each one).
+    The relay's HTTP clients on C{reactor}: one with a persistent connection
+    pool (peers that keep connections open are reached over one connection
+    per worker), and one opening a connection per request (original RQ
+    hosts close each one).
     """
-
-    def client(persistent: bool) -> HTTPClient:
-        pool = HTTPConnectionPool(reactor, persistent=persistent)
-        pool.maxPersistentPerHost = POOL_PER_HOST
-        pool.cachedConnectionTimeout = POOL_IDLE
-        pool._factory = _QuietClientFactory  # no log line per connection
-        return HTTPClient(Agent(reactor, connectTimeout=connect_timeout or None, pool=pool))
-
-    return client(True), client(False)
+    return make_client(reactor, connect_timeout, True), make_client(reactor, connect_timeout, False)

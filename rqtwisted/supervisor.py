@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from functools import partial
 from typing import Any, Callable, Mapping
 
 from twisted.application.service import MultiService
@@ -540,17 +539,3 @@ class Instance(MultiService):
         else:
             name = dest_queue(dest)
         return self.queue(name).create(fields, method)
-
-
-def runInThread(reactor: Any) -> Callable[..., Deferred[Any]]:
-    """
-    C{deferToThreadPool} on a small dedicated pool for fsyncs, stopped with
-    the reactor.
-    """
-    from twisted.internet.threads import deferToThreadPool
-    from twisted.python.threadpool import ThreadPool
-
-    pool = ThreadPool(minthreads=1, maxthreads=1, name="rq-fsync")
-    reactor.callWhenRunning(pool.start)
-    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
-    return partial(deferToThreadPool, reactor, pool)

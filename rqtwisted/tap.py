@@ -32,7 +32,8 @@ from rqtwisted.configwatch import ConfigWatcher
 from rqtwisted.durable import Syncer
 from rqtwisted.root import ConfigError, Root, RootConfig, ensure_root
 from rqtwisted.scandir import ScandirService
-from rqtwisted.supervisor import Instance, runInThread
+from rqtwisted.supervisor import Instance
+from rqtwisted.threads import fsync_pool
 from rqtwisted.timers import TimerService
 from rqtwisted.web.app import make_site
 from rqtwisted.worker import Watchdog, spawn_worker
@@ -209,7 +210,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         raise SystemExit(f"rq: {e.reason}")
     top = MultiService()
     top.setName("rq")
-    syncer = Syncer(runInThread(reactor))
+    syncer = Syncer(fsync_pool(reactor))
     instance = Instance(root, settings, reactor, syncer, partial(spawn_worker, reactor))
     instance.setName("instance")
     instance.setServiceParent(top)

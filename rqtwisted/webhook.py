@@ -225,15 +225,9 @@ def make_http_client(reactor: Any) -> Any:
     """
     A treq client for webhook calls: no connection reuse, a connect timeout.
     """
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from rqtwisted.relayhttp import make_client
 
-    class QuietFactory(HTTPConnectionPool._factory):  # type: ignore[name-defined,misc]
-        noisy = False  # no "Starting factory" log lines per call
-
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    pool._factory = QuietFactory
-    return HTTPClient(Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=pool))
+    return make_client(reactor, CONNECT_TIMEOUT, persistent=False)
 
 
 def make_handler(instance: "Instance") -> WebhookHandler:

@@ -34,7 +34,7 @@ from urllib.parse import quote, urlsplit
 
 from klein import Klein
 from twisted.python.failure import Failure
-from twisted.web import resource
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -150,7 +150,7 @@ class RQWeb(InstanceRoutes, QueueRoutes, MessageRoutes):
         self.app.handle_errors(NotFound)(self._not_found)
         self.app.handle_errors(MethodNotAllowed)(self._not_allowed)
 
-    def static_file(self, segments: list[bytes]) -> resource.Resource | None:
+    def static_file(self, segments: list[bytes]) -> Resource | None:
         """
         The static asset a path names (C{css/*}, C{js/*}, C{favicon.ico}).
         """

@@ -40,13 +40,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from rqtwisted.message import MessageError, valid_queue_name
 from rqtwisted.router import routed_queue
 from rqtwisted.store import check_attachment_name, md5_file
+from rqtwisted.threads import reactor_pool
 from rqtwisted.web.answers import dumps
 from rqtwisted.web.formdata import FormError, FormSink, boundary_of
 from rqtwisted.web.security import check_request
@@ -452,10 +452,7 @@ def threads_of(reactor: Any) -> Callable[..., Deferred[Any]]:
     if reactor is None:
         return maybeDeferred
 
-    def run(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
-
-    return run
+    return reactor_pool(reactor)
 
 
 def _header(headers: Headers, name: bytes) -> str | None:

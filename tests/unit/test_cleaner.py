@@ -281,8 +281,12 @@ def test_search_index_forgets_removed_messages(cleaning, monkeypatch) -> None:
     assert set(relayed) & set(relay_index.entries) == {max(relayed)}
 
 
-def test_registered_factory_runs_in_the_reactor_pool(tmp_path) -> None:
+def test_registered_factory_runs_in_the_reactor_pool(tmp_path, monkeypatch) -> None:
+    from rqtwisted import threads
     from rqtwisted.builtin import handler_factory
+
+    calls = []
+    monkeypatch.setattr(threads, "deferToThreadPool", lambda *args: calls.append(args))
 
     class Reactor:
         pool = object()
@@ -294,4 +298,5 @@ def test_registered_factory_runs_in_the_reactor_pool(tmp_path) -> None:
     instance.clock = Reactor()
     handler = handler_factory("cleaner")(instance)
     assert isinstance(handler, CleanerHandler)
-    assert handler.run_in_thread.args == (instance.clock, Reactor.pool)
+    handler.run_in_thread(len, "abc")
+    assert calls == [(instance.clock, Reactor.pool, len, "abc")]
