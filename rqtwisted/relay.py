@@ -88,7 +88,7 @@ from rqtwisted.relaywire import (
     loop_detected,
     same_host,
 )
-from rqtwisted.store import known_md5, md5_file, remember_md5
+from rqtwisted.store import md5_off_reactor
 from rqtwisted.threads import reactor_pool
 
 if TYPE_CHECKING:
@@ -303,27 +303,11 @@ class Relayer:
 def make_hasher(reactor: Any) -> Callable[[str], Deferred[str]]:
     """
     The md5 of an attachment for a running daemon: known at once when this
-    process has hashed or received the file already (L{known_md5}), else
-    read in the reactor's thread pool (and remembered).
+    process has hashed or received the file already, else read in the
+    reactor's thread pool (and remembered).
     """
     run_in_thread = reactor_pool(reactor)
-
-    def hasher(path: str) -> Deferred[str]:
-        digest = known_md5(path)
-        if digest is not None:
-            return succeed(digest)
-
-        def remember(digest: str) -> str:
-            try:
-                remember_md5(path, digest)
-            except OSError:
-                pass
-            return digest
-
-        d: Deferred[str] = run_in_thread(md5_file, path)
-        return d.addCallback(remember)
-
-    return hasher
+    return lambda path: md5_off_reactor(path, run_in_thread)
 
 
 def make_handler(instance: "Instance") -> Callable[["InProcessJob"], Any]:

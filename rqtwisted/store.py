@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from rqtwisted.durable import Syncer, dumps, replace_file, write_file
@@ -126,6 +126,26 @@ def known_md5(path: str) -> str | None:
     L{cached_md5}), without reading the file; L{None} otherwise.
     """
     return _MD5_CACHE.get(_md5_key(os.stat(path)))
+
+
+def md5_off_reactor(path: str, run_in_thread: Callable[..., Deferred[str]]) -> Deferred[str]:
+    """
+    The md5 of the file at C{path}: at once when this process knows it
+    (L{known_md5}), else read with C{run_in_thread} and remembered (in the
+    calling thread: the cache is the reactor's).
+    """
+    digest = known_md5(path)
+    if digest is not None:
+        return succeed(digest)
+
+    def remember(digest: str) -> str:
+        try:
+            remember_md5(path, digest)
+        except OSError:
+            pass
+        return digest
+
+    return run_in_thread(md5_file, path).addCallback(remember)
 
 
 def check_attachment_name(name: str) -> None:

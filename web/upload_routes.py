@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rqtwisted.message import MessageError
-from rqtwisted.store import md5_file
+from rqtwisted.store import md5_off_reactor
 from rqtwisted.web.answers import dumps
 from rqtwisted.web.spool import Spool
 from rqtwisted.web.upload import (
@@ -311,7 +311,7 @@ def _probe_attached(request: Any, uploads: Uploads, upload: RangeUpload, total: 
             return nothing
         return render_json(request, 200, ["ok", f"{md5}-Attached successfully"])
 
-    return uploads.runInThread(md5_file, existing).addCallback(answer)
+    return md5_off_reactor(existing, uploads.runInThread).addCallback(answer)
 
 
 def mount_uploads(app: Any, web: Any) -> Callable[..., UploadRequest]:
