@@ -56,6 +56,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rqtwisted.message import JSON_READ_ERRORS
 from rqtwisted.message import full_id as make_full_id
 from rqtwisted.protocol import Report
 from rqtwisted.worker import WorkerEvents, start_line_time
@@ -380,7 +381,7 @@ class BuiltinSpawner:
         worker = InProcessWorker(events, stdio)
         try:
             msg = _read_msg(msg_dir)
-        except (OSError, ValueError) as e:
+        except JSON_READ_ERRORS as e:
             raise OSError(f"cannot read the message: {e}")
         settings = self._instance.settings
         job = InProcessJob(

@@ -12,6 +12,11 @@ import re
 import time
 from typing import Any, Iterable, Mapping
 
+#: What reading a JSON file can raise: the file itself (C{OSError}), text
+#: that is not JSON (C{ValueError}, C{UnicodeDecodeError} included), or
+#: nesting deeper than the parser's recursion limit (C{RecursionError}).
+JSON_READ_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, RecursionError)
+
 #: Message states, in the lookup order of the original (message.md).
 STATES = ("prep", "que", "run", "done", "relayed", "err")
 

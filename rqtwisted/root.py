@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from rqtwisted.message import MessageError, valid_queue_name
+from rqtwisted.message import JSON_READ_ERRORS, MessageError, valid_queue_name
 
 #: The queues every root has (cli.md, C{rq-install}).
 DEFAULT_QUEUES = ("relay", "webhook", "cleaner", "rq_router")
@@ -265,7 +265,7 @@ class Root:
         try:
             with open(self.config_path, encoding="utf-8") as f:
                 data = json.load(f)
-        except (OSError, ValueError) as e:
+        except JSON_READ_ERRORS as e:
             raise ConfigError(f"cannot read {self.config_path}: {e}")
         return RootConfig.fromDict(data)
 
@@ -294,7 +294,7 @@ class Root:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except (OSError, ValueError, RecursionError) as e:
+        except JSON_READ_ERRORS as e:
             raise ConfigError(f"could not read queue config [ {path} ]: {e}")
         return QueueConfig.fromDict(data, dirname=name)
 

@@ -45,7 +45,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from rqtwisted.filekey import file_key
-from rqtwisted.message import MessageError, valid_queue_name
+from rqtwisted.message import JSON_READ_ERRORS, MessageError, valid_queue_name
 from rqtwisted.root import ConfigError, QueueConfig, write_json
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def _read_object(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
+    except JSON_READ_ERRORS as e:
         raise ScandirError(f"cannot read {path}: {e}")
     if not isinstance(data, dict):
         raise ScandirError(f"{path} must hold a JSON object")

@@ -46,7 +46,7 @@ from croniter import CroniterBadDateError, croniter
 from twisted.logger import Logger
 
 from rqtwisted.durable import dumps, replace_file
-from rqtwisted.message import PARAM_KEYS, MessageError, make_msg_id
+from rqtwisted.message import JSON_READ_ERRORS, PARAM_KEYS, MessageError, make_msg_id
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -280,7 +280,7 @@ class QueueCron:
                 data = json.load(f)
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, RecursionError) as e:
+        except JSON_READ_ERRORS as e:
             _log.warn("cron record {path} unreadable ({error}); starting afresh", path=self.state_path, error=e)
             return {}
         if not isinstance(data, dict):

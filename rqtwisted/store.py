@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from rqtwisted.durable import Syncer, dumps, replace_file, write_file
 from rqtwisted.message import (
     HASHED_STATES,
+    JSON_READ_ERRORS,
     MessageError,
     hashed_subpath,
     make_msg_id,
@@ -312,7 +313,7 @@ class QueueStore:
                 data = json.loads(f.read())
         except FileNotFoundError:
             raise MessageError("msg not found")
-        except (OSError, ValueError):
+        except JSON_READ_ERRORS:
             raise MessageError("msg couldn't be read")
         if not isinstance(data, dict):
             raise MessageError("msg couldn't be read")
@@ -327,7 +328,7 @@ class QueueStore:
                 data = json.loads(f.read())
         except FileNotFoundError:
             return (False, None)
-        except (OSError, ValueError):
+        except JSON_READ_ERRORS:
             return (True, None)
         text = data.get("job_status") if isinstance(data, dict) else None
         return (True, text if isinstance(text, str) else None)

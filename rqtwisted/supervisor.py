@@ -26,6 +26,7 @@ from rqtwisted import RQ_VERSION, __version__
 from rqtwisted.builtin import spawner_for
 from rqtwisted.durable import Syncer
 from rqtwisted.message import (
+    JSON_READ_ERRORS,
     MessageError,
     creation_fields,
     dest_queue,
@@ -261,7 +262,7 @@ class Instance(MultiService):
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except (OSError, ValueError) as e:
+        except JSON_READ_ERRORS as e:
             raise MessageError(f"could not read queue config [ {path} ]: {e}")
         if not isinstance(data, dict) or "name" not in data:
             raise MessageError("json config is missing name field")

@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rqtwisted.filekey import FileKey, file_key
-from rqtwisted.message import MessageError
+from rqtwisted.message import JSON_READ_ERRORS, MessageError
 
 _log = Logger()
 
@@ -136,7 +136,7 @@ class Timer:
             with open(self.path, encoding="utf-8") as f:
                 data = json.load(f)
             self.period, self.msg = parse_timer(data)
-        except (OSError, ValueError, RecursionError) as e:
+        except JSON_READ_ERRORS as e:
             self.error = f"cannot read {os.path.basename(self.path)}: {e}"
         except TimerError as e:
             self.error = e.reason

@@ -16,7 +16,7 @@ from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.python.failure import Failure
 
 from rqtwisted import RQ_VERSION
-from rqtwisted.message import MessageError
+from rqtwisted.message import JSON_READ_ERRORS, MessageError
 from rqtwisted.root import queue_sort_key
 from rqtwisted.web import pages
 from rqtwisted.web.answers import HTTPError, form_arg, form_fields
@@ -176,7 +176,7 @@ class InstanceRoutes:
         try:
             with open(real, encoding="utf-8") as f:
                 data = json.load(f)
-        except (OSError, ValueError):
+        except JSON_READ_ERRORS:
             raise HTTPError(404, "not valid JSON", "page")
         name = data.get("name") if isinstance(data, dict) else None
         create_link = getattr(self.instance, "create_queue_link", None)

@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
 
-from rqtwisted.message import MessageError, creation_fields, valid_queue_name
+from rqtwisted.message import JSON_READ_ERRORS, MessageError, creation_fields, valid_queue_name
 from rqtwisted.web import listing, pages
 from rqtwisted.web.answers import JSON_TYPE, HTTPError, form_arg, form_fields, reply_text
 
@@ -180,7 +180,7 @@ class QueueRoutes:
             try:
                 with open(path, encoding="utf-8") as f:
                     overrides = json.load(f)
-            except (OSError, ValueError):
+            except JSON_READ_ERRORS:
                 return self._text(request, "500 - Bad overrides file", 500)
             if not isinstance(overrides, dict):
                 return self._text(request, "500 - Bad overrides file", 500)

@@ -177,3 +177,19 @@ def test_attachment_md5_cached_by_inode(tmp_path, monkeypatch) -> None:
     os.utime(path, ns=(1, 1))
     assert store_module.cached_md5(str(path)) == "e2fc714c4727ee9395f324cd2e7f331f"
     assert len(calls) == 2
+
+
+def test_message_nested_deeper_than_the_parser_is_unreadable(store) -> None:
+    """
+    A C{msg} or C{status} file nested too deep for the JSON parser is an
+    unreadable message, like any other bad JSON, not a crash.
+    """
+    msg_id = "20100625.0127.35.122.7"
+    mdir = store.msg_dir("que", msg_id)
+    os.mkdir(mdir)
+    for name in ("msg", "status"):
+        with open(os.path.join(mdir, name), "w") as f:
+            f.write("[" * 100_000)
+    with pytest.raises(MessageError, match="msg couldn't be read"):
+        store.read("que", msg_id)
+    assert store.read_status("que", msg_id) == (True, None)
