@@ -11,12 +11,15 @@ large for AMP are spilled to a file, failures become C{fail <reason>}.
 from __future__ import annotations
 
 import json
+import keyword
 import os
 import re
+import struct
 import tempfile
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -57,11 +60,94 @@ commands: dict[str, type[amp.Command]] = {
 }
 
 
+_snakes: dict[str, str] = {}
+
+
 def snake(name: str) -> str:
     """
     C{CreateMessage} -> C{create_message}: the API method answering a command.
     """
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    method = _snakes.get(name)
+    if method is None:
+        method = _snakes[name] = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    return method
+
+
+class _FastCommand(NamedTuple):
+    """
+    What L{AdminProtocol}'s fast path needs to answer one command without
+    Twisted's per-box machinery.
+    """
+
+    #: The command name.
+    name: str
+    #: The L{amp.Command} it stands for (checked against L{commands}).
+    command: type[amp.Command]
+    #: The API method answering it (L{snake} of the name).
+    method: str
+    #: (wire key, keyword) of the required and the optional arguments.
+    required: tuple[tuple[bytes, str], ...]
+    optional: tuple[tuple[bytes, str], ...]
+
+
+#: The response schema the fast path writes by hand.
+_RESPONSE_SCHEMA = [
+    (b"status", amp.Unicode, False),
+    (b"detail", amp.Unicode, False),
+    (b"spill", amp.Unicode, True),
+]
+
+
+def _fastCommand(name: str, command: type[amp.Command]) -> _FastCommand | None:
+    """
+    The fast-path description of a command, or C{None} when its schema
+    holds anything but plain text arguments named like Python identifiers
+    and the C{status}/C{detail}/C{spill} response (Twisted answers those).
+    """
+    required: list[tuple[bytes, str]] = []
+    optional: list[tuple[bytes, str]] = []
+    for wire, argument in command.arguments:
+        if type(argument) is not amp.Unicode or re.fullmatch(rb"[a-z][a-z0-9_]*", wire) is None:
+            return None
+        python = wire.decode("ascii")
+        if keyword.iskeyword(python) or keyword.issoftkeyword(python):
+            return None
+        if python in amp.PYTHON_KEYWORDS:
+            return None
+        (optional if argument.optional else required).append((wire, python))
+    response = [(wire, type(argument), bool(argument.optional)) for wire, argument in command.response]
+    if response != _RESPONSE_SCHEMA or command.allErrors or command.responseType is not amp.AmpBox:
+        return None
+    return _FastCommand(name, command, snake(name), tuple(required), tuple(optional))
+
+
+def _fastCommands() -> dict[bytes, _FastCommand]:
+    fast = {}
+    for name, command in commands.items():
+        spec = _fastCommand(name, command)
+        if spec is not None:
+            fast[name.encode("ascii")] = spec
+    return fast
+
+
+#: wire command name -> its fast-path description.
+_FAST_COMMANDS = _fastCommands()
+
+_ASK = amp.ASK
+_ANSWER = amp.ANSWER
+_COMMAND = amp.COMMAND
+_ERROR = amp.ERROR
+_unpackLength = struct.Struct("!H").unpack_from
+_packLength = struct.Struct("!H").pack
+_ANSWER_KEY = _packLength(len(_ANSWER)) + _ANSWER
+_DETAIL_KEY = _packLength(6) + b"detail"
+_SPILL_KEY = _packLength(5) + b"spill"
+_STATUS_KEY = _packLength(6) + b"status"
+_END_OF_BOX = _packLength(0)
+
+
+def _identity(value: Any) -> Any:
+    return value
 
 
 class IAdminAPI(Interface):
@@ -76,12 +162,46 @@ class IAdminAPI(Interface):
 class AdminProtocol(amp.AMP):
     """
     One admin connection: dispatches every known command to the API.
+
+    The common case, whole C{_command} boxes of known commands carrying
+    their text arguments, is parsed and answered here in one pass (see
+    L{dataReceived}). Anything else (a box that is not a command, an unknown
+    command, a missing or undecodable argument, an oversized key, a paused
+    connection) and everything after it on the connection goes through
+    L{amp.AMP}'s own code for good, which gives its own answers. Both paths
+    put the same bytes on the wire for the same input.
+
+    The state of L{amp.AMP} itself is only built once that slower path is
+    needed: a connection carrying one command, the command line's way, never
+    needs it.
     """
 
-    def __init__(self, api: Any, spillDir: str) -> None:
-        super().__init__()
+    #: Whether the connection has left the fast path for good.
+    _twisted = False
+    #: The start of a box whose end has not arrived yet.
+    _pending = b""
+
+    def __init__(
+        self, api: Any, spillDir: str, methods: dict[bytes, Callable[..., Any]] | None = None
+    ) -> None:
+        """
+        @param api: The L{IAdminAPI} provider answering the commands.
+        @param spillDir: Where details too large for AMP are written.
+        @param methods: A cache of the API's bound methods by wire command
+            name, shared by the connections of one L{AdminFactory}.
+        """
         self._api = api
         self._spillDir = spillDir
+        self._methods: dict[bytes, Callable[..., Any]] = {} if methods is None else methods
+
+    def _startAMP(self) -> None:
+        """
+        Build the state of L{amp.AMP} that L{__init__} skips.
+        """
+        if not self._ampInitialized:
+            amp.AMP.__init__(self)
+            if self.transport is not None:
+                self.boxReceiver.startReceivingBoxes(self)
 
     def makeConnection(self, transport: Any) -> None:
         """
@@ -89,14 +209,205 @@ class AdminProtocol(amp.AMP):
         opens one connection per call, and two log lines per call cost more
         than the call itself.
         """
-        amp.BinaryBoxProtocol.makeConnection(self, transport)
+        self.transport = transport
+        if self._ampInitialized:
+            self.boxReceiver.startReceivingBoxes(self)
+        self.connectionMade()
 
     def connectionLost(self, reason: Failure) -> None:
         """
         End the connection quietly (see L{makeConnection}).
         """
-        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        if self._ampInitialized:
+            amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        """
+        Keep a file descriptor sent by the peer, as L{amp.AMP} does.
+        """
+        self._startAMP()
+        amp.AMP.fileDescriptorReceived(self, descriptor)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Answer every whole box received so far and keep the start of an
+        unfinished one for the next read; hand over to L{amp.AMP} for good at
+        the first box the fast path does not answer.
+        """
+        if self._twisted:
+            amp.BinaryBoxProtocol.dataReceived(self, data)
+            return
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        end = len(data)
+        start = 0
+        while start < end:
+            if self.paused:
+                self._useTwisted(data[start:])
+                return
+            box: dict[bytes, bytes] = {}
+            at = start
+            while True:
+                if at + 2 > end:
+                    self._pending = data[start:]
+                    return
+                (length,) = _unpackLength(data, at)
+                at += 2
+                if not length:
+                    break
+                if length > amp.MAX_KEY_LENGTH:
+                    self._useTwisted(data[start:])
+                    return
+                keyEnd = at + length
+                if keyEnd + 2 > end:
+                    self._pending = data[start:]
+                    return
+                (length,) = _unpackLength(data, keyEnd)
+                valueEnd = keyEnd + 2 + length
+                if valueEnd > end:
+                    self._pending = data[start:]
+                    return
+                box[data[at:keyEnd]] = data[keyEnd + 2 : valueEnd]
+                at = valueEnd
+            if not self._dispatch(box):
+                self._useTwisted(data[start:])
+                return
+            start = at
+
+    def _useTwisted(self, data: bytes) -> None:
+        """
+        Leave the fast path: L{amp.AMP} parses C{data} and all that follows.
+        """
+        self._twisted = True
+        self._startAMP()
+        amp.BinaryBoxProtocol.dataReceived(self, data)
+
+    def _dispatch(self, box: dict[bytes, bytes]) -> bool:
+        """
+        Call the API for a command box and answer it, now or when its result
+        is ready.
+
+        @return: C{False}, having done nothing, when the box is not one the
+            fast path answers.
+        """
+        name = box.get(_COMMAND)
+        if name is None or _ANSWER in box or _ERROR in box:
+            return False
+        fast = _FAST_COMMANDS.get(name)
+        if fast is None or commands.get(fast.name) is not fast.command:
+            return False
+        method = self._methods.get(name)
+        if method is None:
+            method = getattr(self._api, fast.method, None)
+            if method is None:
+                return False
+            self._methods[name] = method
+        kwargs = {}
+        try:
+            for wire, python in fast.required:
+                kwargs[python] = box[wire].decode("utf-8")
+            for wire, python in fast.optional:
+                value = box.get(wire)
+                if value is not None:
+                    kwargs[python] = value.decode("utf-8")
+        except (KeyError, UnicodeDecodeError):
+            return False
+        ask = box.get(_ASK)
+        try:
+            result = method(**kwargs)
+        except BaseException:
+            self._answerFailure(Failure(), ask)
+            return True
+        if type(result) is tuple:
+            self._answer(result, ask)
+        else:
+            maybeDeferred(_identity, result).addCallbacks(
+                self._answer, self._answerFailure, callbackArgs=(ask,), errbackArgs=(ask,)
+            )
+        return True
+
+    def _answer(self, result: Any, ask: bytes | None) -> None:
+        """
+        Answer with the API's C{(status, detail)}.
+        """
+        try:
+            response = self._reply(result)
+        except BaseException:
+            self._cannotAnswer(Failure(), ask)
+        else:
+            self._send(response, ask)
+
+    def _answerFailure(self, failure: Failure, ask: bytes | None) -> None:
+        """
+        Answer with the API's failure.
+        """
+        try:
+            response = self._failed(failure)
+        except BaseException:
+            self._cannotAnswer(Failure(), ask)
+        else:
+            self._send(response, ask)
+
+    def _send(self, response: dict[str, str], ask: bytes | None) -> None:
+        """
+        Write the C{_answer} box of a response in one write, as
+        L{amp.AMP} would have serialized it.
+        """
+        try:
+            status = response["status"].encode("utf-8")
+            detail = response["detail"].encode("utf-8")
+            spill = response.get("spill")
+            if spill is not None:
+                spill = spill.encode("utf-8")
+        except BaseException:
+            message = f"{self._api!r} answered {response!r}, which is no AMP answer"
+            self._cannotAnswer(Failure(amp.BadLocalReturn(message, Failure())), ask)
+            return
+        transport = self.transport
+        if ask is None or transport is None:
+            return
+        if len(detail) > amp.MAX_VALUE_LENGTH or len(status) > amp.MAX_VALUE_LENGTH or (
+            spill is not None and len(spill) > amp.MAX_VALUE_LENGTH
+        ):
+            for key, value in ((b"detail", detail), (b"spill", spill), (b"status", status)):
+                if value is not None and len(value) > amp.MAX_VALUE_LENGTH:
+                    self.unhandledError(Failure(amp.TooLong(False, True, value, key)))
+                    return
+        spillPart = b"" if spill is None else _SPILL_KEY + _packLength(len(spill)) + spill
+        transport.write(
+            b"".join(
+                (
+                    _ANSWER_KEY + _packLength(len(ask)),
+                    ask,
+                    _DETAIL_KEY + _packLength(len(detail)),
+                    detail,
+                    spillPart,
+                    _STATUS_KEY + _packLength(len(status)),
+                    status,
+                    _END_OF_BOX,
+                )
+            )
+        )
+
+    def _cannotAnswer(self, failure: Failure, ask: bytes | None) -> None:
+        """
+        What L{amp.AMP} does when a responder's result cannot be made an
+        answer: an C{UNKNOWN} error box then hang up, or (no C{_ask}) log and
+        hang up.
+        """
+        if ask is None:
+            self.unhandledError(failure)
+            return
+        _log.failure("while receiving response to command", failure)
+        box = amp.QuitBox(
+            {amp.ERROR: ask, amp.ERROR_DESCRIPTION: b"Unknown Error", amp.ERROR_CODE: amp.UNKNOWN_ERROR_CODE}
+        )
+        try:
+            box._sendTo(self)
+        except (amp.ProtocolSwitched, ConnectionLost):
+            pass
 
     def locateResponder(self, name: bytes) -> Callable[[amp.AmpBox], Any] | None:
         """
@@ -272,9 +583,11 @@ class AdminFactory(Factory):
     def __init__(self, api: Any, spillDir: str) -> None:
         self.api = api
         self.spillDir = spillDir
+        self._methods: dict[bytes, Callable[..., Any]] = {}
 
     def buildProtocol(self, addr: Any) -> AdminProtocol:
         """
-        A protocol bound to the API.
+        A protocol bound to the API (whose methods are looked up once, for
+        every connection).
         """
-        return AdminProtocol(self.api, self.spillDir)
+        return AdminProtocol(self.api, self.spillDir, self._methods)

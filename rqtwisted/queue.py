@@ -100,6 +100,9 @@ class _JobEvents:
     def workerExited(self, exit_code: int | None, signal: int | None) -> None:
         self._queue.workerExited(self._job, exit_code, signal)
 
+    def workerStarted(self, pid: int) -> None:
+        self._queue.workerStarted(self._job, pid)
+
 
 class QueueService(Service):
     """
@@ -140,6 +143,7 @@ class QueueService(Service):
         self._timer: IDelayedCall | None = None
         self._stopping = False
         self.cron: QueueCron | None = None
+        self._marker_paths: tuple[Any, str, str] | None = None
 
     # -- service
 
@@ -214,12 +218,21 @@ class QueueService(Service):
         """
         C{DOWN}, C{PAUSE} or C{UP} from the marker files in C{config/}.
         """
-        root = self.instance.root
-        if os.path.exists(root.marker(self.name, "down")):
+        down, pause = self._markers()
+        if os.path.exists(down):
             return "DOWN"
-        if os.path.exists(root.marker(self.name, "pause")):
+        if os.path.exists(pause):
             return "PAUSE"
         return "UP"
+
+    def _markers(self) -> tuple[str, str]:
+        """
+        The paths of this queue's C{down} and C{pause} markers.
+        """
+        root = self.instance.root
+        if self._marker_paths is None or self._marker_paths[0] is not root:
+            self._marker_paths = (root, root.marker(self.name, "down"), root.marker(self.name, "pause"))
+        return self._marker_paths[1], self._marker_paths[2]
 
     def status(self) -> str:
         """
@@ -287,9 +300,6 @@ class QueueService(Service):
         """
         if not self.running or self._stopping:
             return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
         now = self.clock.seconds()
         wake = now + IDLE_PASS
         if self.oper == "SCRIPTERROR":
@@ -304,9 +314,23 @@ class QueueService(Service):
                     break
                 if not self._start(msg_id):
                     break
-        self._timer = self.clock.callLater(max(0.0, wake - now), self.schedule)
+        self._wake_at(now, wake)
         if self.cron is not None:
             self.cron.tick()
+
+    def _wake_at(self, now: float, wake: float) -> None:
+        """
+        Have the next pass run at C{wake} at the latest: a pending pass
+        that comes no later is kept (an early pass is harmless), any other
+        is moved.
+        """
+        timer = self._timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= wake:
+                return
+            timer.reset(max(0.0, wake - now))
+            return
+        self._timer = self.clock.callLater(max(0.0, wake - now), self.schedule)
 
     def _next_candidate(self) -> tuple[str | None, float]:
         """
@@ -396,10 +420,19 @@ class QueueService(Service):
             self.store.write_status("run", msg_id, f"could not start the queue script: {e}")
             self._finish(job, "err")
             return True
-        self.store.write_pid(msg_id, job.worker.pid)
+        if job.worker.pid is not None:
+            self.store.write_pid(msg_id, job.worker.pid)
         return True
 
     # -- worker events
+
+    @guarded
+    def workerStarted(self, job: Job, pid: int) -> None:
+        """
+        A worker got its pid after its spawn returned: record it.
+        """
+        if self.run.get(job.msg_id) is job:
+            self.store.write_pid(job.msg_id, pid)
 
     @guarded
     def reportReceived(self, job: Job, report: Report) -> None:
@@ -535,7 +568,7 @@ class QueueService(Service):
         return full_id(self.instance.settings.base_url, self.name, msg_id)
 
     def _check_writable(self) -> None:
-        if self.admin_status() == "DOWN":
+        if os.path.exists(self._markers()[0]):
             raise MessageError("status: DOWN")
 
     def create(
@@ -582,7 +615,9 @@ class QueueService(Service):
                 self.prep.add(msg_id)
             else:
                 self._enqueue(msg_id, msg)
-                self.schedule()
+                if len(self.run) < self.config.num_workers:
+                    # Otherwise the next worker's exit starts it.
+                    self.schedule()
             return self.full_id(msg_id)
 
         return d.addCallback(stored)

@@ -1,5 +1,6 @@
 """
-Start a worker process directly, without a shell in between.
+Start a worker process directly, without a shell in between, without
+blocking the reactor.
 
 A worker must run in its own session, in its job directory, at nice 19, and
 its C{stdio.log} must start with a line holding its pid before anything the
@@ -11,18 +12,20 @@ file actions run in the child before the exec:
 
  1. C{dup2} of fds 0 to 4, close every other fd, C{chdir} to the job
     directory;
- 2. open FIFO C{in} for writing: this meets the caller, blocked opening it
-    for reading;
- 3. open FIFO C{out} for writing: this blocks until the caller opens it for
-    reading;
+ 2. open FIFO C{in} for writing and close it again;
+ 3. open FIFO C{out} for writing: this blocks until somebody opens it for
+    reading (the gate);
  4. close every fd from 5 up; exec.
 
-Between 2 and 3 the caller finds the child's pid (the newest entry of
-C{/proc/self/task/<tid>/children} of the spawn thread), renices it and writes the start line to
-C{stdio.log}; then it opens C{out} for reading, without waiting, and returns
-the pid. Nothing of the script runs before that, and the caller never waits
-for the child at nice 19 (the spawn thread waits for the exec). Each spawn
-thread has its own FIFOs; idle ones are reused.
+Before handing the spawn to a thread, the reactor opens C{in} for reading
+(without waiting) and watches it: when the child closes its end in step 2,
+the reactor sees a hang-up. The child is then at the gate: the reactor finds
+its pid (the newest entry of C{/proc/self/task/<tid>/children} of the spawn
+thread), renices it, writes the start line to C{stdio.log}, opens C{out} for
+reading (which lets the child go on) and tells the caller. Nothing of the
+script runs before that, and neither the reactor nor the caller ever waits
+for the child. The spawn thread waits for the exec, then closes our end of
+C{out}. Each FIFO pair (a gate) serves one spawn at a time and is reused.
 
 This needs Linux, C{/proc}, and a C library with
 C{posix_spawn_file_actions_addchdir_np},
@@ -42,10 +45,13 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 from twisted.internet import process as _twprocess
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+_log = Logger()
 
 # <spawn.h> flags (glibc).
 _POSIX_SPAWN_SETSIGDEF = 0x04
@@ -55,13 +61,14 @@ _POSIX_SPAWN_SETSID = 0x80
 #: Opaque C structures are allocated larger than any C library needs.
 _STRUCT_SIZE = 1024
 
-#: The fds the child opens the two FIFOs on.
-_FD_IN, _FD_OUT = 5, 6
+#: The fd the child opens the FIFOs on.
+_FD_GATE = 5
 
 _ENCODING = sys.getfilesystemencoding()
 _ERRORS = sys.getfilesystemencodeerrors()
 
-#: The most spawn threads (spawns whose exec is still under way).
+#: The most spawn threads (spawns whose exec is under way at once); more
+#: spawns wait for a thread.
 MAX_THREADS = 16
 
 
@@ -70,6 +77,29 @@ class SpawnFailed(OSError):
     The child could not be started; nothing of it ran and nothing was
     written to its log.
     """
+
+
+class SpawnHandler(Protocol):
+    """
+    What a L{DirectSpawner} tells about one spawn, on the reactor thread.
+    """
+
+    def spawnStarted(self, pid: int) -> None:
+        """
+        The child passed the gate: reniced, its start line written; it
+        execs next.
+        """
+
+    def spawnFailed(self, error: SpawnFailed) -> None:
+        """
+        The child could not be started (nothing of it ran).
+        """
+
+    def execFailed(self, pid: int, code: int) -> None:
+        """
+        The exec of a started child failed with errno C{code}; the C
+        library reaped it.
+        """
 
 
 class _Libc:
@@ -123,24 +153,47 @@ def _cstrings(items: list[bytes]) -> "ctypes.Array[ctypes.c_char_p]":
     return array
 
 
-def _open_fifo(path: bytes, flags: int) -> int:
-    """
-    Open our end of a FIFO; a child waits at the other end, so a lack of
-    fds is waited out rather than raised.
-    """
-    delay = 0.001
-    while True:
-        try:
-            return os.open(path, flags)
-        except OSError as e:
-            if e.errno not in (errno.EMFILE, errno.ENFILE):
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
+#: C{(name, value)} -> C{b"name=value"}: most of a worker's environment is
+#: the same for every worker.
+_encoded: dict[tuple[str, str], bytes] = {}
+
+#: Entries of L{_encoded} beyond which it starts afresh (the per-message
+#: variables add a few entries per spawn).
+_ENCODED_MAX = 4096
 
 
-#: The FIFOs' directory: C{<tmp>/rq-spawn-<pid>-<random>}.
+def _environ(env: dict[str, str]) -> list[bytes]:
+    """
+    C{env} as C{envp} strings.
+    """
+    if len(_encoded) > _ENCODED_MAX:
+        _encoded.clear()
+    out = []
+    for item in env.items():
+        encoded = _encoded.get(item)
+        if encoded is None:
+            encoded = _encoded[item] = f"{item[0]}={item[1]}".encode(_ENCODING, _ERRORS)
+        out.append(encoded)
+    return out
+
+
+#: The FIFOs' directory: C{<dir>/rq-spawn-<pid>-<random>} (see L{_fifo_parent}).
 _DIR_PREFIX = "rq-spawn-"
+
+
+#: Where the FIFOs' directory goes if it can: a memory filesystem, where
+#: making a FIFO costs no disk write.
+_SHM = "/dev/shm"
+
+
+def _fifo_parent() -> str:
+    """
+    The directory to make the FIFOs' directory in: C{/dev/shm} where it is
+    a writable directory, else the temporary directory.
+    """
+    if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK | os.X_OK):
+        return _SHM
+    return tempfile.gettempdir()
 
 
 def _remove_stale(directory: str) -> None:
@@ -164,61 +217,190 @@ def _remove_stale(directory: str) -> None:
             continue
 
 
-class _Request:
+class _Gate:
     """
-    One spawn handed to a spawn thread.
-    """
+    A pair of FIFOs one spawn at a time goes through.
 
-    def __init__(
-        self,
-        path: bytes,
-        actions: "ctypes.Array[ctypes.c_char]",
-        argv: "ctypes.Array[ctypes.c_char_p]",
-        envp: "ctypes.Array[ctypes.c_char_p]",
-        failed: Callable[[int, int], None],
-    ) -> None:
-        self.path = path
-        self.actions = actions
-        self.argv = argv
-        self.envp = envp
-        self.failed = failed
-        #: Set by the spawn thread when the child never reached the gate.
-        self.early: int | None = None
-        #: Set by the caller: the child's pid and our end of FIFO C{out},
-        #: which must stay open until the child exec'd.
-        self.pid: int | None = None
-        self.release_fd: int | None = None
-        #: Set by the caller when it let the child go without setting it
-        #: up: the spawn thread kills and reaps it.
-        self.abandoned = False
-        self.passed = threading.Event()
-
-
-class _SpawnThread:
-    """
-    A thread that runs C{posix_spawn} calls, with its own pair of FIFOs.
+    Every child starts with a copy of all our fds, until it closes them
+    (step 1): for a moment it holds our reader of some gate's C{out}, which
+    would let another child through that gate unchecked. So C{out} is made
+    anew (a new FIFO under the same name) after every use: an old copy
+    holds the old one. C{in} needs no such care (we never hold a writer of
+    it).
     """
 
-    def __init__(self, owner: "DirectSpawner", directory: str, n: int) -> None:
-        self._owner = owner
+    def __init__(self, directory: str, n: int) -> None:
         self.fifo_in = os.fsencode(os.path.join(directory, f"in{n}"))
         self.fifo_out = os.fsencode(os.path.join(directory, f"out{n}"))
         os.mkfifo(self.fifo_in, 0o600)
         os.mkfifo(self.fifo_out, 0o600)
-        self._requests: _queue.SimpleQueue[_Request | None] = _queue.SimpleQueue()
+
+    def renew(self) -> None:
+        """
+        Replace FIFO C{out} with a new one.
+
+        @raise OSError: it cannot be made.
+        """
+        os.unlink(self.fifo_out)
+        os.mkfifo(self.fifo_out, 0o600)
+
+
+#: The states of a L{_Request}.
+_WAITING, _STARTED, _FAILED = "waiting", "started", "failed"
+
+
+class _Request:
+    """
+    One spawn, from the reactor's request to the spawn thread's return.
+
+    The reactor thread owns everything but the fields the spawn thread sets
+    (C{tid}, C{returned}) and C{release_fd}, which both touch under
+    C{lock}.
+    """
+
+    def __init__(
+        self,
+        spawner: "DirectSpawner",
+        reactor: Any,
+        gate: _Gate,
+        path: bytes,
+        actions: "ctypes.Array[ctypes.c_char]",
+        argv: "ctypes.Array[ctypes.c_char_p]",
+        envp: "ctypes.Array[ctypes.c_char_p]",
+        log_fd: int,
+        line: Callable[[int], bytes],
+        niceness: int,
+        handler: SpawnHandler,
+        owned: list[int],
+    ) -> None:
+        self.spawner = spawner
+        self.reactor = reactor
+        self.gate = gate
+        self.path = path
+        self.actions = actions
+        self.argv = argv
+        self.envp = envp
+        self.log_fd = log_fd
+        self.line = line
+        self.niceness = niceness
+        self.handler = handler
+        #: Our fds the child gets copies of: closed once it has them.
+        self.owned = owned
+        self.state = _WAITING
+        self.pid: int | None = None
+        #: Set when the reactor let the child go without setting it up:
+        #: the spawn thread kills and reaps it.
+        self.abandoned = False
+        #: The spawn thread's id, set before it calls posix_spawn.
+        self.thread: _SpawnThread | None = None
+        self.lock = threading.Lock()
+        #: Our end of FIFO C{out}, open from the gate until the exec.
+        self.release_fd: int | None = None
+        self.returned = False
+        #: Of the hang-up watch and the spawn thread, the one that is done
+        #: second gives the gate back.
+        self.holders = 2
+        self.watcher: _GateWatcher | None = None
+
+    def close_owned(self) -> None:
+        """
+        Close our copies of the child's fds.
+        """
+        owned, self.owned = self.owned, []
+        for fd in owned:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def let_go(self) -> None:
+        """
+        Open FIFO C{out} for reading: the child at the gate goes on. Our end
+        stays open until the exec (a child that has not reached the FIFO yet
+        would otherwise wait for another reader forever).
+        """
+        fd = os.open(self.gate.fifo_out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with self.lock:
+            if not self.returned:
+                self.release_fd, fd = fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def release_gate(self) -> None:
+        """
+        One of the two users of the gate is done with it.
+        """
+        with self.lock:
+            self.holders -= 1
+            last = self.holders == 0
+        if last:
+            self.spawner._free_gate(self.gate)
+
+
+class _GateWatcher:
+    """
+    Our end of FIFO C{in} of a waiting spawn: its hang-up means the child
+    is at the gate.
+    """
+
+    def __init__(self, request: _Request, fd: int) -> None:
+        self._request = request
+        self.fd = fd
+
+    def fileno(self) -> int:
+        """
+        The FIFO's fd (-1 once closed).
+        """
+        return self.fd
+
+    def logPrefix(self) -> str:
+        """
+        The log prefix the reactor uses.
+        """
+        return "rq-spawn"
+
+    def doRead(self) -> None:
+        """
+        Nothing is ever written to the FIFO.
+        """
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        The reactor saw the hang-up (and stopped watching).
+        """
+        self.close(registered=False)
+        self._request.spawner._at_gate(self._request)
+
+    def close(self, registered: bool = True) -> None:
+        """
+        Stop watching and close the fd, once; the gate is then free of it.
+        """
+        if self.fd < 0:
+            return
+        if registered:
+            self._request.reactor.removeReader(self)
+        os.close(self.fd)
+        self.fd = -1
+        self._request.release_gate()
+
+
+class _SpawnThread:
+    """
+    A thread that runs C{posix_spawn} calls and waits for their execs.
+    """
+
+    def __init__(self, owner: "DirectSpawner", n: int) -> None:
+        self._owner = owner
         self.tid: int | None = None
         #: The C{/proc} file listing the thread's children.
         self.children = ""
+        #: Pids this thread's children were given at their gates, pruned to
+        #: the children still listed (see L{DirectSpawner._find_child}).
+        self.given: set[int] = set()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"rq-spawn-{n}", daemon=True)
         self._thread.start()
         self._started.wait()
-
-    def submit(self, request: _Request | None) -> None:
-        """
-        Hand a spawn to the thread (L{None} ends it).
-        """
-        self._requests.put(request)
 
     def join(self) -> None:
         """
@@ -230,78 +412,76 @@ class _SpawnThread:
         self.tid = threading.get_native_id()
         self.children = f"/proc/self/task/{self.tid}/children"
         self._started.set()
-        libc = self._owner._libc
-        attr = self._owner._attr
+        owner = self._owner
+        libc = owner._libc
+        attr = owner._attr
+        requests = owner._requests
         while True:
-            request = self._requests.get()
+            request = requests.get()
             if request is None:
                 return
+            request.thread = self
             pid = ctypes.c_int(0)
             try:
-                result = libc.spawn(
-                    ctypes.byref(pid), request.path, request.actions, attr, request.argv, request.envp
-                )
+                result = libc.spawn(ctypes.byref(pid), request.path, request.actions, attr, request.argv, request.envp)
             except BaseException:
                 result = errno.EINVAL
-            if result != 0 and not request.passed.is_set():
-                # Never at the gate (the fork or a first action failed), or
-                # died there: let the caller go on.
-                request.early = result
-                self._unblock(request)
-            # The child exec'd, failed or died: our end of "out" can go.
-            request.passed.wait()
-            if request.release_fd is not None:
-                os.close(request.release_fd)
+            libc.fa_destroy(request.actions)
+            with request.lock:
+                request.returned = True
+                fd, request.release_fd = request.release_fd, None
+            if fd is not None:
+                os.close(fd)
             if result == 0 and request.abandoned:
                 try:
                     os.killpg(pid.value, 9)
                 except OSError:
                     pass
-                os.waitpid(pid.value, 0)
-            elif result != 0 and request.pid is not None:
-                request.failed(request.pid, result)
-            self._owner._libc.fa_destroy(request.actions)
-            self._owner._idle(self)
-
-    def _unblock(self, request: _Request) -> None:
-        """
-        Meet the caller, blocked opening FIFO C{in}, ourselves.
-        """
-        wait = threading.Event()
-        while not request.passed.is_set():
+                try:
+                    os.waitpid(pid.value, 0)
+                except OSError:
+                    pass
+            elif result != 0:
+                try:
+                    request.reactor.callFromThread(owner._spawn_error, request, result)
+                except BaseException:
+                    pass
             try:
-                fd = os.open(self.fifo_in, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as e:
-                # ENXIO: the caller is not at the FIFO yet.
-                if e.errno not in (errno.ENXIO, errno.EMFILE, errno.ENFILE, errno.EINTR):
-                    # The FIFO is gone: the caller cannot be waiting on it.
-                    request.passed.wait()
-                    return
-                wait.wait(0.001)
-                continue
-            request.passed.wait()
-            os.close(fd)
-            return
+                request.gate.renew()
+            except OSError:
+                # The gate is lost (its directory removed?): spawn some
+                # other way from now on.
+                owner.broken = True
+            else:
+                request.release_gate()
+            owner._thread_done()
 
 
 class DirectSpawner:
     """
     Spawn processes with C{posix_spawn} and a gate (see the module
-    docstring). Spawns are started from one thread at a time.
+    docstring). L{spawn} is called on the reactor thread and returns at
+    once; the L{SpawnHandler} hears the rest there.
+
+    @ivar broken: set when the FIFOs cannot be used: the caller should
+        spawn some other way.
     """
 
     def __init__(self) -> None:
         self._libc = _Libc()
-        self._lock = threading.Lock()
-        self._idle_lock = threading.Lock()
+        self._requests: _queue.SimpleQueue[_Request | None] = _queue.SimpleQueue()
         self._threads: list[_SpawnThread] = []
-        self._idle_threads: list[_SpawnThread] = []
-        self._free = threading.Semaphore(MAX_THREADS)
+        self._count_lock = threading.Lock()
+        self._idle_count = 0
+        self._backlog = 0
+        self._gates: list[_Gate] = []
+        self._free_gates: list[_Gate] = []
+        self._gate_lock = threading.Lock()
+        #: pid -> the thread whose child was given it, until reaped.
+        self._given: dict[int, _SpawnThread] = {}
         self._dir: str | None = None
         self._attr = ctypes.create_string_buffer(_STRUCT_SIZE)
         self._attr_ready = False
-        #: Set when the FIFOs went missing: the caller should spawn some
-        #: other way.
         self.broken = False
 
     @staticmethod
@@ -320,12 +500,15 @@ class DirectSpawner:
         """
         Stop the spawn threads and remove the FIFOs.
         """
-        for thread in self._threads:
-            thread.submit(None)
+        for _ in self._threads:
+            self._requests.put(None)
         for thread in self._threads:
             thread.join()
         self._threads = []
-        self._idle_threads = []
+        self._idle_count = 0
+        self._backlog = 0
+        self._gates = []
+        self._free_gates = []
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
@@ -353,35 +536,54 @@ class DirectSpawner:
         _check(libc.attr_setflags(attr, flags), "posix_spawnattr_setflags")
         self._attr_ready = True
 
-    def _take(self) -> _SpawnThread:
+    def _take_gate(self) -> _Gate:
         """
-        An idle spawn thread (a new one if none is idle).
+        A free gate (a new one if none is free).
         """
-        self._free.acquire()
-        with self._idle_lock:
-            if self._idle_threads:
-                return self._idle_threads.pop()
-        try:
-            if self._dir is None:
-                _remove_stale(tempfile.gettempdir())
-                self._dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
-                # The spawn threads are daemon threads: nothing else ends them.
-                atexit.register(shutil.rmtree, self._dir, True)
-            thread = _SpawnThread(self, self._dir, len(self._threads))
-        except OSError as e:
-            self._free.release()
-            self.broken = True
-            raise SpawnFailed(e.errno or errno.EIO, f"spawn thread: {e}")
-        self._threads.append(thread)
-        return thread
+        with self._gate_lock:
+            if self._free_gates:
+                return self._free_gates.pop()
+        if self._dir is None:
+            parent = _fifo_parent()
+            _remove_stale(parent)
+            self._dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=parent)
+            # The spawn threads are daemon threads: nothing else ends them.
+            atexit.register(shutil.rmtree, self._dir, True)
+        gate = _Gate(self._dir, len(self._gates))
+        self._gates.append(gate)
+        return gate
 
-    def _idle(self, thread: _SpawnThread) -> None:
-        with self._idle_lock:
-            self._idle_threads.append(thread)
-        self._free.release()
+    def _free_gate(self, gate: _Gate) -> None:
+        with self._gate_lock:
+            self._free_gates.append(gate)
+
+    def _reserve_thread(self) -> None:
+        """
+        Make sure a spawn thread will take the next request: an idle one,
+        a new one, or (with L{MAX_THREADS} busy) the first to be done.
+        """
+        with self._count_lock:
+            if self._idle_count > 0:
+                self._idle_count -= 1
+                return
+            if len(self._threads) >= MAX_THREADS:
+                self._backlog += 1
+                return
+        self._threads.append(_SpawnThread(self, len(self._threads)))
+
+    def _thread_done(self) -> None:
+        """
+        A spawn thread finished a request: it takes a waiting one, or idles.
+        """
+        with self._count_lock:
+            if self._backlog > 0:
+                self._backlog -= 1
+            else:
+                self._idle_count += 1
 
     def spawn(
         self,
+        reactor: Any,
         executable: str,
         args: list[str],
         env: dict[str, str],
@@ -390,137 +592,173 @@ class DirectSpawner:
         log_fd: int,
         line: Callable[[int], bytes],
         niceness: int,
-        failed: Callable[[int, int], None],
-    ) -> int:
+        handler: SpawnHandler,
+        owned: list[int],
+    ) -> None:
         """
         Start C{executable} (a path) with C{args} and C{env}, child fds from
         C{fdmap} (child fd -> our fd; nothing else is inherited), in C{cwd},
         in a new session, at C{niceness}; C{line(pid)} is appended to
-        C{log_fd} before it runs. Returns once that is done, maybe before
-        the exec.
+        C{log_fd} before it runs. Returns at once; C{handler} hears the
+        rest, on the reactor thread, never before this returned.
 
-        @param failed: called with the pid and an errno, from another
-            thread, when the exec itself fails after this returned (the
-            child is then gone, reaped by the C library).
+        @param owned: our fds to close once the child has its copies (or
+            the spawn failed); C{log_fd} may be one of them, it is closed
+            after the start line is written. They are closed here when this
+            raises. Every other fd of C{fdmap} must stay open until
+            C{handler} heard of the start or the failure.
 
         @raise SpawnFailed: the child could not be started.
         """
-        with self._lock:
+        try:
             if not self._attr_ready:
-                try:
-                    self._make_attr()
-                except OSError as e:
-                    self.broken = True
-                    raise SpawnFailed(e.errno or errno.EIO, str(e))
-            thread = self._take()
-            request = self._request(thread, executable, args, env, fdmap, cwd, failed)
-            # The spawn thread destroys the file actions once it is done.
-            thread.submit(request)
-            try:
-                return self._gate(thread, request, log_fd, line, niceness)
-            finally:
-                request.passed.set()
+                self._make_attr()
+            gate = self._take_gate()
+        except OSError as e:
+            self.broken = True
+            for fd in owned:
+                os.close(fd)
+            raise SpawnFailed(e.errno or errno.EIO, f"spawn gate: {e}")
+        try:
+            actions, argv, envp = self._prepare(gate, executable, args, env, fdmap, cwd)
+        except BaseException:
+            self._free_gate(gate)
+            for fd in owned:
+                os.close(fd)
+            raise
+        request = _Request(self, reactor, gate, os.fsencode(executable), actions, argv, envp, log_fd, line,
+                           niceness, handler, owned)
+        try:
+            watch_fd = os.open(gate.fifo_in, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            # The FIFOs were removed (a cleaner of $TMPDIR?).
+            self.broken = True
+            self._libc.fa_destroy(actions)
+            request.close_owned()
+            raise SpawnFailed(e.errno or errno.EIO, f"spawn gate: {e}")
+        try:
+            self._reserve_thread()
+        except BaseException as e:
+            os.close(watch_fd)
+            self._libc.fa_destroy(actions)
+            self._free_gate(gate)
+            request.close_owned()
+            raise SpawnFailed(getattr(e, "errno", None) or errno.EAGAIN, f"spawn thread: {e}")
+        request.watcher = _GateWatcher(request, watch_fd)
+        reactor.addReader(request.watcher)
+        self._requests.put(request)
 
-    def _request(
+    def _prepare(
         self,
-        thread: _SpawnThread,
+        gate: _Gate,
         executable: str,
         args: list[str],
         env: dict[str, str],
         fdmap: dict[int, int],
         cwd: str,
-        failed: Callable[[int, int], None],
-    ) -> _Request:
+    ) -> tuple["ctypes.Array[ctypes.c_char]", "ctypes.Array[ctypes.c_char_p]", "ctypes.Array[ctypes.c_char_p]"]:
         """
-        What C{thread} is to spawn: the file actions, C{argv} and C{envp}.
-        On failure C{thread} is idle again.
+        The file actions, C{argv} and C{envp} of a spawn.
+
+        @raise SpawnFailed: the C library refused an action.
         """
         libc = self._libc
-        fsencode = os.fsencode
         actions = ctypes.create_string_buffer(_STRUCT_SIZE)
         if libc.fa_init(actions) != 0:
-            self._idle(thread)
             raise SpawnFailed(errno.ENOMEM, "posix_spawn_file_actions_init failed")
         try:
-            sources = [(fd, True) for fd in set(fdmap.values())]
-            for action in _twprocess._getFileActions(sources, fdmap, doClose=0, doDup2=1):
-                if action[0] == 1:
-                    _check(libc.fa_dup2(actions, action[1], action[2]), "adddup2")
-                else:
-                    _check(libc.fa_close(actions, action[1]), "addclose")
-            # Every other fd closed, so that the FIFOs land on 5 and 6.
-            _check(libc.fa_closefrom(actions, _FD_IN), "addclosefrom")
-            _check(libc.fa_chdir(actions, fsencode(cwd)), "addchdir")
-            _check(libc.fa_open(actions, _FD_IN, thread.fifo_in, os.O_WRONLY, 0), "addopen")
-            _check(libc.fa_open(actions, _FD_OUT, thread.fifo_out, os.O_WRONLY, 0), "addopen")
-            _check(libc.fa_closefrom(actions, _FD_IN), "addclosefrom")
-            request = _Request(
-                fsencode(executable),
-                actions,
-                _cstrings([a.encode(_ENCODING, _ERRORS) for a in args]),
-                _cstrings([f"{k}={v}".encode(_ENCODING, _ERRORS) for k, v in env.items()]),
-                failed,
-            )
+            if min(fdmap.values()) > max(fdmap):
+                # No source is also a target: plain dup2s, in any order.
+                for target, source in fdmap.items():
+                    _check(libc.fa_dup2(actions, source, target), "adddup2")
+            else:
+                sources = [(fd, True) for fd in set(fdmap.values())]
+                for action in _twprocess._getFileActions(sources, fdmap, doClose=0, doDup2=1):
+                    if action[0] == 1:
+                        _check(libc.fa_dup2(actions, action[1], action[2]), "adddup2")
+                    else:
+                        _check(libc.fa_close(actions, action[1]), "addclose")
+            # Every other fd closed, so that the FIFOs land on fd 5.
+            _check(libc.fa_closefrom(actions, _FD_GATE), "addclosefrom")
+            _check(libc.fa_chdir(actions, os.fsencode(cwd)), "addchdir")
+            _check(libc.fa_open(actions, _FD_GATE, gate.fifo_in, os.O_WRONLY, 0), "addopen")
+            _check(libc.fa_close(actions, _FD_GATE), "addclose")
+            _check(libc.fa_open(actions, _FD_GATE, gate.fifo_out, os.O_WRONLY, 0), "addopen")
+            _check(libc.fa_close(actions, _FD_GATE), "addclose")
+            argv = _cstrings([a.encode(_ENCODING, _ERRORS) for a in args])
+            envp = _cstrings(_environ(env))
         except BaseException as e:
             libc.fa_destroy(actions)
-            self._idle(thread)
             if isinstance(e, OSError) and not isinstance(e, SpawnFailed):
                 raise SpawnFailed(e.errno or errno.EIO, str(e))
             raise
-        return request
+        return actions, argv, envp
 
-    def _gate(
-        self,
-        thread: _SpawnThread,
-        request: _Request,
-        log_fd: int,
-        line: Callable[[int], bytes],
-        niceness: int,
-    ) -> int:
+    def _at_gate(self, request: _Request) -> None:
         """
-        Meet the child at the gate, set it up, let it go on.
+        The child of C{request} is at the gate (the reactor saw the hang-up
+        of FIFO C{in}): set it up, let it go on.
         """
+        if request.state != _WAITING:
+            return
+        pid: int | None = None
         try:
-            fd = _open_fifo(thread.fifo_in, os.O_RDONLY | os.O_CLOEXEC)
+            pid = self._find_child(request)
+            if pid is not None:
+                os.setpriority(os.PRIO_PROCESS, pid, request.niceness)
+                os.write(request.log_fd, request.line(pid))
         except OSError as e:
-            # The FIFOs were removed (a cleaner of $TMPDIR?): the child
-            # cannot reach them either.
-            self.broken = True
-            raise SpawnFailed(e.errno or errno.EIO, f"spawn gate: {e}")
-        os.close(fd)
-        if request.early is not None:
-            raise SpawnFailed(request.early, os.strerror(request.early))
+            error: OSError | None = e
+        else:
+            error = None if pid is not None else OSError(errno.ESRCH, "the spawned child cannot be found")
+        request.abandoned = error is not None
+        if pid is not None and request.abandoned:
+            # The spawn thread reaps it.
+            self.forget(pid)
         try:
-            pid = self._find_child(thread)
-            os.setpriority(os.PRIO_PROCESS, pid, niceness)
-            os.write(log_fd, line(pid))
-        except OSError as e:
-            request.abandoned = True
-            self._release(thread, request)
-            raise SpawnFailed(e.errno or errno.EIO, f"cannot set the child up: {e}")
-        request.pid = pid
-        self._release(thread, request)
-        return pid
-
-    def _release(self, thread: _SpawnThread, request: _Request) -> None:
-        """
-        Let the child past the gate.
-        """
-        try:
-            request.release_fd = _open_fifo(thread.fifo_out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            request.let_go()
         except OSError as e:
             # The child cannot open it either: it fails before its exec.
             self.broken = True
             request.abandoned = True
-            raise SpawnFailed(e.errno or errno.EIO, f"spawn gate: {e}")
+            error = error or e
+        request.close_owned()
+        if error is not None:
+            request.state = _FAILED
+            request.handler.spawnFailed(SpawnFailed(error.errno or errno.EIO, f"cannot set the child up: {error}"))
+            return
+        assert pid is not None
+        request.state = _STARTED
+        request.pid = pid
+        request.handler.spawnStarted(pid)
 
-    def _find_child(self, thread: _SpawnThread) -> int:
+    def _spawn_error(self, request: _Request, code: int) -> None:
+        """
+        The spawn thread's C{posix_spawn} failed with C{code}: before the
+        gate (nothing ran), or in the exec itself.
+        """
+        if request.state == _WAITING:
+            request.state = _FAILED
+            if request.watcher is not None:
+                request.watcher.close()
+            request.close_owned()
+            request.handler.spawnFailed(SpawnFailed(code, os.strerror(code)))
+        elif request.state == _STARTED and request.pid is not None:
+            # The C library reaped it.
+            self.forget(request.pid)
+            request.handler.execFailed(request.pid, code)
+
+    def _find_child(self, request: _Request) -> int | None:
         """
         The child at the gate: the newest child of the spawn thread (the
         kernel lists a thread's children oldest first; orphans are given to
-        the main thread, never to a spawn thread, which only makes
-        workers).
+        the main thread, never to a spawn thread, which only makes workers),
+        unless that one was given its pid at an earlier gate (the child at
+        this gate is gone then): L{None}.
         """
+        thread = request.thread
+        if thread is None:
+            return None
         fd = os.open(thread.children, os.O_RDONLY | os.O_CLOEXEC)
         try:
             chunks = [os.read(fd, 65536)]
@@ -528,7 +766,24 @@ class DirectSpawner:
                 chunks.append(os.read(fd, 65536))
         finally:
             os.close(fd)
-        pids = b"".join(chunks).split()
+        pids = [int(p) for p in b"".join(chunks).split()]
         if not pids:
-            raise OSError(errno.ESRCH, "the spawned child cannot be found")
-        return int(pids[-1])
+            _log.warn("spawn: no child listed for thread {tid}", tid=thread.tid)
+            return None
+        pid = pids[-1]
+        if pid in thread.given:
+            _log.warn("spawn: newest child {pid} of thread {tid} already started ({pids}; {given})",
+                      pid=pid, tid=thread.tid, pids=pids, given=sorted(thread.given))
+            return None
+        thread.given.add(pid)
+        self._given[pid] = thread
+        return pid
+
+    def forget(self, pid: int) -> None:
+        """
+        The child C{pid} started by this spawner was reaped: its pid may be
+        given to a new child.
+        """
+        thread = self._given.pop(pid, None)
+        if thread is not None:
+            thread.given.discard(pid)

@@ -45,16 +45,13 @@ from twisted.python.failure import Failure
 from rqtwisted import RQ_VERSION
 from rqtwisted.message import base_url, dest_queue, dest_url
 from rqtwisted.protocol import Report, ReportParser
+from rqtwisted.directprocess import REPLY_FD, STATUS_FD, DirectProcess
 from rqtwisted.spawn import DirectSpawner, SpawnFailed
 
 _log = Logger()
 
 #: The niceness of every worker.
 WORKER_NICENESS = 19
-
-#: The fd a worker writes its reports to / reads dup replies from.
-STATUS_FD = 3
-REPLY_FD = 4
 
 #: Environment variables removed from the worker environment.
 _DROPPED_ENV = ("RUBYOPT",)
@@ -299,6 +296,13 @@ class WorkerEvents(Protocol):
         exactly once, after every report it wrote.
         """
 
+    def workerStarted(self, pid: int) -> None:
+        """
+        The worker got its pid after the spawn returned (L{Worker.pid} was
+        L{None} until now); called before any of its reports. Optional:
+        owners without it learn the pid from L{Worker.pid}.
+        """
+
 
 class WorkerProtocol(ProcessProtocol):
     """
@@ -318,9 +322,39 @@ class WorkerProtocol(ProcessProtocol):
         self._events = events
         self._parser = ReportParser()
         self._held: list[tuple[Callable[..., None], tuple[Any, ...]]] | None = None
+        self.pid: int | None = None
+        self._signals: list[int] = []
         self.exited = False
         self.exit_code: int | None = None
         self.exit_signal: int | None = None
+
+    def started(self, pid: int) -> None:
+        """
+        The worker started with pid C{pid} after its spawn returned: tell
+        the events (L{WorkerEvents.workerStarted}, where they have it) and
+        send the signals asked for meanwhile.
+        """
+        self.pid = pid
+        notify = getattr(self._events, "workerStarted", None)
+        if notify is not None:
+            self._emit(notify, pid)
+        signals, self._signals = self._signals, []
+        for sig in signals:
+            self.signal(sig)
+
+    def signal(self, sig: int) -> None:
+        """
+        Send C{sig} to the worker's process group, once it has a pid; a
+        group that is gone is ignored.
+        """
+        if self.pid is None:
+            if not self.exited:
+                self._signals.append(sig)
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
 
     def _hold(self) -> None:
         """
@@ -335,6 +369,16 @@ class WorkerProtocol(ProcessProtocol):
         held, self._held = self._held or [], None
         for call, args in held:
             self._call(call, args)
+
+    def _release_soon(self, reactor: Any) -> None:
+        """
+        Stop queueing; events queued so far are delivered from the reactor
+        (after the spawn returned).
+        """
+        if self._held:
+            reactor.callLater(0, self._release)
+        else:
+            self._held = None
 
     def _emit(self, call: Callable[..., None], *args: Any) -> None:
         if self._held is not None:
@@ -370,7 +414,8 @@ class WorkerProtocol(ProcessProtocol):
             return b""
         try:
             fd = reader.fileno()
-            os.set_blocking(fd, False)
+            if not getattr(reader, "nonblocking", False):
+                os.set_blocking(fd, False)
         except (OSError, ValueError):
             return b""
         chunks: list[bytes] = []
@@ -406,8 +451,18 @@ class WorkerProtocol(ProcessProtocol):
 
     def processExited(self, reason: Failure) -> None:
         """
+        Record the exit given as a Twisted reason (see L{exitReceived}).
+        """
+        value = reason.value
+        if isinstance(value, ProcessDone):
+            self.exitReceived(0, None)
+        else:
+            self.exitReceived(getattr(value, "exitCode", None), getattr(value, "signal", None))
+
+    def exitReceived(self, exit_code: int | None, signal: int | None) -> None:
+        """
         Record the exit: drain fd 3, flush the last partial line, close our
-        pipe ends, tell the events.
+        pipe ends, tell the events (once).
         """
         if self.exited:
             return
@@ -415,12 +470,7 @@ class WorkerProtocol(ProcessProtocol):
         reports += self._parser.close()
         self._reports(reports)
         self.exited = True
-        value = reason.value
-        if isinstance(value, ProcessDone):
-            self.exit_code, self.exit_signal = 0, None
-        else:
-            self.exit_code = getattr(value, "exitCode", None)
-            self.exit_signal = getattr(value, "signal", None)
+        self.exit_code, self.exit_signal = exit_code, signal
         transport = self.transport
         if transport is not None:
             for fd in (STATUS_FD, REPLY_FD):
@@ -453,13 +503,20 @@ class WorkerProtocol(ProcessProtocol):
 class Worker:
     """
     A running (or finished) worker, as returned by L{spawn_worker}.
-
-    @ivar pid: the worker's pid, also its process group and session id.
     """
 
-    def __init__(self, pid: int, protocol: WorkerProtocol) -> None:
-        self.pid = pid
+    def __init__(self, pid: int | None, protocol: WorkerProtocol) -> None:
         self._protocol = protocol
+        if pid is not None:
+            protocol.pid = pid
+
+    @property
+    def pid(self) -> int | None:
+        """
+        The worker's pid, also its process group and session id; L{None}
+        until it started (see L{WorkerEvents.workerStarted}).
+        """
+        return self._protocol.pid
 
     @property
     def exited(self) -> bool:
@@ -477,14 +534,12 @@ class Worker:
     def signal(self, sig: int) -> None:
         """
         Send C{sig} to the worker's process group (so also its children);
-        a group that is gone is ignored.
+        a group that is gone is ignored; a worker that has not started yet
+        gets it when it does.
 
         This still reaches grandchildren after the worker itself exited.
         """
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
+        self._protocol.signal(sig)
 
     def __repr__(self) -> str:
         return f"<Worker pid={self.pid} exited={self.exited}>"
@@ -607,84 +662,25 @@ class _SessionProcess(_twprocess.Process):
             os.setpriority(os.PRIO_PROCESS, 0, self._niceness)
 
 
-class _DirectProcess(_twprocess.Process):
+def _exec_failed(executable: str, cwd: str) -> Callable[[DirectProcess, int], None]:
     """
-    A Twisted process transport for a worker started by a L{DirectSpawner}.
+    What to do when the exec of a directly spawned worker failed after the
+    spawn returned: say so in its C{stdio.log} (it then exits 127).
     """
 
-    def __init__(
-        self,
-        reactor: Any,
-        spawner: DirectSpawner,
-        executable: str,
-        args: list[str],
-        environment: dict[str, str],
-        proto: ProcessProtocol,
-        childFDs: dict[int, Any],
-        cwd: str,
-        log_fd: int,
-        line: Callable[[int], bytes],
-    ) -> None:
-        self._spawner = spawner
-        self._cwd = cwd
-        self._log_fd = log_fd
-        self._line = line
-        #: The pid, kept: C{pid} becomes L{None} once the process is reaped,
-        #: which can happen before the constructor returns.
-        self.spawnedPid: int | None = None
-        super().__init__(
-            reactor, executable, args, environment, None, proto, childFDs=childFDs
-        )
-
-    def _fork(
-        self,
-        path: Any,
-        uid: Any,
-        gid: Any,
-        executable: str,
-        args: list[str],
-        environment: dict[str, str],
-        fdmap: dict[int, int],
-    ) -> None:
-        reactor = self._reactor
-        self.pid = self._spawner.spawn(
-            executable,
-            args,
-            environment,
-            fdmap,
-            self._cwd,
-            self._log_fd,
-            self._line,
-            WORKER_NICENESS,
-            lambda pid, code: reactor.callFromThread(self._execFailed, executable, pid, code),
-        )
-        self.status = -1
-        self.spawnedPid = self.pid
-
-    def _execFailed(self, executable: str, pid: int, code: int) -> None:
-        """
-        The exec failed after the spawn returned (the C library reaped the
-        child): say so in C{stdio.log} and report exit status 127, as a
-        shell does.
-        """
+    def report(process: DirectProcess, code: int) -> None:
         try:
-            fd = os.open(os.path.join(self._cwd, "stdio.log"), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            fd = os.open(os.path.join(cwd, "stdio.log"), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         except OSError:
-            pass
-        else:
-            try:
-                os.write(fd, os.fsencode(f"rq: {executable}: {os.strerror(code)}\n"))
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        if self.pid != pid:
             return
         try:
-            _twprocess.unregisterReapProcessHandler(pid, self)
-        except RuntimeError:
+            os.write(fd, os.fsencode(f"rq: {executable}: {os.strerror(code)}\n"))
+        except OSError:
             pass
-        self.processEnded(127 << 8)
+        finally:
+            os.close(fd)
+
+    return report
 
 
 #: The L{DirectSpawner} of this process: L{None} until first needed, then
@@ -719,18 +715,50 @@ def _find_executable(name: str, env: Mapping[str, str]) -> str | None:
     return None
 
 
+#: path -> (file identity, whether C{exec} runs it by itself).
+_executables: dict[str, tuple[tuple[int, int, int, int], bool]] = {}
+
+
 def _directly_executable(path: str) -> bool:
     """
     Whether C{exec} can run C{path} by itself: a C{#!} script or an ELF
     binary. A shell runs anything else as a shell script, so that is left
-    to the launcher.
+    to the launcher. The answer is kept while the file's identity (device,
+    inode, size, modification time) stays the same.
     """
     try:
-        with open(path, "rb") as f:
+        info = os.stat(path)
+    except OSError:
+        return False
+    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    cached = _executables.get(path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        with open(path, "rb", buffering=0) as f:
             magic = f.read(4)
     except OSError:
         return False
-    return magic.startswith(b"#!") or magic == b"\x7fELF"
+    result = magic.startswith(b"#!") or magic == b"\x7fELF"
+    if len(_executables) > 256:
+        _executables.clear()
+    _executables[path] = (key, result)
+    return result
+
+
+#: A C{/dev/null} fd for the workers' stdin (and the launcher's stdio),
+#: opened once.
+_devnull: int | None = None
+
+
+def _stdin() -> int:
+    """
+    The daemon's C{/dev/null} fd for workers' stdin.
+    """
+    global _devnull
+    if _devnull is None:
+        _devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    return _devnull
 
 
 def _spawn_direct(
@@ -741,44 +769,35 @@ def _spawn_direct(
     env: dict[str, str],
     job_dir: str,
     line: Callable[[int], bytes],
-) -> int | None:
+    fallback: Callable[[], None],
+) -> bool:
     """
-    Start the script itself (see L{DirectSpawner}); its pid, or L{None}
-    when it could not be started that way (the launcher then tries, and
-    fails the way a shell does).
+    Start the script itself (see L{DirectSpawner}) with a L{DirectProcess}
+    transport; whether it is under way. Its pid comes later, through
+    L{WorkerProtocol.started}; if it turns out it could not be started
+    that way, C{fallback} is called (the launcher then tries, and fails the
+    way a shell does).
     """
     executable = _find_executable(argv[0], env) if argv else None
     if executable is None or not _directly_executable(executable):
-        return None
+        return False
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
     try:
         log_fd = os.open(os.path.join(job_dir, "stdio.log"), flags, 0o644)
     except OSError:
-        return None
+        return False
+
+    def failed(error: SpawnFailed) -> None:
+        _log.debug("direct spawn of {argv} failed ({error}); using the launcher", argv=argv, error=error)
+        fallback()
+
+    process = DirectProcess(reactor, protocol, failed, _exec_failed(executable, job_dir))
     try:
-        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            process = _DirectProcess(
-                reactor,
-                spawner,
-                executable,
-                argv,
-                env,
-                protocol,
-                {0: devnull, 1: log_fd, 2: log_fd, STATUS_FD: "r", REPLY_FD: "w"},
-                job_dir,
-                log_fd,
-                line,
-            )
-        finally:
-            os.close(devnull)
+        process.start(spawner, executable, argv, env, job_dir, _stdin(), log_fd, line, WORKER_NICENESS)
     except SpawnFailed as e:
         _log.debug("direct spawn of {argv} failed ({error}); using the launcher", argv=argv, error=e)
-        return None
-    finally:
-        os.close(log_fd)
-    assert process.spawnedPid is not None
-    return process.spawnedPid
+        return False
+    return True
 
 
 #: C{spawner(reactor, protocol, executable, args, env, childFDs) -> pid}:
@@ -858,37 +877,63 @@ def spawn_worker(
     stamp = start_line_time(time.time() if now is None else now)
     protocol = WorkerProtocol(events)
     protocol._hold()
+    worker = Worker(None, protocol)
     direct = _direct_spawner() if spawner is None else None
     if direct is not None and not direct.broken:
         tail = f" - {stamp} - RQ START - ".encode() + os.fsencode(real_script) + b"\n"
-        pid = _spawn_direct(
-            reactor, direct, protocol, argv, env, job_dir, lambda pid: b"\n%d%s" % (pid, tail)
-        )
-        if pid is not None:
-            worker = Worker(pid, protocol)
-            reactor.callLater(0, protocol._release)
+
+        def fallback() -> None:
+            try:
+                pid = _spawn_launcher(reactor, protocol, argv, env, job_dir, stamp, real_script, None)
+            except OSError as e:
+                # As when the spawn fails at once: the message ends in err.
+                protocol._reports([Report("err", f"could not start the queue script: {e}")])
+                protocol.exitReceived(127, None)
+                return
+            protocol.started(pid)
+
+        if _spawn_direct(
+            reactor, direct, protocol, argv, env, job_dir, lambda pid: b"\n%d%s" % (pid, tail), fallback
+        ):
+            protocol._release_soon(reactor)
             return worker
+    protocol.pid = _spawn_launcher(reactor, protocol, argv, env, job_dir, stamp, real_script, spawner)
+    protocol._release_soon(reactor)
+    return worker
+
+
+def _spawn_launcher(
+    reactor: Any,
+    protocol: WorkerProtocol,
+    argv: list[str],
+    env: dict[str, str],
+    job_dir: str,
+    stamp: str,
+    real_script: str,
+    spawner: Spawner | None,
+) -> int:
+    """
+    Start the worker through the C{/bin/sh} launcher (see L{_LAUNCHER});
+    its pid.
+
+    @raise OSError: the spawn failed.
+    """
     if spawner is None:
         spawner = _spawn_session_process
-    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        args = [_SH, "-c", _LAUNCHER, "rq-worker", job_dir, stamp, real_script]
-        args += argv
-        pid = spawner(
-            reactor,
-            protocol,
-            _SH,
-            args,
-            env,
-            {0: devnull, 1: devnull, 2: devnull, STATUS_FD: "r", REPLY_FD: "w"},
-        )
-    finally:
-        os.close(devnull)
+    args = [_SH, "-c", _LAUNCHER, "rq-worker", job_dir, stamp, real_script]
+    args += argv
+    devnull = _stdin()
+    pid = spawner(
+        reactor,
+        protocol,
+        _SH,
+        args,
+        env,
+        {0: devnull, 1: devnull, 2: devnull, STATUS_FD: "r", REPLY_FD: "w"},
+    )
     # The launcher has been reniced by now (see _SessionProcess).
     protocol._go()
-    worker = Worker(pid, protocol)
-    reactor.callLater(0, protocol._release)
-    return worker
+    return pid
 
 
 class _WatchdogProtocol(ProcessProtocol):

@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from typing import Any, Callable
 
 import pytest
@@ -25,11 +26,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
 import rqtwisted.worker as worker_module
 from rqtwisted.protocol import Report
+import rqtwisted.spawn as spawn_module
 from rqtwisted.spawn import DirectSpawner, SpawnFailed
 from rqtwisted.worker import (
     ScriptError,
@@ -333,6 +335,12 @@ class Recorder:
         self.exited: Deferred[Recorder] = Deferred()
         self.on_report = on_report
         self._waiting: list[tuple[Callable[[Report], bool], Deferred[Report]]] = []
+        #: Pids given by workerStarted (a direct spawn's pid comes later).
+        self.pids: list[int] = []
+
+    def workerStarted(self, pid: int) -> None:
+        assert self.events == [], "started after a report or the exit"
+        self.pids.append(pid)
 
     def reportReceived(self, report: Report) -> None:
         self.events.append(("report", report))
@@ -909,8 +917,9 @@ async def test_real_exit_status_and_partial_line(tmp_path: Any, spawn_path: str)
 @pytest_twisted.ensureDeferred
 async def test_real_quick_exits(tmp_path: Any, spawn_path: str) -> None:
     """
-    Workers that exit at once, maybe before the spawn returned, still have
-    their pid and report their exit once, after the spawn returned.
+    Workers that exit at once, maybe before the spawn returned, report
+    their exit once, after the spawn returned; their pid is known when the
+    spawn returns (launcher) or given before any report (direct spawn).
     """
     script = make_script(str(tmp_path / "quick.sh"), "echo 'done' >&3\n")
     all_events = []
@@ -926,12 +935,17 @@ async def test_real_quick_exits(tmp_path: Any, spawn_path: str) -> None:
             real_script=script,
             events=events,
         )
-        assert isinstance(worker.pid, int)
-        assert events.events == []
+        if spawn_path == "direct":
+            assert worker.pid is None
+        else:
+            assert isinstance(worker.pid, int)
+        assert events.events == [] and events.pids == []
         all_events.append((worker, events))
     for worker, events in all_events:
         await events.wait_exit()
         assert events.events == [("report", Report("done", "")), ("exit", 0, None)]
+        assert isinstance(worker.pid, int)
+        assert events.pids == ([worker.pid] if spawn_path == "direct" else [])
 
 
 @pytest_twisted.ensureDeferred
@@ -1132,108 +1146,170 @@ async def test_real_exec_fails_after_start_line(tmp_path: Any) -> None:
     assert lines[2:] == [f"rq: {script}: No such file or directory"]
 
 
+class _Handler:
+    """
+    A L{rqtwisted.spawn.SpawnHandler} that records, and fires C{done} once
+    the spawn started or failed.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.done: Deferred[_Handler] = Deferred()
+        self.exec_failed: Deferred[tuple[int, int]] = Deferred()
+
+    def spawnStarted(self, pid: int) -> None:
+        self.events.append(("started", pid))
+        self.done.callback(self)
+
+    def spawnFailed(self, error: SpawnFailed) -> None:
+        self.events.append(("failed", error))
+        self.done.callback(self)
+
+    def execFailed(self, pid: int, code: int) -> None:
+        self.events.append(("exec failed", pid, code))
+        self.exec_failed.callback((pid, code))
+
+    @property
+    def pid(self) -> int:
+        assert self.events and self.events[0][0] == "started", self.events
+        return int(self.events[0][1])
+
+
+def _reaped(pid: int) -> Deferred[int]:
+    """
+    The wait status of child C{pid}, waited for off the reactor.
+    """
+    from twisted.internet.threads import deferToThread
+
+    return deferToThread(lambda: os.waitpid(pid, 0)[1]).addTimeout(TIMEOUT, reactor)
+
+
 class TestDirectSpawner:
     """
-    L{DirectSpawner} on its own (no reactor: the caller blocks until the
-    child is set up).
+    L{DirectSpawner} on its own, on the real reactor: L{spawn} returns at
+    once; the handler hears the start (after the gate) or the failure.
     """
 
-    def spawn(self, spawner: DirectSpawner, tmp_path: Any, cwd: str, argv: list[str]) -> tuple[int, Any]:
+    def spawn(self, spawner: DirectSpawner, tmp_path: Any, cwd: str, argv: list[str]) -> _Handler:
         log = os.open(str(tmp_path / "log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC)
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        failures: list[tuple[int, int]] = []
-        try:
-            pid = spawner.spawn(
-                argv[0],
-                argv,
-                {"PATH": os.defpath},
-                {0: null, 1: log, 2: log, 3: null, 4: null},
-                cwd,
-                log,
-                lambda pid: b"start %d\n" % pid,
-                19,
-                lambda pid, code: failures.append((pid, code)),
-            )
-        finally:
-            os.close(log)
-            os.close(null)
-        return pid, failures
+        handler = _Handler()
+        spawner.spawn(
+            reactor,
+            argv[0],
+            argv,
+            {"PATH": os.defpath},
+            {0: null, 1: log, 2: log, 3: null, 4: null},
+            cwd,
+            log,
+            lambda pid: b"start %d\n" % pid,
+            19,
+            handler,
+            [log, null],
+        )
+        assert handler.events == [], "nothing before spawn returned"
+        handler.done.addTimeout(TIMEOUT, reactor)
+        return handler
 
-    def test_spawn_wait(self, tmp_path: Any) -> None:
-        """
-        The start line comes first; the child runs in C{cwd}, at nice 19,
-        leading its own session; a spawn thread is reused.
-        """
+    @pytest.fixture
+    def spawner(self) -> Any:
         if not DirectSpawner.available():
             pytest.skip("no direct spawner on this system")
         spawner = DirectSpawner()
-        try:
-            pids = []
-            for n in range(3):
-                pid, failures = self.spawn(
-                    spawner, tmp_path, str(tmp_path), ["/bin/sh", "-c", "echo $(pwd) $$; cat /proc/$$/stat"]
-                )
-                assert os.waitpid(pid, 0)[1] == 0
-                assert failures == []
-                pids.append(pid)
-            lines = (tmp_path / "log").read_text().splitlines()
-            assert len(lines) == 9
-            for n, pid in enumerate(pids):
-                start, where, stat_line = lines[3 * n : 3 * n + 3]
-                assert start == f"start {pid}"
-                assert where == f"{tmp_path} {pid}"
-                fields = stat_fields(stat_line)
-                assert (int(fields[2]), int(fields[3]), int(fields[16])) == (pid, pid, 19)
-            assert len(spawner._threads) == 1
-        finally:
-            spawner.close()
+        yield spawner
+        spawner.close()
 
-    def test_failure_before_the_gate(self, tmp_path: Any) -> None:
+    @pytest_twisted.ensureDeferred
+    async def test_spawn_wait(self, spawner: DirectSpawner, tmp_path: Any) -> None:
+        """
+        The start line comes first; the child runs in C{cwd}, at nice 19,
+        leading its own session; a spawn thread and a gate are reused.
+        """
+        pids = []
+        for n in range(3):
+            handler = await self.spawn(
+                spawner, tmp_path, str(tmp_path), ["/bin/sh", "-c", "echo $(pwd) $$; cat /proc/$$/stat"]
+            ).done
+            assert await _reaped(handler.pid) == 0
+            assert handler.events == [("started", handler.pid)]
+            pids.append(handler.pid)
+        lines = (tmp_path / "log").read_text().splitlines()
+        assert len(lines) == 9
+        for n, pid in enumerate(pids):
+            start, where, stat_line = lines[3 * n : 3 * n + 3]
+            assert start == f"start {pid}"
+            assert where == f"{tmp_path} {pid}"
+            fields = stat_fields(stat_line)
+            assert (int(fields[2]), int(fields[3]), int(fields[16])) == (pid, pid, 19)
+        assert len(spawner._threads) == 1
+
+    @pytest_twisted.ensureDeferred
+    async def test_many_at_once(self, spawner: DirectSpawner, tmp_path: Any, monkeypatch: Any) -> None:
+        """
+        Spawns asked for together all start, each with its own start line
+        before its output; beyond L{MAX_THREADS} they wait for a thread.
+        """
+        monkeypatch.setattr(spawn_module, "MAX_THREADS", 2)
+        handlers = [
+            self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/sh", "-c", f"echo out {n} $$"]) for n in range(6)
+        ]
+        for handler in handlers:
+            await handler.done
+        statuses = [await _reaped(h.pid) for h in handlers]
+        assert statuses == [0] * 6
+        assert len(spawner._threads) == 2
+        lines = (tmp_path / "log").read_text().splitlines()
+        assert sorted(lines) == sorted([f"start {h.pid}" for h in handlers] + [f"out {n} {h.pid}" for n, h in enumerate(handlers)])
+        for n, handler in enumerate(handlers):
+            assert lines.index(f"start {handler.pid}") < lines.index(f"out {n} {handler.pid}")
+
+    @pytest_twisted.ensureDeferred
+    async def test_failure_before_the_gate(self, spawner: DirectSpawner, tmp_path: Any) -> None:
         """
         A child that cannot enter its directory never reaches the gate:
         L{SpawnFailed}, nothing in the log, and the next spawn works.
         """
-        if not DirectSpawner.available():
-            pytest.skip("no direct spawner on this system")
-        spawner = DirectSpawner()
-        try:
-            with pytest.raises(SpawnFailed):
-                self.spawn(spawner, tmp_path, str(tmp_path / "missing"), ["/bin/true"])
-            assert (tmp_path / "log").read_text() == ""
-            pid, failures = self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"])
-            assert os.waitpid(pid, 0)[1] == 0
-            assert (tmp_path / "log").read_text() == f"start {pid}\n"
-        finally:
-            spawner.close()
+        handler = await self.spawn(spawner, tmp_path, str(tmp_path / "missing"), ["/bin/true"]).done
+        [(what, error)] = handler.events
+        assert what == "failed" and isinstance(error, SpawnFailed) and error.errno == errno.ENOENT
+        assert (tmp_path / "log").read_text() == ""
+        handler = await self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"]).done
+        assert await _reaped(handler.pid) == 0
+        assert (tmp_path / "log").read_text() == f"start {handler.pid}\n"
 
-    def test_fifos_removed(self, tmp_path: Any) -> None:
+    @pytest_twisted.ensureDeferred
+    async def test_fifos_removed(self, spawner: DirectSpawner, tmp_path: Any) -> None:
         """
-        If its FIFOs are removed, the spawner says it is broken and starts
-        nothing.
+        If its FIFOs are removed, the spawn fails without anything run, the
+        spawner says it is broken, and later spawns fail at once.
         """
-        if not DirectSpawner.available():
-            pytest.skip("no direct spawner on this system")
-        spawner = DirectSpawner()
+        handler = await self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"]).done
+        assert await _reaped(handler.pid) == 0
+        await self.idle(spawner)
+        assert spawner._dir is not None
+        shutil.rmtree(spawner._dir)
         try:
-            pid, _ = self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"])
-            assert os.waitpid(pid, 0)[1] == 0
-            assert spawner._dir is not None
-            shutil.rmtree(spawner._dir)
-            with pytest.raises(SpawnFailed):
-                self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"])
-            assert spawner.broken
-            assert (tmp_path / "log").read_text() == f"start {pid}\n"
-        finally:
-            spawner.close()
+            failed = self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"])
+        except SpawnFailed:
+            pass
+        else:
+            await failed.done
+            [(what, error)] = failed.events
+            assert what == "failed" and isinstance(error, SpawnFailed)
+        assert spawner.broken
+        with pytest.raises(SpawnFailed):
+            self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"])
+        assert (tmp_path / "log").read_text() == f"start {handler.pid}\n"
 
-    def test_stale_fifo_dirs_removed(self, tmp_path: Any, monkeypatch: Any) -> None:
+    @pytest_twisted.ensureDeferred
+    async def test_stale_fifo_dirs_removed(self, tmp_path: Any, monkeypatch: Any) -> None:
         """
         The FIFO directories of dead processes are removed when a spawner
         makes its own; those of live processes stay.
         """
         if not DirectSpawner.available():
             pytest.skip("no direct spawner on this system")
-        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        monkeypatch.setattr(spawn_module, "_SHM", str(tmp_path))
         dead = os.fork()
         if dead == 0:
             os._exit(0)
@@ -1243,8 +1319,8 @@ class TestDirectSpawner:
         (tmp_path / "rq-spawn-junk").mkdir()
         spawner = DirectSpawner()
         try:
-            pid, _ = self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"])
-            assert os.waitpid(pid, 0)[1] == 0
+            handler = await self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"]).done
+            assert await _reaped(handler.pid) == 0
             names = sorted(n for n in os.listdir(tmp_path) if n.startswith("rq-spawn-"))
             assert f"rq-spawn-{dead}-abc" not in names
             assert f"rq-spawn-{os.getpid()}-abc" in names and "rq-spawn-junk" in names
@@ -1252,22 +1328,104 @@ class TestDirectSpawner:
         finally:
             spawner.close()
 
-    def test_exec_failure_reported(self, tmp_path: Any) -> None:
+    @pytest_twisted.ensureDeferred
+    async def test_exec_failure_reported(self, spawner: DirectSpawner, tmp_path: Any) -> None:
         """
-        An exec that fails after the gate is reported to C{failed}, with the
-        pid, from the spawn thread.
+        An exec that fails after the gate is reported to the handler, with
+        the pid, after the start.
         """
-        if not DirectSpawner.available():
-            pytest.skip("no direct spawner on this system")
-        spawner = DirectSpawner()
+        handler = self.spawn(spawner, tmp_path, str(tmp_path), [str(tmp_path / "nothing-here")])
+        await handler.done
+        pid, code = await handler.exec_failed.addTimeout(TIMEOUT, reactor)
+        assert handler.events == [("started", pid), ("exec failed", pid, errno.ENOENT)]
+        assert code == errno.ENOENT
+
+    async def idle(self, spawner: DirectSpawner) -> None:
+        """
+        Wait until the spawn threads are done (and the gates given back).
+        """
+        for _ in range(1000):
+            if spawner._idle_count == len(spawner._threads):
+                return
+            await deferLater(reactor, 0.005, lambda: None)
+        raise AssertionError("the spawn threads stay busy")
+
+    @pytest_twisted.ensureDeferred
+    async def test_stale_copies_of_the_fifos(self, spawner: DirectSpawner, tmp_path: Any) -> None:
+        """
+        Copies of our ends of a gate's FIFOs left open (as a child holds
+        ours until it closes its inherited fds) do not let the next child
+        through the gate unchecked: C{out} is new by then.
+        """
+        handler = await self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"]).done
+        assert await _reaped(handler.pid) == 0
+        await self.idle(spawner)
+        [gate] = spawner._gates
+        # Readers of the FIFOs as they are now, as a stale copy would be.
+        stale = [os.open(path, os.O_RDONLY | os.O_NONBLOCK) for path in (gate.fifo_in, gate.fifo_out)]
+        real_find = spawner._find_child
+        execd: list[bool] = []
+
+        def find(request: Any) -> Any:
+            pid = real_find(request)
+            # Held at the gate, the child has not exec'd even a while later.
+            threading.Event().wait(0.05)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                execd.append(f.read().startswith(b"/bin/sleep"))
+            return pid
+
+        spawner._find_child = find  # type: ignore[method-assign]
         try:
-            pid, failures = self.spawn(spawner, tmp_path, str(tmp_path), [str(tmp_path / "nothing-here")])
-            for thread in spawner._threads:
-                thread.submit(None)
-                thread.join()
-            assert failures == [(pid, errno.ENOENT)]
+            for _ in range(3):
+                handler = await self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/sleep", "0.2"]).done
+                assert await _reaped(handler.pid) == 0
+                await self.idle(spawner)
         finally:
-            spawner.close()
+            spawner._find_child = real_find  # type: ignore[method-assign]
+            for fd in stale:
+                os.close(fd)
+        # The first child went through the FIFOs the copies are of.
+        assert execd[1:] == [False] * 2
+
+    @pytest_twisted.ensureDeferred
+    async def test_child_gone_at_the_gate(self, spawner: DirectSpawner, tmp_path: Any) -> None:
+        """
+        A child that is not the newest child of its spawn thread any more
+        when the gate opens (it died there) is not taken for another one:
+        the spawn fails, and the earlier child keeps its pid.
+        """
+        first = await self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/sh", "-c", "sleep 30"]).done
+        # The second child's gate is seen as if the child were gone: the
+        # newest child listed is still the first one.
+        real_find = spawner._find_child
+        calls = []
+
+        def find_with_first_newest(request: Any) -> Any:
+            calls.append(request)
+            thread = request.thread
+            thread.given.add(first.pid)
+            fd, path = tempfile.mkstemp(dir=str(tmp_path))
+            os.write(fd, b"%d" % first.pid)
+            os.close(fd)
+            saved = thread.children
+            thread.children = path
+            try:
+                return real_find(request)
+            finally:
+                thread.children = saved
+
+        spawner._find_child = find_with_first_newest  # type: ignore[method-assign]
+        try:
+            second = await self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"]).done
+        finally:
+            spawner._find_child = real_find  # type: ignore[method-assign]
+            os.kill(first.pid, signal.SIGKILL)
+            await _reaped(first.pid)
+        assert len(calls) == 1
+        [(what, error)] = second.events
+        assert what == "failed" and isinstance(error, SpawnFailed)
+        # The abandoned child was killed and reaped by the spawn thread.
+        assert (tmp_path / "log").read_text() == f"start {first.pid}\n"
 
 
 # -- the watchdog
@@ -1488,3 +1646,22 @@ async def test_watchdog_daemon_death(tmp_path: Any, how: str) -> None:
         worker.signal(signal.SIGKILL)
         if process.pid is not None:
             os.kill(process.pid, signal.SIGKILL)
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_fallback_after_gate_failure(tmp_path: Any, monkeypatch: Any) -> None:
+    """
+    A direct spawn that fails at its gate (after spawn_worker returned)
+    falls back to the launcher: the worker runs once, its pid is given
+    before its reports, its exit is reported.
+    """
+    spawner = direct_only()
+    monkeypatch.setattr(spawner, "_find_child", lambda request: None)
+    events = Recorder()
+    worker, script, job = real_spawn(tmp_path, "echo 'done fine' >&3\n", events)
+    assert worker.pid is None
+    await events.wait_exit()
+    assert events.events == [("report", Report("done", "fine")), ("exit", 0, None)]
+    assert events.pids == [worker.pid]
+    with open(os.path.join(job, "stdio.log")) as f:
+        assert f.read().count("RQ START") == 1

@@ -1,0 +1,601 @@
+"""
+Tests for L{rqtwisted.admin.AdminProtocol} on a L{StringTransport}: its own
+parsing and answering of command boxes must put on the wire exactly what
+Twisted's plain L{amp.AMP} puts there for the same bytes, however they are
+chunked, and hand everything unusual over to Twisted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from rqtwisted.admin import MAX_INLINE, AdminFactory, AdminProtocol, commands, snake
+from rqtwisted.ampclient import BoxDecoder
+from rqtwisted.message import MessageError
+
+
+class Reference(amp.AMP):
+    """
+    The admin protocol on Twisted's own AMP code paths only: what the wire
+    must look like.
+    """
+
+    def __init__(self, api: Any, spillDir: str) -> None:
+        super().__init__()
+        self._api = api
+        self._spillDir = spillDir
+
+    def makeConnection(self, transport: Any) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+    def locateResponder(self, name: bytes) -> Callable[[amp.AmpBox], Any] | None:
+        command = commands.get(name.decode("ascii", "replace"))
+        if command is None:
+            return None
+        method = getattr(self._api, snake(command.__name__))
+
+        def call(**kwargs: str) -> Any:
+            args = {k: v for k, v in kwargs.items() if v is not None}
+            d = maybeDeferred(method, **args)
+            d.addCallbacks(self._reply, self._failed)
+            return d
+
+        return self._wrapWithSerialization(call, command)
+
+    _reply = AdminProtocol._reply
+    _failed = AdminProtocol._failed
+
+
+class API:
+    """
+    An admin API recording its calls; C{status} answers later, C{queues}
+    answers C{result}.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, str]]] = []
+        self.later: list[Deferred[Any]] = []
+        self.result: Any = ("ok", "[]")
+
+    def ping(self) -> tuple[str, str]:
+        self.calls.append(("ping", {}))
+        return ("ok", "pong")
+
+    def create_message(self, message: str, method: str, relay_ok: str = "<absent>") -> tuple[str, str]:
+        self.calls.append(("create_message", {"message": message, "method": method, "relay_ok": relay_ok}))
+        return ("ok", f"{message}|{method}|{relay_ok}")
+
+    def queue_admin(self, action: str, name: str) -> tuple[str, str]:
+        self.calls.append(("queue_admin", {"action": action, "name": name}))
+        return ("ok", f"{action} {name}")
+
+    def delete_queue(self, name: str) -> tuple[str, str]:
+        self.calls.append(("delete_queue", {"name": name}))
+        raise MessageError(f"no queue {name}")
+
+    def restart(self) -> tuple[str, str]:
+        self.calls.append(("restart", {}))
+        raise RuntimeError("boom")
+
+    def status(self) -> Deferred[tuple[str, str]]:
+        self.calls.append(("status", {}))
+        d: Deferred[tuple[str, str]] = Deferred()
+        self.later.append(d)
+        return d
+
+    def queues(self) -> Any:
+        self.calls.append(("queues", {}))
+        return self.result
+
+
+@dataclass
+class Outcome:
+    """
+    What one connection did: bytes written, whether it hung up, the
+    exception its C{dataReceived} raised, the API calls and the types of the
+    failures logged.
+    """
+
+    written: bytes
+    disconnecting: bool
+    raised: str | None
+    calls: list[tuple[str, dict[str, str]]]
+    logged: list[str] = field(default_factory=list)
+
+
+class Connection:
+    """
+    One protocol on a L{StringTransport}, fed like a reactor would: a
+    connection that hung up or raised gets no more bytes.
+    """
+
+    def __init__(self, protocol: type[amp.AMP], api: API | None = None, spillDir: str = "") -> None:
+        self.api = api or API()
+        self.transport = StringTransport()
+        self.protocol = protocol(self.api, spillDir or tempfile.gettempdir())  # type: ignore[call-arg]
+        self.protocol.makeConnection(self.transport)
+        self.raised: str | None = None
+        self.logged: list[str] = []
+
+    def _observe(self, event: dict[str, Any]) -> None:
+        if "log_failure" in event:
+            self.logged.append(type(event["log_failure"].value).__name__)
+
+    def feed(self, *chunks: bytes) -> Connection:
+        """
+        Deliver chunks, one read each, noting what is raised and logged.
+        """
+        globalLogPublisher.addObserver(self._observe)
+        try:
+            for chunk in chunks:
+                if self.transport.disconnecting or self.raised:
+                    break
+                try:
+                    self.protocol.dataReceived(chunk)
+                except Exception as e:
+                    self.raised = type(e).__name__
+        finally:
+            globalLogPublisher.removeObserver(self._observe)
+        return self
+
+    def fire(self, result: Any) -> Connection:
+        """
+        Fire the oldest pending C{status} call.
+        """
+        globalLogPublisher.addObserver(self._observe)
+        try:
+            d = self.api.later.pop(0)
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+        finally:
+            globalLogPublisher.removeObserver(self._observe)
+        return self
+
+    def outcome(self) -> Outcome:
+        """
+        What the connection did so far.
+        """
+        return Outcome(
+            self.transport.value(), bool(self.transport.disconnecting), self.raised, self.api.calls, self.logged
+        )
+
+
+def both(*chunks: bytes) -> tuple[Connection, Connection]:
+    """
+    Feed the same chunks to an L{AdminProtocol} and a L{Reference}; assert
+    they did the same and return both.
+    """
+    fast = Connection(AdminProtocol).feed(*chunks)
+    reference = Connection(Reference).feed(*chunks)
+    assert fast.outcome() == reference.outcome()
+    return fast, reference
+
+
+def box(**items: bytes | str) -> bytes:
+    """
+    The wire bytes of a box, as Twisted serializes it (text is UTF-8).
+    """
+    return amp.AmpBox({k.encode(): v.encode() if isinstance(v, str) else v for k, v in items.items()}).serialize()
+
+
+def answer(ask: str, status: str, detail: str) -> bytes:
+    """
+    The wire bytes of an answer.
+    """
+    return box(_answer=ask, status=status, detail=detail)
+
+
+def error(ask: str, code: str, description: str) -> bytes:
+    """
+    The wire bytes of an AMP error box.
+    """
+    return box(_error=ask, _error_code=code, _error_description=description)
+
+
+PING = box(_command="Ping", _ask="1")
+MESSAGE = box(_command="CreateMessage", _ask="2", message='{"dest": "caf\u00e9"}', method="commit")
+UNKNOWN_ERROR = "Unknown Error"
+
+#: Boxes of every kind, for streams of boxes.
+SAMPLES = [
+    PING,
+    MESSAGE,
+    box(_command="CreateMessage", _ask="3", message="{}", method="prep", relay_ok=""),
+    box(_command="CreateMessage", _ask="4", message="\u2603", method="x", relay_ok="1", extra="ignored"),
+    box(_command="CreateMessage", message="no ask", method="commit"),
+    box(_command="QueueAdmin", _ask="5", action="up", name="\U0001d11e"),
+    box(_command="QueueAdmin", _ask="6", action="up"),
+    box(_command="QueueAdmin", _ask="7", action="up", name=b"\xff"),
+    box(_command="Bogus", _ask="8"),
+    box(_command="DeleteQueue", _ask="9", name="nope"),
+    box(_command="Restart", _ask="a"),
+    box(_command="Ping", _ask="b", _answer="b"),
+    box(_answer="c", status="ok", detail=""),
+    b"\x00\x08_command\x00\x04Ping\x00\x04_ask\x00\x01d\x00\x04_ask\x00\x01e\x00\x00",
+]
+
+
+# -- the common case --------------------------------------------------------
+
+
+def test_commandInOneRead() -> None:
+    """
+    A command in one read is answered at once, in one write, with the API's
+    status and detail.
+    """
+    fast, _ = both(PING)
+    assert fast.transport.value() == answer("1", "ok", "pong")
+    assert fast.transport.io.getvalue().count(b"_answer") == 1
+    assert fast.api.calls == [("ping", {})]
+    assert not fast.transport.disconnecting
+
+
+def test_byteByByte() -> None:
+    """
+    A command arriving one byte at a time is answered once its last byte
+    arrives.
+    """
+    fast = Connection(AdminProtocol).feed(*[MESSAGE[i : i + 1] for i in range(len(MESSAGE) - 1)])
+    assert fast.transport.value() == b""
+    fast.feed(MESSAGE[-1:])
+    assert fast.transport.value() == answer("2", "ok", '{"dest": "caf\u00e9"}|commit|<absent>')
+    both(*[MESSAGE[i : i + 1] for i in range(len(MESSAGE))])
+
+
+def test_twoBoxesInOneRead() -> None:
+    """
+    Two commands in one read are both answered, in order.
+    """
+    fast, _ = both(PING + MESSAGE)
+    assert fast.transport.value() == answer("1", "ok", "pong") + answer(
+        "2", "ok", '{"dest": "caf\u00e9"}|commit|<absent>'
+    )
+
+
+def test_optionalArguments() -> None:
+    """
+    An optional argument reaches the API when given, even empty; extra keys
+    are ignored.
+    """
+    fast, _ = both(SAMPLES[2] + SAMPLES[3])
+    assert [c[1]["relay_ok"] for c in fast.api.calls] == ["", "1"]
+
+
+def test_noAsk() -> None:
+    """
+    A command without C{_ask} is run and gets no answer.
+    """
+    fast, _ = both(SAMPLES[4] + PING)
+    assert fast.transport.value() == answer("1", "ok", "pong")
+    called = {"message": "no ask", "method": "commit", "relay_ok": "<absent>"}
+    assert fast.api.calls == [("create_message", called), ("ping", {})]
+
+
+@settings(max_examples=150)
+@given(st.lists(st.sampled_from(SAMPLES), min_size=1, max_size=5), st.data())
+def test_anyChunking(boxes: list[bytes], data: st.DataObject) -> None:
+    """
+    Whatever the boxes and however their bytes are split into reads, the
+    protocol does what Twisted's own AMP does.
+    """
+    stream = b"".join(boxes)
+    cuts = sorted(set(data.draw(st.lists(st.integers(min_value=1, max_value=len(stream) - 1), max_size=12))))
+    edges = [0, *cuts, len(stream)]
+    both(*[stream[a:b] for a, b in zip(edges, edges[1:])])
+
+
+# -- failures ---------------------------------------------------------------
+
+
+def test_messageError() -> None:
+    """
+    A L{MessageError} of the API is a C{fail <reason>} answer; nothing is
+    logged.
+    """
+    fast, _ = both(SAMPLES[9])
+    assert fast.transport.value() == answer("9", "fail", "no queue nope")
+    assert fast.logged == []
+
+
+def test_unexpectedException() -> None:
+    """
+    Any other exception is a C{fail internal error: ...} answer and is
+    logged.
+    """
+    fast, _ = both(SAMPLES[10])
+    assert fast.transport.value() == answer("a", "fail", "internal error: boom")
+    assert fast.logged == ["RuntimeError"]
+    assert not fast.transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "result, logged",
+    [
+        (None, "TypeError"),
+        (("ok",), "ValueError"),
+        (("ok", 7), "AttributeError"),
+        (("\udcff", "x"), "BadLocalReturn"),
+    ],
+)
+def test_resultNotAnAnswer(result: Any, logged: str) -> None:
+    """
+    A result that cannot become an answer is Twisted's C{UNKNOWN} error box,
+    logged, and the connection is dropped.
+    """
+    outcomes = []
+    for protocol in (AdminProtocol, Reference):
+        api = API()
+        api.result = result
+        outcomes.append(Connection(protocol, api).feed(box(_command="Queues", _ask="q")).outcome())
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0].written == error("q", "UNKNOWN", UNKNOWN_ERROR)
+    assert outcomes[0].disconnecting
+    assert outcomes[0].logged[-1] == logged
+
+
+def test_resultNotAnAnswerNoAsk() -> None:
+    """
+    Without C{_ask}, a result that cannot become an answer is logged and the
+    connection dropped, as by Twisted.
+    """
+    outcomes = []
+    for protocol in (AdminProtocol, Reference):
+        api = API()
+        api.result = None
+        outcomes.append(Connection(protocol, api).feed(box(_command="Queues")).outcome())
+    assert outcomes[0] == outcomes[1]
+    assert (outcomes[0].written, outcomes[0].disconnecting, outcomes[0].logged) == (b"", True, ["TypeError"])
+
+
+def test_detailTooLongToSend() -> None:
+    """
+    A C{fail} reason too long for AMP (it is not spilled) drops the
+    connection without an answer, as Twisted does.
+    """
+    outcomes = []
+    for protocol in (AdminProtocol, Reference):
+        api = API()
+        api.result = Failure(MessageError("x" * 70000))
+        outcomes.append(Connection(protocol, api).feed(box(_command="Queues", _ask="q") + PING).outcome())
+    assert outcomes[0] == outcomes[1]
+    assert (outcomes[0].disconnecting, outcomes[0].logged) == (True, ["TooLong"])
+    assert outcomes[0].written == answer("1", "ok", "pong")
+
+
+# -- answers later ------------------------------------------------------------
+
+
+def test_deferredFiresLater() -> None:
+    """
+    A Deferred result is answered when it fires; commands after it are
+    answered meanwhile.
+    """
+    conns = [Connection(p).feed(box(_command="Status", _ask="s") + PING) for p in (AdminProtocol, Reference)]
+    assert [c.transport.value() for c in conns] == [answer("1", "ok", "pong")] * 2
+    for c in conns:
+        c.fire(("ok", '{"queues": 0}'))
+    assert conns[0].outcome() == conns[1].outcome()
+    assert conns[0].transport.value() == answer("1", "ok", "pong") + answer("s", "ok", '{"queues": 0}')
+
+
+def test_deferredFails() -> None:
+    """
+    A Deferred failing with a L{MessageError} answers C{fail <reason>}.
+    """
+    conns = [Connection(p).feed(box(_command="Status", _ask="s")) for p in (AdminProtocol, Reference)]
+    for c in conns:
+        c.fire(Failure(MessageError("later")))
+    assert conns[0].outcome() == conns[1].outcome()
+    assert conns[0].transport.value() == answer("s", "fail", "later")
+
+
+def test_deferredAfterConnectionLost() -> None:
+    """
+    A result ready after the connection is gone is dropped quietly.
+    """
+    conns = [Connection(p).feed(box(_command="Status", _ask="s")) for p in (AdminProtocol, Reference)]
+    for c in conns:
+        c.protocol.connectionLost(Failure(ConnectionDone()))
+        c.fire(("ok", "late"))
+        assert c.protocol.transport is None
+    assert conns[0].outcome() == conns[1].outcome()
+    assert conns[0].outcome().written == b""
+    assert conns[0].logged == []
+
+
+# -- spill --------------------------------------------------------------------
+
+
+@pytest.fixture
+def spillDir() -> Iterator[str]:
+    """
+    An empty spill directory, removed after the test.
+    """
+    path = tempfile.mkdtemp(prefix="rqspill")
+    yield path
+    for name in os.listdir(path):
+        os.unlink(os.path.join(path, name))
+    os.rmdir(path)
+
+
+def test_spill(spillDir: str) -> None:
+    """
+    A detail too large for AMP is written to a file of the spill directory
+    and its path sent instead, in the box Twisted would send.
+    """
+    big = json.dumps([f"queue-\u00e9-{i}" for i in range(10000)])
+    assert len(big.encode("utf-8")) > MAX_INLINE
+    answers = []
+    for protocol in (AdminProtocol, Reference):
+        api = API()
+        api.result = ("ok", big)
+        conn = Connection(protocol, api, spillDir).feed(box(_command="Queues", _ask="q"))
+        (sent,) = BoxDecoder().feed(conn.transport.value())
+        assert sorted(sent) == [b"_answer", b"detail", b"spill", b"status"]
+        path = sent[b"spill"].decode("utf-8")
+        assert os.path.dirname(path) == spillDir
+        with open(path, encoding="utf-8") as f:
+            assert f.read() == big
+        assert conn.transport.value() == box(_answer="q", status="ok", detail="", spill=path)
+        answers.append({**sent, b"spill": b""})
+    assert answers[0] == answers[1]
+
+
+def test_detailAtLimit() -> None:
+    """
+    A detail of exactly L{MAX_INLINE} bytes is sent inline.
+    """
+    for protocol in (AdminProtocol, Reference):
+        api = API()
+        api.result = ("ok", "d" * MAX_INLINE)
+        conn = Connection(protocol, api).feed(box(_command="Queues", _ask="q"))
+        assert conn.transport.value() == answer("q", "ok", "d" * MAX_INLINE)
+
+
+# -- handed over to Twisted -----------------------------------------------------
+
+
+def test_unknownCommand() -> None:
+    """
+    An unknown command gets Twisted's C{UNHANDLED} error box; the commands
+    after it are still answered.
+    """
+    fast, _ = both(PING + SAMPLES[8] + MESSAGE)
+    unhandled = error("8", "UNHANDLED", "Unhandled Command: b'Bogus'")
+    assert fast.transport.value().startswith(answer("1", "ok", "pong") + unhandled)
+    assert fast.transport.value().endswith(answer("2", "ok", '{"dest": "caf\u00e9"}|commit|<absent>'))
+    assert fast.protocol._twisted
+
+
+def test_missingArgument() -> None:
+    """
+    A command missing a required argument gets Twisted's answer: an
+    C{UNKNOWN} error box, and the connection is dropped.
+    """
+    fast, _ = both(SAMPLES[6] + PING)
+    assert fast.transport.value().startswith(error("6", "UNKNOWN", UNKNOWN_ERROR))
+    assert fast.transport.disconnecting
+    assert fast.logged == ["KeyError"]
+    assert fast.api.calls == [("ping", {})]
+
+
+def test_argumentNotUTF8() -> None:
+    """
+    An argument that is not UTF-8 is refused as Twisted refuses it.
+    """
+    fast, _ = both(SAMPLES[7])
+    assert fast.transport.value() == error("7", "UNKNOWN", UNKNOWN_ERROR)
+    assert fast.api.calls == []
+
+
+@pytest.mark.parametrize(
+    "data, raised",
+    [(box(_answer="c", status="ok", detail=""), "KeyError"), (b"\x00\x00", "NoEmptyBoxes")],
+)
+def test_notACommand(data: bytes, raised: str) -> None:
+    """
+    Boxes that are not commands go to Twisted, which raises as it does.
+    """
+    fast, _ = both(PING + data)
+    assert fast.raised == raised
+    assert fast.transport.value() == answer("1", "ok", "pong")
+
+
+def test_keyTooLong() -> None:
+    """
+    A key length over 255 drops the connection as soon as it is read, even
+    before the key arrives.
+    """
+    fast, _ = both(PING + b"\x01\x00abc")
+    assert fast.transport.disconnecting
+    assert fast.transport.value() == answer("1", "ok", "pong")
+
+
+def test_paused() -> None:
+    """
+    A paused connection answers nothing until resumed, as Twisted's does.
+    """
+    conns = [Connection(p) for p in (AdminProtocol, Reference)]
+    for c in conns:
+        c.protocol.pauseProducing()
+        c.feed(PING)
+        assert c.transport.value() == b""
+        c.protocol.resumeProducing()
+        assert c.transport.value() == answer("1", "ok", "pong")
+
+
+def test_commandTableReplaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A command removed from L{commands} is unknown, as to Twisted.
+    """
+    monkeypatch.delitem(commands, "Ping")
+    fast, _ = both(PING)
+    assert fast.transport.value() == error("1", "UNHANDLED", "Unhandled Command: b'Ping'")
+
+
+# -- per-connection state --------------------------------------------------------
+
+
+def test_ampStateOnlyWhenNeeded() -> None:
+    """
+    A connection answered on the fast path never builds AMP's state and
+    ends quietly; one handed over to Twisted builds it and ends as AMP does.
+    """
+    fast = Connection(AdminProtocol).feed(PING)
+    assert not fast.protocol._ampInitialized
+    fast.protocol.connectionLost(Failure(ConnectionDone()))
+    assert fast.protocol.transport is None
+
+    slow = Connection(AdminProtocol).feed(SAMPLES[8])
+    assert slow.protocol._ampInitialized
+    assert slow.protocol.boxSender is slow.protocol
+    slow.protocol.connectionLost(Failure(ConnectionDone()))
+    assert slow.protocol._failAllReason is not None
+    assert slow.protocol.transport is None
+
+
+def test_fileDescriptorReceived() -> None:
+    """
+    A file descriptor sent by the peer is kept as AMP keeps it.
+    """
+    conn = Connection(AdminProtocol)
+    conn.protocol.fileDescriptorReceived(7)
+    assert conn.protocol._descriptors == {0: 7}
+    conn.feed(PING)
+    assert conn.transport.value() == answer("1", "ok", "pong")
+
+
+def test_factorySharesMethods() -> None:
+    """
+    The connections of one L{AdminFactory} look the API's methods up once.
+    """
+    api = API()
+    factory = AdminFactory(api, tempfile.gettempdir())
+    for _ in range(2):
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(PING)
+        assert transport.value() == answer("1", "ok", "pong")
+    assert factory._methods == {b"Ping": api.ping}
+    assert api.calls == [("ping", {})] * 2
