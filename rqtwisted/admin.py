@@ -332,19 +332,21 @@ class AdminProtocol(amp.AMP):
         """
         Answer with the API's C{(status, detail)}.
         """
-        try:
-            response = self._reply(result)
-        except BaseException:
-            self._cannotAnswer(Failure(), ask)
-        else:
-            self._send(response, ask)
+        self._respond(self._reply, result, ask)
 
     def _answerFailure(self, failure: Failure, ask: bytes | None) -> None:
         """
         Answer with the API's failure.
         """
+        self._respond(self._failed, failure, ask)
+
+    def _respond(self, make: Callable[[Any], dict[str, str]], outcome: Any, ask: bytes | None) -> None:
+        """
+        Send the answer C{make} builds from C{outcome} (or Twisted's error
+        answer if it cannot).
+        """
         try:
-            response = self._failed(failure)
+            response = make(outcome)
         except BaseException:
             self._cannotAnswer(Failure(), ask)
         else:

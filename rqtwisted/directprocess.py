@@ -105,19 +105,14 @@ def _nonblocking(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, os.O_NONBLOCK)
 
 
-class _StatusPipe:
+class _Pipe:
     """
-    Our end of the status pipe, read by the reactor.
+    Our end of one of a worker's pipes, as the reactor sees it.
     """
-
-    #: The fd is non-blocking already.
-    nonblocking = True
 
     def __init__(self, process: "DirectProcess", fd: int) -> None:
         self._process = process
         self.fd = fd
-        #: Whether the reactor reads it (from the worker's start).
-        self.registered = False
 
     def fileno(self) -> int:
         """
@@ -130,6 +125,20 @@ class _StatusPipe:
         The log prefix the reactor uses for this pipe.
         """
         return "rq-worker"
+
+
+class _StatusPipe(_Pipe):
+    """
+    Our end of the status pipe, read by the reactor.
+    """
+
+    #: The fd is non-blocking already.
+    nonblocking = True
+
+    def __init__(self, process: "DirectProcess", fd: int) -> None:
+        super().__init__(process, fd)
+        #: Whether the reactor reads it (from the worker's start).
+        self.registered = False
 
     def doRead(self) -> Exception | None:
         """
@@ -170,28 +179,15 @@ class _StatusPipe:
             os.close(fd)
 
 
-class _ReplyPipe:
+class _ReplyPipe(_Pipe):
     """
     Our end of the reply pipe: written at once, through the reactor only
     when the pipe is full.
     """
 
     def __init__(self, process: "DirectProcess", fd: int) -> None:
-        self._process = process
-        self.fd = fd
+        super().__init__(process, fd)
         self._buffer = b""
-
-    def fileno(self) -> int:
-        """
-        The pipe's fd (-1 once closed).
-        """
-        return self.fd
-
-    def logPrefix(self) -> str:
-        """
-        The log prefix the reactor uses for this pipe.
-        """
-        return "rq-worker"
 
     def write(self, data: bytes) -> None:
         """

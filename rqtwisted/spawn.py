@@ -162,19 +162,40 @@ _encoded: dict[tuple[str, str], bytes] = {}
 _ENCODED_MAX = 4096
 
 
+#: (id(base), overrides) -> (base, its C{envp} strings but the overridden).
+_bases: dict[tuple[int, tuple[str, ...]], tuple[Any, list[bytes]]] = {}
+
+
 def _environ(env: dict[str, str]) -> list[bytes]:
     """
-    C{env} as C{envp} strings.
+    C{env} as C{envp} strings. For a
+    L{WorkerEnvironment<rqtwisted.worker.WorkerEnvironment>}, the daemon's
+    part is encoded once.
     """
+    base = getattr(env, "base", None)
+    if base is not None:
+        overrides: tuple[str, ...] = env.overrides  # type: ignore[attr-defined]
+        key = (id(base), overrides)
+        cached = _bases.get(key)
+        if cached is None or cached[0] is not base:
+            if len(_bases) > 64:
+                _bases.clear()
+            skip = set(overrides)
+            cached = _bases[key] = (base, [_encode(k, v) for k, v in base.items() if k not in skip])
+        return cached[1] + [_encode(k, env[k]) for k in overrides if k in env]
     if len(_encoded) > _ENCODED_MAX:
         _encoded.clear()
     out = []
     for item in env.items():
         encoded = _encoded.get(item)
         if encoded is None:
-            encoded = _encoded[item] = f"{item[0]}={item[1]}".encode(_ENCODING, _ERRORS)
+            encoded = _encoded[item] = _encode(*item)
         out.append(encoded)
     return out
+
+
+def _encode(name: str, value: str) -> bytes:
+    return f"{name}={value}".encode(_ENCODING, _ERRORS)
 
 
 #: The FIFOs' directory: C{<dir>/rq-spawn-<pid>-<random>} (see L{_fifo_parent}).

@@ -227,7 +227,7 @@ def worker_environment(
     full_msg_id: str,
     job_dir: str,
     env_vars: Any,
-) -> dict[str, str]:
+) -> "WorkerEnvironment":
     """
     The environment of a worker (script-api.md, "Environment"): C{base_env}
     minus C{RUBYOPT}, the C{RQ_*} table, then the queue's C{env_vars}
@@ -239,7 +239,9 @@ def worker_environment(
         C{orig_msg_id}, C{force_remote}).
     @param job_dir: the absolute C{job/} path.
     """
-    env = {k: v for k, v in base_env.items() if k not in _DROPPED_ENV}
+    base = _filtered_base(base_env)
+    env = WorkerEnvironment(base)
+    env.base = base
     root = relative_root if relative_root.endswith("/") else relative_root + "/"
     dest = _env_value(msg.get("dest"))
     env.update(
@@ -270,6 +272,7 @@ def worker_environment(
         env["RQ_FORCE_REMOTE"] = "1"
     else:
         env.pop("RQ_FORCE_REMOTE", None)
+    overrides = [*_RQ_NAMES]
     if isinstance(env_vars, dict):
         for name, value in env_vars.items():
             if not _valid_env_name(name) or name.startswith("RQ_"):
@@ -277,7 +280,47 @@ def worker_environment(
             text = _env_value(value)
             if "\0" not in text:
                 env[name] = text
+                overrides.append(name)
+    env.overrides = tuple(overrides)
     return env
+
+
+#: The C{RQ_*} names L{worker_environment} sets or removes.
+_RQ_NAMES = (
+    "RQ_VER", "RQ_SCRIPT", "RQ_REALSCRIPT", "RQ_HOST", "RQ_DEST", "RQ_DEST_QUEUE", "RQ_MSG_ID",
+    "RQ_FULL_MSG_ID", "RQ_MSG_DIR", "RQ_WRITE", "RQ_READ", "RQ_PIPE", "RQ_COUNT", "RQ_PARAM1",
+    "RQ_PARAM2", "RQ_PARAM3", "RQ_PARAM4", "RQ_ORIG_MSG_ID", "RQ_ENV", "RQ_PORT", "RQ_FORCE_REMOTE",
+)
+
+
+class WorkerEnvironment(dict):  # type: ignore[type-arg]
+    """
+    A worker's environment, as L{worker_environment} makes it: a plain
+    C{dict}, which also says which part of it is the daemon's own
+    environment (C{base}, the same object for every worker) and which names
+    it set on top (C{overrides}), so that the spawner can encode the
+    daemon's part once (L{rqtwisted.spawn}).
+    """
+
+    base: Mapping[str, str] | None = None
+    overrides: tuple[str, ...] = ()
+
+
+#: id(base environment) -> (that environment, it without L{_DROPPED_ENV}).
+_bases: dict[int, tuple[Mapping[str, str], dict[str, str]]] = {}
+
+
+def _filtered_base(base_env: Mapping[str, str]) -> dict[str, str]:
+    """
+    C{base_env} without L{_DROPPED_ENV}, made once per environment object
+    (the daemon's is made once and never changed).
+    """
+    cached = _bases.get(id(base_env))
+    if cached is None or cached[0] is not base_env or len(cached[0]) != len(base_env):
+        if len(_bases) > 16:
+            _bases.clear()
+        cached = _bases[id(base_env)] = (base_env, {k: v for k, v in base_env.items() if k not in _DROPPED_ENV})
+    return cached[1]
 
 
 class WorkerEvents(Protocol):

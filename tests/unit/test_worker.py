@@ -1665,3 +1665,36 @@ async def test_real_fallback_after_gate_failure(tmp_path: Any, monkeypatch: Any)
     assert events.pids == [worker.pid]
     with open(os.path.join(job, "stdio.log")) as f:
         assert f.read().count("RQ START") == 1
+
+
+def test_environment_encoded_once() -> None:
+    """
+    The spawner's C{envp} of a worker environment holds the same strings as
+    the environment itself (the daemon's part encoded once and reused, the
+    names set on top of it, RQ_* and env_vars, taken from the worker's).
+    """
+    base = {"PATH": "/bin", "RQ_ENV": "stale", "HOME": "/root", "RUBYOPT": "-w", "KEEP": "é"}
+
+    def env_for(msg_id: str, env_vars: Any) -> Any:
+        return worker_environment(
+            base,
+            host="h",
+            port=3333,
+            relative_root="/",
+            rq_env="prod",
+            script="s",
+            real_script="/s",
+            msg={"msg_id": msg_id, "dest": "q"},
+            full_msg_id=f"http://h:3333/q/q/{msg_id}",
+            job_dir="/j",
+            env_vars=env_vars,
+        )
+
+    for msg_id, env_vars in (("a", {"HOME": "/home/x"}), ("b", {"HOME": "/home/x"}), ("c", None)):
+        env = env_for(msg_id, env_vars)
+        envp = spawn_module._environ(env)
+        assert sorted(envp) == sorted(f"{k}={v}".encode() for k, v in env.items())
+        assert len(envp) == len(env)
+        assert b"RQ_ENV=prod" in envp and b"RQ_ENV=stale" not in envp and b"RUBYOPT=-w" not in envp
+        assert (b"HOME=/home/x" in envp) == (env_vars is not None)
+        assert f"RQ_MSG_ID={msg_id}".encode() in envp
