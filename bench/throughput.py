@@ -140,7 +140,7 @@ def _stat_fields(path: str) -> list[str] | None:
 class Cpu:
     """
     CPU seconds of the daemon: its reactor (main) thread, the whole process
-    (the fsync thread pool included), and its reaped children (the workers).
+    (the fsync and spawn threads included), and its reaped children (the workers).
     """
 
     main: float = 0.0

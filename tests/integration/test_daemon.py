@@ -6,7 +6,6 @@ recovery, and queue administration through C{rq}.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 

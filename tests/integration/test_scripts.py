@@ -497,3 +497,49 @@ def test_dup_copies_attachments(daemon: Daemon, tmp_path: Path) -> None:
     assert lines[1].split(" ")[:3] == ["note.txt", md5_of(note), str(note.stat().st_size)]
     daemon.wait_state(copy, "done", timeout=5)
     assert daemon.rq("statusmesg", "--msg_id", copy) == (0, ["ok done - attached words"])
+
+
+def test_concurrent_sends_while_workers_run(daemon: Daemon) -> None:
+    """
+    Admin connections opened while workers start and exit all the time are
+    all answered, and every message runs once, to done, with its own start
+    line and pid (connections, status pipes and spawn gates share fd
+    numbers in the daemon).
+    """
+    import json
+    import threading
+
+    from rqtwisted.admincommands import SOCKET
+    from rqtwisted.ampclient import AdminClient
+
+    daemon.queue_with_script("busy", 'echo "done ok" >&3\n', "--num_workers", "4")
+    answers: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def send(count: int) -> None:
+        client = AdminClient(str(daemon.root / SOCKET))
+        for _ in range(count):
+            answer = client.call("CreateMessage", message=json.dumps({"dest": "busy"}), method="commit", relay_ok="")
+            with lock:
+                answers.append(answer)
+
+    threads = [threading.Thread(target=send, args=(100,)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 600
+    assert {status for status, _ in answers} == {"ok"}, [a for a in answers if a[0] != "ok"][:3]
+    run = daemon.root / "queue" / "busy"
+
+    def finished() -> bool:
+        return sum(1 for _ in (run / "done").rglob("msg")) == 600
+
+    wait_for(finished, 60, what="600 messages done")
+    assert not list((run / "err").iterdir())
+    pids = set()
+    for stdio in (run / "done").rglob("stdio.log"):
+        lines = stdio.read_text().splitlines()
+        assert len(lines) == 2 and lines[0] == "" and " - RQ START - " in lines[1], lines
+        pids.add(lines[1].split(" - ", 1)[0])
+    assert len(pids) == 600

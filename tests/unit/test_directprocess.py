@@ -1,0 +1,222 @@
+"""
+Tests for L{rqtwisted.directprocess}: the process transport of directly
+spawned workers, against real pipes and a fake reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+
+from rqtwisted import directprocess
+from rqtwisted.directprocess import REPLY_FD, STATUS_FD, DirectProcess
+
+
+class FakeReactor(Clock):
+    """
+    A clock that records the readers and writers it is asked to watch.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.readers: set[Any] = set()
+        self.writers: set[Any] = set()
+
+    def addReader(self, reader: Any) -> None:
+        self.readers.add(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        self.readers.discard(reader)
+
+    def addWriter(self, writer: Any) -> None:
+        self.writers.add(writer)
+
+    def removeWriter(self, writer: Any) -> None:
+        self.writers.discard(writer)
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        f(*args)
+
+
+class Owner:
+    """
+    A protocol recording what the process tells it.
+    """
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.data: list[bytes] = []
+        self.pids: list[int] = []
+        self.exits: list[tuple[int | None, int | None]] = []
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+
+    def started(self, pid: int) -> None:
+        self.pids.append(pid)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        assert childFD == STATUS_FD
+        self.data.append(data)
+
+    def exitReceived(self, exit_code: int | None, signal: int | None) -> None:
+        self.exits.append((exit_code, signal))
+
+
+class FakeSpawner:
+    """
+    Keeps the child's ends of the pipes, as a child would, and lets the test
+    start the process.
+    """
+
+    def __init__(self) -> None:
+        self.fdmap: dict[int, int] = {}
+        self.handler: Any = None
+
+    def spawn(self, reactor: Any, executable: str, args: Any, env: Any, fdmap: dict[int, int], cwd: str,
+              log_fd: int, line: Any, niceness: int, handler: Any, owned: list[int]) -> None:
+        # The child's copies of its fds; ours are closed as the spawner would.
+        self.fdmap = {child: os.dup(fd) for child, fd in fdmap.items()}
+        for fd in owned:
+            os.close(fd)
+        self.handler = handler
+
+    def forget(self, pid: int) -> None:
+        pass
+
+    def close(self) -> None:
+        for fd in self.fdmap.values():
+            os.close(fd)
+        self.fdmap = {}
+
+
+@pytest.fixture
+def started() -> Any:
+    reactor = FakeReactor()
+    owner = Owner()
+    spawner = FakeSpawner()
+    failures: list[Any] = []
+    process = DirectProcess(reactor, owner, failures.append, lambda p, code: None)
+    log = os.open(os.devnull, os.O_WRONLY)
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    process.start(spawner, "/bin/true", ["/bin/true"], {}, "/", stdin, log, lambda pid: b"", 19)
+    os.close(stdin)
+    # A pid of ours nobody reaps: never registered with the reaper here.
+    process.reapProcess = lambda: None  # type: ignore[method-assign]
+    process.failures = failures  # type: ignore[attr-defined]
+    yield reactor, owner, spawner, process
+    spawner.close()
+
+
+def test_started_reads_status(started: Any, monkeypatch: Any) -> None:
+    """
+    Once started, the status pipe is read through the reactor; what the
+    child writes reaches the protocol.
+    """
+    reactor, owner, spawner, process = started
+    monkeypatch.setattr(directprocess._twprocess, "registerReapProcessHandler", lambda pid, p: None)
+    status = process.pipes[STATUS_FD]
+    assert status not in reactor.readers
+    process.spawnStarted(4242)
+    assert owner.pids == [4242] and process.pid == 4242
+    assert status in reactor.readers
+    os.write(spawner.fdmap[STATUS_FD], b"done ok\n")
+    assert status.doRead() is None
+    assert owner.data == [b"done ok\n"]
+
+
+def test_registered_pipe_closed_at_next_turn(started: Any, monkeypatch: Any) -> None:
+    """
+    Closing the watched status pipe stops watching it at once but closes
+    its fd only at the reactor's next turn, so that its number cannot be
+    given to a new file within the same batch of events.
+    """
+    reactor, owner, spawner, process = started
+    monkeypatch.setattr(directprocess._twprocess, "registerReapProcessHandler", lambda pid, p: None)
+    process.spawnStarted(4242)
+    status = process.pipes[STATUS_FD]
+    fd = status.fileno()
+    process.closeChildFD(STATUS_FD)
+    assert status not in reactor.readers
+    assert STATUS_FD not in process.pipes
+    os.fstat(fd)  # still open
+    reactor.advance(0)
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_reply_buffered_when_full(started: Any) -> None:
+    """
+    A reply that does not fit in the pipe is buffered and written when the
+    reactor says the pipe has room; then the pipe is not watched any more.
+    """
+    reactor, owner, spawner, process = started
+    reply = process.pipes[REPLY_FD]
+    big = b"x" * (1 << 20)
+    process.writeToChild(REPLY_FD, big)
+    assert reply in reactor.writers
+    child = spawner.fdmap[REPLY_FD]
+    got = b""
+    while reply in reactor.writers:
+        got += os.read(child, 1 << 20)
+        assert reply.doWrite() is None
+    os.set_blocking(child, False)
+    try:
+        while True:
+            chunk = os.read(child, 1 << 20)
+            if not chunk:
+                break
+            got += chunk
+    except BlockingIOError:
+        pass
+    assert got == big
+
+
+def test_reply_to_closed_pipe(started: Any) -> None:
+    """
+    A child that closed its end of the reply pipe makes the pipe vanish;
+    later replies raise L{KeyError}, as with Twisted's transports.
+    """
+    reactor, owner, spawner, process = started
+    os.close(spawner.fdmap.pop(REPLY_FD))
+    process.writeToChild(REPLY_FD, b"ok 1\n")
+    assert REPLY_FD not in process.pipes
+    with pytest.raises(KeyError):
+        process.writeToChild(REPLY_FD, b"ok 2\n")
+    with pytest.raises(KeyError):
+        process.writeToChild(STATUS_FD, b"no\n")
+
+
+@pytest.mark.parametrize(
+    "status, expected",
+    [(0, (0, None)), (3 << 8, (3, None)), (signal.SIGTERM, (None, signal.SIGTERM))],
+)
+def test_exit_decoded_once(started: Any, status: int, expected: tuple[int | None, int | None]) -> None:
+    """
+    A wait status becomes an exit code or a signal, reported once.
+    """
+    reactor, owner, spawner, process = started
+    process.pid = 4242
+    process.processEnded(status)
+    process.processEnded(0)
+    assert owner.exits == [expected]
+
+
+def test_spawn_failed_falls_back(started: Any) -> None:
+    """
+    A spawn that failed before anything ran closes our pipe ends and asks
+    for the fallback.
+    """
+    reactor, owner, spawner, process = started
+    fds = [p.fileno() for p in process.pipes.values()]
+    error = directprocess.SpawnFailed(2, "gone")
+    process.spawnFailed(error)
+    assert process.failures == [error]
+    assert process.pipes == {}
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
