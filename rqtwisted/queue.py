@@ -54,6 +54,22 @@ STOP_GRACE = 5.0
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+def _fired_by(d: Deferred[Any]) -> Deferred[None]:
+    """
+    A new Deferred fired (with L{None}) when C{d} fires, unless it was
+    fired before; C{d}'s result is left as it is.
+    """
+    follower: Deferred[None] = Deferred()
+
+    def fire(result: Any) -> Any:
+        if not follower.called:
+            follower.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return follower
+
+
 def guarded(method: _F) -> _F:
     """
     Run an event handler of the queue; an unexpected exception fails the
@@ -186,17 +202,25 @@ class QueueService(Service):
         jobs = [job for job in self.run.values() if job.worker is not None]
         if not jobs:
             return succeed(None)
+        waits: list[Deferred[None]] = []
         for job in jobs:
             assert job.worker is not None
             job.worker.signal(_signal.SIGTERM)
+            waits.append(_fired_by(job.exited))
 
         def kill() -> None:
-            for job in jobs:
+            for job, wait in zip(jobs, waits):
                 if job.worker is not None and not job.worker.exited:
                     job.worker.signal(_signal.SIGKILL)
+                    if job.worker.pid is None and not wait.called:
+                        # Still not past its spawn: it gets the signal if it
+                        # ever starts; nothing to wait for meanwhile.
+                        _log.warn("queue {queue}: the worker of {msg_id} did not start; not waiting for it",
+                                  queue=self.name, msg_id=job.msg_id)
+                        wait.callback(None)
 
         killer = self.clock.callLater(STOP_GRACE, kill)
-        done = DeferredList([job.exited for job in jobs])
+        done = DeferredList(waits)
 
         def finished(result: object) -> None:
             if killer.active():

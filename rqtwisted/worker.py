@@ -81,13 +81,25 @@ _LAUNCHER = (
 
 #: The watchdog: C{sh -c WATCHDOG rq-watchdog <root> <grace seconds>}, its
 #: stdin the read end of a pipe only the daemon writes to. C{stop} means a
-#: clean shutdown; end of file without it means the daemon died.
+#: clean shutdown; end of file without it means the daemon died. Then it
+#: first kills the children the daemon left at a spawn gate (not exec'd
+#: yet, so still with the daemon's command line, already in a job
+#: directory, with no pid file), then every listed worker's group.
 _WATCHDOG = """\
 trap '' HUP INT TERM QUIT PIPE
+dcmd=$(tr '\\0' '\\n' < "/proc/$PPID/cmdline" 2>/dev/null)
 line=
 IFS= read -r line
 [ "$line" = stop ] && exit 0
 cd "$1" || exit 1
+root=$(pwd -P)
+if [ -n "$dcmd" ]; then
+  for c in $(find /proc -mindepth 2 -maxdepth 2 -name cwd -lname "$root/queue*/*/run/*/job" 2>/dev/null); do
+    p=${c#/proc/}
+    p=${p%/cwd}
+    [ "$(tr '\\0' '\\n' < "/proc/$p/cmdline" 2>/dev/null)" = "$dcmd" ] && kill -s KILL -- "$p" 2>/dev/null
+  done
+fi
 pids=
 for f in queue/*/run/*/pid; do
   [ -f "$f" ] || continue

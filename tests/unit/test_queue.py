@@ -312,6 +312,30 @@ def test_stop_terminates_then_kills_and_leaves_message_in_run(started):
     assert q.store.exists("run", msg_id)
 
 
+def test_stop_does_not_wait_for_a_worker_that_never_started(started):
+    """
+    A worker still without a pid when the grace period ends (its spawn
+    never got past the gate) is not waited for: the stop completes, the
+    message stays in run; were it to start later, it gets the signals.
+    """
+    instance, spawner, clock = started
+    msg_id = short(send(instance))
+    q = instance.queue("test")
+    w = spawner.workers[0]
+    w.pid = None
+    d = instance.stopService()
+    fired = []
+    d.addCallback(fired.append)
+    assert w.signals == [signal.SIGTERM]
+    clock.advance(STOP_GRACE)
+    assert w.signals == [signal.SIGTERM, signal.SIGKILL]
+    assert fired
+    assert q.store.exists("run", msg_id)
+    # A late exit is still handled once, quietly.
+    w.exit(None, signal.SIGKILL)
+    assert q.store.exists("run", msg_id)
+
+
 def test_restart_recovers_run_to_que(started):
     instance, spawner, clock = started
     msg_id = short(send(instance))

@@ -1603,15 +1603,41 @@ async def test_session_process_signals(monkeypatch: Any, fork: bool) -> None:
     assert int(fields[3]) == process.spawnedPid
 
 
+def deferToThreadWait(pidfd: int) -> Deferred[bool]:
+    """
+    Whether the process of C{pidfd} ends within L{TIMEOUT} seconds (waited
+    for off the reactor).
+    """
+    from twisted.internet.threads import deferToThread
+
+    def wait() -> bool:
+        try:
+            return bool(select.select([pidfd], [], [], TIMEOUT)[0])
+        finally:
+            os.close(pidfd)
+
+    return deferToThread(wait)
+
+
 DAEMON = """
-import os, sys
+import os, sys, time
 os.setsid()
+# A child left at a spawn gate: not exec'd, in its own session, already in
+# a job directory, no pid file.
+job = os.path.join(sys.argv[1], "queue", "q", "run", "m9", "job")
+os.makedirs(job)
+gated = os.fork()
+if gated == 0:
+    os.setsid()
+    os.chdir(job)
+    time.sleep(60)
+    os._exit(0)
 from twisted.internet import reactor
 from rqtwisted.worker import Watchdog
 watchdog = Watchdog(reactor, sys.argv[1], grace=1)
 def go():
     watchdog.start()
-    os.write(1, b"%d\\n" % watchdog.pid)
+    os.write(1, b"%d %d\\n" % (watchdog.pid, gated))
 reactor.callWhenRunning(go)
 reactor.run()
 """
@@ -1622,7 +1648,8 @@ reactor.run()
 async def test_watchdog_daemon_death(tmp_path: Any, how: str) -> None:
     """
     A real daemon process dies (its whole process group SIGTERMed, or
-    itself SIGKILLed): its watchdog survives it and kills the workers.
+    itself SIGKILLed): its watchdog survives it and kills the workers, and
+    the child it left at a spawn gate.
     """
     worker, events = await running_worker(tmp_path, "m1", 'echo "run up" >&3\nsleep 60\n')
     daemon = _Watched()
@@ -1632,7 +1659,8 @@ async def test_watchdog_daemon_death(tmp_path: Any, how: str) -> None:
         daemon, sys.executable, [sys.executable, "-c", DAEMON, str(tmp_path)], env
     )
     try:
-        watchdog_pid = int(await daemon.line.addTimeout(TIMEOUT, reactor))
+        watchdog_pid, gated = (int(x) for x in (await daemon.line.addTimeout(TIMEOUT, reactor)).split())
+        gated_fd = os.pidfd_open(gated)
         fields = proc_stat(watchdog_pid)
         assert int(fields[2]) != process.pid and int(fields[3]) != process.pid
         if how.startswith("SIGTERM"):
@@ -1642,8 +1670,15 @@ async def test_watchdog_daemon_death(tmp_path: Any, how: str) -> None:
         await daemon.ended.addTimeout(TIMEOUT, reactor)
         await events.wait_exit()
         assert events.exit == (None, signal.SIGTERM)
+        # The gated child is gone (a zombie until init reaps it).
+        ready = await deferToThreadWait(gated_fd)
+        assert ready, "the child left at the gate outlived the daemon"
     finally:
         worker.signal(signal.SIGKILL)
+        try:
+            os.kill(gated, signal.SIGKILL)
+        except (OSError, UnboundLocalError):
+            pass
         if process.pid is not None:
             os.kill(process.pid, signal.SIGKILL)
 
