@@ -1629,6 +1629,9 @@ os.makedirs(job)
 gated = os.fork()
 if gated == 0:
     os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
     os.chdir(job)
     time.sleep(60)
     os._exit(0)
@@ -1661,6 +1664,13 @@ async def test_watchdog_daemon_death(tmp_path: Any, how: str) -> None:
     try:
         watchdog_pid, gated = (int(x) for x in (await daemon.line.addTimeout(TIMEOUT, reactor)).split())
         gated_fd = os.pidfd_open(gated)
+        # The watchdog notes the daemon's command line as it starts (a
+        # real daemon's watchdog starts long before the daemon could die).
+        for _ in range(1000):
+            with open(f"/proc/{watchdog_pid}/task/{watchdog_pid}/children") as f:
+                if not f.read().split() and proc_stat(watchdog_pid)[0] == "S":
+                    break
+            await deferLater(reactor, 0.005, lambda: None)
         fields = proc_stat(watchdog_pid)
         assert int(fields[2]) != process.pid and int(fields[3]) != process.pid
         if how.startswith("SIGTERM"):
