@@ -25,7 +25,11 @@ thread), renices it, writes the start line to C{stdio.log}, opens C{out} for
 reading (which lets the child go on) and tells the caller. Nothing of the
 script runs before that, and neither the reactor nor the caller ever waits
 for the child. The spawn thread waits for the exec, then closes our end of
-C{out}. Each FIFO pair (a gate) serves one spawn at a time and is reused.
+C{out}. Each FIFO pair (a gate) serves one spawn at a time and is reused;
+its C{out} is made anew after each use (see L{_Gate}). A child the reactor
+cannot set up (its pid cannot be told for sure, the start line cannot be
+written) is let go and killed before it runs anything of its own, and the
+caller hears that the spawn failed.
 
 This needs Linux, C{/proc}, and a C library with
 C{posix_spawn_file_actions_addchdir_np},
