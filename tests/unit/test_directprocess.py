@@ -85,8 +85,10 @@ class FakeSpawner:
             os.close(fd)
         self.handler = handler
 
+    forgotten: list[int]
+
     def forget(self, pid: int) -> None:
-        pass
+        self.forgotten = [*getattr(self, "forgotten", []), pid]
 
     def close(self) -> None:
         for fd in self.fdmap.values():
@@ -204,6 +206,8 @@ def test_exit_decoded_once(started: Any, status: int, expected: tuple[int | None
     process.processEnded(status)
     process.processEnded(0)
     assert owner.exits == [expected]
+    # The spawner may give the pid to a new child now.
+    assert spawner.forgotten == [4242]
 
 
 def test_spawn_failed_falls_back(started: Any) -> None:
