@@ -126,6 +126,25 @@ class _Pipe:
         """
         return "rq-worker"
 
+    def close(self) -> None:
+        """
+        Stop the reactor watching the pipe and close the fd (at the
+        reactor's next turn if it was watched, see L{close_soon}).
+        """
+        if self.fd < 0:
+            return
+        fd, self.fd = self.fd, -1
+        if self._unwatch():
+            close_soon(self._process.reactor, fd)
+        else:
+            os.close(fd)
+
+    def _unwatch(self) -> bool:
+        """
+        Stop the reactor watching the pipe; whether it did.
+        """
+        return False
+
 
 class _StatusPipe(_Pipe):
     """
@@ -163,20 +182,12 @@ class _StatusPipe(_Pipe):
         self.registered = False
         self._process._closePipe(STATUS_FD)
 
-    def close(self, registered: bool = True) -> None:
-        """
-        Stop reading and close the fd.
-        """
-        if self.fd < 0:
-            return
-        fd, self.fd = self.fd, -1
-        if self.registered:
-            self.registered = False
-            reactor = self._process.reactor
-            reactor.removeReader(self)
-            close_soon(reactor, fd)
-        else:
-            os.close(fd)
+    def _unwatch(self) -> bool:
+        if not self.registered:
+            return False
+        self.registered = False
+        self._process.reactor.removeReader(self)
+        return True
 
 
 class _ReplyPipe(_Pipe):
@@ -230,20 +241,12 @@ class _ReplyPipe(_Pipe):
         self._buffer = b""
         self._process._closePipe(REPLY_FD)
 
-    def close(self, registered: bool = True) -> None:
-        """
-        Stop writing and close the fd.
-        """
-        if self.fd < 0:
-            return
-        fd, self.fd = self.fd, -1
-        if self._buffer:
-            self._buffer = b""
-            reactor = self._process.reactor
-            reactor.removeWriter(self)
-            close_soon(reactor, fd)
-        else:
-            os.close(fd)
+    def _unwatch(self) -> bool:
+        if not self._buffer:
+            return False
+        self._buffer = b""
+        self._process.reactor.removeWriter(self)
+        return True
 
 
 class DirectProcess:
@@ -321,7 +324,7 @@ class DirectProcess:
             spawner.spawn(self.reactor, executable, args, env, fdmap, cwd, log_fd, line, niceness, self,
                           [status_w, reply_r, log_fd])
         except BaseException:
-            self._closePipe(STATUS_FD, registered=False)
+            self._closePipe(STATUS_FD)
             self._closePipe(REPLY_FD)
             raise
 
@@ -343,7 +346,7 @@ class DirectProcess:
         """
         Nothing ran: close our pipe ends and start the worker another way.
         """
-        self._closePipe(STATUS_FD, registered=False)
+        self._closePipe(STATUS_FD)
         self._closePipe(REPLY_FD)
         self._fallback(error)
 
@@ -383,10 +386,10 @@ class DirectProcess:
             raise KeyError(childFD)
         pipe.write(data)
 
-    def _closePipe(self, childFD: int, registered: bool = True) -> None:
+    def _closePipe(self, childFD: int) -> None:
         pipe = self.pipes.pop(childFD, None)
         if pipe is not None:
-            pipe.close(registered)
+            pipe.close()
 
     # -- reaping (Twisted's reap handler interface)
 

@@ -11,19 +11,19 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from rqtwisted.admin import MAX_INLINE, AdminFactory, AdminProtocol, commands, snake
+from rqtwisted.admin import MAX_INLINE, AdminFactory, AdminProtocol, commands
 from rqtwisted.ampclient import BoxDecoder
 from rqtwisted.message import MessageError
 
@@ -46,20 +46,9 @@ class Reference(amp.AMP):
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
 
-    def locateResponder(self, name: bytes) -> Callable[[amp.AmpBox], Any] | None:
-        command = commands.get(name.decode("ascii", "replace"))
-        if command is None:
-            return None
-        method = getattr(self._api, snake(command.__name__))
-
-        def call(**kwargs: str) -> Any:
-            args = {k: v for k, v in kwargs.items() if v is not None}
-            d = maybeDeferred(method, **args)
-            d.addCallbacks(self._reply, self._failed)
-            return d
-
-        return self._wrapWithSerialization(call, command)
-
+    # AdminProtocol's own Twisted path (locateResponder is what Twisted's
+    # dispatch calls; the fast path never does).
+    locateResponder = AdminProtocol.locateResponder
     _reply = AdminProtocol._reply
     _failed = AdminProtocol._failed
 

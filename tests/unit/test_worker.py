@@ -1721,19 +1721,7 @@ def test_environment_encoded_once() -> None:
     base = {"PATH": "/bin", "RQ_ENV": "stale", "HOME": "/root", "RUBYOPT": "-w", "KEEP": "é"}
 
     def env_for(msg_id: str, env_vars: Any) -> Any:
-        return worker_environment(
-            base,
-            host="h",
-            port=3333,
-            relative_root="/",
-            rq_env="prod",
-            script="s",
-            real_script="/s",
-            msg={"msg_id": msg_id, "dest": "q"},
-            full_msg_id=f"http://h:3333/q/q/{msg_id}",
-            job_dir="/j",
-            env_vars=env_vars,
-        )
+        return environment(base_env=base, rq_env="prod", msg={"msg_id": msg_id, "dest": "q"}, env_vars=env_vars)
 
     for msg_id, env_vars in (("a", {"HOME": "/home/x"}), ("b", {"HOME": "/home/x"}), ("c", None)):
         env = env_for(msg_id, env_vars)
