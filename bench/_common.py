@@ -1,7 +1,8 @@
 """
 What the benchmarks share: finding C{twistd} and C{rq} next to the running
-interpreter, starting a daemon on a root, reading C{/proc}, laying out
-stored messages, and a scratch directory that goes away afterwards.
+interpreter, starting a daemon on a root, reading C{/proc} and py-spy's
+samples, laying out stored messages, and a scratch directory that goes away
+afterwards.
 
 The benchmarks run as scripts (C{python bench/<name>.py}), so this module is
 imported as C{_common} from the directory they live in.
@@ -20,6 +21,21 @@ import tempfile
 import time
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterator, Mapping
+
+
+def collapsed_stacks(path: str) -> Iterator[tuple[list[str], int]]:
+    """
+    The stacks of a py-spy C{--format raw} file (C{frame;frame;... count}
+    per line), outermost frame first, each with its sample count.
+
+    @raise OSError: the file cannot be read.
+    @raise ValueError: a count is not a number.
+    """
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if stack:
+                yield stack.split(";"), int(count)
 
 
 def bin_next_to_python(name: str) -> str | None:

@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from _common import bin_next_to_python, free_port, proc_status, rq_argv, scratch, start_daemon
+from _common import bin_next_to_python, collapsed_stacks, free_port, proc_status, rq_argv, scratch, start_daemon
 
 #: The original RQ on its reference machine: clients -> msg/s.
 ORIGINAL = {1: 50.0, 4: 100.0}
@@ -263,14 +263,9 @@ def py_spy_top(path: str, top: int = 15) -> list[tuple[float, str]]:
     """
     own: Counter[str] = Counter()
     total = 0
-    with open(path) as f:
-        for line in f:
-            stack, _, count = line.rstrip("\n").rpartition(" ")
-            if not stack:
-                continue
-            n = int(count)
-            total += n
-            own[stack.split(";")[-1]] += n
+    for frames, n in collapsed_stacks(path):
+        total += n
+        own[frames[-1]] += n
     return [(100.0 * n / max(total, 1), frame) for frame, n in own.most_common(top)]
 
 

@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rqtwisted.admincommands import SOCKET  # noqa: E402
 from rqtwisted.ampclient import AdminClient, AdminClientError  # noqa: E402
 
-from _common import bin_next_to_python, proc_status, rq_argv, twistd_argv  # noqa: E402
+from _common import bin_next_to_python, collapsed_stacks, proc_status, rq_argv, twistd_argv  # noqa: E402
 
 #: The queue script: a no-op that reports success on fd 3.
 SCRIPT = '#!/bin/sh\necho "done ok" >&3\n'
@@ -628,26 +628,20 @@ def print_py_spy(path: str, top: int, label: str) -> None:
     threads: dict[str, int] = {}
     total = 0
     try:
-        with open(path) as f:
-            for line in f:
-                stack, _, n = line.rstrip("\n").rpartition(" ")
-                if not stack:
-                    continue
-                count = int(n)
-                total += count
-                frames = stack.split(";")
-                thread = frames[0] if frames[0].startswith(("thread", "process")) else "?"
-                if thread != "?":
-                    frames = frames[1:]
-                if frames and frames[0].startswith("thread"):
-                    thread, frames = frames[0], frames[1:]
-                threads[thread] = threads.get(thread, 0) + count
-                if not frames:
-                    continue
-                frames = [_LINENO.sub(")", fr) for fr in frames]
-                own[frames[-1]] = own.get(frames[-1], 0) + count
-                for fr in set(frames):
-                    incl[fr] = incl.get(fr, 0) + count
+        for frames, count in collapsed_stacks(path):
+            total += count
+            thread = frames[0] if frames[0].startswith(("thread", "process")) else "?"
+            if thread != "?":
+                frames = frames[1:]
+            if frames and frames[0].startswith("thread"):
+                thread, frames = frames[0], frames[1:]
+            threads[thread] = threads.get(thread, 0) + count
+            if not frames:
+                continue
+            frames = [_LINENO.sub(")", fr) for fr in frames]
+            own[frames[-1]] = own.get(frames[-1], 0) + count
+            for fr in set(frames):
+                incl[fr] = incl.get(fr, 0) + count
     except (OSError, ValueError) as e:
         print(f"[{label}] cannot read py-spy output {path}: {e}")
         return

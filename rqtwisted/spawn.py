@@ -116,34 +116,26 @@ class _Libc:
     def __init__(self) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         p, c, i = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
-        self.spawn = libc.posix_spawn
-        self.spawn.argtypes = [ctypes.POINTER(ctypes.c_int), c, p, p, p, p]
-        self.fa_init = libc.posix_spawn_file_actions_init
-        self.fa_init.argtypes = [p]
-        self.fa_destroy = libc.posix_spawn_file_actions_destroy
-        self.fa_destroy.argtypes = [p]
-        self.fa_dup2 = libc.posix_spawn_file_actions_adddup2
-        self.fa_dup2.argtypes = [p, i, i]
-        self.fa_close = libc.posix_spawn_file_actions_addclose
-        self.fa_close.argtypes = [p, i]
-        self.fa_open = libc.posix_spawn_file_actions_addopen
-        self.fa_open.argtypes = [p, i, c, i, ctypes.c_uint]
-        self.fa_chdir = libc.posix_spawn_file_actions_addchdir_np
-        self.fa_chdir.argtypes = [p, c]
-        self.fa_closefrom = libc.posix_spawn_file_actions_addclosefrom_np
-        self.fa_closefrom.argtypes = [p, i]
-        self.attr_init = libc.posix_spawnattr_init
-        self.attr_init.argtypes = [p]
-        self.attr_setflags = libc.posix_spawnattr_setflags
-        self.attr_setflags.argtypes = [p, ctypes.c_short]
-        self.attr_setsigmask = libc.posix_spawnattr_setsigmask
-        self.attr_setsigmask.argtypes = [p, p]
-        self.attr_setsigdefault = libc.posix_spawnattr_setsigdefault
-        self.attr_setsigdefault.argtypes = [p, p]
-        self.sigemptyset = libc.sigemptyset
-        self.sigemptyset.argtypes = [p]
-        self.sigaddset = libc.sigaddset
-        self.sigaddset.argtypes = [p, i]
+        functions: dict[str, tuple[str, list[Any]]] = {
+            "spawn": ("posix_spawn", [ctypes.POINTER(ctypes.c_int), c, p, p, p, p]),
+            "fa_init": ("posix_spawn_file_actions_init", [p]),
+            "fa_destroy": ("posix_spawn_file_actions_destroy", [p]),
+            "fa_dup2": ("posix_spawn_file_actions_adddup2", [p, i, i]),
+            "fa_close": ("posix_spawn_file_actions_addclose", [p, i]),
+            "fa_open": ("posix_spawn_file_actions_addopen", [p, i, c, i, ctypes.c_uint]),
+            "fa_chdir": ("posix_spawn_file_actions_addchdir_np", [p, c]),
+            "fa_closefrom": ("posix_spawn_file_actions_addclosefrom_np", [p, i]),
+            "attr_init": ("posix_spawnattr_init", [p]),
+            "attr_setflags": ("posix_spawnattr_setflags", [p, ctypes.c_short]),
+            "attr_setsigmask": ("posix_spawnattr_setsigmask", [p, p]),
+            "attr_setsigdefault": ("posix_spawnattr_setsigdefault", [p, p]),
+            "sigemptyset": ("sigemptyset", [p]),
+            "sigaddset": ("sigaddset", [p, i]),
+        }
+        for attribute, (name, argtypes) in functions.items():
+            function = getattr(libc, name)
+            function.argtypes = argtypes
+            setattr(self, attribute, function)
 
 
 def _check(result: int, what: str) -> None:
@@ -155,15 +147,6 @@ def _cstrings(items: list[bytes]) -> "ctypes.Array[ctypes.c_char_p]":
     array = (ctypes.c_char_p * (len(items) + 1))()
     array[: len(items)] = items
     return array
-
-
-#: C{(name, value)} -> C{b"name=value"}: most of a worker's environment is
-#: the same for every worker.
-_encoded: dict[tuple[str, str], bytes] = {}
-
-#: Entries of L{_encoded} beyond which it starts afresh (the per-message
-#: variables add a few entries per spawn).
-_ENCODED_MAX = 4096
 
 
 #: (id(base), overrides) -> (base, its C{envp} strings but the overridden).
@@ -187,15 +170,7 @@ def _environ(env: dict[str, str]) -> list[bytes]:
             skip = set(overrides)
             cached = _bases[key] = (base, [_encode(k, v) for k, v in base.items() if k not in skip])
         return cached[1] + [_encode(k, env[k]) for k in overrides if k in env]
-    if len(_encoded) > _ENCODED_MAX:
-        _encoded.clear()
-    out = []
-    for item in env.items():
-        encoded = _encoded.get(item)
-        if encoded is None:
-            encoded = _encoded[item] = _encode(*item)
-        out.append(encoded)
-    return out
+    return [_encode(k, v) for k, v in env.items()]
 
 
 def _encode(name: str, value: str) -> bytes:
@@ -279,8 +254,8 @@ class _Request:
     One spawn, from the reactor's request to the spawn thread's return.
 
     The reactor thread owns everything but the fields the spawn thread sets
-    (C{tid}, C{returned}) and C{release_fd}, which both touch under
-    C{lock}.
+    (C{thread}, C{returned}) and C{release_fd} and C{holders}, which both
+    touch under C{lock}.
     """
 
     def __init__(
@@ -316,7 +291,7 @@ class _Request:
         #: Set when the reactor let the child go without setting it up:
         #: the spawn thread kills and reaps it.
         self.abandoned = False
-        #: The spawn thread's id, set before it calls posix_spawn.
+        #: The spawn thread, set before it calls posix_spawn.
         self.thread: _SpawnThread | None = None
         self.lock = threading.Lock()
         #: Our end of FIFO C{out}, open from the gate until the exec.
@@ -419,8 +394,8 @@ class _SpawnThread:
         self.tid: int | None = None
         #: The C{/proc} file listing the thread's children.
         self.children = ""
-        #: Pids this thread's children were given at their gates, pruned to
-        #: the children still listed (see L{DirectSpawner._find_child}).
+        #: Pids this thread's children were given at their gates, until they
+        #: are reaped (see L{DirectSpawner._find_child} and L{DirectSpawner.forget}).
         self.given: set[int] = set()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"rq-spawn-{n}", daemon=True)

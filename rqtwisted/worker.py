@@ -806,9 +806,9 @@ def _directly_executable(path: str) -> bool:
 _devnull: int | None = None
 
 
-def _stdin() -> int:
+def _devnull_fd() -> int:
     """
-    The daemon's C{/dev/null} fd for workers' stdin.
+    The daemon's C{/dev/null} fd: workers' stdin, the launcher's stdio.
     """
     global _devnull
     if _devnull is None:
@@ -848,7 +848,7 @@ def _spawn_direct(
 
     process = DirectProcess(reactor, protocol, failed, _exec_failed(executable, job_dir))
     try:
-        process.start(spawner, executable, argv, env, job_dir, _stdin(), log_fd, line, WORKER_NICENESS)
+        process.start(spawner, executable, argv, env, job_dir, _devnull_fd(), log_fd, line, WORKER_NICENESS)
     except SpawnFailed as e:
         _log.debug("direct spawn of {argv} failed ({error}); using the launcher", argv=argv, error=e)
         return False
@@ -977,7 +977,7 @@ def _spawn_launcher(
         spawner = _spawn_session_process
     args = [_SH, "-c", _LAUNCHER, "rq-worker", job_dir, stamp, real_script]
     args += argv
-    devnull = _stdin()
+    devnull = _devnull_fd()
     pid = spawner(
         reactor,
         protocol,

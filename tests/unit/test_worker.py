@@ -1603,7 +1603,7 @@ async def test_session_process_signals(monkeypatch: Any, fork: bool) -> None:
     assert int(fields[3]) == process.spawnedPid
 
 
-def deferToThreadWait(pidfd: int) -> Deferred[bool]:
+def ends_within_timeout(pidfd: int) -> Deferred[bool]:
     """
     Whether the process of C{pidfd} ends within L{TIMEOUT} seconds (waited
     for off the reactor).
@@ -1681,7 +1681,7 @@ async def test_watchdog_daemon_death(tmp_path: Any, how: str) -> None:
         await events.wait_exit()
         assert events.exit == (None, signal.SIGTERM)
         # The gated child is gone (a zombie until init reaps it).
-        ready = await deferToThreadWait(gated_fd)
+        ready = await ends_within_timeout(gated_fd)
         assert ready, "the child left at the gate outlived the daemon"
     finally:
         worker.signal(signal.SIGKILL)
