@@ -283,10 +283,22 @@ def search_queue(
         try:
             msg = queue.get(msg_id)
         except MessageError:
-            index.entries.pop(msg_id, None)
+            # Removed behind the index's back: forget it. A message still on
+            # disk is only not readable yet (a creation waiting for its fsync
+            # round) or any more (being moved): keep it.
+            entry = index.entries.get(msg_id)
+            if entry is None or not _on_disk(queue, entry.state, msg_id):
+                index.entries.pop(msg_id, None)
             continue
         out.append(msg)
     return out
+
+
+def _on_disk(queue: "QueueService", state: str, msg_id: str) -> bool:
+    try:
+        return queue.store.exists(state, msg_id)
+    except (MessageError, ValueError):
+        return False
 
 
 def check_query(query: Any) -> dict[str, str]:

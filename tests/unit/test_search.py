@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import shutil
 
+from twisted.internet.defer import Deferred
+
 import pytest
 
 from rqtwisted import cli
@@ -222,3 +224,32 @@ def test_forget_for_removals_without_the_store(env):
     assert done not in index_for(queue).entries and err in index_for(queue).entries
     forget_ids(queue, [err, "nosuch"])
     assert err not in index_for(queue).entries
+
+
+def test_message_found_once_its_creation_is_durable(env):
+    """
+    A search made while a new message waits for its fsync round (on disk,
+    not yet acknowledged, so not yet readable through the queue) leaves it
+    out, and finds it once the creation is durable: the index does not take
+    the message for one removed behind its back.
+    """
+    instance, spawner, clock = env
+    send(instance, "alpha", param1="early")
+    queue = instance.queue("alpha")
+    syncer = queue.store._syncer
+    rounds = []
+
+    def held(f, *args):
+        d = Deferred()
+        rounds.append((d, f, args))
+        return d
+
+    syncer._runInThread = held
+    pending = instance.create_message({"dest": "alpha", "param1": "late"})
+    assert not pending.called
+    assert ids(instance.search("alpha", {"param1": "late"}, True)) == []
+    while rounds:
+        d, f, args = rounds.pop(0)
+        d.callback(f(*args))
+    late = result_of(pending).rsplit("/", 1)[1]
+    assert ids(instance.search("alpha", {"param1": "late"}, True)) == [late]
