@@ -437,7 +437,7 @@ class Daemon:
         if status != "ok":
             raise RuntimeError(f"{action} {name} failed: {status} {detail}")
 
-    def start_py_spy(self, output: str) -> None:
+    def start_py_spy(self, output: str, rate: int = 250) -> None:
         """
         Sample the daemon with py-spy (collapsed stacks, per thread) until
         L{stop_py_spy}.
@@ -447,7 +447,7 @@ class Daemon:
             print("py-spy not found next to the interpreter nor on PATH; not sampling", file=sys.stderr)
             return
         self._spy = subprocess.Popen(
-            [spy, "record", "--pid", str(self.pid), "--format", "raw", "--rate", "250",
+            [spy, "record", "--pid", str(self.pid), "--format", "raw", "--rate", str(rate),
              "--threads", "--output", output, "--nonblocking"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -560,7 +560,7 @@ def run_phase(base: str, script: str, workers: int, variant: str, label: str, op
         daemon.wait_ready()
         daemon.create_queue(queue, script, workers)
         if spy_out:
-            daemon.start_py_spy(spy_out)
+            daemon.start_py_spy(spy_out, options.py_spy_rate)
         if variant == "paused":
             daemon.queue_admin("pause", queue)
         cpu0 = proc_cpu(daemon.pid)
@@ -810,6 +810,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sample each daemon with py-spy (next to the interpreter or on PATH) while it works;"
         " collapsed stacks in DIR/<run>.txt",
     )
+    parser.add_argument("--py-spy-rate", type=int, default=250, metavar="HZ", help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25, help="profile entries to print (0: none)")
     parser.add_argument(
         "--no-spread", action="store_true",

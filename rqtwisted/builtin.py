@@ -44,6 +44,7 @@ log view shows what a built-in is doing.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -356,6 +357,13 @@ class BuiltinSpawner:
                 _log.failure("queue {queue}: built-in handler unavailable", queue=self._name)
         return self._handler
 
+    def holds(self, real_script: str) -> bool:
+        """
+        Whether a worker for C{real_script} can be made ready ahead (spawned
+        with C{hold}): not when the handler runs it in-process.
+        """
+        return not (is_placeholder(real_script, self._name) and self.handler() is not None)
+
     def __call__(
         self,
         *,
@@ -371,6 +379,8 @@ class BuiltinSpawner:
         and a handler exists, else by C{fallback}.
         """
         handler = self.handler() if is_placeholder(real_script, self._name) else None
+        if handler is not None and kwargs.get("hold"):
+            raise OSError(errno.EOPNOTSUPP, "an in-process handler is not made ready ahead")
         if handler is None:
             return self._fallback(
                 argv=argv, env=env, job_dir=job_dir, real_script=real_script, events=events, **kwargs

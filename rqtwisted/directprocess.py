@@ -283,6 +283,7 @@ class DirectProcess:
         self._execFailed = execFailed
         self.pipes: dict[int, _StatusPipe | _ReplyPipe] = {}
         self._spawner: DirectSpawner | None = None
+        self._request: Any = None
 
     def start(
         self,
@@ -295,11 +296,13 @@ class DirectProcess:
         log_fd: int,
         line: Callable[[int], bytes],
         niceness: int,
+        hold: bool = False,
     ) -> None:
         """
         Make the pipes and hand the spawn to C{spawner}; C{log_fd} (the
         child's stdout and stderr, where C{line(pid)} goes first) is ours to
-        close from now on.
+        close from now on. With C{hold}, the child waits at the spawner's
+        gate until L{go} (or L{cancel}).
 
         @raise OSError: the pipes could not be made or the spawner failed at
             once; nothing is left open.
@@ -321,12 +324,30 @@ class DirectProcess:
         self.proto.makeConnection(self)
         fdmap = {0: stdin, 1: log_fd, 2: log_fd, STATUS_FD: status_w, REPLY_FD: reply_r}
         try:
-            spawner.spawn(self.reactor, executable, args, env, fdmap, cwd, log_fd, line, niceness, self,
-                          [status_w, reply_r, log_fd])
+            self._request = spawner.spawn(self.reactor, executable, args, env, fdmap, cwd, log_fd, line,
+                                          niceness, self, [status_w, reply_r, log_fd], hold=hold)
         except BaseException:
             self._closePipe(STATUS_FD)
             self._closePipe(REPLY_FD)
             raise
+
+    def go(self) -> None:
+        """
+        Let a held child go on (see L{DirectSpawner.go}).
+        """
+        if self._spawner is not None and self._request is not None:
+            self._spawner.go(self._request)
+
+    def cancel(self) -> None:
+        """
+        Kill a child that has not started yet (see L{DirectSpawner.cancel})
+        and close our pipe ends; nothing more is reported.
+        """
+        self.ended = True
+        if self._spawner is not None and self._request is not None:
+            self._spawner.cancel(self._request)
+        self._closePipe(STATUS_FD)
+        self._closePipe(REPLY_FD)
 
     # -- the spawn's SpawnHandler
 
@@ -409,7 +430,24 @@ class DirectProcess:
             return
         if pid:
             _twprocess.unregisterReapProcessHandler(pid, self)
+            spawner, request = self._spawner, self._request
+            if (
+                spawner is not None
+                and request is not None
+                and os.waitstatus_to_exitcode(status) == 127
+                and spawner.early_exit(request, status)
+            ):
+                # Maybe a failed exec: execFailed says why, or exitedEarly
+                # hands the status back.
+                return
             self.processEnded(status)
+
+    def exitedEarly(self, status: int) -> None:
+        """
+        An exit held back while the spawn had not returned (see
+        L{DirectSpawner.early_exit}): report it now.
+        """
+        self.processEnded(status)
 
     def processEnded(self, status: int) -> None:
         """

@@ -7,6 +7,11 @@ fsync the directory. C{fsync} blocks, so L{Syncer} runs it in a thread and
 batches: every path asked for while a sync round is in flight is synced by the
 next round, together (group commit). Callers acknowledge only after the
 L{Deferred} of their sync fires.
+
+On a memory filesystem (tmpfs, ramfs) C{fsync} does nothing: there is no
+disk behind it. L{syncer_for} then gives a L{Syncer} that skips the rounds
+and fires at once, so that a root kept in memory pays no thread hand-off
+for nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import json
 import os
 from typing import Any, Callable, Iterable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -43,6 +48,55 @@ def sync_paths(paths: Iterable[str]) -> None:
             fsync_path(path)
         except FileNotFoundError:
             pass
+
+
+#: Filesystems whose C{fsync} does nothing (Linux: kept in memory only).
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+#: Where Linux lists the mounts this process sees.
+MOUNTS = "/proc/self/mounts"
+
+
+def _unescape_mount(field: str) -> str:
+    """
+    A C{/proc/self/mounts} field with its octal escapes (C{\\040} for a
+    space) decoded.
+    """
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def filesystem_type(path: str, mounts: str = MOUNTS) -> str | None:
+    """
+    The type of the filesystem C{path} is on (e.g. C{"ext4"}, C{"tmpfs"}):
+    that of the mount with the longest mount point above the real path, the
+    last one listed where mounts are stacked. L{None} where the mount table
+    cannot be read.
+    """
+    real = os.path.realpath(path)
+    best: tuple[int, str] | None = None
+    try:
+        with open(mounts, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = _unescape_mount(fields[1])
+                inside = point == "/" or real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and (best is None or len(point) >= best[0]):
+                    best = (len(point), fields[2])
+    except OSError:
+        return None
+    return best[1] if best else None
 
 
 def write_file(path: str, data: bytes) -> None:
@@ -165,3 +219,41 @@ class Syncer:
                     w.callback(None)
 
         d.addBoth(finished)
+
+
+class MemorySyncer(Syncer):
+    """
+    The L{Syncer} of a root on a memory filesystem, where C{fsync} does
+    nothing: every sync has succeeded at once, and no round runs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_unused_runner)
+
+    def sync(self, *paths: str) -> Deferred[None]:
+        """
+        Nothing to wait for: an already fired L{Deferred}.
+        """
+        return succeed(None)
+
+    def later(self, *paths: str) -> None:
+        """
+        Nothing to do.
+        """
+
+
+def _unused_runner(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    raise AssertionError("a MemorySyncer runs no sync round")
+
+
+def syncer_for(path: str, makeRunner: Callable[[], Callable[..., Deferred[None]]], mounts: str = MOUNTS) -> Syncer:
+    """
+    The L{Syncer} for a root at C{path}: a L{MemorySyncer} where it is on a
+    memory filesystem (L{MEMORY_FILESYSTEMS}), else one that runs its rounds
+    with the runner C{makeRunner()} gives (called only then).
+    """
+    kind = filesystem_type(path, mounts)
+    if kind in MEMORY_FILESYSTEMS:
+        _log.info("{path} is on {kind}, where fsync does nothing: no sync rounds", path=path, kind=kind)
+        return MemorySyncer()
+    return Syncer(makeRunner())

@@ -48,6 +48,15 @@ _log = Logger()
 #: touched by hand and a SCRIPTERROR are re-checked this often.
 IDLE_PASS = 5.0
 
+#: A worker is made ready ahead (see L{QueueService._make_ready}) only while
+#: the queue's last worker ran at most this many seconds: for longer runs a
+#: head start of a millisecond or two is worth nothing.
+READY_WITHIN = 1.0
+
+#: Seconds a ready worker may wait for a free slot; one that waited longer
+#: is given up, and none is made again until a worker runs short again.
+READY_STALE = 2.0
+
 #: Seconds a stopping queue gives its workers between SIGTERM and SIGKILL.
 STOP_GRACE = 5.0
 
@@ -87,7 +96,7 @@ def guarded(method: _F) -> _F:
     return run  # type: ignore[return-value]
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """
     A running message: its worker and what it has reported so far.
@@ -99,6 +108,8 @@ class Job:
     completion: Report | None = None
     dups: list[str] = field(default_factory=list)
     exited: Deferred[None] = field(default_factory=Deferred)
+    #: When the worker started (or was made ready, until it goes).
+    since: float = 0.0
 
 
 class _JobEvents:
@@ -160,6 +171,11 @@ class QueueService(Service):
         self._stopping = False
         self.cron: QueueCron | None = None
         self._marker_paths: tuple[Any, str, str] | None = None
+        #: The worker made ready ahead for the next due message while every
+        #: slot is busy (see L{_make_ready}); its message is still in que.
+        self._ready: Job | None = None
+        #: Whether recent workers ran short enough for a ready worker to pay.
+        self._ready_pays = True
 
     # -- service
 
@@ -196,6 +212,7 @@ class QueueService(Service):
         """
         super().stopService()
         self._stopping = True
+        self._cancel_ready()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -300,6 +317,8 @@ class QueueService(Service):
         schedule).
         """
         self.config = config
+        # The ready worker was made with the old settings.
+        self._cancel_ready()
         if self.running:
             self.cron = make_cron(self, config.schedule, self.clock, self.store.path, self.instance.syncer, self.cron)
             self.schedule()
@@ -329,7 +348,12 @@ class QueueService(Service):
         if self.oper == "SCRIPTERROR":
             self._recheck_script()
         if self.status() == "UP":
+            if self._ready is not None and now - self._ready.since > READY_STALE:
+                self._cancel_ready()
+                self._ready_pays = False
             while len(self.run) < self.config.num_workers:
+                if self._ready is not None and self._go_ready(now):
+                    continue
                 msg_id, due = self._next_candidate()
                 if msg_id is None:
                     break
@@ -338,6 +362,9 @@ class QueueService(Service):
                     break
                 if not self._start(msg_id):
                     break
+            self._make_ready(now)
+        else:
+            self._cancel_ready()
         self._wake_at(now, wake)
         if self.cron is not None:
             self.cron.tick()
@@ -417,7 +444,27 @@ class QueueService(Service):
                 del self.que[other]
                 self.held[other] = msg_id
                 job.dups.append(other)
-        job_dir = self.store.job_dir(msg_id)
+        job.since = self.clock.seconds()
+        try:
+            job.worker = self._launch(job, real_script, argv)
+        except OSError as e:
+            self.store.write_status("run", msg_id, f"could not start the queue script: {e}")
+            self._finish(job, "err")
+            return True
+        if job.worker.pid is not None:
+            self.store.write_pid(msg_id, job.worker.pid)
+        return True
+
+    def _launch(self, job: Job, real_script: str, argv: list[str], hold: bool = False) -> Worker:
+        """
+        Spawn the worker of C{job}: in its C{run/} job directory, or, with
+        C{hold}, made ready in its C{que/} one (the directory moves to
+        C{run/} with the worker's cwd in it before it goes).
+
+        @raise OSError: the spawn failed.
+        """
+        msg_id = job.msg_id
+        run_dir = self.store.job_path("run", msg_id) if hold else self.store.job_dir(msg_id)
         settings = self.instance.settings
         env = worker_environment(
             self.instance.base_env,
@@ -427,26 +474,118 @@ class QueueService(Service):
             rq_env=settings.env,
             script=self.config.script,
             real_script=real_script,
-            msg=msg,
+            msg=job.msg,
             full_msg_id=self.full_id(msg_id),
-            job_dir=job_dir,
+            job_dir=run_dir,
             env_vars=self.config.env_vars,
         )
+        if hold:
+            return self.spawn(argv=argv, env=env, job_dir=self.store.job_dir(msg_id, "que"), real_script=real_script,
+                              events=_JobEvents(self, job), hold=True, go_dir=run_dir)
+        return self.spawn(argv=argv, env=env, job_dir=run_dir, real_script=real_script, events=_JobEvents(self, job))
+
+    # -- the worker made ready ahead
+
+    def _make_ready(self, now: float) -> None:
+        """
+        With every slot busy, have the worker of the next due message made
+        ready (spawned, held before anything of its script runs), so that
+        it starts the moment a slot frees, without waiting for a spawn.
+        Only while workers run short (L{READY_WITHIN}); not for queues whose
+        messages block or coalesce by params (which message runs next
+        depends on the running ones).
+        """
+        config = self.config
+        if not self._may_make_ready() or len(self.run) < config.num_workers:
+            return
+        msg_id, due = self._next_candidate()
+        if msg_id is None or due > now:
+            return
         try:
-            job.worker = self.spawn(
-                argv=argv,
-                env=env,
-                job_dir=job_dir,
-                real_script=real_script,
-                events=_JobEvents(self, job),
-            )
+            real_script, argv = self._command()
+        except ScriptError:
+            return
+        holds = getattr(self.spawn, "holds", None)
+        if holds is not None and not holds(real_script):
+            return
+        heapq.heappop(self._heap)
+        job = Job(msg_id, self.que[msg_id], since=now)
+        try:
+            job.worker = self._launch(job, real_script, argv, hold=True)
         except OSError as e:
-            self.store.write_status("run", msg_id, f"could not start the queue script: {e}")
-            self._finish(job, "err")
-            return True
-        if job.worker.pid is not None:
-            self.store.write_pid(msg_id, job.worker.pid)
+            _log.debug("queue {queue}: no worker made ready for {msg_id}: {error}", queue=self.name, msg_id=msg_id,
+                       error=e)
+            heapq.heappush(self._heap, (due, msg_id))
+            return
+        self._ready = job
+
+    def _may_make_ready(self) -> bool:
+        """
+        Whether a worker may be made ready now (see L{_make_ready}), slots
+        aside.
+        """
+        config = self.config
+        return (
+            self._ready is None
+            and self._ready_pays
+            and self.instance.ready_workers
+            and not config.blocking_params
+            and not config.coalesce_params
+        )
+
+    def _go_ready(self, now: float) -> bool:
+        """
+        Start the ready worker in a free slot: its message moves to run and
+        the worker goes. False (and the worker is given up) if it should not
+        go after all: its message changed meanwhile (removed, replaced, no
+        longer due), another message is due before it, the worker is no
+        longer waiting, or the script cannot be run now (the next pass finds
+        the SCRIPTERROR).
+        """
+        job, self._ready = self._ready, None
+        assert job is not None and job.worker is not None
+        msg_id = job.msg_id
+        first, first_due = self._next_candidate()
+        if (
+            self.que.get(msg_id) is not job.msg
+            or not job.worker.waiting
+            or self._due(msg_id) > now
+            or (first is not None and first_due < self._due(msg_id))
+        ):
+            self._give_up(job)
+            return False
+        try:
+            self._command()
+        except ScriptError:
+            self._give_up(job)
+            return False
+        try:
+            self.store.move_soon(msg_id, "que", "run")
+        except OSError:
+            self._give_up(job)
+            raise
+        del self.que[msg_id]
+        self.run[msg_id] = job
+        job.since = now
+        pid = job.worker.pid
+        job.worker.go()
+        if pid is not None:
+            self.store.write_pid(msg_id, pid)
         return True
+
+    def _cancel_ready(self) -> None:
+        """
+        Give up the ready worker, if any; its message stays due in que.
+        """
+        job, self._ready = self._ready, None
+        if job is not None:
+            self._give_up(job)
+
+    def _give_up(self, job: Job) -> None:
+        if job.worker is not None:
+            job.worker.cancel()
+        if self.que.get(job.msg_id) is job.msg:
+            heapq.heappush(self._heap, (self._due(job.msg_id), job.msg_id))
 
     # -- worker events
 
@@ -481,8 +620,14 @@ class QueueService(Service):
         """
         A worker exited: apply the completion table and move the message.
         """
+        if job is self._ready:
+            # A ready worker that could not be started after all.
+            self._ready = None
+            self._give_up(job)
+            return
         if self.run.get(job.msg_id) is not job:
             return
+        self._ready_pays = self.clock.seconds() - job.since <= READY_WITHIN
         result = outcome(
             job.completion,
             exit_code,
@@ -639,7 +784,7 @@ class QueueService(Service):
                 self.prep.add(msg_id)
             else:
                 self._enqueue(msg_id, msg)
-                if len(self.run) < self.config.num_workers:
+                if len(self.run) < self.config.num_workers or self._may_make_ready():
                     # Otherwise the next worker's exit starts it.
                     self.schedule()
             return self.full_id(msg_id)
@@ -747,6 +892,8 @@ class QueueService(Service):
             self.prep.discard(msg_id)
         elif state == "que":
             self.que.pop(msg_id, None)
+            if self._ready is not None and self._ready.msg_id == msg_id:
+                self._cancel_ready()
             owner = self.held.pop(msg_id, None)
             if owner is not None and owner in self.run:
                 self.run[owner].dups.remove(msg_id)

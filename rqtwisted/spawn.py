@@ -10,8 +10,9 @@ more exec per worker. L{DirectSpawner} calls the C library's C{posix_spawn}
 through C{ctypes} (which releases the GIL) from a spawn thread, with these
 file actions run in the child before the exec:
 
- 1. C{dup2} of fds 0 to 4, close every other fd, C{chdir} to the job
-    directory;
+ 1. C{fchdir} to the job directory (opened by us: the child's cwd is
+    that directory wherever it is renamed to meanwhile), C{dup2} of fds 0
+    to 4, close every other fd;
  2. open FIFO C{in} for writing and close it again;
  3. open FIFO C{out} for writing: this blocks until somebody opens it for
     reading (the gate);
@@ -26,13 +27,19 @@ reading (which lets the child go on) and tells the caller. Nothing of the
 script runs before that, and neither the reactor nor the caller ever waits
 for the child. The spawn thread waits for the exec, then closes our end of
 C{out}. Each FIFO pair (a gate) serves one spawn at a time and is reused;
-its C{out} is made anew after each use (see L{_Gate}). A child the reactor
+its C{out} is made anew after each use (see L{_Gate}).
+
+A spawn may be I{held}: its child waits at the gate, pid known, until
+L{DirectSpawner.go} sets it up and lets it go, or L{DirectSpawner.cancel}
+kills it there, before anything of the script ran. A queue uses this to
+have the next worker ready when a slot frees. A child the reactor
 cannot set up (its pid cannot be told for sure, the start line cannot be
-written) is let go and killed before it runs anything of its own, and the
-caller hears that the spawn failed.
+written) is let go with the path it is about to exec emptied (it shares
+our memory until its exec), so that its exec fails and nothing of it runs;
+the caller hears that the spawn failed.
 
 This needs Linux, C{/proc}, and a C library with
-C{posix_spawn_file_actions_addchdir_np},
+C{posix_spawn_file_actions_addfchdir_np},
 C{posix_spawn_file_actions_addclosefrom_np} and C{POSIX_SPAWN_SETSID} (glibc
 2.34 and later); L{DirectSpawner.available} says whether they are there.
 """
@@ -75,11 +82,22 @@ _ERRORS = sys.getfilesystemencodeerrors()
 #: spawns wait for a thread.
 MAX_THREADS = 16
 
+#: The most spawns held at their gates at once (each keeps a spawn thread
+#: waiting): at most half the threads, so that held spawns never make the
+#: others wait.
+MAX_HELD = MAX_THREADS // 2
+
 
 class SpawnFailed(OSError):
     """
     The child could not be started; nothing of it ran and nothing was
     written to its log.
+    """
+
+
+class SpawnBusy(SpawnFailed):
+    """
+    A held spawn was refused: L{MAX_HELD} spawns are held already.
     """
 
 
@@ -105,25 +123,43 @@ class SpawnHandler(Protocol):
         library reaped it.
         """
 
+    def exitedEarly(self, status: int) -> None:
+        """
+        The started child, whose exit (wait status C{status}) was held back
+        by L{DirectSpawner.early_exit}, had exec'd after all.
+        """
+
 
 class _Libc:
     """
-    The C library's posix_spawn functions.
+    The C library's posix_spawn functions, and the few system calls a
+    spawn thread makes.
+
+    Only C{spawn} releases the GIL while it runs (it waits for the child).
+    Every other function is quick and keeps it: a call that released it
+    would have to take it back, and while the reactor thread holds it that
+    means a wait and two thread switches, for a call of a microsecond or
+    two. (L{os} functions always release it.)
 
     @raise AttributeError, OSError: one of them is missing.
     """
 
     def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
         p, c, i = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
+        waiting = ctypes.CDLL(None, use_errno=True)
+        self.spawn = waiting.posix_spawn
+        self.spawn.argtypes = [ctypes.POINTER(ctypes.c_int), c, p, p, p, p]
+        libc = ctypes.PyDLL(None, use_errno=True)
         functions: dict[str, tuple[str, list[Any]]] = {
-            "spawn": ("posix_spawn", [ctypes.POINTER(ctypes.c_int), c, p, p, p, p]),
+            "close": ("close", [i]),
+            "unlink": ("unlink", [c]),
+            "mkfifo": ("mkfifo", [c, ctypes.c_uint]),
             "fa_init": ("posix_spawn_file_actions_init", [p]),
             "fa_destroy": ("posix_spawn_file_actions_destroy", [p]),
             "fa_dup2": ("posix_spawn_file_actions_adddup2", [p, i, i]),
             "fa_close": ("posix_spawn_file_actions_addclose", [p, i]),
             "fa_open": ("posix_spawn_file_actions_addopen", [p, i, c, i, ctypes.c_uint]),
-            "fa_chdir": ("posix_spawn_file_actions_addchdir_np", [p, c]),
+            "fa_fchdir": ("posix_spawn_file_actions_addfchdir_np", [p, i]),
             "fa_closefrom": ("posix_spawn_file_actions_addclosefrom_np", [p, i]),
             "attr_init": ("posix_spawnattr_init", [p]),
             "attr_setflags": ("posix_spawnattr_setflags", [p, ctypes.c_short]),
@@ -235,18 +271,19 @@ class _Gate:
         os.mkfifo(self.fifo_in, 0o600)
         os.mkfifo(self.fifo_out, 0o600)
 
-    def renew(self) -> None:
+    def renew(self, libc: _Libc) -> None:
         """
-        Replace FIFO C{out} with a new one.
+        Replace FIFO C{out} with a new one (without releasing the GIL).
 
         @raise OSError: it cannot be made.
         """
-        os.unlink(self.fifo_out)
-        os.mkfifo(self.fifo_out, 0o600)
+        if libc.unlink(self.fifo_out) != 0 or libc.mkfifo(self.fifo_out, 0o600) != 0:  # type: ignore[attr-defined]
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), os.fsdecode(self.fifo_out))
 
 
 #: The states of a L{_Request}.
-_WAITING, _STARTED, _FAILED = "waiting", "started", "failed"
+_WAITING, _HELD, _STARTED, _FAILED, _CANCELLED = "waiting", "held", "started", "failed", "cancelled"
 
 
 class _Request:
@@ -272,11 +309,14 @@ class _Request:
         niceness: int,
         handler: SpawnHandler,
         owned: list[int],
+        hold: bool = False,
     ) -> None:
         self.spawner = spawner
         self.reactor = reactor
         self.gate = gate
-        self.path = path
+        #: The executable's path, in memory the child shares until its exec
+        #: (see L{let_go}).
+        self.path = ctypes.create_string_buffer(path)
         self.actions = actions
         self.argv = argv
         self.envp = envp
@@ -287,10 +327,20 @@ class _Request:
         #: Our fds the child gets copies of: closed once it has them.
         self.owned = owned
         self.state = _WAITING
+        #: Stop at the gate until L{DirectSpawner.go}.
+        self.hold = hold
+        #: Counted among the spawner's held spawns.
+        self.counted = hold
+        #: Cancelled before the child reached the gate: kill it there.
+        self.cancelled = False
         self.pid: int | None = None
-        #: Set when the reactor let the child go without setting it up:
-        #: the spawn thread kills and reaps it.
+        #: Set when the reactor let the child go without setting it up: its
+        #: exec fails (see L{let_go}), or the spawn thread kills and reaps
+        #: it.
         self.abandoned = False
+        #: The wait status of a child reaped with exit status 127 before the
+        #: spawn returned (see L{DirectSpawner.early_exit}).
+        self.early_status: int | None = None
         #: The spawn thread, set before it calls posix_spawn.
         self.thread: _SpawnThread | None = None
         self.lock = threading.Lock()
@@ -318,7 +368,13 @@ class _Request:
         Open FIFO C{out} for reading: the child at the gate goes on. Our end
         stays open until the exec (a child that has not reached the FIFO yet
         would otherwise wait for another reader forever).
+
+        An abandoned child must not run anything: until its exec it shares
+        our memory, so emptying the path it is about to exec makes the exec
+        fail (and the C library reap it).
         """
+        if self.abandoned:
+            self.path[0] = b"\0"
         fd = os.open(self.gate.fifo_out, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with self.lock:
             if not self.returned:
@@ -426,12 +482,15 @@ class _SpawnThread:
                 result = libc.spawn(ctypes.byref(pid), request.path, request.actions, attr, request.argv, request.envp)
             except BaseException:
                 result = errno.EINVAL
+            # From here on the GIL is released only where this thread has to
+            # wait (a reap), or on an error: see _Libc.
             libc.fa_destroy(request.actions)
             with request.lock:
                 request.returned = True
                 fd, request.release_fd = request.release_fd, None
+                early = request.early_status
             if fd is not None:
-                os.close(fd)
+                libc.close(fd)
             if result == 0 and request.abandoned:
                 try:
                     os.killpg(pid.value, 9)
@@ -441,13 +500,20 @@ class _SpawnThread:
                     os.waitpid(pid.value, 0)
                 except OSError:
                     pass
-            elif result != 0:
+            elif result != 0 and not request.abandoned:
                 try:
                     request.reactor.callFromThread(owner._spawn_error, request, result)
                 except BaseException:
                     pass
+            elif early is not None:
+                # The exec worked: the exit reaped before we got here was
+                # the script's own.
+                try:
+                    request.reactor.callFromThread(request.handler.exitedEarly, early)
+                except BaseException:
+                    pass
             try:
-                request.gate.renew()
+                request.gate.renew(libc)
             except OSError:
                 # The gate is lost (its directory removed?): spawn some
                 # other way from now on.
@@ -479,6 +545,8 @@ class DirectSpawner:
         self._gate_lock = threading.Lock()
         #: pid -> the thread whose child was given it, until reaped.
         self._given: dict[int, _SpawnThread] = {}
+        #: Spawns made with C{hold} that did not go on nor end yet.
+        self.holding = 0
         self._dir: str | None = None
         self._attr = ctypes.create_string_buffer(_STRUCT_SIZE)
         self._attr_ready = False
@@ -507,6 +575,7 @@ class DirectSpawner:
         self._threads = []
         self._idle_count = 0
         self._backlog = 0
+        self.holding = 0
         self._gates = []
         self._free_gates = []
         if self._dir is not None:
@@ -594,13 +663,18 @@ class DirectSpawner:
         niceness: int,
         handler: SpawnHandler,
         owned: list[int],
-    ) -> None:
+        hold: bool = False,
+    ) -> "_Request":
         """
         Start C{executable} (a path) with C{args} and C{env}, child fds from
         C{fdmap} (child fd -> our fd; nothing else is inherited), in C{cwd},
         in a new session, at C{niceness}; C{line(pid)} is appended to
-        C{log_fd} before it runs. Returns at once; C{handler} hears the
-        rest, on the reactor thread, never before this returned.
+        C{log_fd} before it runs. Returns at once, with the spawn's ticket
+        (for L{go} and L{cancel}); C{handler} hears the rest, on the
+        reactor thread, never before this returned.
+
+        @param hold: keep the child at the gate until L{go} (or L{cancel}).
+        @raise SpawnBusy: with C{hold}, when L{MAX_HELD} spawns are held.
 
         @param owned: our fds to close once the child has its copies (or
             the spawn failed); C{log_fd} may be one of them, it is closed
@@ -610,6 +684,10 @@ class DirectSpawner:
 
         @raise SpawnFailed: the child could not be started.
         """
+        if hold and self.holding >= MAX_HELD:
+            for fd in owned:
+                os.close(fd)
+            raise SpawnBusy(errno.EAGAIN, f"{MAX_HELD} spawns are held already")
         try:
             if not self._attr_ready:
                 self._make_attr()
@@ -620,14 +698,22 @@ class DirectSpawner:
                 os.close(fd)
             raise SpawnFailed(e.errno or errno.EIO, f"spawn gate: {e}")
         try:
-            actions, argv, envp = self._prepare(gate, executable, args, env, fdmap, cwd)
+            cwd_fd = os.open(cwd, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            self._free_gate(gate)
+            for fd in owned:
+                os.close(fd)
+            raise SpawnFailed(e.errno or errno.EIO, f"{cwd}: {e.strerror}")
+        owned = owned + [cwd_fd]
+        try:
+            actions, argv, envp = self._prepare(gate, executable, args, env, fdmap, cwd_fd)
         except BaseException:
             self._free_gate(gate)
             for fd in owned:
                 os.close(fd)
             raise
         request = _Request(self, reactor, gate, os.fsencode(executable), actions, argv, envp, log_fd, line,
-                           niceness, handler, owned)
+                           niceness, handler, owned, hold)
         try:
             watch_fd = os.open(gate.fifo_in, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
@@ -647,6 +733,42 @@ class DirectSpawner:
         request.watcher = _GateWatcher(request, watch_fd)
         reactor.addReader(request.watcher)
         self._requests.put(request)
+        if hold:
+            self.holding += 1
+        return request
+
+    def _unhold(self, request: "_Request") -> None:
+        """
+        A held spawn goes on or ends: it no longer counts as held.
+        """
+        if request.counted:
+            request.counted = False
+            self.holding -= 1
+
+    def go(self, request: "_Request") -> None:
+        """
+        Let a held spawn go on: at once if its child is at the gate, else
+        as soon as it gets there.
+        """
+        request.hold = False
+        self._unhold(request)
+        if request.state == _HELD:
+            assert request.pid is not None
+            self._set_up(request, request.pid)
+
+    def cancel(self, request: "_Request") -> None:
+        """
+        Give up a spawn that has not started: its child is killed at the
+        gate (at once if it is there), before anything of the script ran,
+        and reaped by its spawn thread. Its handler hears nothing more; our
+        copies of its fds are closed.
+        """
+        self._unhold(request)
+        if request.state == _HELD:
+            assert request.pid is not None
+            self._kill_at_gate(request, request.pid)
+        elif request.state == _WAITING:
+            request.cancelled = True
 
     def _prepare(
         self,
@@ -655,7 +777,7 @@ class DirectSpawner:
         args: list[str],
         env: dict[str, str],
         fdmap: dict[int, int],
-        cwd: str,
+        cwd_fd: int,
     ) -> tuple["ctypes.Array[ctypes.c_char]", "ctypes.Array[ctypes.c_char_p]", "ctypes.Array[ctypes.c_char_p]"]:
         """
         The file actions, C{argv} and C{envp} of a spawn.
@@ -667,6 +789,8 @@ class DirectSpawner:
         if libc.fa_init(actions) != 0:
             raise SpawnFailed(errno.ENOMEM, "posix_spawn_file_actions_init failed")
         try:
+            # First, while every fd of ours is still there.
+            _check(libc.fa_fchdir(actions, cwd_fd), "addfchdir")
             if min(fdmap.values()) > max(fdmap):
                 # No source is also a target: plain dup2s, in any order.
                 for target, source in fdmap.items():
@@ -680,7 +804,6 @@ class DirectSpawner:
                         _check(libc.fa_close(actions, action[1]), "addclose")
             # Every other fd closed, so that the FIFOs land on fd 5.
             _check(libc.fa_closefrom(actions, _FD_GATE), "addclosefrom")
-            _check(libc.fa_chdir(actions, os.fsencode(cwd)), "addchdir")
             _check(libc.fa_open(actions, _FD_GATE, gate.fifo_in, os.O_WRONLY, 0), "addopen")
             _check(libc.fa_close(actions, _FD_GATE), "addclose")
             _check(libc.fa_open(actions, _FD_GATE, gate.fifo_out, os.O_WRONLY, 0), "addopen")
@@ -701,9 +824,61 @@ class DirectSpawner:
         """
         if request.state != _WAITING:
             return
-        pid: int | None = None
+        if request.cancelled or request.hold:
+            try:
+                pid = self._find_child(request)
+            except OSError:
+                pid = None
+            if pid is not None:
+                if request.cancelled:
+                    self._kill_at_gate(request, pid)
+                else:
+                    request.state = _HELD
+                    request.pid = pid
+                return
+            if request.cancelled:
+                # Not to be found: let go, the spawn thread kills it.
+                request.abandoned = True
+                request.state = _CANCELLED
+                self._let_go(request)
+                request.close_owned()
+                return
+        self._set_up(request, None)
+
+    def _kill_at_gate(self, request: _Request, pid: int) -> None:
+        """
+        Kill the child at the gate; its spawn thread reaps it.
+        """
+        request.state = _CANCELLED
+        request.abandoned = True
+        self.forget(pid)
         try:
-            pid = self._find_child(request)
+            os.kill(pid, 9)
+        except OSError:
+            pass
+        request.close_owned()
+
+    def _let_go(self, request: _Request) -> OSError | None:
+        """
+        Open the gate; the error if it cannot be (the child then fails
+        before its exec).
+        """
+        try:
+            request.let_go()
+        except OSError as e:
+            self.broken = True
+            request.abandoned = True
+            return e
+        return None
+
+    def _set_up(self, request: _Request, pid: int | None) -> None:
+        """
+        Set the child at the gate up (its pid found now if not known) and
+        let it go; tell the handler.
+        """
+        try:
+            if pid is None:
+                pid = self._find_child(request)
             if pid is not None:
                 os.setpriority(os.PRIO_PROCESS, pid, request.niceness)
                 os.write(request.log_fd, request.line(pid))
@@ -711,17 +886,13 @@ class DirectSpawner:
             error: OSError | None = e
         else:
             error = None if pid is not None else OSError(errno.ESRCH, "the spawned child cannot be found")
+        self._unhold(request)
         request.abandoned = error is not None
         if pid is not None and request.abandoned:
             # The spawn thread reaps it.
             self.forget(pid)
-        try:
-            request.let_go()
-        except OSError as e:
-            # The child cannot open it either: it fails before its exec.
-            self.broken = True
-            request.abandoned = True
-            error = error or e
+        gate_error = self._let_go(request)
+        error = error or gate_error
         request.close_owned()
         if error is not None:
             request.state = _FAILED
@@ -739,10 +910,12 @@ class DirectSpawner:
         """
         if request.state == _WAITING:
             request.state = _FAILED
+            self._unhold(request)
             if request.watcher is not None:
                 request.watcher.close()
             request.close_owned()
-            request.handler.spawnFailed(SpawnFailed(code, os.strerror(code)))
+            if not request.cancelled:
+                request.handler.spawnFailed(SpawnFailed(code, os.strerror(code)))
         elif request.state == _STARTED and request.pid is not None:
             # The C library reaped it.
             self.forget(request.pid)
@@ -778,6 +951,20 @@ class DirectSpawner:
         thread.given.add(pid)
         self._given[pid] = thread
         return pid
+
+    def early_exit(self, request: "_Request", status: int) -> bool:
+        """
+        The child of C{request} was reaped with exit status 127: if its spawn
+        has not returned yet, the exec itself may have failed (the C library
+        would have reaped it, and C{execFailed} reports why). Then keep the
+        status and return True: the handler hears either C{execFailed} or,
+        when the exec worked, C{exitedEarly(status)}.
+        """
+        with request.lock:
+            if request.returned:
+                return False
+            request.early_status = status
+            return True
 
     def forget(self, pid: int) -> None:
         """

@@ -505,11 +505,18 @@ class QueueStore:
         except FileNotFoundError:
             pass
 
-    def job_dir(self, msg_id: str) -> str:
+    def job_path(self, state: str, msg_id: str) -> str:
         """
-        Create (if needed) and return C{run/<id>/job}.
+        The C{job/} directory of a message in C{state} (not created).
         """
-        path = os.path.join(self.msg_dir("run", msg_id), "job")
+        return os.path.join(self.msg_dir(state, msg_id), "job")
+
+    def job_dir(self, msg_id: str, state: str = "run") -> str:
+        """
+        Create (if needed) and return C{<state>/<id>/job} (C{run/} by
+        default).
+        """
+        path = self.job_path(state, msg_id)
         try:
             os.mkdir(path)
         except FileExistsError:

@@ -66,6 +66,9 @@ class Instance(MultiService):
     @ivar queues: the queue services by name.
     @ivar settings: the instance configuration (C{config/config.json}).
     @ivar base_env: the environment workers start from.
+    @ivar ready_workers: whether a queue whose slots are all busy has the
+        worker of its next due message made ready ahead (spawned, held
+        before its script runs), to start it the moment a slot frees.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class Instance(MultiService):
         syncer: Syncer,
         spawn: Callable[..., Worker],
         base_env: Mapping[str, str] | None = None,
+        ready_workers: bool = False,
     ) -> None:
         """
         @param root: the root directory.
@@ -85,6 +89,8 @@ class Instance(MultiService):
         @param spawn: launches a worker (L{rqtwisted.worker.spawn_worker}
             with the reactor bound).
         @param base_env: the workers' base environment (default: ours).
+        @param ready_workers: see L{ready_workers}; C{spawn} must then take
+            C{hold=True} (as L{rqtwisted.worker.spawn_worker} does).
         """
         super().__init__()
         self.root = root
@@ -92,6 +98,7 @@ class Instance(MultiService):
         self.clock = clock
         self.syncer = syncer
         self.spawn = spawn
+        self.ready_workers = ready_workers
         env = dict(os.environ if base_env is None else base_env)
         env["RQ_ENV"] = settings.env
         if settings.tmpdir:

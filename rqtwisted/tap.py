@@ -29,7 +29,7 @@ from twisted.python import usage
 from rqtwisted.admin import AdminAPI, AdminFactory
 from rqtwisted.admincommands import SOCKET
 from rqtwisted.configwatch import ConfigWatcher
-from rqtwisted.durable import Syncer
+from rqtwisted.durable import syncer_for
 from rqtwisted.root import ConfigError, Root, RootConfig, ensure_root
 from rqtwisted.scandir import ScandirService
 from rqtwisted.supervisor import Instance
@@ -210,8 +210,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         raise SystemExit(f"rq: {e.reason}")
     top = MultiService()
     top.setName("rq")
-    syncer = Syncer(fsync_pool(reactor))
-    instance = Instance(root, settings, reactor, syncer, partial(spawn_worker, reactor))
+    syncer = syncer_for(root.path, partial(fsync_pool, reactor))
+    instance = Instance(root, settings, reactor, syncer, partial(spawn_worker, reactor), ready_workers=True)
     instance.setName("instance")
     instance.setServiceParent(top)
     PidFileService(root.join("config", "queuemgr.pid")).setServiceParent(top)

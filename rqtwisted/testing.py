@@ -61,11 +61,16 @@ class FakeWorker:
 
     @ivar signals: signals sent to its process group.
     @ivar replies: lines written to its fd 4.
+    @ivar waiting: spawned with C{hold} and not let go yet.
+    @ivar went: let go (L{go}) after being held.
+    @ivar cancelled: given up (L{cancel}) while held.
+    @ivar go_dir: where a held worker's job directory is when it goes.
     """
 
     _nextPid = 40000
 
-    def __init__(self, argv: list[str], env: dict[str, str], job_dir: str, events: WorkerEvents) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], job_dir: str, events: WorkerEvents,
+                 hold: bool = False, go_dir: str | None = None) -> None:
         FakeWorker._nextPid += 1
         self.pid = FakeWorker._nextPid
         self.argv = argv
@@ -75,6 +80,26 @@ class FakeWorker:
         self.exited = False
         self.signals: list[int] = []
         self.replies: list[str] = []
+        self.waiting = hold
+        self.went = False
+        self.cancelled = False
+        self.go_dir = go_dir
+
+    def go(self) -> None:
+        """
+        Let a held worker go.
+        """
+        if self.waiting:
+            self.waiting = False
+            self.went = True
+
+    def cancel(self) -> None:
+        """
+        Give a held worker up.
+        """
+        if self.waiting:
+            self.waiting = False
+            self.cancelled = True
 
     def say(self, line: str) -> None:
         """
@@ -114,17 +139,17 @@ class FakeSpawner:
         self.workers: list[FakeWorker] = []
 
     def __call__(self, *, argv: list[str], env: dict[str, str], job_dir: str, real_script: str,
-                 events: WorkerEvents, **kwargs: Any) -> FakeWorker:
-        worker = FakeWorker(argv, env, job_dir, events)
+                 events: WorkerEvents, hold: bool = False, go_dir: str | None = None, **kwargs: Any) -> FakeWorker:
+        worker = FakeWorker(argv, env, job_dir, events, hold, go_dir)
         self.workers.append(worker)
         return worker
 
     @property
     def running(self) -> list[FakeWorker]:
         """
-        The workers that have not exited.
+        The workers that have not exited (nor are held or were given up).
         """
-        return [w for w in self.workers if not w.exited]
+        return [w for w in self.workers if not w.exited and not w.waiting and not w.cancelled]
 
 
 def make_root(path: str, **options: Any) -> Root:
@@ -141,10 +166,12 @@ def make_root(path: str, **options: Any) -> Root:
     return root
 
 
-def instance_for(path: str, clock: Clock | None = None, **options: Any) -> tuple[Any, FakeSpawner, Clock]:
+def instance_for(
+    path: str, clock: Clock | None = None, ready_workers: bool = False, **options: Any
+) -> tuple[Any, FakeSpawner, Clock]:
     """
     An L{Instance} on a fresh root with a L{FakeSpawner} and a L{Clock}
-    (not started).
+    (not started); C{ready_workers} as for L{Instance}.
     """
     from rqtwisted.supervisor import Instance
 
@@ -152,5 +179,6 @@ def instance_for(path: str, clock: Clock | None = None, **options: Any) -> tuple
     clock = clock or Clock()
     clock.advance(1_300_000_000)
     spawner = FakeSpawner()
-    instance = Instance(root, root.load_config(), clock, immediateSyncer(), spawner, base_env={"PATH": "/bin"})
+    instance = Instance(root, root.load_config(), clock, immediateSyncer(), spawner, base_env={"PATH": "/bin"},
+                        ready_workers=ready_workers)
     return instance, spawner, clock

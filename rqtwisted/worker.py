@@ -46,7 +46,7 @@ from rqtwisted import RQ_VERSION
 from rqtwisted.message import base_url, dest_queue, dest_url
 from rqtwisted.protocol import Report, ReportParser
 from rqtwisted.directprocess import REPLY_FD, STATUS_FD, DirectProcess
-from rqtwisted.spawn import DirectSpawner, SpawnFailed
+from rqtwisted.spawn import DirectSpawner, SpawnBusy, SpawnFailed
 
 _log = Logger()
 
@@ -65,7 +65,8 @@ _SH = "/bin/sh"
 
 #: The worker launcher: C{sh -c LAUNCHER rq-worker <job dir> <local time>
 #: <real script> <argv...>}, started with stdin, stdout and stderr on
-#: C{/dev/null}. It first waits for the daemon's go line on fd 4, written
+#: C{/dev/null}. It first waits for the daemon's go line on fd 4 (the time
+#: for the start line when it differs from C{<local time>}), written
 #: once the launcher has been reniced (so the script and all its children
 #: start at nice 19), then opens C{stdio.log} itself (creating a file costs
 #: the daemon's thread nothing this way); C{$$} is the worker's pid, which
@@ -74,7 +75,7 @@ _LAUNCHER = (
     "IFS= read -r go <&4 || exit 126\n"
     'cd "$1" || exit 126\n'
     "command exec >>stdio.log 2>&1 || exit 126\n"
-    "printf '\\n%s - %s - RQ START - %s\\n' \"$$\" \"$2\" \"$3\"\n"
+    "printf '\\n%s - %s - RQ START - %s\\n' \"$$\" \"${go:-$2}\" \"$3\"\n"
     "shift 3\n"
     'exec "$@"\n'
 )
@@ -84,7 +85,8 @@ _LAUNCHER = (
 #: clean shutdown; end of file without it means the daemon died. Then it
 #: first kills the children the daemon left at a spawn gate (not exec'd
 #: yet, so still with the daemon's command line, already in a job
-#: directory, with no pid file), then every listed worker's group.
+#: directory of C{run/}, or of C{que/} for a worker made ready ahead, with
+#: no pid file), then every listed worker's group.
 _WATCHDOG = """\
 trap '' HUP INT TERM QUIT PIPE
 dcmd=$(tr '\\0' '\\n' < "/proc/$PPID/cmdline" 2>/dev/null)
@@ -94,7 +96,7 @@ IFS= read -r line
 cd "$1" || exit 1
 root=$(pwd -P)
 if [ -n "$dcmd" ]; then
-  for c in $(find /proc -mindepth 2 -maxdepth 2 -name cwd -lname "$root/queue*/*/run/*/job" 2>/dev/null); do
+  for c in $(find /proc -mindepth 2 -maxdepth 2 -name cwd \\( -lname "$root/queue*/*/run/*/job" -o -lname "$root/queue*/*/que/*/job" \\) 2>/dev/null); do
     p=${c#/proc/}
     p=${p%/cwd}
     [ "$(tr '\\0' '\\n' < "/proc/$p/cmdline" 2>/dev/null)" = "$dcmd" ] && kill -s KILL -- "$p" 2>/dev/null
@@ -359,6 +361,24 @@ class WorkerEvents(Protocol):
         """
 
 
+class _NoEvents:
+    """
+    The L{WorkerEvents} of a worker given up before it started: none.
+    """
+
+    def reportReceived(self, report: Report) -> None:
+        pass
+
+    def workerExited(self, exit_code: int | None, signal: int | None) -> None:
+        pass
+
+    def workerStarted(self, pid: int) -> None:
+        pass
+
+
+_NO_EVENTS = _NoEvents()
+
+
 class WorkerProtocol(ProcessProtocol):
     """
     Watch one worker: reports from fd 3, dup replies to fd 4, the exit.
@@ -410,6 +430,13 @@ class WorkerProtocol(ProcessProtocol):
             os.killpg(self.pid, sig)
         except ProcessLookupError:
             pass
+
+    def silence(self) -> None:
+        """
+        Deliver no more events (the worker was given up before it started).
+        """
+        self._events = _NO_EVENTS
+        self._held = None
 
     def _hold(self) -> None:
         """
@@ -490,17 +517,19 @@ class WorkerProtocol(ProcessProtocol):
             total += len(chunk)
         return b"".join(chunks)
 
-    def _go(self) -> None:
+    def _go(self, stamp: str = "") -> None:
         """
         Let the launcher go on: one line on fd 4, written at once (not
-        through the transport's buffer). A worker already gone is ignored.
+        through the transport's buffer): the time for its C{RQ START} line,
+        or empty for the one it was started with. A worker already gone is
+        ignored.
         """
         pipes = getattr(self.transport, "pipes", None) or {}
         writer = pipes.get(REPLY_FD)
         if writer is None:
             return
         try:
-            os.write(writer.fileno(), b"\n")
+            os.write(writer.fileno(), stamp.encode() + b"\n")
         except OSError:
             pass
 
@@ -564,6 +593,37 @@ class Worker:
         self._protocol = protocol
         if pid is not None:
             protocol.pid = pid
+        #: Spawned with C{hold}: waiting at its gate for L{go}.
+        self.waiting = False
+        self._go: Callable[[], None] = _nothing
+        self._cancel: Callable[[], None] = _nothing
+
+    def _use(self, go: Callable[[], None], cancel: Callable[[], None]) -> None:
+        """
+        How L{go} and L{cancel} reach the process the worker is now.
+        """
+        self._go, self._cancel = go, cancel
+
+    def go(self) -> None:
+        """
+        Let a worker spawned with C{hold} run its script (its C{RQ START}
+        line is written now); its pid comes with
+        L{WorkerEvents.workerStarted} where it is not known yet.
+        """
+        if self.waiting:
+            self.waiting = False
+            self._go()
+
+    def cancel(self) -> None:
+        """
+        Give up a worker spawned with C{hold} that was not let go: it is
+        killed before anything of its script ran, and no event is
+        delivered for it.
+        """
+        if self.waiting:
+            self.waiting = False
+            self._protocol.silence()
+            self._cancel()
 
     @property
     def pid(self) -> int | None:
@@ -598,6 +658,10 @@ class Worker:
 
     def __repr__(self) -> str:
         return f"<Worker pid={self.pid} exited={self.exited}>"
+
+
+def _nothing() -> None:
+    pass
 
 
 class _SessionProcess(_twprocess.Process):
@@ -825,34 +889,42 @@ def _spawn_direct(
     job_dir: str,
     line: Callable[[int], bytes],
     fallback: Callable[[], None],
-) -> bool:
+    hold: bool = False,
+    log_dir: str | None = None,
+) -> DirectProcess | None:
     """
     Start the script itself (see L{DirectSpawner}) with a L{DirectProcess}
-    transport; whether it is under way. Its pid comes later, through
-    L{WorkerProtocol.started}; if it turns out it could not be started
-    that way, C{fallback} is called (the launcher then tries, and fails the
-    way a shell does).
+    transport, held at the gate with C{hold}; the process if it is under
+    way (a failed exec is told in C{stdio.log} of C{log_dir}, by default
+    C{job_dir}). Its pid comes later, through L{WorkerProtocol.started}; if it
+    turns out it could not be started that way, C{fallback} is called (the
+    launcher then tries, and fails the way a shell does).
+
+    @raise SpawnBusy: C{hold} was asked for and too many spawns are held.
     """
     executable = _find_executable(argv[0], env) if argv else None
     if executable is None or not _directly_executable(executable):
-        return False
+        return None
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
     try:
         log_fd = os.open(os.path.join(job_dir, "stdio.log"), flags, 0o644)
     except OSError:
-        return False
+        return None
 
     def failed(error: SpawnFailed) -> None:
         _log.debug("direct spawn of {argv} failed ({error}); using the launcher", argv=argv, error=error)
         fallback()
 
-    process = DirectProcess(reactor, protocol, failed, _exec_failed(executable, job_dir))
+    process = DirectProcess(reactor, protocol, failed, _exec_failed(executable, log_dir or job_dir))
     try:
-        process.start(spawner, executable, argv, env, job_dir, _devnull_fd(), log_fd, line, WORKER_NICENESS)
+        process.start(spawner, executable, argv, env, job_dir, _devnull_fd(), log_fd, line, WORKER_NICENESS, hold)
+    except SpawnBusy:
+        # Not a failure to start: too many are held; the caller starts it later.
+        raise
     except SpawnFailed as e:
         _log.debug("direct spawn of {argv} failed ({error}); using the launcher", argv=argv, error=e)
-        return False
-    return True
+        return None
+    return process
 
 
 #: C{spawner(reactor, protocol, executable, args, env, childFDs) -> pid}:
@@ -899,6 +971,8 @@ def spawn_worker(
     events: WorkerEvents,
     now: float | None = None,
     spawner: Spawner | None = None,
+    hold: bool = False,
+    go_dir: str | None = None,
 ) -> Worker:
     """
     Start one worker.
@@ -910,6 +984,12 @@ def spawn_worker(
 
     Events are never delivered before this returns (not even for a worker
     that exits at once).
+
+    With C{hold}, the worker is made ready but waits (L{Worker.waiting})
+    before anything of the script runs, until L{Worker.go}, or until
+    L{Worker.cancel} kills it. Its C{RQ START} line is written when it goes.
+    If its job directory is renamed meanwhile, C{go_dir} says where it is
+    by then (a worker that enters it only when it goes needs it).
 
     @param argv: from L{script_argv}.
     @param env: from L{worker_environment}.
@@ -927,32 +1007,53 @@ def spawn_worker(
         C{stdio.log} that cannot be opened makes the worker exit 126; a
         command that cannot be found or run, 127 (the reason is in
         C{stdio.log}).
+    @raise SpawnBusy: C{hold} was asked for and too many spawns are held
+        (a L{SpawnFailed}, so an L{OSError}); nothing is running.
     """
     job_dir = os.path.abspath(job_dir)
     stamp = start_line_time(time.time() if now is None else now)
     protocol = WorkerProtocol(events)
     protocol._hold()
     worker = Worker(None, protocol)
+    worker.waiting = hold
+    # The launcher enters its directory only when it goes.
+    launch_dir = os.path.abspath(go_dir) if hold and go_dir else job_dir
+
+    def go_now() -> None:
+        # A held launcher: its start line has the time it goes.
+        protocol._go(start_line_time(time.time()) if now is None else stamp)
+
     direct = _direct_spawner() if spawner is None else None
     if direct is not None and not direct.broken:
-        tail = f" - {stamp} - RQ START - ".encode() + os.fsencode(real_script) + b"\n"
+        script = os.fsencode(real_script)
+
+        def line(pid: int) -> bytes:
+            # Written when the worker goes: a held one has its time then.
+            when = stamp if now is not None or not hold else start_line_time(time.time())
+            return b"\n%d - %s - RQ START - %s\n" % (pid, when.encode(), script)
 
         def fallback() -> None:
             try:
-                pid = _spawn_launcher(reactor, protocol, argv, env, job_dir, stamp, real_script, None)
+                pid = _spawn_launcher(reactor, protocol, argv, env, launch_dir, stamp, real_script, None,
+                                      go=not worker.waiting)
             except OSError as e:
                 # As when the spawn fails at once: the message ends in err.
+                worker.waiting = False
                 protocol._reports([Report("err", f"could not start the queue script: {e}")])
                 protocol.exitReceived(127, None)
                 return
+            worker._use(go_now, functools.partial(protocol.signal, _signal.SIGKILL))
             protocol.started(pid)
 
-        if _spawn_direct(
-            reactor, direct, protocol, argv, env, job_dir, lambda pid: b"\n%d%s" % (pid, tail), fallback
-        ):
+        process = _spawn_direct(reactor, direct, protocol, argv, env, job_dir, line, fallback, hold, launch_dir)
+        if process is not None:
+            if worker._go is _nothing:
+                # (unless the fallback took over already)
+                worker._use(process.go, process.cancel)
             protocol._release_soon(reactor)
             return worker
-    protocol.pid = _spawn_launcher(reactor, protocol, argv, env, job_dir, stamp, real_script, spawner)
+    protocol.pid = _spawn_launcher(reactor, protocol, argv, env, launch_dir, stamp, real_script, spawner, go=not hold)
+    worker._use(go_now, functools.partial(protocol.signal, _signal.SIGKILL))
     protocol._release_soon(reactor)
     return worker
 
@@ -966,10 +1067,11 @@ def _spawn_launcher(
     stamp: str,
     real_script: str,
     spawner: Spawner | None,
+    go: bool = True,
 ) -> int:
     """
     Start the worker through the C{/bin/sh} launcher (see L{_LAUNCHER});
-    its pid.
+    its pid. Without C{go} it waits for L{WorkerProtocol._go}.
 
     @raise OSError: the spawn failed.
     """
@@ -987,7 +1089,8 @@ def _spawn_launcher(
         {0: devnull, 1: devnull, 2: devnull, STATUS_FD: "r", REPLY_FD: "w"},
     )
     # The launcher has been reniced by now (see _SessionProcess).
-    protocol._go()
+    if go:
+        protocol._go()
     return pid
 
 

@@ -78,12 +78,24 @@ class FakeSpawner:
         self.handler: Any = None
 
     def spawn(self, reactor: Any, executable: str, args: Any, env: Any, fdmap: dict[int, int], cwd: str,
-              log_fd: int, line: Any, niceness: int, handler: Any, owned: list[int]) -> None:
+              log_fd: int, line: Any, niceness: int, handler: Any, owned: list[int], hold: bool = False) -> Any:
         # The child's copies of its fds; ours are closed as the spawner would.
         self.fdmap = {child: os.dup(fd) for child, fd in fdmap.items()}
         for fd in owned:
             os.close(fd)
         self.handler = handler
+        self.hold = hold
+        self.requests = [*getattr(self, "requests", []), ("spawn", hold)]
+        return len(self.requests)
+
+    def go(self, request: Any) -> None:
+        self.requests = [*self.requests, ("go", request)]
+
+    def cancel(self, request: Any) -> None:
+        self.requests = [*self.requests, ("cancel", request)]
+
+    def early_exit(self, request: Any, status: int) -> bool:
+        return False
 
     forgotten: list[int]
 
@@ -96,8 +108,11 @@ class FakeSpawner:
         self.fdmap = {}
 
 
-@pytest.fixture
-def started() -> Any:
+def start_process(hold: bool = False) -> tuple[FakeReactor, Owner, FakeSpawner, DirectProcess]:
+    """
+    A L{DirectProcess} of C{/bin/true} started on a L{FakeSpawner}; the
+    fallback's failures in its C{failures}.
+    """
     reactor = FakeReactor()
     owner = Owner()
     spawner = FakeSpawner()
@@ -105,11 +120,17 @@ def started() -> Any:
     process = DirectProcess(reactor, owner, failures.append, lambda p, code: None)
     log = os.open(os.devnull, os.O_WRONLY)
     stdin = os.open(os.devnull, os.O_RDONLY)
-    process.start(spawner, "/bin/true", ["/bin/true"], {}, "/", stdin, log, lambda pid: b"", 19)
+    process.start(spawner, "/bin/true", ["/bin/true"], {}, "/", stdin, log, lambda pid: b"", 19, hold=hold)
     os.close(stdin)
+    process.failures = failures  # type: ignore[attr-defined]
+    return reactor, owner, spawner, process
+
+
+@pytest.fixture
+def started() -> Any:
+    reactor, owner, spawner, process = start_process()
     # A pid of ours nobody reaps: never registered with the reaper here.
     process.reapProcess = lambda: None  # type: ignore[method-assign]
-    process.failures = failures  # type: ignore[attr-defined]
     yield reactor, owner, spawner, process
     spawner.close()
 
@@ -210,6 +231,41 @@ def test_exit_decoded_once(started: Any, status: int, expected: tuple[int | None
     assert spawner.forgotten == [4242]
 
 
+@pytest.mark.parametrize("spawn_returned, status", [(False, 127 << 8), (True, 127 << 8), (False, 3 << 8)])
+def test_exit_127_before_the_spawn_returned_waits(
+    started: Any, monkeypatch: Any, spawn_returned: bool, status: int
+) -> None:
+    """
+    An exit status 127 reaped while the spawn has not returned may be a
+    failed exec (which the spawn then reports, with its reason): the exit
+    is held back, and reported by C{exitedEarly} when the exec had worked.
+    Any other exit, or one after the spawn returned, is reported at once.
+    """
+    reactor, owner, spawner, process = started
+    asked = []
+
+    def early_exit(request: Any, st: int) -> bool:
+        asked.append((request, st))
+        return not spawn_returned
+
+    spawner.early_exit = early_exit
+    process.pid = 4343
+    monkeypatch.setattr(directprocess.os, "waitpid", lambda pid, flags: (pid, status))
+    monkeypatch.setattr(directprocess._twprocess, "unregisterReapProcessHandler", lambda pid, p: None)
+    del process.reapProcess  # the fixture's stand-in
+    process.reapProcess()
+    if status >> 8 != 127:
+        assert asked == [] and owner.exits == [(3, None)]
+        return
+    assert asked == [(process._request, status)]
+    if spawn_returned:
+        assert owner.exits == [(127, None)]
+        return
+    assert owner.exits == []
+    process.exitedEarly(status)
+    assert owner.exits == [(127, None)]
+
+
 def test_spawn_failed_falls_back(started: Any) -> None:
     """
     A spawn that failed before anything ran closes our pipe ends and asks
@@ -224,3 +280,77 @@ def test_spawn_failed_falls_back(started: Any) -> None:
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+def test_start_passes_hold(started: Any) -> None:
+    """
+    An ordinary start asks the spawner for no hold; the spawn's ticket is
+    kept for L{DirectProcess.go} and L{DirectProcess.cancel}.
+    """
+    reactor, owner, spawner, process = started
+    assert spawner.requests == [("spawn", False)]
+    assert process._request == 1
+
+
+@pytest.fixture
+def held() -> Any:
+    """
+    A L{DirectProcess} started with C{hold}, its spawner a L{FakeSpawner}.
+    """
+    reactor, owner, spawner, process = start_process(hold=True)
+    yield reactor, owner, spawner, process
+    spawner.close()
+
+
+def test_go_forwards_the_ticket(held: Any) -> None:
+    """
+    L{DirectProcess.go} lets the spawner go on with this spawn's ticket;
+    nothing is reported until the spawner says the child started.
+    """
+    reactor, owner, spawner, process = held
+    assert spawner.requests == [("spawn", True)]
+    process.go()
+    assert spawner.requests == [("spawn", True), ("go", 1)]
+    assert owner.pids == [] and owner.exits == [] and owner.data == []
+    assert not process.ended
+    assert set(process.pipes) == {STATUS_FD, REPLY_FD}
+
+
+def test_cancel_closes_and_reports_nothing(held: Any) -> None:
+    """
+    L{DirectProcess.cancel} cancels the spawn with its ticket, closes both
+    our pipe ends, marks the process ended; the protocol hears nothing,
+    not even of a later exit.
+    """
+    reactor, owner, spawner, process = held
+    fds = [pipe.fileno() for pipe in process.pipes.values()]
+    assert len(fds) == 2
+    process.cancel()
+    assert spawner.requests == [("spawn", True), ("cancel", 1)]
+    assert process.ended
+    assert process.pipes == {}
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    reactor.advance(0)
+    assert reactor.readers == set() and reactor.writers == set()
+    process.pid = 4242
+    process.processEnded(9)
+    process.execFailed(4242, 2)
+    assert owner.pids == [] and owner.exits == [] and owner.data == []
+    assert process.failures == []
+    # The child's end of the status pipe sees ours closed.
+    with pytest.raises(BrokenPipeError):
+        os.write(spawner.fdmap[STATUS_FD], b"done late\n")
+
+
+def test_go_and_cancel_before_start() -> None:
+    """
+    A process never started has no spawn to go on with or to cancel.
+    """
+    owner = Owner()
+    process = DirectProcess(FakeReactor(), owner, lambda error: None, lambda p, code: None)
+    process.go()
+    process.cancel()
+    assert process.ended and process.pipes == {}
+    assert owner.transport is None

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from twisted.internet.defer import Deferred
 
+from rqtwisted import durable
 from rqtwisted.durable import Syncer, replace_file
 
 
@@ -119,3 +121,71 @@ def test_ack_waits_for_sync():
     assert fired == []
     thread.finish()
     assert fired == [None]
+
+
+MOUNTS = """\
+/dev/sda1 / ext4 rw,relatime 0 0
+proc /proc proc rw 0 0
+tmpfs /dev/shm tmpfs rw,nosuid,nodev 0 0
+tmpfs /srv/rq\\040queues tmpfs rw 0 0
+/dev/sdb1 /srv ext4 rw 0 0
+/dev/sdc1 /srv/rq\\040queues/disk xfs rw 0 0
+/dev/sdd1 /dev/shm ext4 rw 0 0
+"""
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    path = tmp_path / "mounts"
+    path.write_text(MOUNTS)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "path, kind",
+    [
+        ("/var/lib/rq", "ext4"),
+        ("/srv", "ext4"),
+        ("/srv/other", "ext4"),
+        ("/srv/rq queues", "tmpfs"),
+        ("/srv/rq queues/root", "tmpfs"),
+        ("/srv/rq queues/disk/root", "xfs"),
+        ("/srv/rq queuesX", "ext4"),  # a prefix of the name is not the mount
+        ("/dev/shm/rq", "ext4"),  # the last of stacked mounts wins
+    ],
+)
+def test_filesystem_type_longest_mount_point(mounts, path, kind):
+    assert durable.filesystem_type(path, mounts) == kind
+
+
+def test_filesystem_type_unknown_without_mount_table(tmp_path):
+    assert durable.filesystem_type("/", str(tmp_path / "missing")) is None
+
+
+def test_filesystem_type_follows_symlinks(tmp_path):
+    # The real mount table: a link to a directory of the root's mount is
+    # on the directory's filesystem, wherever the link itself is.
+    link = tmp_path / "link"
+    link.symlink_to("/proc/self")
+    assert durable.filesystem_type(str(link)) == "proc"
+
+
+def test_syncer_for_memory_filesystem_skips_rounds(mounts):
+    made = []
+    syncer = durable.syncer_for("/srv/rq queues/root", lambda: made.append(1), mounts)
+    assert isinstance(syncer, durable.MemorySyncer)
+    assert made == []  # no fsync thread is made
+    fired = []
+    syncer.sync("/srv/rq queues/root/queue").addCallback(fired.append)
+    syncer.later("/srv/rq queues/root/queue")
+    assert fired == [None]
+    assert syncer.rounds == 0
+
+
+def test_syncer_for_disk_runs_rounds_in_its_thread(mounts):
+    thread = ManualThread()
+    syncer = durable.syncer_for("/srv/data", lambda: thread, mounts)
+    assert not isinstance(syncer, durable.MemorySyncer)
+    fired = []
+    syncer.sync("/srv/data/x").addCallback(fired.append)
+    assert fired == [] and syncer.rounds == 1

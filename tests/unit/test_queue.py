@@ -12,8 +12,8 @@ import signal
 import pytest
 
 from rqtwisted.message import MessageError
-from rqtwisted.queue import IDLE_PASS, STOP_GRACE
-from rqtwisted.testing import result_of
+from rqtwisted.queue import IDLE_PASS, READY_STALE, READY_WITHIN, STOP_GRACE
+from rqtwisted.testing import instance_for, result_of
 
 
 def send(instance, queue="test", **fields):
@@ -415,3 +415,416 @@ def test_unbalanced_exec_prefix_is_a_scripterror(started):
     assert q.status() == "SCRIPTERROR"
     assert q.locate(msg_id) == "que"
     assert spawner.workers == []
+
+
+# -- ready workers: the next due message's worker made ready ahead
+
+
+def ready_queue(tmp_path, ready_workers=True, **config):
+    """
+    An instance (ready workers on by default) with the paused queue C{rw}
+    (two workers) holding four due messages, due in the order they were
+    sent; C{(instance, spawner, clock, queue, ids)}.
+    """
+    instance, spawner, clock = instance_for(str(tmp_path / "root"), ready_workers=ready_workers)
+    data = {"name": "rw", "script": "./code/noop", "num_workers": 2, "exec_prefix": ""}
+    data.update(config)
+    instance.create_queue(data)
+    instance.startService()
+    instance.set_admin("pause", "rw")
+    now = int(clock.seconds())
+    ids = [short(send(instance, "rw", param1=str(k), due=now - 10 + k)) for k in range(4)]
+    return instance, spawner, clock, instance.queue("rw"), ids
+
+
+def finish(worker):
+    worker.say("done")
+    worker.exit(0)
+
+
+def msg_ids(workers):
+    return [w.env["RQ_MSG_ID"] for w in workers]
+
+
+def test_ready_worker_made_when_every_slot_is_busy(tmp_path):
+    """
+    With every slot busy, the next due message gets a worker spawned held
+    in its C{que/<id>/job} directory, to go from C{run/<id>/job}; the
+    message stays in que, in memory and on disk.
+    """
+    instance, spawner, clock, q, ids = ready_queue(tmp_path)
+    instance.set_admin("resume", "rw")
+    assert msg_ids(spawner.running) == ids[:2]
+    assert len(spawner.workers) == 3
+    ready = spawner.workers[2]
+    assert ready.env["RQ_MSG_ID"] == ids[2]
+    assert ready.waiting and not ready.went and not ready.cancelled
+    assert ready.job_dir == q.store.job_path("que", ids[2])
+    assert os.path.isdir(ready.job_dir)
+    assert ready.go_dir == q.store.job_path("run", ids[2])
+    assert ready.env["RQ_MSG_DIR"] == ready.go_dir
+    assert q.locate(ids[2]) == "que"
+    assert q.store.exists("que", ids[2])
+    assert not os.path.exists(q.store.msg_dir("run", ids[2]))
+    assert q.num_messages()["que"] == 2
+    assert q.num_messages()["run"] == 2
+    assert sorted(q.messages("que")) == sorted(ids[2:])
+    # Later passes keep the one ready worker.
+    clock.advance(READY_STALE / 2)
+    q.schedule()
+    assert len(spawner.workers) == 3 and ready.waiting
+
+
+def test_stale_ready_worker_given_up_until_a_short_run(tmp_path):
+    """
+    A ready worker that waited longer than L{READY_STALE} is given up, and
+    none is made again until a worker runs within L{READY_WITHIN}.
+    """
+    instance, spawner, clock, q, ids = ready_queue(tmp_path)
+    instance.set_admin("resume", "rw")
+    ready = spawner.workers[2]
+    clock.advance(READY_STALE + 0.1)
+    q.schedule()
+    assert ready.cancelled and q.locate(ids[2]) == "que"
+    assert len(spawner.workers) == 3
+    # The first worker ran long: its slot gets a fresh worker, none is held.
+    finish(spawner.workers[0])
+    assert msg_ids(spawner.running) == [ids[1], ids[2]]
+    more = [short(send(instance, "rw", param1=f"more{k}")) for k in range(2)]
+    assert len(spawner.workers) == 4 and not any(w.waiting for w in spawner.workers)
+    # A short run makes them pay again.
+    finish(spawner.workers[3])
+    assert msg_ids(spawner.running) == [ids[1], ids[3]]
+    assert spawner.workers[-1].waiting and msg_ids(spawner.workers[-1:]) == [more[0]]
+
+
+def test_no_ready_worker_after_a_long_run(tmp_path):
+    """
+    A worker that ran longer than L{READY_WITHIN} stops ready workers from
+    being made (the one already ready still goes); a short run brings
+    them back.
+    """
+    instance, spawner, clock, q, ids = ready_queue(tmp_path)
+    instance.set_admin("resume", "rw")
+    extra = short(send(instance, "rw", param1="extra"))
+    clock.advance(READY_WITHIN + (READY_STALE - READY_WITHIN) / 2)
+    finish(spawner.workers[0])
+    assert spawner.workers[2].went
+    assert msg_ids(spawner.running) == [ids[1], ids[2]]
+    assert len(spawner.workers) == 3
+    finish(spawner.workers[2])
+    assert msg_ids(spawner.running) == [ids[1], ids[3]]
+    assert spawner.workers[-1].waiting and msg_ids(spawner.workers[-1:]) == [extra]
+
+
+def test_no_ready_worker_by_default(tmp_path):
+    """
+    Without C{ready_workers} (the default) only the free slots get workers.
+    """
+    instance, spawner, clock, q, ids = ready_queue(tmp_path, ready_workers=False)
+    instance.set_admin("resume", "rw")
+    assert msg_ids(spawner.workers) == ids[:2]
+    assert not any(w.waiting for w in spawner.workers)
+    clock.advance(IDLE_PASS)
+    assert len(spawner.workers) == 2
+    finish(spawner.workers[0])
+    assert msg_ids(spawner.workers) == ids[:3]
+    assert spawner.workers[2].job_dir == q.store.job_path("run", ids[2])
+    assert not spawner.workers[2].waiting
+
+
+def test_ready_worker_goes_when_a_slot_frees(tmp_path):
+    """
+    When a running worker exits, the ready one goes: its message (and the
+    job directory it waits in) moves to run, its pid is recorded, and a
+    new worker is made ready for the next message. Messages run in due
+    order, each once.
+    """
+    instance, spawner, clock, q, ids = ready_queue(tmp_path)
+    instance.set_admin("resume", "rw")
+    ready = spawner.workers[2]
+    with open(os.path.join(ready.job_dir, "marker"), "w") as f:
+        f.write("cwd")
+    finish(spawner.workers[0])
+    assert ready.went and not ready.waiting and not ready.cancelled
+    assert q.locate(ids[2]) == "run"
+    assert ids[2] in q.run and ids[2] not in q.que
+    assert not os.path.exists(q.store.msg_dir("que", ids[2]))
+    run_job = q.store.job_path("run", ids[2])
+    assert ready.go_dir == run_job
+    with open(os.path.join(run_job, "marker")) as f:
+        assert f.read() == "cwd"
+    assert q.store.read_pid(ids[2]) == ready.pid
+    assert q.num_messages() == {"prep": 0, "que": 1, "run": 2, "done": 1, "err": 0, "relayed": 0}
+    assert msg_ids(spawner.running) == ids[1:3]
+    nxt = spawner.workers[3]
+    assert nxt.waiting and nxt.env["RQ_MSG_ID"] == ids[3]
+    assert nxt.job_dir == q.store.job_path("que", ids[3])
+    # Its reports and exit count once it went.
+    ready.say("done ready")
+    ready.exit(0)
+    assert q.locate(ids[2]) == "done"
+    assert q.get_status(ids[2])["status"] == "done - ready"
+    assert nxt.went
+    finish(spawner.workers[1])
+    finish(nxt)
+    assert len(spawner.workers) == 4
+    assert msg_ids(spawner.workers) == ids
+    assert all(q.locate(i) == "done" for i in ids)
+    assert q.num_messages()["done"] == 4
+    assert q._ready is None
+
+
+@pytest.mark.parametrize("action, undo", [("pause", "resume"), ("down", "up")])
+def test_pause_or_down_cancels_ready_worker(tmp_path, action, undo):
+    """
+    A paused or down queue gives up its ready worker; the message stays in
+    que and runs after the queue is resumed.
+    """
+    instance, spawner, clock, q, ids = ready_queue(tmp_path)
+    instance.set_admin("resume", "rw")
+    ready = spawner.workers[2]
+    instance.set_admin(action, "rw")
+    assert ready.cancelled and not ready.went
+    assert q._ready is None
+    assert q.locate(ids[2]) == "que" and q.store.exists("que", ids[2])
+    finish(spawner.workers[0])
+    finish(spawner.workers[1])
+    assert len(spawner.workers) == 3
+    assert q.num_messages()["que"] == 2
+    instance.set_admin(undo, "rw")
+    assert msg_ids(spawner.running) == ids[2:]
+    assert not ready.went
+    finish(spawner.workers[3])
+    finish(spawner.workers[4])
+    assert all(q.locate(i) == "done" for i in ids)
+    assert len(spawner.workers) == 5
+
+
+def test_deleted_ready_message_is_not_run(tmp_path):
+    """
+    The ready message deleted before a slot frees: its worker is given up
+    and the next message runs instead; nothing lost or run twice.
+    """
+    instance, spawner, clock, q, ids = ready_queue(tmp_path)
+    extra = short(send(instance, "rw", param1="4", due=int(clock.seconds())))
+    instance.set_admin("resume", "rw")
+    ready = spawner.workers[2]
+    assert ready.env["RQ_MSG_ID"] == ids[2]
+    assert result_of(q.delete(ids[2])) == "msg deleted"
+    with pytest.raises(MessageError, match="msg not found"):
+        q.locate(ids[2])
+    finish(spawner.workers[0])
+    assert ready.cancelled and not ready.went
+    assert msg_ids(spawner.running) == [ids[1], ids[3]]
+    assert spawner.workers[-1].waiting and spawner.workers[-1].env["RQ_MSG_ID"] == extra
+    for w in list(spawner.running):
+        finish(w)
+    for w in list(spawner.running):
+        finish(w)
+    started = [w.env["RQ_MSG_ID"] for w in spawner.workers if not w.cancelled]
+    assert started == [ids[0], ids[1], ids[3], extra]
+    assert q.num_messages() == {"prep": 0, "que": 0, "run": 0, "done": 4, "err": 0, "relayed": 0}
+
+
+def test_ready_message_no_longer_due_goes_back(tmp_path):
+    """
+    The ready message no longer due when a slot frees (its due moved
+    later): its worker is given up, the next due one runs, and it runs
+    when due.
+    """
+    instance, spawner, clock, q, ids = ready_queue(tmp_path)
+    instance.set_admin("resume", "rw")
+    ready = spawner.workers[2]
+    later = int(clock.seconds()) + 100
+    q.que[ids[2]]["due"] = later
+    finish(spawner.workers[0])
+    assert ready.cancelled and not ready.went
+    assert q.locate(ids[2]) == "que"
+    assert msg_ids(spawner.running) == [ids[1], ids[3]]
+    # Nothing else is due: no worker made ready for it yet.
+    assert not spawner.workers[-1].waiting
+    finish(spawner.workers[1])
+    finish(spawner.workers[3])
+    assert q.locate(ids[2]) == "que"
+    clock.advance(later - clock.seconds() - 1)
+    assert q.locate(ids[2]) == "que"
+    clock.advance(1)
+    assert q.locate(ids[2]) == "run"
+    assert spawner.workers[-1].env["RQ_MSG_ID"] == ids[2] and not spawner.workers[-1].waiting
+    finish(spawner.workers[-1])
+    assert q.num_messages()["done"] == 4
+
+
+def test_run_now_of_the_ready_message(tmp_path):
+    """
+    C{run_now} of the message already made ready keeps its worker: it goes
+    when a slot frees, once.
+    """
+    instance, spawner, clock, q, ids = ready_queue(tmp_path)
+    instance.set_admin("resume", "rw")
+    ready = spawner.workers[2]
+    assert result_of(q.run_now(ids[2])) == "msg sent to front of run queue"
+    assert ready.waiting and len(spawner.workers) == 3
+    finish(spawner.workers[0])
+    assert ready.went
+    assert spawner.workers[3].env["RQ_MSG_ID"] == ids[3]
+    for w in (spawner.workers[1], ready, spawner.workers[3]):
+        finish(w)
+    assert len(spawner.workers) == 4
+    assert q.num_messages()["done"] == 4
+
+
+def test_stop_cancels_ready_worker(tmp_path):
+    """
+    Stopping the queue gives up its ready worker; the message stays in que.
+    """
+    instance, spawner, clock, q, ids = ready_queue(tmp_path)
+    instance.set_admin("resume", "rw")
+    ready = spawner.workers[2]
+    d = q.stopService()
+    fired = []
+    d.addCallback(fired.append)
+    assert ready.cancelled and not ready.went
+    assert ready.signals == []
+    assert q._ready is None
+    assert q.store.exists("que", ids[2])
+    assert fired == []
+    for w in spawner.workers[:2]:
+        w.exit(None, signal.SIGTERM)
+    assert fired
+    assert len(spawner.workers) == 3
+
+
+def test_reconfigure_cancels_ready_worker(tmp_path):
+    """
+    A reconfigure gives up the ready worker (made with the old settings);
+    the next pass makes a new one with the new ones.
+    """
+    from dataclasses import replace
+
+    instance, spawner, clock, q, ids = ready_queue(tmp_path)
+    instance.set_admin("resume", "rw")
+    ready = spawner.workers[2]
+    q.reconfigure(replace(q.config, env_vars={"EXTRA": "1"}))
+    assert ready.cancelled
+    fresh = spawner.workers[3]
+    assert fresh.waiting and fresh.env["RQ_MSG_ID"] == ids[2] and fresh.env.get("EXTRA") == "1"
+    # One more slot: the message starts at once, the next one is made ready.
+    q.reconfigure(replace(q.config, num_workers=3))
+    assert fresh.cancelled
+    assert msg_ids(spawner.running) == ids[:3]
+    assert spawner.workers[-1].waiting and spawner.workers[-1].env["RQ_MSG_ID"] == ids[3]
+    for w in list(spawner.running):
+        finish(w)
+    finish(spawner.workers[-1])
+    assert q.num_messages()["done"] == 4
+    assert [w.env["RQ_MSG_ID"] for w in spawner.workers if w.went or not (w.cancelled or w.waiting)] == ids
+
+
+@pytest.mark.parametrize("config", [{"blocking_params": [1]}, {"coalesce_params": [1]}])
+def test_no_ready_worker_for_blocking_or_coalescing_queues(tmp_path, config):
+    """
+    Which message runs next on a queue that blocks or coalesces by params
+    depends on the running ones: no worker is made ready ahead.
+    """
+    instance, spawner, clock, q, ids = ready_queue(tmp_path, **config)
+    instance.set_admin("resume", "rw")
+    assert msg_ids(spawner.workers) == ids[:2]
+    clock.advance(IDLE_PASS)
+    assert len(spawner.workers) == 2
+    finish(spawner.workers[0])
+    assert msg_ids(spawner.workers) == ids[:3]
+    assert not any(w.waiting for w in spawner.workers)
+
+
+def test_ready_worker_not_let_go_after_script_broke(tmp_path):
+    """
+    The script made non-executable while a worker is ready: when a slot
+    frees the queue goes SCRIPTERROR, the ready worker is given up and its
+    message stays in que (as without a ready worker).
+    """
+    instance, spawner, clock, q, ids = ready_queue(tmp_path)
+    instance.set_admin("resume", "rw")
+    ready = spawner.workers[2]
+    os.chmod(instance.root.join("code", "noop"), 0o644)
+    finish(spawner.workers[0])
+    assert q.status() == "SCRIPTERROR"
+    assert q.locate(ids[2]) == "que"
+    assert ready.cancelled and not ready.went
+
+
+def test_ready_worker_that_died_waiting_does_not_strand_its_message(tmp_path):
+    """
+    A ready worker that ended before it was let go (its spawn failed after
+    all, as L{rqtwisted.worker.spawn_worker} reports it: no longer waiting,
+    an err report and an exit) does not take its message into run with no
+    process: the message gets a new worker when a slot frees.
+    """
+    instance, spawner, clock, q, ids = ready_queue(tmp_path)
+    instance.set_admin("resume", "rw")
+    ready = spawner.workers[2]
+    ready.waiting = False
+    ready.say("err could not start the queue script: gone")
+    ready.exit(127)
+    finish(spawner.workers[0])
+    assert q.locate(ids[2]) == "run"
+    job = q.run[ids[2]]
+    assert job.worker is not ready
+    assert not job.worker.exited
+
+
+def test_run_now_of_another_message_runs_before_the_ready_one(tmp_path):
+    """
+    C{run_now} sends a message to the front of the run queue: it runs in
+    the next free slot, before the message made ready earlier.
+    """
+    instance, spawner, clock, q, ids = ready_queue(tmp_path)
+    instance.set_admin("resume", "rw")
+    ready = spawner.workers[2]
+    result_of(q.run_now(ids[3]))
+    finish(spawner.workers[0])
+    assert q.locate(ids[3]) == "run"
+    assert q.locate(ids[2]) == "que"
+    assert ready.cancelled
+
+
+def test_builtin_in_process_queue_runs_each_message_once(tmp_path, handlers):
+    """
+    A built-in queue running in-process handlers, with ready workers on and
+    its one slot busy: the next message's handler does not run before a
+    slot frees, and every message is handled once.
+    """
+    from dataclasses import replace
+
+    from twisted.internet.defer import Deferred
+
+    from rqtwisted.builtin import register_handler
+
+    calls = []
+    pending = []
+
+    async def handler(job):
+        calls.append(job.msg_id)
+        d = Deferred()
+        pending.append(d)
+        await d
+        job.report("done handled")
+
+    instance, spawner, clock = instance_for(str(tmp_path / "root"), ready_workers=True)
+    register_handler("relay", lambda inst: handler)
+    instance.startService()
+    q = instance.queue("relay")
+    q.reconfigure(replace(q.config, num_workers=1))
+    instance.set_admin("pause", "relay")
+    now = int(clock.seconds())
+    ids = [short(result_of(q.create({"dest": "http://far:3333/q/x", "due": now - 5 + k}))) for k in range(2)]
+    instance.set_admin("resume", "relay")
+    clock.advance(0)
+    assert calls == [ids[0]]
+    assert q.locate(ids[1]) == "que"
+    pending[0].callback(None)
+    clock.advance(0)
+    assert q.locate(ids[0]) == "done"
+    clock.advance(0)
+    assert calls == ids

@@ -12,12 +12,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import select
 import shutil
 import signal
 import sys
 import tempfile
 import threading
+import time
 from typing import Any, Callable
 
 import pytest
@@ -30,9 +32,10 @@ from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
 import rqtwisted.worker as worker_module
+from rqtwisted.directprocess import DirectProcess
 from rqtwisted.protocol import Report
 import rqtwisted.spawn as spawn_module
-from rqtwisted.spawn import DirectSpawner, SpawnFailed
+from rqtwisted.spawn import DirectSpawner, SpawnBusy, SpawnFailed
 from rqtwisted.worker import (
     ScriptError,
     _SessionProcess,
@@ -607,6 +610,16 @@ def spawners() -> Any:
         spawner.close()
 
 
+def launch(clock: Any, spawner: Any, job_dir: Any, events: Recorder, **kwargs: Any) -> Worker:
+    """
+    L{spawn_worker} of the script C{x} through the launcher, started by
+    C{spawner}.
+    """
+    return spawn_worker(
+        clock, argv=["x"], env={}, job_dir=str(job_dir), real_script="x", events=events, spawner=spawner, **kwargs
+    )
+
+
 class TestSpawnWorker:
     """
     L{spawn_worker} with an injected spawner.
@@ -662,15 +675,7 @@ class TestSpawnWorker:
         clock = Clock()
         events = Recorder()
         spawner = spawners(exit_at_once=True)
-        worker = spawn_worker(
-            clock,
-            argv=["x"],
-            env={},
-            job_dir=str(tmp_path),
-            real_script="x",
-            events=events,
-            spawner=spawner,
-        )
+        worker = launch(clock, spawner, tmp_path, events)
         assert events.events == []
         assert worker.exited
         clock.advance(0)
@@ -693,6 +698,87 @@ class TestSpawnWorker:
                 events=Recorder(),
                 spawner=failing,
             )
+
+
+    def test_hold_go_line_waits_for_go(self, tmp_path: Any, spawners: Any, monkeypatch: Any) -> None:
+        """
+        Held, the launcher gets no go line until L{Worker.go}, and is told
+        to enter C{go_dir} (where the job dir will be by then), made
+        absolute; once it went, L{Worker.cancel} does nothing; events are
+        delivered as usual.
+        """
+        sent = []
+        monkeypatch.setattr(os, "killpg", lambda pid, sig: sent.append((pid, sig)))
+        clock = Clock()
+        spawner = spawners()
+        job = tmp_path / "que" / "m1" / "job"
+        job.mkdir(parents=True)
+        events = Recorder()
+        go_dir = os.path.relpath(tmp_path / "run" / "m1" / "job")
+        worker = launch(clock, spawner, job, events, hold=True, go_dir=go_dir)
+        assert worker.waiting and worker.pid == 777
+        (call,) = spawner.calls
+        assert call["args"][3:5] == ["rq-worker", str(tmp_path / "run" / "m1" / "job")]
+        clock.advance(0)
+        with pytest.raises(BlockingIOError):
+            os.read(spawner.reply_r, 100)
+        worker.go()
+        assert not worker.waiting
+        # The go line carries the time for the start line: that of the go.
+        assert re.fullmatch(rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\n", os.read(spawner.reply_r, 100))
+        worker.go()
+        worker.cancel()
+        assert sent == []
+        with pytest.raises(BlockingIOError):
+            os.read(spawner.reply_r, 100)
+        worker._protocol.childDataReceived(3, b"done ok\n")
+        worker._protocol.processExited(done())
+        assert events.events == [("report", Report("done", "ok")), ("exit", 0, None)]
+
+    @pytest.mark.parametrize("hold, go_dir, entered", [(True, None, "job"), (False, "run", "job")])
+    def test_go_dir_only_when_held(
+        self, tmp_path: Any, spawners: Any, hold: bool, go_dir: str | None, entered: str
+    ) -> None:
+        """
+        The launcher enters C{go_dir} only when held with one; without
+        hold it is told to go at once.
+        """
+        spawner = spawners()
+        go_path = None if go_dir is None else str(tmp_path / go_dir)
+        worker = launch(Clock(), spawner, tmp_path / "job", Recorder(), hold=hold, go_dir=go_path)
+        (call,) = spawner.calls
+        assert call["args"][4] == str(tmp_path / entered)
+        assert worker.waiting == hold
+        if hold:
+            with pytest.raises(BlockingIOError):
+                os.read(spawner.reply_r, 100)
+        else:
+            assert os.read(spawner.reply_r, 100) == b"\n"
+
+    def test_hold_cancel_kills_launcher_silently(self, tmp_path: Any, spawners: Any, monkeypatch: Any) -> None:
+        """
+        L{Worker.cancel} of a held launcher SIGKILLs its group without a go
+        line; nothing it does after is delivered.
+        """
+        sent = []
+        monkeypatch.setattr(os, "killpg", lambda pid, sig: sent.append((pid, sig)))
+        clock = Clock()
+        spawner = spawners()
+        events = Recorder()
+        worker = launch(clock, spawner, tmp_path, events, hold=True, go_dir=str(tmp_path / "run"))
+        worker.cancel()
+        assert not worker.waiting
+        assert sent == [(777, signal.SIGKILL)]
+        worker.go()
+        worker.cancel()
+        assert sent == [(777, signal.SIGKILL)]
+        with pytest.raises(BlockingIOError):
+            os.read(spawner.reply_r, 100)
+        worker._protocol.childDataReceived(3, b"done late\n")
+        worker._protocol.processExited(Failure(ProcessTerminated(signal=signal.SIGKILL)))
+        clock.advance(0)
+        assert worker.exited
+        assert events.events == [] and events.pids == []
 
 
 class TestWorkerSignal:
@@ -770,16 +856,20 @@ def real_spawn(
     return worker, script, job_dir
 
 
-def spawn_executable(tmp_path: Any, name: str, text: str, events: Recorder) -> tuple[Worker, Any, Any]:
+def spawn_executable(
+    tmp_path: Any, name: str, text: str, events: Recorder, job: Any = None, **kwargs: Any
+) -> tuple[Worker, Any, Any]:
     """
     Write the executable C{<tmp_path>/<name>} and spawn it as it is (its
-    path the whole command line); the worker, the file, the job dir.
+    path the whole command line) in C{job} (default C{<tmp_path>/job}),
+    made here; the worker, the file, the job dir. C{kwargs} go to
+    L{spawn_worker}.
     """
     script = tmp_path / name
     script.write_text(text)
     script.chmod(0o755)
-    job = tmp_path / "job"
-    job.mkdir()
+    job = tmp_path / "job" if job is None else job
+    job.mkdir(parents=True)
     worker = spawn_worker(
         reactor,
         argv=[str(script)],
@@ -787,6 +877,7 @@ def spawn_executable(tmp_path: Any, name: str, text: str, events: Recorder) -> t
         job_dir=str(job),
         real_script=str(script),
         events=events,
+        **kwargs,
     )
     return worker, script, job
 
@@ -1146,6 +1237,290 @@ async def test_real_exec_fails_after_start_line(tmp_path: Any) -> None:
     assert lines[2:] == [f"rq: {script}: No such file or directory"]
 
 
+# -- workers made ready ahead (spawn_worker with hold)
+
+
+class _Time:
+    """
+    The L{time} module as L{rqtwisted.worker} sees it, its C{time()} set by
+    the test.
+    """
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def _spawn_request(worker: Worker) -> Any:
+    """
+    The spawner's ticket of a worker spawned directly.
+    """
+    process = worker._protocol.transport
+    assert isinstance(process, DirectProcess)
+    return process._request
+
+
+async def _held_pid(worker: Worker) -> int:
+    """
+    Wait until a directly spawned held worker is at its gate; its pid.
+    """
+    request = _spawn_request(worker)
+    await _until(lambda: request.state == "held", "the held worker reaching the gate")
+    assert request.pid is not None
+    return int(request.pid)
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_direct_hold_go(tmp_path: Any, monkeypatch: Any) -> None:
+    """
+    A worker spawned with C{hold} waits at the gate: no event, an empty
+    C{stdio.log}, nothing of its script run. L{Worker.go} lets it run: its
+    pid comes with C{workerStarted}, its start line (with the time of the
+    go) first in C{stdio.log}, then its reports and its exit, at nice 19.
+    """
+    direct_only()
+    clock = _Time(1_700_000_000.0)
+    monkeypatch.setattr(worker_module, "time", clock)
+    events = Recorder()
+    body = "cat /proc/$$/stat > stat.txt\necho 'done ok' >&3\n"
+    worker, script, job = real_spawn(tmp_path, body, events, hold=True)
+    assert worker.waiting and worker.pid is None
+    pid = await _held_pid(worker)
+    # Some reactor turns later, still nothing.
+    await deferLater(reactor, 0.02, lambda: None)
+    assert worker.waiting and worker.pid is None and not worker.exited
+    assert events.events == [] and events.pids == []
+    log = os.path.join(job, "stdio.log")
+    with open(log) as f:
+        assert f.read() == ""
+    assert not os.path.exists(os.path.join(job, "stat.txt"))
+    clock.now += 100
+    worker.go()
+    assert not worker.waiting
+    assert events.pids == [pid] and worker.pid == pid
+    await events.wait_exit()
+    assert events.events == [("report", Report("done", "ok")), ("exit", 0, None)]
+    real = resolve_script("code/script.sh", str(tmp_path))
+    with open(log) as f:
+        assert f.read() == f"\n{pid} - {start_line_time(1_700_000_100.0)} - RQ START - {real}\n"
+    fields = saved_stat(job)
+    assert (int(fields[2]), int(fields[3]), int(fields[16])) == (pid, pid, 19)
+    worker.go()
+    assert events.pids == [pid]
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_direct_hold_go_at_once(tmp_path: Any) -> None:
+    """
+    A held worker let go before it reached its gate starts as an ordinary
+    one; with C{now} given, its start line has that time.
+    """
+    direct_only()
+    events = Recorder()
+    worker, script, job = real_spawn(tmp_path, "echo 'done ok' >&3\n", events, hold=True, now=1_600_000_000.0)
+    assert _spawn_request(worker).state == "waiting"
+    worker.go()
+    assert not worker.waiting
+    await events.wait_exit()
+    assert events.events == [("report", Report("done", "ok")), ("exit", 0, None)]
+    assert events.pids == [worker.pid]
+    with open(os.path.join(job, "stdio.log")) as f:
+        assert f.read().startswith(f"\n{worker.pid} - {start_line_time(1_600_000_000.0)} - RQ START - ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_direct_hold_cancel(tmp_path: Any) -> None:
+    """
+    L{Worker.cancel} of a held worker kills it at the gate (reaped, not
+    even a zombie left) before anything of its script ran: no event at
+    all, nothing in C{stdio.log}, our pipe ends closed.
+    """
+    direct_only()
+    events = Recorder()
+    worker, script, job = real_spawn(tmp_path, "touch ran\necho 'done ok' >&3\n", events, hold=True)
+    pid = await _held_pid(worker)
+    process = worker._protocol.transport
+    worker.cancel()
+    assert not worker.waiting
+    assert process.ended and process.pipes == {}
+    assert _spawn_request(worker).state == "cancelled"
+    await _until(lambda: not _alive(pid), f"worker {pid} being reaped")
+    await deferLater(reactor, 0.01, lambda: None)
+    assert events.events == [] and events.pids == []
+    assert worker.pid is None
+    with open(os.path.join(job, "stdio.log")) as f:
+        assert f.read() == ""
+    assert not os.path.exists(os.path.join(job, "ran"))
+    # Neither going nor cancelling does anything now.
+    worker.go()
+    worker.cancel()
+    await deferLater(reactor, 0.01, lambda: None)
+    assert events.events == [] and events.pids == []
+    assert _spawn_request(worker).state == "cancelled"
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_direct_cancel_before_the_gate(tmp_path: Any, monkeypatch: Any) -> None:
+    """
+    A held worker cancelled before it reached its gate is killed there:
+    the same outcome, and the next worker runs.
+    """
+    spawner = direct_only()
+    found: list[int | None] = []
+    real_find = spawner._find_child
+
+    def find(request: Any) -> Any:
+        found.append(real_find(request))
+        return found[-1]
+
+    monkeypatch.setattr(spawner, "_find_child", find)
+    events = Recorder()
+    worker, script, job = real_spawn(tmp_path, "touch ran\necho 'done ok' >&3\n", events, hold=True)
+    worker.cancel()
+    assert not worker.waiting
+    await _until(lambda: found and found[-1] is not None and not _alive(found[-1]), "the worker being reaped")
+    await deferLater(reactor, 0.01, lambda: None)
+    assert events.events == [] and events.pids == []
+    with open(os.path.join(job, "stdio.log")) as f:
+        assert f.read() == ""
+    assert not os.path.exists(os.path.join(job, "ran"))
+    other = Recorder()
+    real_spawn(tmp_path, "echo 'done next' >&3\n", other, job="job2")
+    await other.wait_exit()
+    assert other.events == [("report", Report("done", "next")), ("exit", 0, None)]
+
+
+def move_to_run(tmp_path: Any) -> None:
+    """
+    Move message C{m1} from C{que/} to C{run/}, as a queue does before its
+    ready worker goes.
+    """
+    (tmp_path / "run").mkdir()
+    os.rename(tmp_path / "que" / "m1", tmp_path / "run" / "m1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_direct_hold_job_dir_moved(tmp_path: Any) -> None:
+    """
+    A held worker made ready in C{que/<id>/job}, its message moved to
+    C{run/} before it goes, runs in the moved directory, its C{stdio.log}
+    there.
+    """
+    direct_only()
+    events = Recorder()
+    go_dir = tmp_path / "run" / "m1" / "job"
+    body = "pwd -P > where.txt\necho 'done ok' >&3\n"
+    worker, script, job = real_spawn(tmp_path, body, events, job="que/m1/job", hold=True, go_dir=str(go_dir))
+    pid = await _held_pid(worker)
+    move_to_run(tmp_path)
+    worker.go()
+    await events.wait_exit()
+    assert events.events == [("report", Report("done", "ok")), ("exit", 0, None)]
+    assert (go_dir / "where.txt").read_text() == os.path.realpath(go_dir) + "\n"
+    assert (go_dir / "stdio.log").read_text().startswith(f"\n{pid} - ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_direct_hold_exec_fails_after_move(tmp_path: Any) -> None:
+    """
+    A held worker whose exec fails after its directory moved gets the
+    reason in its C{stdio.log}, where it is now.
+    """
+    direct_only()
+    events = Recorder()
+    go_dir = tmp_path / "run" / "m1" / "job"
+    worker, script, job = spawn_executable(
+        tmp_path, "broken.sh", "#!/nonexistent/rq-interpreter\n", events, tmp_path / "que" / "m1" / "job",
+        hold=True, go_dir=str(go_dir),
+    )
+    await _held_pid(worker)
+    move_to_run(tmp_path)
+    worker.go()
+    await events.wait_exit()
+    assert events.exit == (127, None)
+    lines = (go_dir / "stdio.log").read_text().splitlines()
+    assert lines[2:] == [f"rq: {script}: No such file or directory"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_launcher_hold_go(tmp_path: Any) -> None:
+    """
+    Through the real launcher, a held worker waits (its pid known, nothing
+    of the script run, no C{stdio.log}) until L{Worker.go}; it then enters
+    C{go_dir}, where its job directory was moved meanwhile.
+    """
+    events = Recorder()
+    go_dir = tmp_path / "run" / "m1" / "job"
+    body = "pwd -P > where.txt\necho 'done ok' >&3\n"
+    worker, script, job = real_spawn(
+        tmp_path, body, events, job="que/m1/job", hold=True, go_dir=str(go_dir),
+        spawner=worker_module._spawn_session_process,
+    )
+    assert worker.waiting and worker.pid is not None
+    pid = worker.pid
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert f.read().split(b"\0")[:2] == [b"/bin/sh", b"-c"]
+    await deferLater(reactor, 0.02, lambda: None)
+    assert events.events == []
+    assert os.listdir(job) == []
+    move_to_run(tmp_path)
+    worker.go()
+    await events.wait_exit()
+    assert events.events == [("report", Report("done", "ok")), ("exit", 0, None)]
+    assert (go_dir / "where.txt").read_text() == os.path.realpath(go_dir) + "\n"
+    real = resolve_script("code/script.sh", str(tmp_path))
+    lines = (go_dir / "stdio.log").read_text().splitlines()
+    assert lines[0] == "" and lines[1].startswith(f"{pid} - ") and lines[1].endswith(f" - RQ START - {real}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_launcher_hold_cancel(tmp_path: Any) -> None:
+    """
+    Through the real launcher, L{Worker.cancel} kills the held worker
+    before anything of its script ran; no event is delivered, not even
+    its exit.
+    """
+    events = Recorder()
+    worker, script, job = real_spawn(
+        tmp_path, "touch ran\necho 'done ok' >&3\n", events, hold=True, go_dir=str(tmp_path / "job"),
+        spawner=worker_module._spawn_session_process,
+    )
+    pid = worker.pid
+    assert pid is not None and _alive(pid)
+    worker.cancel()
+    assert not worker.waiting
+    await _until(lambda: worker.exited, "the launcher's exit")
+    await _until(lambda: not _alive(pid), f"launcher {pid} being reaped")
+    await deferLater(reactor, 0.01, lambda: None)
+    assert events.events == [] and events.pids == []
+    assert os.listdir(job) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_launcher_hold_start_line_time(tmp_path: Any, monkeypatch: Any) -> None:
+    """
+    Through the launcher too, a held worker's start line has the time of
+    its go when C{now} is not given.
+    """
+    clock = _Time(1_700_000_000.0)
+    monkeypatch.setattr(worker_module, "time", clock)
+    events = Recorder()
+    worker, script, job = real_spawn(
+        tmp_path, "echo 'done ok' >&3\n", events, hold=True, spawner=worker_module._spawn_session_process
+    )
+    clock.now += 100
+    worker.go()
+    await events.wait_exit()
+    lines = (tmp_path / "job" / "stdio.log").read_text().splitlines()
+    assert lines[1].startswith(f"{worker.pid} - {start_line_time(1_700_000_100.0)} - RQ START - ")
+
+
+
 class _Handler:
     """
     A L{rqtwisted.spawn.SpawnHandler} that records, and fires C{done} once
@@ -1156,6 +1531,10 @@ class _Handler:
         self.events: list[tuple[Any, ...]] = []
         self.done: Deferred[_Handler] = Deferred()
         self.exec_failed: Deferred[tuple[int, int]] = Deferred()
+        #: The spawn's ticket (for L{DirectSpawner.go} and L{DirectSpawner.cancel}).
+        self.request: Any = None
+        #: Our fds the spawn was given to close.
+        self.owned: list[int] = []
 
     def spawnStarted(self, pid: int) -> None:
         self.events.append(("started", pid))
@@ -1184,28 +1563,61 @@ def _reaped(pid: int) -> Deferred[int]:
     return deferToThread(lambda: os.waitpid(pid, 0)[1]).addTimeout(TIMEOUT, reactor)
 
 
+def _alive(pid: int) -> bool:
+    """
+    Whether process C{pid} exists (a zombie does).
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _until(condition: Callable[[], Any], what: str, turns: int = 1000) -> None:
+    """
+    Wait, polling through the reactor every 5 ms, until C{condition()} is
+    true; fail after C{turns} polls.
+    """
+    for _ in range(turns):
+        if condition():
+            return
+        await deferLater(reactor, 0.005, lambda: None)
+    raise AssertionError(f"waited in vain for {what}")
+
+
 class TestDirectSpawner:
     """
     L{DirectSpawner} on its own, on the real reactor: L{spawn} returns at
     once; the handler hears the start (after the gate) or the failure.
     """
 
-    def spawn(self, spawner: DirectSpawner, tmp_path: Any, cwd: str, argv: list[str]) -> _Handler:
+    def spawn(
+        self,
+        spawner: DirectSpawner,
+        tmp_path: Any,
+        cwd: str,
+        argv: list[str],
+        hold: bool = False,
+        stdin: int | None = None,
+    ) -> _Handler:
         log = os.open(str(tmp_path / "log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC)
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         handler = _Handler()
-        spawner.spawn(
+        handler.owned = [log, null]
+        handler.request = spawner.spawn(
             reactor,
             argv[0],
             argv,
             {"PATH": os.defpath},
-            {0: null, 1: log, 2: log, 3: null, 4: null},
+            {0: null if stdin is None else stdin, 1: log, 2: log, 3: null, 4: null},
             cwd,
             log,
             lambda pid: b"start %d\n" % pid,
             19,
             handler,
             [log, null],
+            hold=hold,
         )
         assert handler.events == [], "nothing before spawn returned"
         handler.done.addTimeout(TIMEOUT, reactor)
@@ -1266,12 +1678,13 @@ class TestDirectSpawner:
     @pytest_twisted.ensureDeferred
     async def test_failure_before_the_gate(self, spawner: DirectSpawner, tmp_path: Any) -> None:
         """
-        A child that cannot enter its directory never reaches the gate:
-        L{SpawnFailed}, nothing in the log, and the next spawn works.
+        A directory that cannot be entered fails the spawn at once (the
+        child enters it through an fd we open): L{SpawnFailed}, nothing in
+        the log, and the next spawn works.
         """
-        handler = await self.spawn(spawner, tmp_path, str(tmp_path / "missing"), ["/bin/true"]).done
-        [(what, error)] = handler.events
-        assert what == "failed" and isinstance(error, SpawnFailed) and error.errno == errno.ENOENT
+        with pytest.raises(SpawnFailed) as caught:
+            self.spawn(spawner, tmp_path, str(tmp_path / "missing"), ["/bin/true"])
+        assert caught.value.errno == errno.ENOENT
         assert (tmp_path / "log").read_text() == ""
         handler = await self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"]).done
         assert await _reaped(handler.pid) == 0
@@ -1426,6 +1839,259 @@ class TestDirectSpawner:
         assert what == "failed" and isinstance(error, SpawnFailed)
         # The abandoned child was killed and reaped by the spawn thread.
         assert (tmp_path / "log").read_text() == f"start {first.pid}\n"
+
+    # -- held spawns (go / cancel)
+
+    async def held(self, handler: _Handler) -> int:
+        """
+        Wait until the child of C{handler}'s held spawn is at the gate; its
+        pid.
+        """
+        request = handler.request
+        await _until(lambda: request.state == "held", "the held child reaching the gate")
+        assert request.pid is not None
+        return int(request.pid)
+
+    @pytest_twisted.ensureDeferred
+    async def test_hold_then_go(self, spawner: DirectSpawner, tmp_path: Any) -> None:
+        """
+        A held child stops at the gate, pid known: not exec'd (our command
+        line), already in its directory, not reniced, no start line, the
+        handler told nothing. L{DirectSpawner.go} sets it up then: reniced,
+        start line with its pid, handler told, and the script runs.
+        """
+        job = tmp_path / "job"
+        job.mkdir()
+        script = "echo ran > ran; pwd -P; cat /proc/$$/stat"
+        handler = self.spawn(spawner, tmp_path, str(job), ["/bin/sh", "-c", script], hold=True)
+        request = handler.request
+        assert request.state == "waiting"
+        pid = await self.held(handler)
+        assert _alive(pid)
+        with open(f"/proc/{pid}/cmdline", "rb") as f, open("/proc/self/cmdline", "rb") as ours:
+            assert f.read() == ours.read(), "exec'd at the gate"
+        assert os.readlink(f"/proc/{pid}/cwd") == os.path.realpath(job)
+        fields = proc_stat(pid)
+        assert int(fields[16]) == os.getpriority(os.PRIO_PROCESS, 0), "reniced before go"
+        assert int(fields[3]) == pid, "its own session"
+        # Some reactor turns later it still waits, and nothing was said.
+        await deferLater(reactor, 0.02, lambda: None)
+        assert request.state == "held" and request.pid == pid
+        assert handler.events == []
+        assert (tmp_path / "log").read_text() == ""
+        assert not (job / "ran").exists()
+        for fd in handler.owned:
+            os.fstat(fd)  # still ours until it goes
+        spawner.go(request)
+        assert handler.events == [("started", pid)]
+        assert request.state == "started"
+        assert (tmp_path / "log").read_text().startswith(f"start {pid}\n")
+        assert await _reaped(pid) == 0
+        start, where, stat_line = (tmp_path / "log").read_text().splitlines()
+        assert (start, where) == (f"start {pid}", os.path.realpath(job))
+        fields = stat_fields(stat_line)
+        assert (int(fields[2]), int(fields[3]), int(fields[16])) == (pid, pid, 19)
+        assert (job / "ran").read_text() == "ran\n"
+        # Going again does nothing more.
+        spawner.go(request)
+        assert handler.events == [("started", pid)]
+        assert (tmp_path / "log").read_text().count("start") == 1
+
+    @pytest_twisted.ensureDeferred
+    async def test_go_before_the_gate(self, spawner: DirectSpawner, tmp_path: Any) -> None:
+        """
+        A held spawn let go before its child reached the gate goes on like
+        an ordinary one when it gets there.
+        """
+        handler = self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/sh", "-c", "echo out $$"], hold=True)
+        request = handler.request
+        # The reactor has not run: the gate's hang-up cannot have been seen.
+        assert request.state == "waiting"
+        spawner.go(request)
+        assert handler.events == [] and request.state == "waiting"
+        await handler.done
+        pid = handler.pid
+        assert handler.events == [("started", pid)]
+        assert request.state == "started" and request.pid == pid
+        assert await _reaped(pid) == 0
+        assert (tmp_path / "log").read_text() == f"start {pid}\nout {pid}\n"
+
+    async def gone(self, spawner: DirectSpawner, pid: int) -> None:
+        """
+        Wait until C{pid} is reaped (not even a zombie is left: its spawn
+        thread waited for it) and the spawn threads are idle.
+        """
+        await _until(lambda: not _alive(pid), f"child {pid} being reaped")
+        assert not os.path.exists(f"/proc/{pid}")
+        await self.idle(spawner)
+
+    @pytest_twisted.ensureDeferred
+    async def test_cancel_held(self, spawner: DirectSpawner, tmp_path: Any) -> None:
+        """
+        A held child cancelled is killed at the gate and reaped by its
+        spawn thread: nothing in the log, nothing of the script ran, the
+        handler heard nothing, our fds are closed at once, and the next
+        spawn works.
+        """
+        job = tmp_path / "job"
+        job.mkdir()
+        handler = self.spawn(spawner, tmp_path, str(job), ["/bin/sh", "-c", "echo ran > ran"], hold=True)
+        request = handler.request
+        pid = await self.held(handler)
+        spawner.cancel(request)
+        assert request.state == "cancelled"
+        for fd in handler.owned:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+        await self.gone(spawner, pid)
+        # Neither going nor cancelling again does anything now.
+        spawner.go(request)
+        spawner.cancel(request)
+        assert request.state == "cancelled"
+        assert handler.events == []
+        assert (tmp_path / "log").read_text() == ""
+        assert not (job / "ran").exists()
+        assert pid not in spawner._given
+        after = await self.spawn(spawner, tmp_path, str(job), ["/bin/sh", "-c", "echo next $$"]).done
+        assert await _reaped(after.pid) == 0
+        assert (tmp_path / "log").read_text() == f"start {after.pid}\nnext {after.pid}\n"
+        assert handler.events == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_cancel_before_the_gate(self, spawner: DirectSpawner, tmp_path: Any) -> None:
+        """
+        A spawn cancelled before its child reached the gate (held or not):
+        the child is killed when it gets there, with the same outcome.
+        """
+        found: list[int] = []
+        real_find = spawner._find_child
+
+        def find(request: Any) -> Any:
+            pid = real_find(request)
+            found.append(pid)
+            return pid
+
+        spawner._find_child = find  # type: ignore[method-assign]
+        job = tmp_path / "job"
+        job.mkdir()
+        try:
+            for hold in (True, False):
+                handler = self.spawn(spawner, tmp_path, str(job), ["/bin/sh", "-c", "echo ran > ran"], hold=hold)
+                request = handler.request
+                assert request.state == "waiting"
+                spawner.cancel(request)
+                await _until(lambda: request.state != "waiting", "the child reaching the gate")
+                assert request.state == "cancelled"
+                pid = found[-1]
+                assert pid is not None
+                await self.gone(spawner, pid)
+                spawner.go(request)
+                assert handler.events == []
+                assert (tmp_path / "log").read_text() == ""
+                assert not (job / "ran").exists()
+            assert len(found) == 2
+        finally:
+            spawner._find_child = real_find  # type: ignore[method-assign]
+        after = await self.spawn(spawner, tmp_path, str(job), ["/bin/true"]).done
+        assert await _reaped(after.pid) == 0
+        assert (tmp_path / "log").read_text() == f"start {after.pid}\n"
+
+    @pytest_twisted.ensureDeferred
+    async def test_cancelled_child_not_found_runs_nothing(
+        self, spawner: DirectSpawner, tmp_path: Any, monkeypatch: Any
+    ) -> None:
+        """
+        A cancelled spawn whose child cannot be told at the gate runs
+        nothing of its script, however late its spawn thread gets to kill
+        it after the gate opened (here: never, it is only reaped).
+        """
+        killed: list[int] = []
+        monkeypatch.setattr(spawner, "_find_child", lambda request: None)
+        monkeypatch.setattr(spawn_module.os, "killpg", lambda pid, sig: killed.append(pid))
+        job = tmp_path / "job"
+        job.mkdir()
+        handler = self.spawn(spawner, tmp_path, str(job), ["/bin/sh", "-c", "echo ran > ran"], hold=True)
+        spawner.cancel(handler.request)
+        await _until(lambda: handler.request.state != "waiting", "the child reaching the gate")
+        await self.idle(spawner)
+        monkeypatch.undo()
+        assert handler.events == []
+        assert (tmp_path / "log").read_text() == ""
+        assert not (job / "ran").exists()
+
+    @pytest_twisted.ensureDeferred
+    async def test_directory_renamed_while_held(self, spawner: DirectSpawner, tmp_path: Any) -> None:
+        """
+        The child entered its directory before the gate: renamed while the
+        child is held (que to run), it is the child's cwd where it is now.
+        """
+        que = tmp_path / "que" / "m1" / "job"
+        que.mkdir(parents=True)
+        (tmp_path / "run").mkdir()
+        handler = self.spawn(spawner, tmp_path, str(que), ["/bin/sh", "-c", "pwd -P; echo ran > ran"], hold=True)
+        pid = await self.held(handler)
+        os.rename(tmp_path / "que" / "m1", tmp_path / "run" / "m1")
+        moved = os.path.realpath(tmp_path / "run" / "m1" / "job")
+        assert os.readlink(f"/proc/{pid}/cwd") == moved
+        spawner.go(handler.request)
+        assert handler.events == [("started", pid)]
+        assert await _reaped(pid) == 0
+        assert (tmp_path / "log").read_text() == f"start {pid}\n{moved}\n"
+        assert (tmp_path / "run" / "m1" / "job" / "ran").exists()
+
+    @pytest_twisted.ensureDeferred
+    async def test_go_and_cancel_after_the_start(self, spawner: DirectSpawner, tmp_path: Any) -> None:
+        """
+        Once started, a spawn is not touched by L{DirectSpawner.go} (no
+        second start line) nor by L{DirectSpawner.cancel} (not killed).
+        """
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            handler = self.spawn(
+                spawner, tmp_path, str(tmp_path), ["/bin/sh", "-c", "read x; echo got $x"], stdin=read_end
+            )
+            await handler.done
+        finally:
+            os.close(read_end)
+        request = handler.request
+        spawner.cancel(request)
+        spawner.go(request)
+        assert request.state == "started"
+        os.write(write_end, b"hi\n")
+        os.close(write_end)
+        assert await _reaped(handler.pid) == 0
+        assert handler.events == [("started", handler.pid)]
+        assert (tmp_path / "log").read_text() == f"start {handler.pid}\ngot hi\n"
+
+    @pytest_twisted.ensureDeferred
+    async def test_held_children_leave_a_thread_for_other_spawns(
+        self, spawner: DirectSpawner, tmp_path: Any, monkeypatch: Any
+    ) -> None:
+        """
+        Children held at their gates (one per busy queue, for as long as its
+        slots stay busy) never take every spawn thread: past L{MAX_HELD} a
+        held spawn is refused (L{SpawnBusy}), and an ordinary spawn starts.
+        """
+        monkeypatch.setattr(spawn_module, "MAX_THREADS", 2)
+        monkeypatch.setattr(spawn_module, "MAX_HELD", 1)
+        held = [self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"], hold=True)]
+        with pytest.raises(SpawnBusy):
+            self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"], hold=True)
+        assert spawner.holding == 1
+        pids = [await self.held(handler) for handler in held]
+        other = self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/true"])
+        try:
+            await _until(lambda: other.events != [], "the ordinary spawn starting", turns=100)
+            assert other.events == [("started", other.pid)]
+            assert await _reaped(other.pid) == 0
+        finally:
+            for handler in held:
+                spawner.cancel(handler.request)
+            for pid in pids:
+                await _until(lambda: not _alive(pid), f"child {pid} being reaped")
+            if not other.events:
+                await other.done
+                await _reaped(other.pid)
 
 
 # -- the watchdog
@@ -1623,8 +2289,8 @@ DAEMON = """
 import os, sys, time
 os.setsid()
 # A child left at a spawn gate: not exec'd, in its own session, already in
-# a job directory, no pid file.
-job = os.path.join(sys.argv[1], "queue", "q", "run", "m9", "job")
+# a job directory (of run/, or of que/ when made ready ahead), no pid file.
+job = os.path.join(sys.argv[1], "queue", "q", sys.argv[2], "m9", "job")
 os.makedirs(job)
 gated = os.fork()
 if gated == 0:
@@ -1646,20 +2312,24 @@ reactor.run()
 """
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to the daemon's group", "SIGKILL to the daemon"])
+@pytest.mark.parametrize(
+    "how, gate_in",
+    [("SIGTERM to the daemon's group", "run"), ("SIGKILL to the daemon", "run"), ("SIGKILL to the daemon", "que")],
+)
 @pytest_twisted.ensureDeferred
-async def test_watchdog_daemon_death(tmp_path: Any, how: str) -> None:
+async def test_watchdog_daemon_death(tmp_path: Any, how: str, gate_in: str) -> None:
     """
     A real daemon process dies (its whole process group SIGTERMed, or
     itself SIGKILLed): its watchdog survives it and kills the workers, and
-    the child it left at a spawn gate.
+    the child it left at a spawn gate (in a job directory of C{run/}, or
+    of C{que/} for a worker made ready ahead).
     """
     worker, events = await running_worker(tmp_path, "m1", 'echo "run up" >&3\nsleep 60\n')
     daemon = _Watched()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PROJECT, env.get("PYTHONPATH")]))
     process = reactor.spawnProcess(
-        daemon, sys.executable, [sys.executable, "-c", DAEMON, str(tmp_path)], env
+        daemon, sys.executable, [sys.executable, "-c", DAEMON, str(tmp_path), gate_in], env
     )
     try:
         watchdog_pid, gated = (int(x) for x in (await daemon.line.addTimeout(TIMEOUT, reactor)).split())
