@@ -1463,8 +1463,14 @@ async def test_real_launcher_hold_go(tmp_path: Any) -> None:
     )
     assert worker.waiting and worker.pid is not None
     pid = worker.pid
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        assert f.read().split(b"\0")[:2] == [b"/bin/sh", b"-c"]
+
+    def cmdline() -> bytes:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+
+    # Empty while its exec is still under way (on a loaded machine).
+    await _until(lambda: cmdline() != b"", "the launcher's exec")
+    assert cmdline().split(b"\0")[:2] == [b"/bin/sh", b"-c"]
     await deferLater(reactor, 0.02, lambda: None)
     assert events.events == []
     assert os.listdir(job) == []
