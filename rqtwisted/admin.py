@@ -323,6 +323,8 @@ class AdminProtocol(amp.AMP):
         if type(result) is tuple:
             self._answer(result, ask)
         else:
+            # A Deferred, or anything maybeDeferred makes one of (a
+            # coroutine, a Failure), as on Twisted's path.
             maybeDeferred(_identity, result).addCallbacks(
                 self._answer, self._answerFailure, callbackArgs=(ask,), errbackArgs=(ask,)
             )
@@ -370,13 +372,10 @@ class AdminProtocol(amp.AMP):
         transport = self.transport
         if ask is None or transport is None:
             return
-        if len(detail) > amp.MAX_VALUE_LENGTH or len(status) > amp.MAX_VALUE_LENGTH or (
-            spill is not None and len(spill) > amp.MAX_VALUE_LENGTH
-        ):
-            for key, value in ((b"detail", detail), (b"spill", spill), (b"status", status)):
-                if value is not None and len(value) > amp.MAX_VALUE_LENGTH:
-                    self.unhandledError(Failure(amp.TooLong(False, True, value, key)))
-                    return
+        for key, value in ((b"detail", detail), (b"spill", spill), (b"status", status)):
+            if value is not None and len(value) > amp.MAX_VALUE_LENGTH:
+                self.unhandledError(Failure(amp.TooLong(False, True, value, key)))
+                return
         spillPart = b"" if spill is None else _SPILL_KEY + _packLength(len(spill)) + spill
         transport.write(
             b"".join(

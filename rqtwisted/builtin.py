@@ -357,12 +357,19 @@ class BuiltinSpawner:
                 _log.failure("queue {queue}: built-in handler unavailable", queue=self._name)
         return self._handler
 
+    def _in_process(self, real_script: str) -> Handler | None:
+        """
+        The handler that runs messages of C{real_script} in-process: the
+        queue's, while its script is the placeholder.
+        """
+        return self.handler() if is_placeholder(real_script, self._name) else None
+
     def holds(self, real_script: str) -> bool:
         """
         Whether a worker for C{real_script} can be made ready ahead (spawned
         with C{hold}): not when the handler runs it in-process.
         """
-        return not (is_placeholder(real_script, self._name) and self.handler() is not None)
+        return self._in_process(real_script) is None
 
     def __call__(
         self,
@@ -378,7 +385,7 @@ class BuiltinSpawner:
         Start one message: in-process when the script is the placeholder
         and a handler exists, else by C{fallback}.
         """
-        handler = self.handler() if is_placeholder(real_script, self._name) else None
+        handler = self._in_process(real_script)
         if handler is not None and kwargs.get("hold"):
             raise OSError(errno.EOPNOTSUPP, "an in-process handler is not made ready ahead")
         if handler is None:

@@ -327,8 +327,7 @@ class DirectProcess:
             self._request = spawner.spawn(self.reactor, executable, args, env, fdmap, cwd, log_fd, line,
                                           niceness, self, [status_w, reply_r, log_fd], hold=hold)
         except BaseException:
-            self._closePipe(STATUS_FD)
-            self._closePipe(REPLY_FD)
+            self._closePipes()
             raise
 
     def go(self) -> None:
@@ -346,8 +345,7 @@ class DirectProcess:
         self.ended = True
         if self._spawner is not None and self._request is not None:
             self._spawner.cancel(self._request)
-        self._closePipe(STATUS_FD)
-        self._closePipe(REPLY_FD)
+        self._closePipes()
 
     # -- the spawn's SpawnHandler
 
@@ -367,8 +365,7 @@ class DirectProcess:
         """
         Nothing ran: close our pipe ends and start the worker another way.
         """
-        self._closePipe(STATUS_FD)
-        self._closePipe(REPLY_FD)
+        self._closePipes()
         self._fallback(error)
 
     def execFailed(self, pid: int, code: int) -> None:
@@ -411,6 +408,10 @@ class DirectProcess:
         pipe = self.pipes.pop(childFD, None)
         if pipe is not None:
             pipe.close()
+
+    def _closePipes(self) -> None:
+        self._closePipe(STATUS_FD)
+        self._closePipe(REPLY_FD)
 
     # -- reaping (Twisted's reap handler interface)
 

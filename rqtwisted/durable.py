@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Callable, Iterable
 
 from twisted.internet.defer import Deferred, succeed
@@ -57,22 +58,15 @@ MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 MOUNTS = "/proc/self/mounts"
 
 
+#: An octal escape of C{/proc/self/mounts} (C{\\040} for a space).
+_MOUNT_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
 def _unescape_mount(field: str) -> str:
     """
-    A C{/proc/self/mounts} field with its octal escapes (C{\\040} for a
-    space) decoded.
+    A C{/proc/self/mounts} field with its octal escapes decoded.
     """
-    if "\\" not in field:
-        return field
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+    return _MOUNT_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
 def filesystem_type(path: str, mounts: str = MOUNTS) -> str | None:

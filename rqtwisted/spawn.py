@@ -174,6 +174,17 @@ class _Libc:
             setattr(self, attribute, function)
 
 
+def _close_all(fds: list[int]) -> None:
+    """
+    Close every fd of C{fds}, whatever happens to each.
+    """
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def _check(result: int, what: str) -> None:
     if result != 0:
         raise OSError(result, f"{what}: {os.strerror(result)}")
@@ -327,10 +338,9 @@ class _Request:
         #: Our fds the child gets copies of: closed once it has them.
         self.owned = owned
         self.state = _WAITING
-        #: Stop at the gate until L{DirectSpawner.go}.
+        #: Stop at the gate until L{DirectSpawner.go}; while set, the spawn
+        #: counts among the spawner's held ones (L{DirectSpawner.holding}).
         self.hold = hold
-        #: Counted among the spawner's held spawns.
-        self.counted = hold
         #: Cancelled before the child reached the gate: kill it there.
         self.cancelled = False
         self.pid: int | None = None
@@ -357,11 +367,7 @@ class _Request:
         Close our copies of the child's fds.
         """
         owned, self.owned = self.owned, []
-        for fd in owned:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_all(owned)
 
     def let_go(self) -> None:
         """
@@ -673,20 +679,18 @@ class DirectSpawner:
         (for L{go} and L{cancel}); C{handler} hears the rest, on the
         reactor thread, never before this returned.
 
-        @param hold: keep the child at the gate until L{go} (or L{cancel}).
-        @raise SpawnBusy: with C{hold}, when L{MAX_HELD} spawns are held.
-
         @param owned: our fds to close once the child has its copies (or
             the spawn failed); C{log_fd} may be one of them, it is closed
             after the start line is written. They are closed here when this
             raises. Every other fd of C{fdmap} must stay open until
             C{handler} heard of the start or the failure.
+        @param hold: keep the child at the gate until L{go} (or L{cancel}).
 
         @raise SpawnFailed: the child could not be started.
+        @raise SpawnBusy: with C{hold}, when L{MAX_HELD} spawns are held.
         """
         if hold and self.holding >= MAX_HELD:
-            for fd in owned:
-                os.close(fd)
+            _close_all(owned)
             raise SpawnBusy(errno.EAGAIN, f"{MAX_HELD} spawns are held already")
         try:
             if not self._attr_ready:
@@ -694,23 +698,20 @@ class DirectSpawner:
             gate = self._take_gate()
         except OSError as e:
             self.broken = True
-            for fd in owned:
-                os.close(fd)
+            _close_all(owned)
             raise SpawnFailed(e.errno or errno.EIO, f"spawn gate: {e}")
         try:
             cwd_fd = os.open(cwd, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             self._free_gate(gate)
-            for fd in owned:
-                os.close(fd)
+            _close_all(owned)
             raise SpawnFailed(e.errno or errno.EIO, f"{cwd}: {e.strerror}")
         owned = owned + [cwd_fd]
         try:
             actions, argv, envp = self._prepare(gate, executable, args, env, fdmap, cwd_fd)
         except BaseException:
             self._free_gate(gate)
-            for fd in owned:
-                os.close(fd)
+            _close_all(owned)
             raise
         request = _Request(self, reactor, gate, os.fsencode(executable), actions, argv, envp, log_fd, line,
                            niceness, handler, owned, hold)
@@ -739,10 +740,11 @@ class DirectSpawner:
 
     def _unhold(self, request: "_Request") -> None:
         """
-        A held spawn goes on or ends: it no longer counts as held.
+        A held spawn goes on or ends: it no longer waits, nor counts as
+        held.
         """
-        if request.counted:
-            request.counted = False
+        if request.hold:
+            request.hold = False
             self.holding -= 1
 
     def go(self, request: "_Request") -> None:
@@ -750,7 +752,6 @@ class DirectSpawner:
         Let a held spawn go on: at once if its child is at the gate, else
         as soon as it gets there.
         """
-        request.hold = False
         self._unhold(request)
         if request.state == _HELD:
             assert request.pid is not None
@@ -829,33 +830,31 @@ class DirectSpawner:
                 pid = self._find_child(request)
             except OSError:
                 pid = None
-            if pid is not None:
-                if request.cancelled:
-                    self._kill_at_gate(request, pid)
-                else:
-                    request.state = _HELD
-                    request.pid = pid
-                return
             if request.cancelled:
-                # Not to be found: let go, the spawn thread kills it.
-                request.abandoned = True
-                request.state = _CANCELLED
-                self._let_go(request)
-                request.close_owned()
+                self._kill_at_gate(request, pid)
+                return
+            if pid is not None:
+                request.state = _HELD
+                request.pid = pid
                 return
         self._set_up(request, None)
 
-    def _kill_at_gate(self, request: _Request, pid: int) -> None:
+    def _kill_at_gate(self, request: _Request, pid: int | None) -> None:
         """
-        Kill the child at the gate; its spawn thread reaps it.
+        Give up the child at the gate before anything of it runs: killed
+        there (its spawn thread reaps it), or, when its pid cannot be told,
+        let go with its exec made to fail (see L{_Request.let_go}).
         """
         request.state = _CANCELLED
         request.abandoned = True
-        self.forget(pid)
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
+        if pid is None:
+            self._let_go(request)
+        else:
+            self.forget(pid)
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
         request.close_owned()
 
     def _let_go(self, request: _Request) -> OSError | None:

@@ -135,7 +135,11 @@ def md5_off_reactor(path: str, run_in_thread: Callable[..., Deferred[str]]) -> D
     (L{known_md5}), else read with C{run_in_thread} and remembered (in the
     calling thread: the cache is the reactor's).
     """
-    digest = known_md5(path)
+    try:
+        digest = known_md5(path)
+    except OSError:
+        # Gone or unreadable: the read in the thread says so, as a failure.
+        digest = None
     if digest is not None:
         return succeed(digest)
 

@@ -913,16 +913,19 @@ def _spawn_direct(
 
     def failed(error: SpawnFailed) -> None:
         _log.debug("direct spawn of {argv} failed ({error}); using the launcher", argv=argv, error=error)
+
+    def fall_back(error: SpawnFailed) -> None:
+        failed(error)
         fallback()
 
-    process = DirectProcess(reactor, protocol, failed, _exec_failed(executable, log_dir or job_dir))
+    process = DirectProcess(reactor, protocol, fall_back, _exec_failed(executable, log_dir or job_dir))
     try:
         process.start(spawner, executable, argv, env, job_dir, _devnull_fd(), log_fd, line, WORKER_NICENESS, hold)
     except SpawnBusy:
         # Not a failure to start: too many are held; the caller starts it later.
         raise
     except SpawnFailed as e:
-        _log.debug("direct spawn of {argv} failed ({error}); using the launcher", argv=argv, error=e)
+        failed(e)
         return None
     return process
 
@@ -1019,9 +1022,12 @@ def spawn_worker(
     # The launcher enters its directory only when it goes.
     launch_dir = os.path.abspath(go_dir) if hold and go_dir else job_dir
 
+    def stamp_now() -> str:
+        # The time of a held worker's start line: when it goes.
+        return stamp if now is not None else start_line_time(time.time())
+
     def go_now() -> None:
-        # A held launcher: its start line has the time it goes.
-        protocol._go(start_line_time(time.time()) if now is None else stamp)
+        protocol._go(stamp_now())
 
     direct = _direct_spawner() if spawner is None else None
     if direct is not None and not direct.broken:
@@ -1029,7 +1035,7 @@ def spawn_worker(
 
         def line(pid: int) -> bytes:
             # Written when the worker goes: a held one has its time then.
-            when = stamp if now is not None or not hold else start_line_time(time.time())
+            when = stamp_now() if hold else stamp
             return b"\n%d - %s - RQ START - %s\n" % (pid, when.encode(), script)
 
         def fallback() -> None:
@@ -1047,9 +1053,8 @@ def spawn_worker(
 
         process = _spawn_direct(reactor, direct, protocol, argv, env, job_dir, line, fallback, hold, launch_dir)
         if process is not None:
-            if worker._go is _nothing:
-                # (unless the fallback took over already)
-                worker._use(process.go, process.cancel)
+            # (Its fallback, if it comes to that, comes later: from the reactor.)
+            worker._use(process.go, process.cancel)
             protocol._release_soon(reactor)
             return worker
     protocol.pid = _spawn_launcher(reactor, protocol, argv, env, launch_dir, stamp, real_script, spawner, go=not hold)
