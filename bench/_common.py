@@ -1,8 +1,8 @@
 """
 What the benchmarks share: finding C{twistd} and C{rq} next to the running
-interpreter, starting a daemon on a root, reading C{/proc} and py-spy's
-samples, laying out stored messages, and a scratch directory that goes away
-afterwards.
+interpreter, starting and stopping a daemon on a root, reading C{/proc},
+sampling a process with py-spy and reading its samples, laying out stored
+messages, and a scratch directory that goes away afterwards.
 
 The benchmarks run as scripts (C{python bench/<name>.py}), so this module is
 imported as C{_common} from the directory they live in.
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,9 @@ import tempfile
 import time
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterator, Mapping
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def collapsed_stacks(path: str) -> Iterator[tuple[list[str], int]]:
@@ -85,6 +89,30 @@ def proc_status(pid: int, key: str) -> int | None:
     return None
 
 
+def stat_cpu(path: str) -> tuple[float, float]:
+    """
+    CPU seconds (user + system) of a C{/proc} stat file (C{/proc/<pid>/stat},
+    all threads, or C{/proc/<pid>/task/<tid>/stat}, one thread): its own,
+    and its reaped children's.
+
+    @raise OSError: the file cannot be read (the process is gone).
+    """
+    with open(path) as f:
+        # After "(comm)": fields[0] is field 3 (state), utime is field 14.
+        fields = f.read().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime) / _CLK_TCK, (cutime + cstime) / _CLK_TCK
+
+
+def proc_cpu(pid: int) -> float:
+    """
+    CPU seconds (user + system, all threads) of a process.
+
+    @raise OSError: the process is gone.
+    """
+    return stat_cpu(f"/proc/{pid}/stat")[0]
+
+
 def start_daemon(
     root: str,
     port: int,
@@ -120,13 +148,73 @@ def start_daemon(
     raise SystemExit(f"{what} did not answer within {timeout:.0f} s; see {log.name}")
 
 
+def stop_daemon(proc: subprocess.Popen[bytes] | None, timeout: float, group: bool = True) -> None:
+    """
+    SIGTERM a daemon and wait up to C{timeout} s for it to exit; if it
+    lingers, SIGKILL it and reap it. Nothing if it is not running.
+
+    @param group: SIGKILL the process group it leads (L{start_daemon}
+        starts it in a session of its own); False: the process alone.
+    """
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait()
+
+
+def start_py_spy(pid: int, output: str, rate: int = 250, threads: bool = False) -> subprocess.Popen[bytes] | None:
+    """
+    Sample process C{pid} with C{py-spy record} (collapsed stacks, C{--format
+    raw}, into C{output}; C{threads}: each stack under its thread) until
+    L{stop_py_spy}. None, after a warning on stderr, where py-spy is
+    neither next to the interpreter nor on C{PATH}.
+    """
+    spy = bin_next_to_python("py-spy") or shutil.which("py-spy")
+    if spy is None:
+        print("py-spy not found next to the interpreter nor on PATH; not sampling", file=sys.stderr)
+        return None
+    argv = [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate)]
+    if threads:
+        argv.append("--threads")
+    return subprocess.Popen(
+        [*argv, "--output", output, "--nonblocking"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_py_spy(spy: subprocess.Popen[bytes] | None) -> None:
+    """
+    Stop a L{start_py_spy} (it writes its file on SIGINT); SIGKILL it if it
+    has not finished within 30 s.
+    """
+    if spy is None:
+        return
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+
+
 def store_message(
-    qdir: str, state: str, msg: Mapping[str, Any], status: Mapping[str, Any], log: str | None = None
+    qdir: str,
+    state: str,
+    msg: Mapping[str, Any],
+    status: Mapping[str, Any] | None = None,
+    log: str | None = None,
 ) -> str:
     """
     Lay out a stored message as the daemon keeps it: C{<qdir>/<state>/<hashed
-    id>/msg} and C{status} (JSON), and C{job/stdio.log} when C{log} is given.
-    Its directory.
+    id>/msg} (JSON), C{status} (JSON) when C{status} is given, and
+    C{job/stdio.log} when C{log} is given. Its directory.
     """
     from rqtwisted.message import hashed_subpath
 
@@ -134,8 +222,9 @@ def store_message(
     os.makedirs(os.path.join(mdir, "job") if log is not None else mdir)
     with open(os.path.join(mdir, "msg"), "w") as f:
         json.dump(msg, f)
-    with open(os.path.join(mdir, "status"), "w") as f:
-        json.dump(status, f)
+    if status is not None:
+        with open(os.path.join(mdir, "status"), "w") as f:
+            json.dump(status, f)
     if log is not None:
         with open(os.path.join(mdir, "job", "stdio.log"), "w") as f:
             f.write(log)
@@ -157,8 +246,11 @@ def bench_options(description: str, messages: int) -> argparse.Namespace:
 def scratch(keep: str | None, prefix: str) -> Iterator[str]:
     """
     The directory a bench lays its roots out in: C{keep} (the C{--root}
-    option; left in place) or a fresh temporary one, removed afterwards.
+    option; created if missing, left in place) or a fresh temporary one,
+    removed afterwards.
     """
+    if keep:
+        os.makedirs(keep, exist_ok=True)
     base = keep or tempfile.mkdtemp(prefix=prefix)
     try:
         yield base

@@ -30,9 +30,6 @@ from twisted.internet import reactor  # noqa: E402
 from twisted.internet.defer import ensureDeferred  # noqa: E402
 from twisted.internet.task import LoopingCall  # noqa: E402
 
-from rqtwisted.builtin import register_handler  # noqa: E402
-from rqtwisted.cleaner import CleanerHandler  # noqa: E402
-from rqtwisted.threads import reactor_pool  # noqa: E402
 from rqtwisted.message import make_msg_id  # noqa: E402
 from rqtwisted.root import init_root  # noqa: E402
 from rqtwisted.supervisor import Instance  # noqa: E402
@@ -92,7 +89,6 @@ def main() -> None:
             f.write("#!/bin/sh\necho done >&3\n")
         os.chmod(script, 0o755)
         instance = Instance(root, root.load_config(), reactor, immediateSyncer(), FakeSpawner(), base_env={})
-        register_handler("cleaner", lambda inst: CleanerHandler(inst, reactor_pool(reactor)))
         instance.create_queue({"name": "bench", "script": "./code/noop", "exec_prefix": ""})
         t0 = time.perf_counter()
         populate(root.queue_path("bench"), args.messages, time.time())

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import threading
@@ -37,25 +36,24 @@ from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from _common import bin_next_to_python, collapsed_stacks, free_port, proc_status, rq_argv, scratch, start_daemon
+from _common import (
+    collapsed_stacks,
+    free_port,
+    proc_cpu,
+    proc_status,
+    rq_argv,
+    scratch,
+    start_daemon,
+    start_py_spy,
+    stop_daemon,
+    stop_py_spy,
+)
 
 #: The original RQ on its reference machine: clients -> msg/s.
 ORIGINAL = {1: 50.0, 4: 100.0}
 
 #: The project's target with 4 clients.
 TARGET = 1000.0
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def proc_cpu(pid: int) -> float:
-    """
-    CPU seconds (user + system, all threads) of a process.
-    """
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
 
 class Daemon:
     """
@@ -102,14 +100,7 @@ class Daemon:
         """
         SIGTERM, then SIGKILL the process group if it lingers.
         """
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_daemon(self.proc, 15)
 
 
 class Client:
@@ -279,7 +270,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",") if c]
     with scratch(args.root, "rq-http-enqueue-") as base:
-        os.makedirs(base, exist_ok=True)
         daemon = Daemon(base)
         try:
             daemon.start()
@@ -302,17 +292,12 @@ def main(argv: list[str] | None = None) -> None:
                     last = index == len(counts) - 1 and r == args.repeat - 1
                     if last and args.py_spy:
                         assert daemon.proc is not None
-                        spy = subprocess.Popen(
-                            [bin_next_to_python("py-spy") or "py-spy", "record", "--pid", str(daemon.proc.pid),
-                             "--format", "raw", "--output", args.py_spy, "--rate", "250", "--nonblocking"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                        )
-                        time.sleep(1.0)
+                        spy = start_py_spy(daemon.proc.pid, args.py_spy)
+                        if spy is not None:
+                            time.sleep(1.0)
                     run = measure(daemon, "bench", clients, args.messages)
-                    if spy is not None:
-                        spy.send_signal(signal.SIGINT)
-                        spy.wait(30)
-                        spy = None
+                    stop_py_spy(spy)
+                    spy = None
                     per_round = f"{run.messages / run.rounds:9.1f}" if run.rounds else f"{'-':>9}"
                     print(f"{run.clients:7d} {run.messages:8d} {run.seconds:6.2f} {run.rate:7.0f} "
                           f"{1e6 * run.cpu / run.messages:10.0f} {run.rounds if run.rounds is not None else '-':>12} "

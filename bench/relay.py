@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from rqtwisted.admincommands import SOCKET  # noqa: E402
 from rqtwisted.ampclient import AdminClient  # noqa: E402
 from rqtwisted.root import init_root  # noqa: E402
 
-from _common import free_port, proc_status, start_daemon  # noqa: E402
+from _common import free_port, proc_cpu, proc_status, start_daemon, stop_daemon  # noqa: E402
 
 INBOX_SCRIPT = '#!/bin/sh\necho "done received" >&3\n'
 
@@ -98,22 +97,14 @@ class Daemon:
         return {}
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_daemon(self.proc, 30)
 
     def cpu_seconds(self) -> float:
         """
         User + system CPU time the daemon has used so far.
         """
         assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return proc_cpu(self.proc.pid)
 
     def sync_rounds(self) -> int:
         """

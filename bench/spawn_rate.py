@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 from typing import Callable
 
@@ -29,6 +27,7 @@ from twisted.internet.defer import Deferred  # noqa: E402
 from rqtwisted.protocol import Report  # noqa: E402
 import rqtwisted.worker as worker_module  # noqa: E402
 from rqtwisted.worker import script_argv, spawn_worker  # noqa: E402
+from _common import scratch  # noqa: E402
 from throughput import spread_subdirs  # noqa: E402
 
 
@@ -139,15 +138,11 @@ def main() -> None:
 
     from twisted.internet import defer, reactor
 
-    tmp = tempfile.mkdtemp(prefix="rq-spawn-bench-")
-    # Job dirs in block groups of their own (see bench/README.md).
-    spread_subdirs(tmp)
-    script = make_script(tmp)
     results: list[str] = []
     direct = worker_module._direct_spawner() is not None
 
     @defer.inlineCallbacks
-    def run():
+    def run(tmp: str, script: str):
         try:
             for concurrency in (1, 4):
                 n = options.count
@@ -169,9 +164,11 @@ def main() -> None:
         finally:
             reactor.stop()
 
-    reactor.callWhenRunning(run)
-    reactor.run()
-    shutil.rmtree(tmp, ignore_errors=True)
+    with scratch(None, "rq-spawn-bench-") as tmp:
+        # Job dirs in block groups of their own (see bench/README.md).
+        spread_subdirs(tmp)
+        reactor.callWhenRunning(run, tmp, make_script(tmp))
+        reactor.run()
     print(f"{options.count} spawns of a no-op /bin/sh script, {os.cpu_count()} CPUs")
     for line in results:
         print(line)

@@ -18,11 +18,11 @@ and polls the C{Status} counts until every message is done. Two variants:
 Next to these it measures the raw spawn rate of the same script
 (C{os.posix_spawn} + C{os.waitpid}, keeping K children running) at
 concurrency 1 and 4, and prints the ratios, the CPU time every party spends
-per message (daemon reactor thread, daemon fsync threads, workers, enqueue
-clients), the daemon's peak RSS (C{VmHWM}) and the number of fsync rounds
-when C{Status} exposes it. Run from the project root, with the Python of the
-environment rqtwisted is installed in (C{twistd} and C{rq} are looked up next
-to it)::
+per message (daemon reactor thread, daemon fsync and spawn threads, workers,
+enqueue clients), the daemon's peak RSS (C{VmHWM}) and the number of fsync
+rounds when C{Status} exposes it. Run from the project root, with the Python
+of the environment rqtwisted is installed in (C{twistd} and C{rq} are looked
+up next to it)::
 
     python bench/throughput.py [--messages N] [--root DIR]
 
@@ -40,7 +40,6 @@ import re
 import resource
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -55,7 +54,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rqtwisted.admincommands import SOCKET  # noqa: E402
 from rqtwisted.ampclient import AdminClient, AdminClientError  # noqa: E402
 
-from _common import bin_next_to_python, collapsed_stacks, proc_status, rq_argv, twistd_argv  # noqa: E402
+from _common import (  # noqa: E402
+    collapsed_stacks,
+    proc_status,
+    rq_argv,
+    start_py_spy,
+    stat_cpu,
+    stop_daemon,
+    stop_py_spy,
+    twistd_argv,
+)
 
 #: The queue script: a no-op that reports success on fd 3.
 SCRIPT = '#!/bin/sh\necho "done ok" >&3\n'
@@ -118,22 +126,11 @@ ORIGINAL = {1: (165.0, 1500.0), 4: (275.0, 2300.0)}
 TARGET_RATIO = 0.5
 TARGET_WORKERS = 4
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
 #: The line number in a py-spy frame, C{func (path:123)}.
 _LINENO = re.compile(r":\d+\)$")
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def _stat_fields(path: str) -> list[str] | None:
-    try:
-        with open(path) as f:
-            # After "(comm)": fields[0] is field 3 (state), utime is field 14.
-            return f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
 
 
 @dataclass
@@ -154,15 +151,14 @@ class Cpu:
 def proc_cpu(pid: int) -> Cpu:
     """
     The L{Cpu} of a process now, from C{/proc/<pid>/stat} and
-    C{/proc/<pid>/task/<pid>/stat}.
+    C{/proc/<pid>/task/<pid>/stat}; all zero if the process is gone.
     """
-    whole = _stat_fields(f"/proc/{pid}/stat")
-    main = _stat_fields(f"/proc/{pid}/task/{pid}/stat")
-    if whole is None or main is None:
+    try:
+        total, children = stat_cpu(f"/proc/{pid}/stat")
+        main, _ = stat_cpu(f"/proc/{pid}/task/{pid}/stat")
+    except OSError:
         return Cpu()
-    utime, stime, cutime, cstime = (int(x) for x in whole[11:15])
-    mutime, mstime = (int(x) for x in main[11:13])
-    return Cpu((mutime + mstime) / _CLK_TCK, (utime + stime) / _CLK_TCK, (cutime + cstime) / _CLK_TCK)
+    return Cpu(main, total, children)
 
 
 def rusage_cpu(who: int) -> float:
@@ -442,28 +438,13 @@ class Daemon:
         Sample the daemon with py-spy (collapsed stacks, per thread) until
         L{stop_py_spy}.
         """
-        spy = bin_next_to_python("py-spy") or shutil.which("py-spy")
-        if spy is None:
-            print("py-spy not found next to the interpreter nor on PATH; not sampling", file=sys.stderr)
-            return
-        self._spy = subprocess.Popen(
-            [spy, "record", "--pid", str(self.pid), "--format", "raw", "--rate", str(rate),
-             "--threads", "--output", output, "--nonblocking"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        self._spy = start_py_spy(self.pid, output, rate, threads=True)
 
     def stop_py_spy(self) -> None:
         """
         Stop py-spy; it writes its file on SIGINT.
         """
-        if self._spy is None:
-            return
-        self._spy.send_signal(signal.SIGINT)
-        try:
-            self._spy.wait(30)
-        except subprocess.TimeoutExpired:
-            self._spy.kill()
-            self._spy.wait()
+        stop_py_spy(self._spy)
         self._spy = None
 
     def stop(self) -> None:
@@ -472,13 +453,8 @@ class Daemon:
         it after 30 s.
         """
         self.stop_py_spy()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        # Not started in a session of its own: SIGKILL the process alone.
+        stop_daemon(self.process, 30, group=False)
         self._log.close()
 
 

@@ -16,32 +16,28 @@ runs. Run from the project root::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rqtwisted.message import hashed_subpath, make_msg_id  # noqa: E402
+from rqtwisted.message import make_msg_id  # noqa: E402
 from rqtwisted.testing import instance_for  # noqa: E402
 from rqtwisted.web.app import RQWeb  # noqa: E402
 from tests.unit.web_helpers import Client  # noqa: E402
 
+from _common import scratch, store_message  # noqa: E402
+
 
 def fill(queue_dir: str, n: int, start: float) -> None:
     """
-    Write C{n} done messages, 20 per second of creation time.
+    Write C{n} done messages (no status file), 20 per second of creation time.
     """
-    done = os.path.join(queue_dir, "done")
     for i in range(n):
         msg_id = make_msg_id(start + i / 20.0, i + 1)
-        path = os.path.join(done, hashed_subpath(msg_id))
-        os.makedirs(path)
-        with open(os.path.join(path, "msg"), "w") as f:
-            json.dump({"msg_id": msg_id, "dest": "big", "count": 0, "max_count": 15, "due": int(start)}, f)
+        msg = {"msg_id": msg_id, "dest": "big", "count": 0, "max_count": 15, "due": int(start)}
+        store_message(queue_dir, "done", msg)
 
 
 def timed(client: Client, path: str, repeat: int) -> tuple[float, int, int]:
@@ -61,8 +57,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--root", default=None)
     args = parser.parse_args()
-    base = args.root or tempfile.mkdtemp(prefix="rq-web-bench-")
-    try:
+    with scratch(args.root, "rq-web-bench-") as base:
         instance, spawner, clock = instance_for(os.path.join(base, "root"))
         instance.create_queue({"name": "big", "script": "./code/noop", "exec_prefix": ""})
         t0 = time.perf_counter()
@@ -78,9 +73,6 @@ def main() -> None:
             best, code, size = timed(client, path, args.repeat)
             print(f"{path:40} {best:8.3f} {code:5d} {size:9d}")
         instance.stopService()
-    finally:
-        if args.root is None:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@
     colour(setText("status", "UNREACHABLE"), "red");
   }
 
-  global.RQHome = { update: update, formatTime: formatTime, root: RQ.root };
+  global.RQHome = { update: update, formatTime: formatTime };
 
   RQ.ready(function () {
     RQ.markCounts("td.count");

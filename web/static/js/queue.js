@@ -206,7 +206,7 @@
     return url.href;
   }
 
-  global.RQQueue = { update: update, dueText: dueText, root: RQ.root };
+  global.RQQueue = { update: update, dueText: dueText };
 
   RQ.ready(function () {
     RQ.markCounts("[id$='_size']");
