@@ -55,7 +55,8 @@ def twistd_argv() -> list[str]:
     How to run twistd with this interpreter's environment.
     """
     path = bin_next_to_python("twistd")
-    return [path] if path else [sys.executable, "-m", "twisted"]
+    # Not "python -m twisted": that is twist, which takes no twistd options.
+    return [path] if path else [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 def rq_argv() -> list[str]:

@@ -204,7 +204,9 @@ def creation_fields(data: Mapping[str, Any]) -> dict[str, Any]:
 
     @raise MessageError: C{dest} missing or a field of the wrong type.
     """
-    if not isinstance(data, Mapping):
+    # (A dict first: an isinstance check against typing's Mapping costs
+    # microseconds, and nearly every message is a decoded JSON object.)
+    if type(data) is not dict and not isinstance(data, Mapping):
         raise MessageError("message must be a JSON object")
     dest = data.get("dest")
     if dest is None or dest == "":

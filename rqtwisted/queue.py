@@ -176,6 +176,9 @@ class QueueService(Service):
         self._ready: Job | None = None
         #: Whether recent workers ran short enough for a ready worker to pay.
         self._ready_pays = True
+        #: The script checked once per scheduling pass (see L{_command}):
+        #: how to run it, or why it cannot be.
+        self._pass_command: tuple[str, list[str]] | ScriptError | None = None
 
     # -- service
 
@@ -343,7 +346,15 @@ class QueueService(Service):
         """
         if not self.running or self._stopping:
             return
-        now = self.clock.seconds()
+        try:
+            self._pass(self.clock.seconds())
+        finally:
+            self._pass_command = None
+
+    def _pass(self, now: float) -> None:
+        """
+        The body of L{schedule}, at time C{now}.
+        """
         wake = now + IDLE_PASS
         if self.oper == "SCRIPTERROR":
             self._recheck_script()
@@ -407,12 +418,20 @@ class QueueService(Service):
 
     def _command(self) -> tuple[str, list[str]]:
         """
-        The script's real path and the argv that runs it.
+        The script's real path and the argv that runs it, checked once per
+        scheduling pass.
 
         @raise ScriptError: the script cannot be run.
         """
-        real_script = resolve_script(self.config.script, self.instance.root.path)
-        return real_script, script_argv(self.config.exec_prefix, real_script)
+        if self._pass_command is None:
+            try:
+                real_script = resolve_script(self.config.script, self.instance.root.path)
+                self._pass_command = (real_script, script_argv(self.config.exec_prefix, real_script))
+            except ScriptError as e:
+                self._pass_command = e
+        if isinstance(self._pass_command, ScriptError):
+            raise self._pass_command
+        return self._pass_command
 
     def _recheck_script(self) -> None:
         try:

@@ -29,10 +29,14 @@ for the child. The spawn thread waits for the exec, then closes our end of
 C{out}. Each FIFO pair (a gate) serves one spawn at a time and is reused;
 its C{out} is made anew after each use (see L{_Gate}).
 
-A spawn may be I{held}: its child waits at the gate, pid known, until
+A spawn may be I{held}: its child waits at the gate until
 L{DirectSpawner.go} sets it up and lets it go, or L{DirectSpawner.cancel}
 kills it there, before anything of the script ran. A queue uses this to
-have the next worker ready when a slot frees. A child the reactor
+have the next worker ready when a slot frees. The reactor does not watch
+the gate of a held spawn: at the go (or the cancel) it looks whether the
+child got there (and deals with it at once), and only watches if not yet.
+That spares a wake-up of the reactor per worker, and the child the cost
+of waking it. A child the reactor
 cannot set up (its pid cannot be told for sure, the start line cannot be
 written) is let go with the path it is about to exec emptied (it shares
 our memory until its exec), so that its exec fails and nothing of it runs;
@@ -52,6 +56,7 @@ import ctypes
 import errno
 import os
 import queue as _queue
+import select
 import shutil
 import sys
 import tempfile
@@ -81,6 +86,9 @@ _ERRORS = sys.getfilesystemencodeerrors()
 #: The most spawn threads (spawns whose exec is under way at once); more
 #: spawns wait for a thread.
 MAX_THREADS = 16
+
+#: Bytes read at once from a spawn thread's C{/proc} children file.
+_CHILDREN_READ = 65536
 
 #: The most spawns held at their gates at once (each keeps a spawn thread
 #: waiting): at most half the threads, so that held spawns never make the
@@ -294,7 +302,7 @@ class _Gate:
 
 
 #: The states of a L{_Request}.
-_WAITING, _HELD, _STARTED, _FAILED, _CANCELLED = "waiting", "held", "started", "failed", "cancelled"
+_WAITING, _STARTED, _FAILED, _CANCELLED = "waiting", "started", "failed", "cancelled"
 
 
 class _Request:
@@ -403,11 +411,38 @@ class _GateWatcher:
     """
     Our end of FIFO C{in} of a waiting spawn: its hang-up means the child
     is at the gate.
+
+    The reactor watches it from the spawn on, except for a held spawn: its
+    child waits at the gate anyway, so it is looked at only when the spawn
+    goes or is cancelled (L{DirectSpawner._watch}). Nobody is then woken
+    when the child gets there.
     """
 
     def __init__(self, request: _Request, fd: int) -> None:
         self._request = request
         self.fd = fd
+        #: Whether the reactor watches it.
+        self.registered = False
+
+    def watch(self) -> None:
+        """
+        Have the reactor watch the FIFO (a hang-up already there is seen
+        at once).
+        """
+        if self.fd >= 0 and not self.registered:
+            self.registered = True
+            self._request.reactor.addReader(self)
+
+    def hung_up(self) -> bool:
+        """
+        Whether the child is at the gate already (the FIFO hung up).
+        """
+        if self.fd < 0:
+            return False
+        # poll, not select: the fd may be above select's limit of 1024.
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     def fileno(self) -> int:
         """
@@ -430,16 +465,18 @@ class _GateWatcher:
         """
         The reactor saw the hang-up (and stopped watching).
         """
-        self.close(registered=False)
+        self.registered = False
+        self.close()
         self._request.spawner._at_gate(self._request)
 
-    def close(self, registered: bool = True) -> None:
+    def close(self) -> None:
         """
         Stop watching and close the fd, once; the gate is then free of it.
         """
         if self.fd < 0:
             return
-        if registered:
+        if self.registered:
+            self.registered = False
             self._request.reactor.removeReader(self)
         os.close(self.fd)
         self.fd = -1
@@ -456,6 +493,8 @@ class _SpawnThread:
         self.tid: int | None = None
         #: The C{/proc} file listing the thread's children.
         self.children = ""
+        #: That file, opened by the reactor at its first look.
+        self._children_fd = -1
         #: Pids this thread's children were given at their gates, until they
         #: are reaped (see L{DirectSpawner._find_child} and L{DirectSpawner.forget}).
         self.given: set[int] = set()
@@ -466,9 +505,24 @@ class _SpawnThread:
 
     def join(self) -> None:
         """
-        Wait (a little) for the thread to end.
+        Wait (a little) for the thread to end; close its children file.
         """
         self._thread.join(5)
+        fd, self._children_fd = self._children_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def list_children(self) -> bytes:
+        """
+        The thread's children file now: each read from its start lists the
+        children anew, so it is opened once and read with C{pread}.
+        """
+        if self._children_fd < 0:
+            self._children_fd = os.open(self.children, os.O_RDONLY | os.O_CLOEXEC)
+        chunks = [os.pread(self._children_fd, _CHILDREN_READ, 0)]
+        while len(chunks[-1]) == _CHILDREN_READ:
+            chunks.append(os.pread(self._children_fd, _CHILDREN_READ, _CHILDREN_READ * len(chunks)))
+        return b"".join(chunks)
 
     def _run(self) -> None:
         self.tid = threading.get_native_id()
@@ -732,10 +786,11 @@ class DirectSpawner:
             request.close_owned()
             raise SpawnFailed(getattr(e, "errno", None) or errno.EAGAIN, f"spawn thread: {e}")
         request.watcher = _GateWatcher(request, watch_fd)
-        reactor.addReader(request.watcher)
-        self._requests.put(request)
         if hold:
             self.holding += 1
+        else:
+            request.watcher.watch()
+        self._requests.put(request)
         return request
 
     def _unhold(self, request: "_Request") -> None:
@@ -753,9 +808,23 @@ class DirectSpawner:
         as soon as it gets there.
         """
         self._unhold(request)
-        if request.state == _HELD:
-            assert request.pid is not None
-            self._set_up(request, request.pid)
+        if request.state == _WAITING:
+            self._watch(request)
+
+    def _watch(self, request: "_Request") -> None:
+        """
+        A spawn made without watching its gate (a held one) goes on or is
+        cancelled: deal with its child now if it is at the gate, else watch
+        for it to get there.
+        """
+        watcher = request.watcher
+        if watcher is None or watcher.registered:
+            return
+        if watcher.hung_up():
+            watcher.close()
+            self._at_gate(request)
+        else:
+            watcher.watch()
 
     def cancel(self, request: "_Request") -> None:
         """
@@ -765,11 +834,9 @@ class DirectSpawner:
         copies of its fds are closed.
         """
         self._unhold(request)
-        if request.state == _HELD:
-            assert request.pid is not None
-            self._kill_at_gate(request, request.pid)
-        elif request.state == _WAITING:
+        if request.state == _WAITING:
             request.cancelled = True
+            self._watch(request)
 
     def _prepare(
         self,
@@ -825,18 +892,13 @@ class DirectSpawner:
         """
         if request.state != _WAITING:
             return
-        if request.cancelled or request.hold:
+        if request.cancelled:
             try:
                 pid = self._find_child(request)
             except OSError:
                 pid = None
-            if request.cancelled:
-                self._kill_at_gate(request, pid)
-                return
-            if pid is not None:
-                request.state = _HELD
-                request.pid = pid
-                return
+            self._kill_at_gate(request, pid)
+            return
         self._set_up(request, None)
 
     def _kill_at_gate(self, request: _Request, pid: int | None) -> None:
@@ -931,14 +993,7 @@ class DirectSpawner:
         thread = request.thread
         if thread is None:
             return None
-        fd = os.open(thread.children, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            chunks = [os.read(fd, 65536)]
-            while chunks[-1]:
-                chunks.append(os.read(fd, 65536))
-        finally:
-            os.close(fd)
-        pids = [int(p) for p in b"".join(chunks).split()]
+        pids = [int(p) for p in thread.list_children().split()]
         if not pids:
             _log.warn("spawn: no child listed for thread {tid}", tid=thread.tid)
             return None

@@ -166,6 +166,10 @@ def check_attachment_name(name: str) -> None:
         raise MessageError(f"Attachment name has invalid character. not allowed: {name}")
 
 
+#: The length assumed of a pid file nobody knows the content of.
+_UNKNOWN_LENGTH = 1 << 20
+
+
 class QueueStore:
     """
     The directory of one queue.
@@ -178,15 +182,21 @@ class QueueStore:
         @param now: the clock (epoch seconds).
         """
         self.path = path
+        # Paths are joined by hand on the hot path: ids and state names
+        # hold no separator, and os.path.join costs a microsecond a call.
+        self._prefix = path.rstrip(os.sep) + os.sep
         self._syncer = syncer
         self._now = now
         self._suffix = random.randrange(1, 10**9)
         self._hashdirs: set[str] = set()
-        #: Former pid files parked in C{tmp/}, reused by L{write_pid}: on
-        #: some filesystems creating and deleting a file per message costs
-        #: more than all the rest of the message's disk work.
-        self._spare_pids: list[str] = []
+        #: Former pid files parked in C{tmp/} with the length of what they
+        #: hold, reused by L{write_pid}: on some filesystems creating and
+        #: deleting a file per message costs more than all the rest of the
+        #: message's disk work.
+        self._spare_pids: list[tuple[str, int]] = []
         self._spare_serial = 0
+        #: Running message -> the length of the pid L{write_pid} wrote.
+        self._pid_lengths: dict[str, int] = {}
         #: Told of every change of a message (the search index,
         #: L{rqtwisted.search.QueueIndex}); C{None}: nobody listens.
         self.observer: Any = None
@@ -197,15 +207,15 @@ class QueueStore:
         """
         The directory of a state: C{queue/<name>/<state>}.
         """
-        return os.path.join(self.path, state)
+        return self._prefix + state
 
     def msg_dir(self, state: str, msg_id: str) -> str:
         """
         Where a message in C{state} lives (hashed for done and relayed).
         """
         if state in HASHED_STATES:
-            return os.path.join(self.path, state, hashed_subpath(msg_id))
-        return os.path.join(self.path, state, msg_id)
+            return f"{self._prefix}{state}/{hashed_subpath(msg_id)}"
+        return f"{self._prefix}{state}/{msg_id}"
 
     # -- start-up
 
@@ -249,6 +259,7 @@ class QueueStore:
         """
         tmp = self.state_dir("tmp")
         self._spare_pids = []
+        self._pid_lengths = {}
         for entry in os.listdir(tmp):
             if entry != PARTIAL_DIR:
                 path = os.path.join(tmp, entry)
@@ -422,16 +433,16 @@ class QueueStore:
             add attachments (clone, dup).
         """
         msg_id = msg["msg_id"]
-        staging = os.path.join(self.state_dir("tmp"), msg_id)
+        staging = f"{self._prefix}tmp/{msg_id}"
         os.mkdir(staging)
-        write_file(os.path.join(staging, "msg"), dumps(msg))
+        write_file(staging + "/msg", dumps(msg))
         if fill is not None:
             fill(staging)
         target = self.msg_dir(state, msg_id)
         os.rename(staging, target)
         if self.observer is not None:
             self.observer.created(state, msg)
-        paths = [os.path.join(target, "msg"), target, self.state_dir(state)]
+        paths = [target + "/msg", target, self.state_dir(state)]
         if fill is not None and os.path.isdir(os.path.join(target, "attach")):
             paths.append(os.path.join(target, "attach"))
         return self._syncer.sync(*paths)
@@ -451,22 +462,26 @@ class QueueStore:
         Replace the C{status} file (C{{"job_status": text}}), synced later.
         """
         mdir = self.msg_dir(state, msg_id)
-        replace_file(os.path.join(mdir, "status"), dumps({"job_status": text}))
+        path = mdir + "/status"
+        replace_file(path, dumps({"job_status": text}))
         if self.observer is not None:
             self.observer.status_written(state, msg_id, text)
-        self._syncer.later(os.path.join(mdir, "status"), mdir)
+        self._syncer.later(path, mdir)
 
     def write_pid(self, msg_id: str, pid: int) -> None:
         """
         Record a running message's worker pid (C{run/<id>/pid}): written
         to a spare file in C{tmp/} (or C{pid.tmp}) and renamed into place.
         """
-        target = os.path.join(self.msg_dir("run", msg_id), "pid")
+        target = self.msg_dir("run", msg_id) + "/pid"
         data = str(pid).encode("ascii")
         while self._spare_pids:
-            spare = self._spare_pids.pop()
+            spare, held = self._spare_pids.pop()
+            # Truncating costs more than writing: only when the old pid
+            # was longer.
+            flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_TRUNC if held > len(data) else 0)
             try:
-                fd = os.open(spare, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+                fd = os.open(spare, flags)
             except OSError:
                 continue
             try:
@@ -474,8 +489,10 @@ class QueueStore:
             finally:
                 os.close(fd)
             os.rename(spare, target)
+            self._pid_lengths[msg_id] = len(data)
             return
         replace_file(target, data)
+        self._pid_lengths[msg_id] = len(data)
 
     def read_pid(self, msg_id: str) -> int | None:
         """
@@ -491,10 +508,12 @@ class QueueStore:
         """
         Remove C{run/<id>/pid} (parked in C{tmp/} for L{write_pid}).
         """
-        path = os.path.join(self.msg_dir("run", msg_id), "pid")
+        path = self.msg_dir("run", msg_id) + "/pid"
+        # A file written by someone else may hold anything: truncated on reuse.
+        held = self._pid_lengths.pop(msg_id, _UNKNOWN_LENGTH)
         if len(self._spare_pids) < 64:
             self._spare_serial += 1
-            spare = os.path.join(self.state_dir("tmp"), f"pid.{self._spare_serial}")
+            spare = f"{self._prefix}tmp/pid.{self._spare_serial}"
             try:
                 os.rename(path, spare)
             except FileNotFoundError:
@@ -502,7 +521,7 @@ class QueueStore:
             except OSError:
                 pass
             else:
-                self._spare_pids.append(spare)
+                self._spare_pids.append((spare, held))
                 return
         try:
             os.unlink(path)
@@ -513,7 +532,7 @@ class QueueStore:
         """
         The C{job/} directory of a message in C{state} (not created).
         """
-        return os.path.join(self.msg_dir(state, msg_id), "job")
+        return self.msg_dir(state, msg_id) + "/job"
 
     def job_dir(self, msg_id: str, state: str = "run") -> str:
         """

@@ -17,6 +17,7 @@ C{makeService} opens (or lays out) the root and builds::
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from functools import partial
@@ -229,4 +230,27 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     ReloadOnHangup(reactor, instance).setServiceParent(top)
     add_watchers(top, instance, reactor)
     exit_zero_after_shutdown(reactor)
+    reactor.callWhenRunning(settle_heap)
     return top
+
+
+#: Allocations (less deallocations) between two young-generation collections
+#: of the cyclic garbage collector, once the daemon runs (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def settle_heap() -> None:
+    """
+    Once everything is loaded: move every object alive now (modules,
+    classes, the service tree) out of the cyclic collector's reach with
+    C{gc.freeze}, and collect young objects less often. Each message makes
+    a few hundred short-lived objects; with CPython's defaults the collector
+    ran every few messages and its older generations walked the whole
+    imported Twisted, a few percent of the reactor's time. Reference
+    counting still frees nearly everything at once; cycles wait a little
+    longer.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)

@@ -168,6 +168,35 @@ def test_scripterror_is_rechecked(started):
     assert len(spawner.workers) == 1
 
 
+def test_script_checked_once_per_pass(tmp_path, monkeypatch):
+    """
+    One scheduling pass checks the script once, however many workers it
+    starts or makes ready; the next pass checks it again (so a script made
+    unrunnable is seen at the next pass).
+    """
+    import rqtwisted.queue as queue_module
+
+    calls = []
+    real = queue_module.resolve_script
+
+    def counting(script, root):
+        calls.append(script)
+        return real(script, root)
+
+    monkeypatch.setattr(queue_module, "resolve_script", counting)
+    instance, spawner, clock, q, ids = ready_queue(tmp_path)
+    calls.clear()
+    instance.set_admin("resume", "rw")
+    # Two started and one made ready, in one pass.
+    assert len(spawner.workers) == 3
+    assert calls == ["./code/noop"]
+    os.chmod(instance.root.join("code", "noop"), 0o644)
+    finish(spawner.workers[0])
+    assert len(calls) == 2
+    assert q.status() == "SCRIPTERROR"
+    assert spawner.workers[2].cancelled and q.locate(ids[2]) == "que"
+
+
 def test_blocking_params(started):
     instance, spawner, clock = started
     instance.create_queue(

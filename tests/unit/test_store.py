@@ -98,6 +98,44 @@ def test_open_moves_run_back_to_que_and_corrupt_aside(tmp_path, sync):
     assert not os.path.exists(os.path.join(s.msg_dir("que", good), "pid"))
 
 
+def test_pid_files_reused_whatever_the_lengths(store):
+    """
+    A cleared pid file is parked in C{tmp/} and reused by the next
+    L{write_pid}: truncated only when the old pid was longer, so a shorter
+    pid never keeps digits of the old one; a pid file written by someone
+    else (length unknown) is truncated too.
+    """
+    ids = [store.new_id() for _ in range(4)]
+    for msg_id in ids:
+        store.create({"msg_id": msg_id, "dest": "q"}, "que")
+        store.move(msg_id, "que", "run")
+
+    def pid_of(msg_id):
+        with open(os.path.join(store.msg_dir("run", msg_id), "pid"), "rb") as f:
+            return f.read()
+
+    store.write_pid(ids[0], 4194303)
+    assert pid_of(ids[0]) == b"4194303"
+    store.clear_pid(ids[0])
+    assert not os.path.exists(os.path.join(store.msg_dir("run", ids[0]), "pid"))
+    [spare] = os.listdir(store.state_dir("tmp"))
+    store.write_pid(ids[1], 42)  # shorter: truncated
+    assert pid_of(ids[1]) == b"42"
+    assert os.listdir(store.state_dir("tmp")) == []
+    store.clear_pid(ids[1])
+    store.write_pid(ids[2], 123456)  # longer: overwritten in place
+    assert pid_of(ids[2]) == b"123456"
+    # Someone else's pid file: its length is not known.
+    with open(os.path.join(store.msg_dir("run", ids[3]), "pid"), "wb") as f:
+        f.write(b"99999999999\n")
+    store.clear_pid(ids[3])
+    store.clear_pid(ids[2])
+    store.write_pid(ids[0], 7)
+    store.write_pid(ids[1], 8)
+    assert {pid_of(ids[0]), pid_of(ids[1])} == {b"7", b"8"}
+    assert os.listdir(store.state_dir("tmp")) == []
+
+
 def test_status_file(store):
     msg_id = store.new_id()
     store.create({"msg_id": msg_id, "dest": "q"}, "que")

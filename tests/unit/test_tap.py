@@ -4,6 +4,7 @@ Tests for the C{twistd rq} plugin and L{rqtwisted.tap}.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -64,3 +65,24 @@ def test_make_service_keeps_existing_root_and_overrides(tmp_path):
     service = tap.makeService(opts, MemoryReactorClock())
     assert (tmp_path / "config" / "config.json").read_text() == before
     assert service.getServiceNamed("instance").settings.port == 6666
+
+
+def test_heap_settled_once_running(tmp_path):
+    """
+    Once the reactor runs, the objects loaded at start are frozen out of
+    the cyclic collector's reach and young objects are collected every
+    L{tap.GC_YOUNG_THRESHOLD} allocations, the older generations as before.
+    """
+    reactor = MemoryReactorClock()
+    opts = tap.Options()
+    opts.parseOptions(["--root", str(tmp_path)])
+    before = gc.get_threshold()
+    tap.makeService(opts, reactor)
+    [(call, args, kwargs)] = [hook for hook in reactor.whenRunningHooks if hook[0] is tap.settle_heap]
+    try:
+        call(*args, **kwargs)
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (tap.GC_YOUNG_THRESHOLD, before[1], before[2])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -13,11 +13,11 @@ import errno
 import fcntl
 import os
 import re
+import resource
 import select
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -1179,6 +1179,36 @@ async def test_real_fork_path(tmp_path: Any, monkeypatch: Any) -> None:
 # -- the direct spawner
 
 
+def test_gate_hang_up_seen_above_fd_1024(tmp_path: Any) -> None:
+    """
+    L{_GateWatcher.hung_up} tells whether the child came to the gate (a
+    writer opened FIFO C{in} and closed it) without the reactor watching,
+    also for an fd number select() could not take.
+    """
+    fifo = str(tmp_path / "in")
+    os.mkfifo(fifo)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048 and (hard == resource.RLIM_INFINITY or hard >= 2048):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    low = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        high = fcntl.fcntl(low, fcntl.F_DUPFD_CLOEXEC, 1500)
+    except OSError:
+        pytest.skip("no fd number above 1024 allowed here")
+    finally:
+        os.close(low)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    watcher = spawn_module._GateWatcher(None, high)  # type: ignore[arg-type]
+    try:
+        assert high > 1024 and not watcher.hung_up()
+        writer = os.open(fifo, os.O_WRONLY)
+        assert not watcher.hung_up()
+        os.close(writer)
+        assert watcher.hung_up()
+    finally:
+        os.close(high)
+
+
 def direct_only() -> DirectSpawner:
     """
     The process's L{DirectSpawner}, or skip the test.
@@ -1269,10 +1299,19 @@ async def _held_pid(worker: Worker) -> int:
     """
     Wait until a directly spawned held worker is at its gate; its pid.
     """
-    request = _spawn_request(worker)
-    await _until(lambda: request.state == "held", "the held worker reaching the gate")
-    assert request.pid is not None
-    return int(request.pid)
+    return await _gate_child(_spawn_request(worker))
+
+
+async def _gate_child(request: Any) -> int:
+    """
+    Wait until the child of a held spawn is at its gate; its pid. Nobody
+    watches that gate: its FIFO hangs up, the spawn stays C{waiting}, and
+    the child is the newest of its spawn thread.
+    """
+    await _until(lambda: request.watcher.hung_up(), "the held child reaching the gate")
+    assert request.state == "waiting" and not request.watcher.registered
+    with open(f"/proc/self/task/{request.thread.tid}/children") as f:
+        return int(f.read().split()[-1])
 
 
 @pytest_twisted.ensureDeferred
@@ -1823,15 +1862,11 @@ class TestDirectSpawner:
             calls.append(request)
             thread = request.thread
             thread.given.add(first.pid)
-            fd, path = tempfile.mkstemp(dir=str(tmp_path))
-            os.write(fd, b"%d" % first.pid)
-            os.close(fd)
-            saved = thread.children
-            thread.children = path
+            thread.list_children = lambda: b"%d " % first.pid
             try:
                 return real_find(request)
             finally:
-                thread.children = saved
+                del thread.list_children
 
         spawner._find_child = find_with_first_newest  # type: ignore[method-assign]
         try:
@@ -1853,15 +1888,12 @@ class TestDirectSpawner:
         Wait until the child of C{handler}'s held spawn is at the gate; its
         pid.
         """
-        request = handler.request
-        await _until(lambda: request.state == "held", "the held child reaching the gate")
-        assert request.pid is not None
-        return int(request.pid)
+        return await _gate_child(handler.request)
 
     @pytest_twisted.ensureDeferred
     async def test_hold_then_go(self, spawner: DirectSpawner, tmp_path: Any) -> None:
         """
-        A held child stops at the gate, pid known: not exec'd (our command
+        A held child stops at the gate: not exec'd (our command
         line), already in its directory, not reniced, no start line, the
         handler told nothing. L{DirectSpawner.go} sets it up then: reniced,
         start line with its pid, handler told, and the script runs.
@@ -1882,7 +1914,7 @@ class TestDirectSpawner:
         assert int(fields[3]) == pid, "its own session"
         # Some reactor turns later it still waits, and nothing was said.
         await deferLater(reactor, 0.02, lambda: None)
-        assert request.state == "held" and request.pid == pid
+        assert request.state == "waiting" and request.pid is None
         assert handler.events == []
         assert (tmp_path / "log").read_text() == ""
         assert not (job / "ran").exists()
