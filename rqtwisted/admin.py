@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from rqtwisted.admincommands import COMMANDS
+from rqtwisted.ampclient import ProtocolError, read_box
 from rqtwisted.message import MessageError
 
 if TYPE_CHECKING:
@@ -137,7 +138,6 @@ _ASK = amp.ASK
 _ANSWER = amp.ANSWER
 _COMMAND = amp.COMMAND
 _ERROR = amp.ERROR
-_unpackLength = struct.Struct("!H").unpack_from
 _packLength = struct.Struct("!H").pack
 _ANSWER_KEY = _packLength(len(_ANSWER)) + _ANSWER
 _DETAIL_KEY = _packLength(6) + b"detail"
@@ -247,30 +247,16 @@ class AdminProtocol(amp.AMP):
             if self.paused:
                 self._useTwisted(data[start:])
                 return
-            box: dict[bytes, bytes] = {}
-            at = start
-            while True:
-                if at + 2 > end:
-                    self._pending = data[start:]
-                    return
-                (length,) = _unpackLength(data, at)
-                at += 2
-                if not length:
-                    break
-                if length > amp.MAX_KEY_LENGTH:
-                    self._useTwisted(data[start:])
-                    return
-                keyEnd = at + length
-                if keyEnd + 2 > end:
-                    self._pending = data[start:]
-                    return
-                (length,) = _unpackLength(data, keyEnd)
-                valueEnd = keyEnd + 2 + length
-                if valueEnd > end:
-                    self._pending = data[start:]
-                    return
-                box[data[at:keyEnd]] = data[keyEnd + 2 : valueEnd]
-                at = valueEnd
+            try:
+                found = read_box(data, start)
+            except ProtocolError:
+                # Twisted's parser reports it.
+                self._useTwisted(data[start:])
+                return
+            if found is None:
+                self._pending = data[start:]
+                return
+            box, at = found
             if not self._dispatch(box):
                 self._useTwisted(data[start:])
                 return

@@ -136,6 +136,33 @@ def encode_box(box: Box) -> bytes:
     return b"".join(parts)
 
 
+def read_box(buffer: bytes, pos: int = 0) -> tuple[Box, int] | None:
+    """
+    The AMP box that starts at C{pos} in C{buffer}, and where it ends; or
+    L{None} while it is incomplete.
+
+    @raise ProtocolError: a key length is over L{MAX_KEY_LENGTH}.
+    """
+    end = len(buffer)
+    box: Box = {}
+    while pos + 2 <= end:
+        (keyLength,) = _LENGTH.unpack_from(buffer, pos)
+        if keyLength == 0:
+            return box, pos + 2
+        if keyLength > MAX_KEY_LENGTH:
+            raise ProtocolError(f"malformed AMP box: key length {keyLength}")
+        keyEnd = pos + 2 + keyLength
+        if end < keyEnd + 2:
+            return None
+        (valueLength,) = _LENGTH.unpack_from(buffer, keyEnd)
+        valueEnd = keyEnd + 2 + valueLength
+        if end < valueEnd:
+            return None
+        box[buffer[pos + 2 : keyEnd]] = buffer[keyEnd + 2 : valueEnd]
+        pos = valueEnd
+    return None
+
+
 class BoxDecoder:
     """
     Incremental AMP box parser: feed it bytes as they arrive, get complete
@@ -153,27 +180,10 @@ class BoxDecoder:
         """
         buffer = self._buffer + data
         boxes: list[Box] = []
-        box: Box = {}
-        start = pos = 0
-        while len(buffer) - pos >= 2:
-            (keyLength,) = _LENGTH.unpack_from(buffer, pos)
-            if keyLength == 0:
-                pos += 2
-                boxes.append(box)
-                box = {}
-                start = pos
-                continue
-            if keyLength > MAX_KEY_LENGTH:
-                raise ProtocolError(f"malformed AMP box: key length {keyLength}")
-            keyEnd = pos + 2 + keyLength
-            if len(buffer) < keyEnd + 2:
-                break
-            (valueLength,) = _LENGTH.unpack_from(buffer, keyEnd)
-            valueEnd = keyEnd + 2 + valueLength
-            if len(buffer) < valueEnd:
-                break
-            box[buffer[pos + 2 : keyEnd]] = buffer[keyEnd + 2 : valueEnd]
-            pos = valueEnd
+        start = 0
+        while (found := read_box(buffer, start)) is not None:
+            box, start = found
+            boxes.append(box)
         self._buffer = buffer[start:]
         return boxes
 

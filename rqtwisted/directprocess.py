@@ -28,7 +28,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rqtwisted.spawn import DirectSpawner, SpawnFailed
+from rqtwisted.spawn import DirectSpawner, SpawnFailed, close_all
 
 _log = Logger()
 
@@ -93,11 +93,7 @@ def close_soon(reactor: Any, fd: int) -> None:
 
 
 def _close_pending(reactor: Any) -> None:
-    for fd in _closing.pop(reactor, []):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    close_all(_closing.pop(reactor, []))
 
 
 def _nonblocking(fd: int) -> None:
@@ -317,8 +313,7 @@ class DirectProcess:
             _nonblocking(status_r)
             _nonblocking(reply_w)
         except BaseException:
-            for fd in owned:
-                os.close(fd)
+            close_all(owned)
             raise
         self.pipes = {STATUS_FD: _StatusPipe(self, status_r), REPLY_FD: _ReplyPipe(self, reply_w)}
         self.proto.makeConnection(self)

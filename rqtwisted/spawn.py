@@ -182,7 +182,7 @@ class _Libc:
             setattr(self, attribute, function)
 
 
-def _close_all(fds: list[int]) -> None:
+def close_all(fds: list[int]) -> None:
     """
     Close every fd of C{fds}, whatever happens to each.
     """
@@ -375,7 +375,7 @@ class _Request:
         Close our copies of the child's fds.
         """
         owned, self.owned = self.owned, []
-        _close_all(owned)
+        close_all(owned)
 
     def let_go(self) -> None:
         """
@@ -744,7 +744,7 @@ class DirectSpawner:
         @raise SpawnBusy: with C{hold}, when L{MAX_HELD} spawns are held.
         """
         if hold and self.holding >= MAX_HELD:
-            _close_all(owned)
+            close_all(owned)
             raise SpawnBusy(errno.EAGAIN, f"{MAX_HELD} spawns are held already")
         try:
             if not self._attr_ready:
@@ -752,20 +752,20 @@ class DirectSpawner:
             gate = self._take_gate()
         except OSError as e:
             self.broken = True
-            _close_all(owned)
+            close_all(owned)
             raise SpawnFailed(e.errno or errno.EIO, f"spawn gate: {e}")
         try:
             cwd_fd = os.open(cwd, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             self._free_gate(gate)
-            _close_all(owned)
+            close_all(owned)
             raise SpawnFailed(e.errno or errno.EIO, f"{cwd}: {e.strerror}")
         owned = owned + [cwd_fd]
         try:
             actions, argv, envp = self._prepare(gate, executable, args, env, fdmap, cwd_fd)
         except BaseException:
             self._free_gate(gate)
-            _close_all(owned)
+            close_all(owned)
             raise
         request = _Request(self, reactor, gate, os.fsencode(executable), actions, argv, envp, log_fd, line,
                            niceness, handler, owned, hold)
@@ -887,8 +887,8 @@ class DirectSpawner:
 
     def _at_gate(self, request: _Request) -> None:
         """
-        The child of C{request} is at the gate (the reactor saw the hang-up
-        of FIFO C{in}): set it up, let it go on.
+        The child of C{request} is at the gate (FIFO C{in} hung up): set it
+        up, let it go on.
         """
         if request.state != _WAITING:
             return
@@ -899,7 +899,7 @@ class DirectSpawner:
                 pid = None
             self._kill_at_gate(request, pid)
             return
-        self._set_up(request, None)
+        self._set_up(request)
 
     def _kill_at_gate(self, request: _Request, pid: int | None) -> None:
         """
@@ -932,14 +932,16 @@ class DirectSpawner:
             return e
         return None
 
-    def _set_up(self, request: _Request, pid: int | None) -> None:
+    def _set_up(self, request: _Request) -> None:
         """
-        Set the child at the gate up (its pid found now if not known) and
-        let it go; tell the handler.
+        Find the child at the gate, set it up and let it go; tell the
+        handler.
         """
+        # A held spawn is looked at only once it goes (or is cancelled).
+        assert not request.hold
+        pid: int | None = None
         try:
-            if pid is None:
-                pid = self._find_child(request)
+            pid = self._find_child(request)
             if pid is not None:
                 os.setpriority(os.PRIO_PROCESS, pid, request.niceness)
                 os.write(request.log_fd, request.line(pid))
@@ -947,7 +949,6 @@ class DirectSpawner:
             error: OSError | None = e
         else:
             error = None if pid is not None else OSError(errno.ESRCH, "the spawned child cannot be found")
-        self._unhold(request)
         request.abandoned = error is not None
         if pid is not None and request.abandoned:
             # The spawn thread reaps it.
