@@ -245,6 +245,12 @@ class _ReplyPipe(_Pipe):
         return True
 
 
+def _gone(*args: object) -> None:
+    """
+    What a finished L{DirectProcess} calls instead of its callbacks.
+    """
+
+
 class DirectProcess:
     """
     A worker started by a L{DirectSpawner}: our ends of its pipes, its pid
@@ -341,6 +347,18 @@ class DirectProcess:
         if self._spawner is not None and self._request is not None:
             self._spawner.cancel(self._request)
         self._closePipes()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """
+        Drop what only a live spawn needs once nothing more is reported:
+        the spawn request (which refers back to us as its handler) and the
+        callbacks (which refer to the worker), so that reference counting
+        frees it all at once instead of the cyclic collector, later.
+        """
+        self._request = None
+        self._fallback = _gone
+        self._execFailed = _gone
 
     # -- the spawn's SpawnHandler
 
@@ -455,6 +473,7 @@ class DirectProcess:
         if self._spawner is not None and self.pid is not None:
             self._spawner.forget(self.pid)
         code = os.waitstatus_to_exitcode(status)
+        self._let_go()
         if code < 0:
             self.proto.exitReceived(None, -code)
         else:

@@ -480,6 +480,9 @@ class _GateWatcher:
             self._request.reactor.removeReader(self)
         os.close(self.fd)
         self.fd = -1
+        # The request and its watcher refer to each other: let go, so that
+        # both are freed as soon as nothing else needs them.
+        self._request.watcher = None
         self._request.release_gate()
 
 
@@ -580,6 +583,9 @@ class _SpawnThread:
                 owner.broken = True
             else:
                 request.release_gate()
+            # Not kept alive (with its handler, the worker) until the next
+            # request comes.
+            del request
             owner._thread_done()
 
 

@@ -563,6 +563,11 @@ class WorkerProtocol(ProcessProtocol):
                 except Exception:
                     _log.failure("closing worker fd {fd}", fd=fd)
         self._emit(self._events.workerExited, self.exit_code, self.exit_signal)
+        # Nothing more is delivered nor written. The events (bound to the
+        # job, which holds the worker) and the transport (which holds us)
+        # are dropped, so that reference counting frees the whole worker.
+        self._events = _NO_EVENTS
+        self.transport = None
 
     def processEnded(self, reason: Failure) -> None:
         """

@@ -253,11 +253,12 @@ def test_exit_127_before_the_spawn_returned_waits(
     monkeypatch.setattr(directprocess.os, "waitpid", lambda pid, flags: (pid, status))
     monkeypatch.setattr(directprocess._twprocess, "unregisterReapProcessHandler", lambda pid, p: None)
     del process.reapProcess  # the fixture's stand-in
+    request = process._request
     process.reapProcess()
     if status >> 8 != 127:
         assert asked == [] and owner.exits == [(3, None)]
         return
-    assert asked == [(process._request, status)]
+    assert asked == [(request, status)]
     if spawn_returned:
         assert owner.exits == [(127, None)]
         return

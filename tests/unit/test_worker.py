@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import os
 import re
 import resource
@@ -20,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Callable
 
 import pytest
@@ -1005,6 +1007,38 @@ async def test_real_exit_status_and_partial_line(tmp_path: Any, spawn_path: str)
     ]
 
 
+@pytest.mark.parametrize("hold", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_real_worker_freed_at_once(tmp_path: Any, spawn_path: str, hold: bool) -> None:
+    """
+    Once a worker's exit is reported, nothing of it (worker, protocol,
+    process transport, spawn request) is left in a reference cycle:
+    reference counting frees it all as soon as its owner lets go, without
+    the cyclic collector (which would otherwise walk every finished worker).
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        events = Recorder()
+        worker, _, _ = real_spawn(tmp_path, "echo 'done ok' >&3\n", events, hold=hold)
+        transport = worker._protocol.transport
+        refs = [weakref.ref(worker), weakref.ref(worker._protocol), weakref.ref(transport)]
+        request = getattr(transport, "_request", None)
+        if request is not None:
+            refs.append(weakref.ref(request))
+        del request
+        if hold:
+            worker.go()
+        await events.wait_exit()
+        assert events.exit == (0, None)
+        del worker, transport
+        # Out of the exit's call stack, and once the spawn thread is done
+        # with its request (it may finish after the script exited).
+        await _until(lambda: all(ref() is None for ref in refs), "the finished worker to be freed")
+    finally:
+        gc.enable()
+
+
 @pytest_twisted.ensureDeferred
 async def test_real_quick_exits(tmp_path: Any, spawn_path: str) -> None:
     """
@@ -1384,10 +1418,11 @@ async def test_real_direct_hold_cancel(tmp_path: Any) -> None:
     worker, script, job = real_spawn(tmp_path, "touch ran\necho 'done ok' >&3\n", events, hold=True)
     pid = await _held_pid(worker)
     process = worker._protocol.transport
+    request = _spawn_request(worker)
     worker.cancel()
     assert not worker.waiting
     assert process.ended and process.pipes == {}
-    assert _spawn_request(worker).state == "cancelled"
+    assert request.state == "cancelled"
     await _until(lambda: not _alive(pid), f"worker {pid} being reaped")
     await deferLater(reactor, 0.01, lambda: None)
     assert events.events == [] and events.pids == []
@@ -1400,7 +1435,7 @@ async def test_real_direct_hold_cancel(tmp_path: Any) -> None:
     worker.cancel()
     await deferLater(reactor, 0.01, lambda: None)
     assert events.events == [] and events.pids == []
-    assert _spawn_request(worker).state == "cancelled"
+    assert request.state == "cancelled"
 
 
 @pytest_twisted.ensureDeferred
