@@ -72,6 +72,7 @@ _log = Logger()
 # <spawn.h> flags (glibc).
 _POSIX_SPAWN_SETSIGDEF = 0x04
 _POSIX_SPAWN_SETSIGMASK = 0x08
+_POSIX_SPAWN_SETSCHEDULER = 0x20
 _POSIX_SPAWN_SETSID = 0x80
 
 #: Opaque C structures are allocated larger than any C library needs.
@@ -173,6 +174,7 @@ class _Libc:
             "attr_setflags": ("posix_spawnattr_setflags", [p, ctypes.c_short]),
             "attr_setsigmask": ("posix_spawnattr_setsigmask", [p, p]),
             "attr_setsigdefault": ("posix_spawnattr_setsigdefault", [p, p]),
+            "attr_setschedpolicy": ("posix_spawnattr_setschedpolicy", [p, i]),
             "sigemptyset": ("sigemptyset", [p]),
             "sigaddset": ("sigaddset", [p, i]),
         }
@@ -486,6 +488,26 @@ class _GateWatcher:
         self._request.release_gate()
 
 
+def _batch_thread() -> None:
+    """
+    Schedule the calling thread as C{SCHED_BATCH}; nothing if the system
+    refuses.
+
+    A spawn thread wakes up twice per spawn (a request, the exec) and then
+    needs the GIL, which the reactor thread mostly holds. With the default
+    policy each wake-up preempts the reactor thread on its CPU, only to
+    wait for the GIL and switch back: about two involuntary switches of the
+    reactor per message. A batch thread does not preempt the running one
+    when it wakes up; it runs when a CPU is free or the reactor waits.
+    (Its children set the default policy back themselves: see
+    L{DirectSpawner._make_attr}.)
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+
+
 class _SpawnThread:
     """
     A thread that runs C{posix_spawn} calls and waits for their execs.
@@ -528,9 +550,14 @@ class _SpawnThread:
         return b"".join(chunks)
 
     def _run(self) -> None:
-        self.tid = threading.get_native_id()
-        self.children = f"/proc/self/task/{self.tid}/children"
-        self._started.set()
+        try:
+            self.tid = threading.get_native_id()
+            self.children = f"/proc/self/task/{self.tid}/children"
+            if self._owner.batch_threads:
+                _batch_thread()
+        finally:
+            # The reactor thread waits for this.
+            self._started.set()
         owner = self._owner
         libc = owner._libc
         attr = owner._attr
@@ -616,6 +643,10 @@ class DirectSpawner:
         self._dir: str | None = None
         self._attr = ctypes.create_string_buffer(_STRUCT_SIZE)
         self._attr_ready = False
+        #: Whether the spawn threads run as C{SCHED_BATCH} (see
+        #: L{_batch_thread}): only where the daemon runs with the default
+        #: policy, which the children then set back.
+        self.batch_threads = False
         self.broken = False
 
     @staticmethod
@@ -651,7 +682,12 @@ class DirectSpawner:
     def _make_attr(self) -> None:
         """
         Spawn attributes: new session, no signal blocked, signals we ignore
-        back to their default.
+        back to their default. Where the reactor thread runs with the
+        default scheduling policy, the spawn threads run as C{SCHED_BATCH}
+        and the children set the default policy back before anything else,
+        so that workers are scheduled as if the reactor thread had spawned
+        them. Any other policy (the daemon started with C{chrt}, say) is
+        left to be inherited as it is.
         """
         libc, attr = self._libc, self._attr
         _check(libc.attr_init(attr), "posix_spawnattr_init")
@@ -668,6 +704,15 @@ class DirectSpawner:
                 pass
         _check(libc.attr_setsigdefault(attr, ignored), "posix_spawnattr_setsigdefault")
         flags = _POSIX_SPAWN_SETSID | _POSIX_SPAWN_SETSIGMASK | _POSIX_SPAWN_SETSIGDEF
+        try:
+            default_policy = os.sched_getscheduler(0) == os.SCHED_OTHER
+        except (AttributeError, OSError):
+            default_policy = False
+        if default_policy and libc.attr_setschedpolicy(attr, os.SCHED_OTHER) == 0:
+            # The priority (0, the only one of SCHED_OTHER) is the
+            # attributes' initial one.
+            flags |= _POSIX_SPAWN_SETSCHEDULER
+            self.batch_threads = True
         _check(libc.attr_setflags(attr, flags), "posix_spawnattr_setflags")
         self._attr_ready = True
 

@@ -948,6 +948,7 @@ async def test_real_worker(tmp_path: Any, spawn_path: str) -> None:
     assert int(fields[2]) == worker.pid, "own process group"
     assert int(fields[3]) == worker.pid, "own session"
     assert int(fields[16]) == 19, "nice 19"
+    assert int(fields[38]) == os.SCHED_OTHER, "the default scheduling policy"
     # No standard signal ignored (Python ignores SIGPIPE, for one; 32 and
     # up belong to the C library).
     with open(os.path.join(job, "signals.txt")) as f:
@@ -1733,7 +1734,32 @@ class TestDirectSpawner:
             assert where == f"{tmp_path} {pid}"
             fields = stat_fields(stat_line)
             assert (int(fields[2]), int(fields[3]), int(fields[16])) == (pid, pid, 19)
+            # Scheduled as the reactor thread is, not as the spawn thread.
+            assert int(fields[38]) == os.SCHED_OTHER
         assert len(spawner._threads) == 1
+        [thread] = spawner._threads
+        assert spawner.batch_threads
+        assert thread.tid is not None and os.sched_getscheduler(thread.tid) == os.SCHED_BATCH
+
+    @pytest_twisted.ensureDeferred
+    async def test_other_policy_inherited(self, spawner: DirectSpawner, tmp_path: Any) -> None:
+        """
+        A daemon run with another scheduling policy than the default (with
+        C{chrt}, say) keeps its spawn threads as they are, and its workers
+        inherit the policy.
+        """
+        main = threading.get_native_id()
+        os.sched_setscheduler(main, os.SCHED_BATCH, os.sched_param(0))
+        try:
+            handler = await self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/sh", "-c", "cat /proc/$$/stat"]).done
+        finally:
+            os.sched_setscheduler(main, os.SCHED_OTHER, os.sched_param(0))
+        assert await _reaped(handler.pid) == 0
+        assert not spawner.batch_threads
+        fields = stat_fields((tmp_path / "log").read_text().splitlines()[1])
+        assert int(fields[38]) == os.SCHED_BATCH
+        [thread] = spawner._threads
+        assert thread.tid is not None and os.sched_getscheduler(thread.tid) == os.SCHED_BATCH
 
     @pytest_twisted.ensureDeferred
     async def test_many_at_once(self, spawner: DirectSpawner, tmp_path: Any, monkeypatch: Any) -> None:
