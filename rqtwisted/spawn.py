@@ -706,6 +706,10 @@ class DirectSpawner:
         flags = _POSIX_SPAWN_SETSID | _POSIX_SPAWN_SETSIGMASK | _POSIX_SPAWN_SETSIGDEF
         try:
             default_policy = os.sched_getscheduler(0) == os.SCHED_OTHER
+            if default_policy:
+                # What each child does first: make sure it is allowed (a
+                # seccomp filter could refuse it, failing every spawn).
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         except (AttributeError, OSError):
             default_policy = False
         if default_policy and libc.attr_setschedpolicy(attr, os.SCHED_OTHER) == 0:

@@ -1742,6 +1742,25 @@ class TestDirectSpawner:
         assert thread.tid is not None and os.sched_getscheduler(thread.tid) == os.SCHED_BATCH
 
     @pytest_twisted.ensureDeferred
+    async def test_policy_change_refused(self, spawner: DirectSpawner, tmp_path: Any, monkeypatch: Any) -> None:
+        """
+        Where setting a scheduling policy is refused (a seccomp filter, say),
+        neither the spawn threads nor the children try: spawns still work.
+        """
+
+        def refused(*args: Any) -> None:
+            raise PermissionError(errno.EPERM, "refused")
+
+        monkeypatch.setattr(os, "sched_setscheduler", refused)
+        handler = await self.spawn(spawner, tmp_path, str(tmp_path), ["/bin/sh", "-c", "cat /proc/$$/stat"]).done
+        assert await _reaped(handler.pid) == 0
+        assert not spawner.batch_threads
+        fields = stat_fields((tmp_path / "log").read_text().splitlines()[1])
+        assert int(fields[38]) == os.SCHED_OTHER
+        [thread] = spawner._threads
+        assert thread.tid is not None and os.sched_getscheduler(thread.tid) == os.SCHED_OTHER
+
+    @pytest_twisted.ensureDeferred
     async def test_other_policy_inherited(self, spawner: DirectSpawner, tmp_path: Any) -> None:
         """
         A daemon run with another scheduling policy than the default (with
