@@ -7,8 +7,9 @@ its C{stdio.log} must start with a line holding its pid before anything the
 script writes. C{os.posix_spawn} cannot change directory and holds the GIL
 until the child has exec'd; a shell launcher can do all of it but costs one
 more exec per worker. L{DirectSpawner} calls the C library's C{posix_spawn}
-through C{ctypes} (which releases the GIL) from a spawn thread, with these
-file actions run in the child before the exec:
+through C{ctypes} (which releases the GIL) from a spawn thread (a
+C{SCHED_BATCH} one: see L{_batch_thread}), with these file actions run in
+the child before the exec:
 
  1. C{fchdir} to the job directory (opened by us: the child's cwd is
     that directory wherever it is renamed to meanwhile), C{dup2} of fds 0
