@@ -347,9 +347,9 @@ class DirectProcess:
         if self._spawner is not None and self._request is not None:
             self._spawner.cancel(self._request)
         self._closePipes()
-        self._let_go()
+        self._forget_spawn()
 
-    def _let_go(self) -> None:
+    def _forget_spawn(self) -> None:
         """
         Drop what only a live spawn needs once nothing more is reported:
         the spawn request (which refers back to us as its handler) and the
@@ -473,7 +473,7 @@ class DirectProcess:
         if self._spawner is not None and self.pid is not None:
             self._spawner.forget(self.pid)
         code = os.waitstatus_to_exitcode(status)
-        self._let_go()
+        self._forget_spawn()
         if code < 0:
             self.proto.exitReceived(None, -code)
         else:
