@@ -237,6 +237,12 @@ def _create_message(inv: Invocation) -> Outcome:
     for key in MESSAGE_KEYS[1:]:
         if key in inv.options:
             message[key] = inv.options[key]
+    for key, value in message.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise CommandFailed(f"argument {key!r} is not valid Unicode: {e}") from None
     return _reply(
         *inv.call(
             "CreateMessage",
@@ -488,6 +494,10 @@ def main(argv: list[str] | None = None, client_factory: ClientFactory | None = N
         from rqtwisted.console import main as console
 
         return console(args[1:], client_factory)
+    if "--help" in args[1:]:
+        # Nothing is done (C{rq init --help} lays out no root).
+        _write(sys.stdout, _usage())
+        return 1
     if verb not in _HANDLERS:
         _write(sys.stderr, f"Command not found: {verb} (cmd_{verb})")
         return 1

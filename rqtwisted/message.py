@@ -194,6 +194,22 @@ def normalize_webhooks(value: Any) -> list[str]:
     raise MessageError("invalid post_run_webhook field")
 
 
+
+def _text_field(key: str, value: Any) -> str:
+    """
+    A text field given as another JSON value: numbers as written, booleans
+    as JSON writes them (a lone C{--param1} on the command line means
+    C{true}, which a script sees as C{RQ_PARAM1=true}).
+
+    @raise MessageError: anything else.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    raise MessageError(f"invalid {key} field")
+
+
 def creation_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     """
     The fields a new message takes from request C{data} (message.md): only
@@ -220,9 +236,7 @@ def creation_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     for key in (*PARAM_KEYS, "src", "orig_msg_id"):
         value = fields.get(key)
         if value is not None and not isinstance(value, str):
-            fields[key] = str(value) if isinstance(value, (int, float)) else None
-            if fields[key] is None:
-                raise MessageError(f"invalid {key} field")
+            fields[key] = _text_field(key, value)
     fields["count"] = _to_int(fields.get("count", 0), "count")
     fields["max_count"] = _to_int(fields.get("max_count", DEFAULT_MAX_COUNT), "max_count")
     if "due" in fields:

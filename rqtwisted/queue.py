@@ -110,6 +110,9 @@ class Job:
     exited: Deferred[None] = field(default_factory=Deferred)
     #: When the worker started (or was made ready, until it goes).
     since: float = 0.0
+    #: Replies owed on fd 4, in the order of the requests: a slot per
+    #: request, filled when it is settled (see L{QueueService._dup}).
+    replies: list[list[str | None]] | None = None
 
 
 class _JobEvents:
@@ -716,10 +719,20 @@ class QueueService(Service):
         """
         parsed = parse_dup(text)
         worker = job.worker
+        slot: list[str | None] = [None]
+        if job.replies is None:
+            job.replies = []
+        owed = job.replies
+        owed.append(slot)
 
         def reply(line: str) -> None:
-            if worker is not None:
-                worker.reply(line)
+            # One line per request, in the order of the requests: a copy
+            # that takes a sync round must not be overtaken by a refusal.
+            slot[0] = line
+            while owed and owed[0][0] is not None:
+                ready = owed.pop(0)[0]
+                if worker is not None:
+                    worker.reply(ready)
 
         if parsed is None:
             reply(f"fail dup failed - malformed dup request: {text}")

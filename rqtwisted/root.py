@@ -151,7 +151,7 @@ class QueueConfig:
     script: str
     num_workers: int = 1
     exec_prefix: str | None = None
-    env_vars: Mapping[str, str] = field(default_factory=dict)
+    env_vars: Mapping[str, Any] = field(default_factory=dict)
     coalesce_params: tuple[int, ...] = ()
     blocking_params: tuple[int, ...] = ()
     schedule: tuple[Mapping[str, Any], ...] = ()
@@ -194,7 +194,7 @@ class QueueConfig:
             script=script,
             num_workers=workers,
             exec_prefix=prefix,
-            env_vars={str(k): str(v) for k, v in env_vars.items()},
+            env_vars={str(k): v for k, v in env_vars.items()},
             coalesce_params=coalesce,
             blocking_params=_param_list(data.get("blocking_params")),
             schedule=_schedule(schedule),

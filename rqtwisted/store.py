@@ -170,6 +170,21 @@ def check_attachment_name(name: str) -> None:
 _UNKNOWN_LENGTH = 1 << 20
 
 
+
+def _not_unicode(msg: dict[str, Any]) -> str:
+    """
+    The reason a message cannot be stored as UTF-8: its first text field
+    that is not valid Unicode.
+    """
+    for key, value in msg.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"invalid {key} field: not valid Unicode"
+    return "message is not valid Unicode"
+
+
 class QueueStore:
     """
     The directory of one queue.
@@ -431,11 +446,19 @@ class QueueStore:
 
         @param fill: called with the staging directory before the rename, to
             add attachments (clone, dup).
+
+        @raise MessageError: a text of C{msg} is not valid Unicode (a lone
+            surrogate, as from an undecodable command-line argument);
+            nothing is written.
         """
         msg_id = msg["msg_id"]
+        try:
+            data = dumps(msg)
+        except UnicodeEncodeError:
+            raise MessageError(_not_unicode(msg)) from None
         staging = f"{self._prefix}tmp/{msg_id}"
         os.mkdir(staging)
-        write_file(staging + "/msg", dumps(msg))
+        write_file(staging + "/msg", data)
         if fill is not None:
             fill(staging)
         target = self.msg_dir(state, msg_id)

@@ -101,6 +101,9 @@ class Instance(MultiService):
         self.ready_workers = ready_workers
         env = dict(os.environ if base_env is None else base_env)
         env["RQ_ENV"] = settings.env
+        # So that C{rq} run by a queue script (its cwd is the job directory)
+        # talks to this daemon.
+        env["RQ_ROOT"] = root.path
         if settings.tmpdir:
             env["TMPDIR"] = settings.tmpdir
         self.base_env = env

@@ -1,14 +1,15 @@
 """
 C{twistd rq}: options and the service tree of one running root.
 
-C{makeService} opens (or lays out) the root and builds::
+C{makeService} opens (or lays out) the root, takes its lock (one daemon per
+root: L{rqtwisted.rootlock}) and builds::
 
     MultiService
      ├── Instance          the queues (rqtwisted.supervisor)
      ├── admin socket      AMP on <root>/config/rq.sock, mode 0600
      ├── web               HTTP on addr:port (rqtwisted.web.app)
      ├── pid file          config/queuemgr.pid
-     ├── watchdog          kills workers if this process dies hard
+     ├── watchdog          kills workers if this process dies hard (holds the lock too)
      ├── SIGHUP            reloads queue configs, rescans timers/ and scandir/
      ├── config watcher    reloads changed queue configs (rqtwisted.configwatch)
      ├── timers            periodic messages of timers/ (rqtwisted.timers)
@@ -20,6 +21,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import stat
 from functools import partial
 from typing import Any
 
@@ -32,6 +34,7 @@ from rqtwisted.admincommands import SOCKET
 from rqtwisted.configwatch import ConfigWatcher
 from rqtwisted.durable import syncer_for
 from rqtwisted.root import ConfigError, Root, RootConfig, ensure_root
+from rqtwisted.rootlock import RootLocked, lock_root
 from rqtwisted.scandir import ScandirService
 from rqtwisted.supervisor import Instance
 from rqtwisted.threads import fsync_pool
@@ -155,6 +158,20 @@ def load_settings(root: Root, options: Options) -> RootConfig:
     return settings
 
 
+def remove_stale_socket(path: str) -> None:
+    """
+    Remove the admin socket a dead daemon left at C{path} (and the lock
+    link Twisted made beside it in earlier versions), so that ours can be
+    made there. Only for the holder of the root's lock.
+    """
+    for stale, kind in ((path, stat.S_ISSOCK), (path + ".lock", stat.S_ISLNK)):
+        try:
+            if kind(os.lstat(stale).st_mode):
+                os.unlink(stale)
+        except FileNotFoundError:
+            pass
+
+
 def exit_zero_after_shutdown(reactor: Any) -> None:
     """
     After an orderly shutdown on SIGTERM/SIGINT the daemon exits 0, as the
@@ -209,6 +226,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         settings = load_settings(root, options)
     except ConfigError as e:
         raise SystemExit(f"rq: {e.reason}")
+    try:
+        lock = lock_root(root)
+    except RootLocked as e:
+        raise SystemExit(f"rq: {e}")
+    # Ours now: whatever socket is there was left by a daemon that died.
+    remove_stale_socket(root.join(SOCKET))
     top = MultiService()
     top.setName("rq")
     syncer = syncer_for(root.path, partial(fsync_pool, reactor))
@@ -220,13 +243,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         root.join(SOCKET),
         AdminFactory(AdminAPI(instance), root.join("config", "spill")),
         mode=0o600,
-        wantPID=True,
     )
     admin.setServiceParent(top)
     web = TCPServer(settings.port, make_site(instance, settings, reactor), interface=settings.addr, reactor=reactor)
     web.setName("web")
     web.setServiceParent(top)
-    WatchdogService(Watchdog(reactor, root.path)).setServiceParent(top)
+    WatchdogService(Watchdog(reactor, root.path, lock_fd=lock)).setServiceParent(top)
     ReloadOnHangup(reactor, instance).setServiceParent(top)
     add_watchers(top, instance, reactor)
     exit_zero_after_shutdown(reactor)

@@ -147,37 +147,47 @@ class ScriptError(Exception):
         self.reason = reason
 
 
-#: Seconds a script's resolved symlinks are reused (it is resolved at every
-#: start; whether the real file is still executable is checked every time).
-REALPATH_TTL = 1.0
-
-_realpaths: dict[str, tuple[str, float]] = {}
+#: Script path -> (its real path, the device and inode of the file it
+#: leads to), for L{resolve_script}.
+_realpaths: dict[str, tuple[str, int, int]] = {}
 
 
 def resolve_script(script: str, root: str) -> str:
     """
     The real path of a queue's script: relative to C{root} unless absolute,
-    symlinks followed (a change of a symlink is seen within
-    L{REALPATH_TTL} seconds).
+    symlinks followed as they are now, so that a symlink switched just
+    before a launch (a redeploy) applies to that launch.
+
+    The symlinks are walked again whenever the file the script path leads
+    to is not the one it led to last time, or the real path found then no
+    longer names it: a C{stat} of each, instead of an C{lstat} per path
+    component.
 
     @raise ScriptError: when it is not an executable regular file.
     """
     if not script:
         raise ScriptError("script not configured")
     path = script if os.path.isabs(script) else os.path.join(root, script)
-    now = time.monotonic()
+    try:
+        info = os.stat(path)
+    except OSError:
+        raise ScriptError(f"script not found: {script}")
+    target = (info.st_dev, info.st_ino)
     cached = _realpaths.get(path)
-    if cached is not None and cached[1] > now:
-        real = cached[0]
-    else:
+    real = None
+    if cached is not None and cached[1:] == target:
+        try:
+            same = os.stat(cached[0])
+        except OSError:
+            pass
+        else:
+            if (same.st_dev, same.st_ino) == target:
+                real = cached[0]
+    if real is None:
         real = os.path.realpath(path)
         if len(_realpaths) > 256:
             _realpaths.clear()
-        _realpaths[path] = (real, now + REALPATH_TTL)
-    try:
-        info = os.stat(real)
-    except OSError:
-        raise ScriptError(f"script not found: {script}")
+        _realpaths[path] = (real, *target)
     if not stat.S_ISREG(info.st_mode):
         raise ScriptError(f"script not a regular file: {real}")
     if not os.access(real, os.X_OK):
@@ -1132,14 +1142,18 @@ class Watchdog:
     #: Seconds before a watchdog that died is started again.
     restartDelay = 1.0
 
-    def __init__(self, reactor: Any, root: str, grace: int = 5) -> None:
+    def __init__(self, reactor: Any, root: str, grace: int = 5, lock_fd: int | None = None) -> None:
         """
         @param root: the RQ root directory.
         @param grace: seconds between C{SIGTERM} and C{SIGKILL}.
+        @param lock_fd: the root's lock (L{rqtwisted.rootlock.lock_root}):
+            the watchdog holds it too (as its fd 3), so that no other daemon
+            takes the root before the workers of a killed one are gone.
         """
         self._reactor = reactor
         self._root = os.path.abspath(root)
         self._grace = int(grace)
+        self._lock_fd = lock_fd
         self._process: Any = None
         self._protocol: _WatchdogProtocol | None = None
         self._stopping = False
@@ -1176,6 +1190,9 @@ class Watchdog:
         self._restart = None
         self._protocol = _WatchdogProtocol(self)
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        fds: dict[int, Any] = {0: "w", 1: devnull, 2: devnull}
+        if self._lock_fd is not None:
+            fds[3] = self._lock_fd
         try:
             self._process = _SessionProcess(
                 self._reactor,
@@ -1183,7 +1200,7 @@ class Watchdog:
                 ["rq-watchdog", "-c", _WATCHDOG, "rq-watchdog", self._root, str(self._grace)],
                 {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                 self._protocol,
-                {0: "w", 1: devnull, 2: devnull},
+                fds,
                 blockedSignals=_WATCHDOG_SIGNALS,
             )
         finally:

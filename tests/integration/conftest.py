@@ -196,7 +196,11 @@ class Daemon:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """
+        Start the daemon and wait for its answer; C{env}: the daemon's own
+        environment (default L{env}, which the tests' C{rq} calls use).
+        """
         assert self.proc is None or self.proc.poll() is not None, "already running"
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== starting daemon at {time.strftime('%H:%M:%S')} =====\n".encode())
@@ -206,7 +210,7 @@ class Daemon:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self.env,
+                env=self.env if env is None else env,
                 cwd=str(self.base),
                 start_new_session=True,
             )

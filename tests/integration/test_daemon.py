@@ -6,15 +6,19 @@ recovery, and queue administration through C{rq}.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import (
+    TWISTD_CMD,
     Daemon,
     alive,
     children_of,
+    free_port,
     group_members,
     processes_with_env,
     wait_for,
@@ -131,6 +135,51 @@ def test_sigterm_daemon_kills_stubborn_worker(daemon: Daemon, tmp_path: Path, re
     assert_shut_down(daemon, rc)
     assert not group_members(worker)
 
+
+
+def second_daemon(daemon: Daemon) -> subprocess.CompletedProcess[str]:
+    """
+    Try to start another daemon on the same root (another port).
+    """
+    return subprocess.run(
+        [*TWISTD_CMD, "-n", "--pidfile=", "rq", "--root", str(daemon.root), "--port", str(free_port())],
+        env=daemon.env,
+        cwd=str(daemon.base),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_one_daemon_per_root(daemon: Daemon, tmp_path: Path, read_pid) -> None:
+    """
+    A second daemon on a root refuses to start, saying why, while the first
+    runs and while the first shuts down (a stubborn worker in its grace
+    period): it leaves the first, its worker and the message's pid file
+    alone. Once the first is gone, the root is free and the message reruns.
+    """
+    full, worker = start_long_job(daemon, tmp_path, read_pid, trap_term=True)
+    pid_file = daemon.run_dir("test", full) / "pid"
+    refused = second_daemon(daemon)
+    assert refused.returncode != 0
+    assert "another rq daemon runs on this root" in refused.stdout + refused.stderr
+    assert daemon.rq("ping") == (0, ["ok pong"])
+    assert pid_file.read_text().strip() == str(worker)
+
+    os.kill(daemon.pid, signal.SIGTERM)
+    refused = second_daemon(daemon)
+    assert daemon.proc is not None and daemon.proc.poll() is None, "the first daemon ended too soon for this test"
+    assert refused.returncode != 0
+    assert "another rq daemon runs on this root" in refused.stdout + refused.stderr
+    assert alive(worker)
+    assert pid_file.read_text().strip() == str(worker)
+
+    assert_shut_down(daemon, daemon.terminate(timeout=15))
+    assert not group_members(worker)
+    daemon.start()
+    daemon.wait_state(full, "done", timeout=10)
+    assert daemon.rq("statusmesg", "--msg_id", full) == (0, ["ok done - second run"])
 
 def test_sigterm_exit_status(daemon: Daemon) -> None:
     """

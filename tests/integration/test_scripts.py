@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -110,6 +111,34 @@ def test_done(daemon: Daemon) -> None:
     # The pid file is gone once finished.
     assert not (daemon.msg_dir(full) / "pid").exists()
 
+
+
+def test_script_runs_rq_without_rq_root(daemon: Daemon) -> None:
+    """
+    A queue script that runs C{rq} itself (to chain a message) reaches its
+    own daemon from its job directory, also when the daemon was started
+    with C{--root} alone: the workers' environment names the root.
+    """
+    daemon.terminate()
+    daemon.start(env={k: v for k, v in daemon.env.items() if k != "RQ_ROOT"})
+    daemon.queue_with_script("chained", 'echo "done chained $RQ_PARAM1" >&3\n')
+    daemon.queue_with_script(
+        "first",
+        f"""
+        sent=$("{sys.executable}" -m rqtwisted sendmesg --dest chained --param1 "from $RQ_MSG_ID" 2>&1)
+        echo "root=$RQ_ROOT"
+        echo "done $sent" >&3
+        """,
+    )
+    full = daemon.send("first")
+    assert daemon.wait_state(full, "done") == "done"
+    code, [line] = daemon.rq("statusmesg", "--msg_id", full)
+    assert code == 0 and line.startswith(f"ok done - ok {daemon.base_url}q/chained/"), line
+    chained = line.split(" - ok ", 1)[1]
+    assert daemon.wait_state(chained, "done") == "done"
+    short = full.rsplit("/", 1)[1]
+    assert daemon.rq("statusmesg", "--msg_id", chained) == (0, [f"ok done - chained from {short}"])
+    assert f"root={daemon.root}" in stdio_lines(daemon, full)
 
 def test_err(daemon: Daemon) -> None:
     daemon.queue_with_script("test", 'echo "err it broke badly" >&3\nexit 0\n')

@@ -154,16 +154,22 @@ def rq(capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.Mo
 # -- help and dispatch ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [[], ["-h"], ["--help"], ["--help", "ping"]])
-def test_help(rq: Run, argv: list[str]) -> None:
+@pytest.mark.parametrize(
+    "argv", [[], ["-h"], ["--help"], ["--help", "ping"], ["init", "--help"], ["sendmesg", "--dest", "q", "--help"]]
+)
+def test_help(rq: Run, argv: list[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """
-    No command or C{-h}/C{--help} lists the commands, exit 1.
+    No command, C{-h}/C{--help}, or C{--help} after a command lists the
+    commands, exit 1, and does nothing (C{rq init --help} lays out no root).
     """
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RQ_ROOT", raising=False)
     daemon = FakeDaemon()
     code, out, err = rq(daemon, *argv)
     assert (code, err) == (1, "")
     assert out.splitlines() == ["Valid commands are:", *VERBS, "console"]
     assert daemon.sockets == []
+    assert os.listdir(tmp_path) == []
 
 
 def test_verbs() -> None:
@@ -262,6 +268,18 @@ def test_createMessageFail(rq: Run) -> None:
     """
     daemon = FakeDaemon(CreateMessage=("fail", "Cannot relay message"))
     assert rq(daemon, "sendmesg", "--dest", "http://h/q/x") == (1, "fail Cannot relay message\n", "")
+
+
+def test_createMessageNotUnicode(rq: Run) -> None:
+    """
+    An argument that is not valid Unicode (bytes the file system encoding
+    could not decode) is refused before anything is asked.
+    """
+    daemon = FakeDaemon(CreateMessage=("ok", FULL_ID))
+    code, out, err = rq(daemon, "sendmesg", "--dest", "test", "--param1", "\udcff\udcfe")
+    assert (code, err) == (1, "")
+    assert out.startswith("fail argument 'param1' is not valid Unicode: "), out
+    assert daemon.requests == []
 
 
 @pytest.mark.parametrize("argv", [["sendmesg"], ["prepmesg", "--src", "x"], ["single_que", "--dest"]])

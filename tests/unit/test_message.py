@@ -68,6 +68,18 @@ def test_creation_fields_copies_only_creation_keys():
                       "post_run_webhook": ["http://a", "http://b"]}
 
 
+
+def test_creation_fields_texts_from_other_json_values():
+    """
+    Text fields given as numbers or booleans are kept as text, booleans as
+    JSON writes them: a lone C{--param1} is C{true} (C{RQ_PARAM1=true}).
+    """
+    fields = creation_fields({"dest": "q", "param1": True, "param2": False, "param3": 7, "param4": 1.5, "src": True})
+    assert fields == {"dest": "q", "param1": "true", "param2": "false", "param3": "7", "param4": "1.5",
+                      "src": "true", "count": 0, "max_count": fields["max_count"]}
+    with pytest.raises(MessageError, match="invalid param1 field"):
+        creation_fields({"dest": "q", "param1": ["a"]})
+
 def test_creation_fields_errors():
     with pytest.raises(MessageError, match='input missing required "dest" parameter'):
         creation_fields({"src": "x"})

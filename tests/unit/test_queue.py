@@ -10,6 +10,7 @@ import os
 import signal
 
 import pytest
+from twisted.internet.defer import Deferred
 
 from rqtwisted.message import MessageError
 from rqtwisted.queue import IDLE_PASS, READY_STALE, READY_WITHIN, STOP_GRACE
@@ -264,6 +265,49 @@ def test_dup_to_local_queue_replies(started):
     w.say("dup 0-X-other")
     assert w.replies[2] == "fail dup failed - status: DOWN"
 
+
+
+def test_dup_replies_keep_the_order_of_the_requests(started, monkeypatch):
+    """
+    A script writing several C{dup} lines before reading fd 4 gets one reply
+    per line, in the same order, even when a refusal is known before an
+    earlier copy is durable.
+    """
+    instance, spawner, clock = started
+    instance.create_queue({"name": "other", "script": "./code/noop", "exec_prefix": ""})
+    instance.set_admin("pause", "other")
+    send(instance, param1="p")
+    w = spawner.workers[0]
+    other = instance.queue("other")
+    first: Deferred[str] = Deferred()
+    calls = []
+    real_create = other.create
+
+    def create(*args, **kwargs):
+        calls.append(args)
+        return first if len(calls) == 1 else real_create(*args, **kwargs)
+
+    monkeypatch.setattr(other, "create", create)
+    w.say("dup 0-X-other")
+    w.say("dup 0-X-nosuchqueue")
+    w.say("dup 0-X-other")
+    assert w.replies == []
+    first.callback("http://testhost:3333/q/other/first")
+    assert w.replies[:2] == ["ok http://testhost:3333/q/other/first", "fail couldn't connect to queue - nosuchqueue"]
+    assert w.replies[2].startswith("ok http://testhost:3333/q/other/")
+    assert len(w.replies) == 3
+    w.say("dup 0-X-nosuchqueue")
+    assert w.replies[3] == "fail couldn't connect to queue - nosuchqueue"
+
+
+def test_workers_know_their_root(started):
+    """
+    The workers' environment names the root (C{RQ_ROOT}), so that C{rq} run
+    by a script (its cwd is the job directory) talks to this daemon.
+    """
+    instance, spawner, clock = started
+    send(instance)
+    assert spawner.workers[0].env["RQ_ROOT"] == instance.root.path
 
 def test_prep_attach_commit(started, tmp_path):
     instance, spawner, clock = started

@@ -61,6 +61,20 @@ def test_create_syncs_file_dir_and_state_dir_before_firing(store, sync):
     assert os.listdir(store.state_dir("tmp")) == []
 
 
+
+def test_create_refuses_text_that_is_not_unicode(store, sync):
+    """
+    A message whose text holds a lone surrogate (an undecodable argument)
+    cannot be written as UTF-8: refused with the field named, and nothing
+    is left in C{tmp/} or anywhere else.
+    """
+    rounds = len(sync.rounds)
+    with pytest.raises(MessageError, match="invalid param2 field: not valid Unicode"):
+        store.create({"msg_id": store.new_id(), "dest": "q", "param1": "ok", "param2": "\udcff"}, "que")
+    assert os.listdir(store.state_dir("tmp")) == []
+    assert os.listdir(store.state_dir("que")) == []
+    assert len(sync.rounds) == rounds
+
 def test_move_to_done_is_hashed(store):
     msg_id = "20100625.0127.35.122.7509656"
     store.create({"msg_id": msg_id, "dest": "q"}, "que")

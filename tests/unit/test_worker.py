@@ -34,6 +34,9 @@ from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
 import rqtwisted.worker as worker_module
+from rqtwisted import rootlock
+from rqtwisted.root import QueueConfig, Root
+from rqtwisted.rootlock import LOCK_FILE, RootLocked, lock_root
 from rqtwisted.directprocess import DirectProcess
 from rqtwisted.protocol import Report
 import rqtwisted.spawn as spawn_module
@@ -92,6 +95,34 @@ class TestResolveScript:
         os.symlink(tmp_path / "real", tmp_path / "dirlink")
         assert resolve_script("code/link.sh", str(tmp_path)) == os.path.realpath(real)
         assert resolve_script("dirlink/run.sh", str(tmp_path)) == os.path.realpath(real)
+
+    def test_symlink_switch_applies_at_once(self, tmp_path: Any) -> None:
+        """
+        A redeploy that switches a symlink (a file's or a directory's)
+        applies to the very next call: nothing is cached.
+        """
+        v1 = make_script(str(tmp_path / "v1" / "run.sh"), "exit 0\n")
+        v2 = make_script(str(tmp_path / "v2" / "run.sh"), "exit 0\n")
+        os.symlink(tmp_path / "v1", tmp_path / "current")
+        os.symlink(tmp_path / "current" / "run.sh", tmp_path / "link.sh")
+        assert resolve_script("link.sh", str(tmp_path)) == os.path.realpath(v1)
+        os.symlink(tmp_path / "v2", tmp_path / "next")
+        os.replace(tmp_path / "next", tmp_path / "current")
+        assert resolve_script("link.sh", str(tmp_path)) == os.path.realpath(v2)
+        assert resolve_script("current/run.sh", str(tmp_path)) == os.path.realpath(v2)
+
+    def test_target_renamed_behind_the_symlink(self, tmp_path: Any) -> None:
+        """
+        The same file under a new name (renamed, the symlink switched to
+        it): the real path is the new name.
+        """
+        old = make_script(str(tmp_path / "v1.sh"), "exit 0\n")
+        os.symlink("v1.sh", tmp_path / "link.sh")
+        assert resolve_script("link.sh", str(tmp_path)) == os.path.realpath(old)
+        os.rename(old, tmp_path / "v2.sh")
+        os.symlink("v2.sh", tmp_path / "next")
+        os.replace(tmp_path / "next", tmp_path / "link.sh")
+        assert resolve_script("link.sh", str(tmp_path)) == os.path.realpath(tmp_path / "v2.sh")
 
     def test_not_found(self, tmp_path: Any) -> None:
         with pytest.raises(ScriptError) as e:
@@ -260,6 +291,18 @@ class TestWorkerEnvironment:
             base_env={"RQ_FORCE_REMOTE": "1"},
         )
         assert "RQ_FORCE_REMOTE" not in env
+
+    def test_env_vars_from_a_queue_config(self) -> None:
+        """
+        A queue's C{env_vars} keep their JSON values until the worker's
+        environment is made: C{true} is C{true}, C{null} empty.
+        """
+        config = QueueConfig.fromDict(
+            {"name": "q", "script": "s", "env_vars": {"FLAG": True, "OFF": False, "NONE": None, "NUM": 3}}
+        )
+        env = environment(env_vars=config.env_vars)
+        assert (env["FLAG"], env["OFF"], env["NONE"], env["NUM"]) == ("true", "false", "", "3")
+        assert QueueConfig.fromDict(config.toDict()) == config
 
     def test_rubyopt_removed(self) -> None:
         env = environment(base_env={"RUBYOPT": "-rbundler/setup", "TMPDIR": "/rq/tmp"})
@@ -2295,6 +2338,45 @@ async def test_watchdog_kills_groups_at_eof(tmp_path: Any) -> None:
         hard.signal(signal.SIGKILL)
         await watchdog.stop().addTimeout(TIMEOUT, reactor)
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_watchdog_holds_the_root_lock(tmp_path: Any, monkeypatch: Any) -> None:
+    """
+    Given the root's lock, the watchdog holds it with the daemon: when the
+    daemon dies, no other daemon can take the root until the watchdog has
+    killed the workers and ended.
+    """
+    monkeypatch.setattr(rootlock, "_held", {})
+    (tmp_path / "config").mkdir()
+    root = Root(str(tmp_path))
+    hard, hard_events = await running_worker(
+        tmp_path, "m1", "trap '' TERM\necho \"run up\" >&3\nwhile :; do sleep 60; done\n"
+    )
+    lock = lock_root(root)
+    watchdog = Watchdog(reactor, str(tmp_path), grace=1, lock_fd=lock)
+    watchdog.start()
+    try:
+        pid = watchdog.pid
+        assert pid is not None
+        assert os.readlink(f"/proc/{pid}/fd/3") == root.join(LOCK_FILE)
+        # The daemon dies: its lock and its end of the pipe close.
+        os.close(lock)
+        rootlock._held.clear()
+        watchdog._stopping = True
+        watchdog._process.closeStdin()
+        with pytest.raises(RootLocked):
+            lock_root(root)
+        await hard_events.wait_exit()
+        assert hard_events.exit == (None, signal.SIGKILL)
+        for _ in range(1000):
+            if watchdog.pid is None:
+                break
+            await deferLater(reactor, 0.005, lambda: None)
+        assert watchdog.pid is None
+        os.close(lock_root(root))
+    finally:
+        hard.signal(signal.SIGKILL)
 
 @pytest_twisted.ensureDeferred
 async def test_watchdog_stop_kills_nothing(tmp_path: Any) -> None:
