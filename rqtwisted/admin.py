@@ -14,6 +14,7 @@ import json
 import keyword
 import os
 import re
+import stat
 import struct
 import tempfile
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
@@ -26,7 +27,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from rqtwisted.admincommands import COMMANDS
+from rqtwisted.admincommands import COMMANDS, MAX_MESSAGE_FILE, SPILL_DIR
 from rqtwisted.ampclient import ProtocolError, read_box
 from rqtwisted.message import MessageError
 
@@ -512,12 +513,51 @@ class AdminAPI:
             raise MessageError(f"unknown queue action {action}")
         return _ok(self.instance.set_admin(action, name))
 
-    def create_message(self, message: str, method: str, relay_ok: str = "") -> Deferred[tuple[str, str]]:
+    def create_message(
+        self, message: str, method: str, relay_ok: str = "", message_file: str = ""
+    ) -> Deferred[tuple[str, str]]:
         """
-        Create a message (C{sendmesg}, C{prepmesg}, C{single_que}).
+        Create a message (C{sendmesg}, C{prepmesg}, C{single_que}), given as
+        C{message}, or in C{message_file} (a file of the root's
+        L{SPILL_DIR}, removed once read) when too large for AMP.
         """
+        if message_file:
+            message = self._take_message_file(message_file)
         data = _loads(message, "message")
         return self.instance.create_message(data, method, bool(relay_ok)).addCallback(_ok)
+
+    def _take_message_file(self, path: str) -> str:
+        """
+        Read and remove a message file handed over by C{rq}.
+
+        @raise MessageError: not a regular file of L{SPILL_DIR} (nothing
+            else is ever read or removed), too large, or not UTF-8.
+        """
+        spill = os.path.realpath(self.instance.root.join(SPILL_DIR))
+        if not os.path.isabs(path) or os.path.dirname(os.path.realpath(path)) != spill:
+            raise MessageError(f"message_file must be a file of {SPILL_DIR}")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise MessageError(f"message_file cannot be read: {e.strerror}")
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise MessageError("message_file is not a regular file")
+            if info.st_size > MAX_MESSAGE_FILE:
+                raise MessageError(f"message_file is over {MAX_MESSAGE_FILE} bytes")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(MAX_MESSAGE_FILE + 1)
+        finally:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MessageError("message_file is not UTF-8 text") from None
 
     def attach_message(self, msg_id: str, pathname: str, name: str = "") -> Deferred[tuple[str, str]]:
         """

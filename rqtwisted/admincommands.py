@@ -19,6 +19,14 @@ from __future__ import annotations
 #: Name of the admin socket, relative to the root.
 SOCKET = "config/rq.sock"
 
+#: Where values too large for AMP (64 KiB) go, below the root: answers the
+#: daemon spills, and messages C{rq} hands over by file (C{message_file}).
+SPILL_DIR = "config/spill"
+
+#: The largest message C{rq} hands over by file: what the original's frame
+#: could carry (8 decimal digits of length).
+MAX_MESSAGE_FILE = 99_999_999
+
 #: Response keys of every command.
 RESPONSE = ("status", "detail", "spill")
 
@@ -36,7 +44,9 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "DeleteQueue": (("name",), ()),
     "QueueAdmin": (("action", "name"), ()),
     # messages; msg_id is a full id (or /q/<queue>/<id>)
-    "CreateMessage": (("message", "method"), ("relay_ok",)),
+    # message_file: a file of SPILL_DIR holding the message instead (then
+    # message is ""), for a message too large for AMP; the daemon removes it.
+    "CreateMessage": (("message", "method"), ("relay_ok", "message_file")),
     "AttachMessage": (("msg_id", "pathname"), ("name",)),
     "MessageAction": (("action", "msg_id"), ()),
     "GetMessage": (("msg_id",), ()),

@@ -19,8 +19,8 @@ import os
 import sys
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
-from rqtwisted.admincommands import SOCKET
-from rqtwisted.ampclient import AdminClient, AdminClientError, DaemonNotReachable
+from rqtwisted.admincommands import MAX_MESSAGE_FILE, SOCKET, SPILL_DIR
+from rqtwisted.ampclient import MAX_VALUE_LENGTH, AdminClient, AdminClientError, DaemonNotReachable
 from rqtwisted.message import PARAM_KEYS
 
 __all__ = [
@@ -243,14 +243,40 @@ def _create_message(inv: Invocation) -> Outcome:
                 value.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise CommandFailed(f"argument {key!r} is not valid Unicode: {e}") from None
-    return _reply(
-        *inv.call(
-            "CreateMessage",
-            message=json.dumps(message),
-            method=method,
-            relay_ok="1" if inv.flag("relay-ok") else "",
-        )
-    )
+    text = json.dumps(message)
+    relay_ok = "1" if inv.flag("relay-ok") else ""
+    if len(text) <= MAX_VALUE_LENGTH:
+        return _reply(*inv.call("CreateMessage", message=text, method=method, relay_ok=relay_ok))
+    # Too large for AMP (the original's frame took up to 8 digits of
+    # length): handed over in a file the daemon reads and removes.
+    if len(text) > MAX_MESSAGE_FILE:
+        raise CommandFailed(f"message is {len(text)} bytes long; at most {MAX_MESSAGE_FILE} are accepted")
+    path = _message_file(inv.root, text)
+    try:
+        return _reply(*inv.call("CreateMessage", message="", method=method, relay_ok=relay_ok, message_file=path))
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _message_file(root: str, text: str) -> str:
+    """
+    Write C{text} (ASCII: C{json.dumps} escapes the rest) to a new file of
+    the root's spill directory, readable by its owner only; its path.
+    """
+    import tempfile
+
+    directory = os.path.join(root, SPILL_DIR)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="message-", suffix=".json", dir=directory)
+    except OSError as e:
+        raise CommandFailed(f"cannot hand the message over: {e}") from None
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(text)
+    return path
 
 
 @_verbs("attachmesg")

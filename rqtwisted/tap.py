@@ -30,7 +30,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.python import usage
 
 from rqtwisted.admin import AdminAPI, AdminFactory
-from rqtwisted.admincommands import SOCKET
+from rqtwisted.admincommands import SOCKET, SPILL_DIR
 from rqtwisted.configwatch import ConfigWatcher
 from rqtwisted.durable import syncer_for
 from rqtwisted.root import ConfigError, Root, RootConfig, ensure_root
@@ -241,7 +241,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     PidFileService(root.join("config", "queuemgr.pid")).setServiceParent(top)
     admin = UNIXServer(
         root.join(SOCKET),
-        AdminFactory(AdminAPI(instance), root.join("config", "spill")),
+        AdminFactory(AdminAPI(instance), root.join(SPILL_DIR)),
         mode=0o600,
     )
     admin.setServiceParent(top)

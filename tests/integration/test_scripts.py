@@ -140,6 +140,19 @@ def test_script_runs_rq_without_rq_root(daemon: Daemon) -> None:
     assert daemon.rq("statusmesg", "--msg_id", chained) == (0, [f"ok done - chained from {short}"])
     assert f"root={daemon.root}" in stdio_lines(daemon, full)
 
+
+def test_message_too_large_for_amp(daemon: Daemon) -> None:
+    """
+    C{rq sendmesg} with a parameter of 100,000 bytes (over AMP's 64 KiB,
+    within the original's frame): stored whole and given to the script;
+    the file it was handed over in is gone.
+    """
+    daemon.queue_with_script("test", 'echo "done ${#RQ_PARAM1} ${RQ_PARAM1:0:3}" >&3\n')
+    full = daemon.send("test", "--param1", "abc" + "z" * 99_997)
+    assert daemon.wait_state(full, "done") == "done"
+    assert daemon.rq("statusmesg", "--msg_id", full) == (0, ["ok done - 100000 abc"])
+    assert os.listdir(daemon.root / "config" / "spill") == []
+
 def test_err(daemon: Daemon) -> None:
     daemon.queue_with_script("test", 'echo "err it broke badly" >&3\nexit 0\n')
     full = daemon.send("test")

@@ -270,6 +270,38 @@ def test_createMessageFail(rq: Run) -> None:
     assert rq(daemon, "sendmesg", "--dest", "http://h/q/x") == (1, "fail Cannot relay message\n", "")
 
 
+
+class _ReadsMessageFile(FakeDaemon):
+    """
+    Reads the message file as the daemon would, while the call is made.
+    """
+
+    handed: str | None = None
+
+    def call(self, command: str, **args: str) -> tuple[str, str]:
+        if args.get("message_file"):
+            with open(args["message_file"]) as f:
+                self.handed = f.read()
+        return super().call(command, **args)
+
+
+def test_createMessageTooLargeForAMP(rq: Run, tmp_path: Any) -> None:
+    """
+    A message too large for one AMP value (64 KiB) is handed over in a file
+    of the root's C{config/spill/}, gone after the call; smaller ones go
+    inline.
+    """
+    daemon = _ReadsMessageFile(CreateMessage=("ok", FULL_ID))
+    big = "x" * 70_000
+    assert rq(daemon, "sendmesg", "--dest", "test", "--param1", big, "--relay-ok") == (0, f"ok {FULL_ID}\n", "")
+    [(command, args)] = daemon.requests
+    assert (args["message"], args["method"], args["relay_ok"]) == ("", "commit", "1")
+    assert os.path.dirname(args["message_file"]) == str(tmp_path / "config" / "spill")
+    assert daemon.handed is not None and json.loads(daemon.handed) == {"dest": "test", "param1": big}
+    assert os.listdir(tmp_path / "config" / "spill") == []
+    rq(daemon, "sendmesg", "--dest", "test", "--param1", "x" * 60_000)
+    assert "message_file" not in daemon.requests[1][1]
+
 def test_createMessageNotUnicode(rq: Run) -> None:
     """
     An argument that is not valid Unicode (bytes the file system encoding

@@ -252,6 +252,40 @@ def test_default_max_count_is_15(env) -> None:
 # -- the admin (AMP) face --------------------------------------------------------------
 
 
+
+def test_admin_message_file(env) -> None:
+    """
+    A message too large for AMP comes in a file of C{config/spill/}: read,
+    removed, created. Nothing outside that directory is ever read or
+    removed, nor a link in it.
+    """
+    instance, spawner, clock, q = env
+    api = AdminAPI(instance)
+    spill = os.path.join(instance.root.path, "config", "spill")
+    os.makedirs(spill, exist_ok=True)
+    path = os.path.join(spill, "message-1.json")
+    with open(path, "w") as f:
+        json.dump({"dest": "q", "param1": "y" * 100_000}, f)
+    status, full = result_of(api.create_message("", "commit", "", path))
+    assert status == "ok"
+    assert not os.path.exists(path)
+    assert json.loads(api.get_message(full)[1])["param1"] == "y" * 100_000
+    outside = os.path.join(instance.root.path, "config", "config.json")
+    with pytest.raises(MessageError, match="message_file must be a file of config/spill"):
+        api.create_message("", "commit", "", outside)
+    assert os.path.exists(outside)
+    os.symlink(outside, os.path.join(spill, "link.json"))
+    with pytest.raises(MessageError, match="message_file must be a file of config/spill"):
+        api.create_message("", "commit", "", os.path.join(spill, "link.json"))
+    assert os.path.exists(outside)
+    with pytest.raises(MessageError, match="message_file cannot be read"):
+        api.create_message("", "commit", "", os.path.join(spill, "gone.json"))
+    with open(path, "wb") as f:
+        f.write(b"\xff\xfe")
+    with pytest.raises(MessageError, match="not UTF-8"):
+        api.create_message("", "commit", "", path)
+    assert not os.path.exists(path)
+
 def test_admin_message_actions(env) -> None:
     instance, spawner, clock, q = env
     api = AdminAPI(instance)
