@@ -17,10 +17,13 @@ import re
 import stat
 import struct
 import tempfile
+import time
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.application.internet import UNIXServer
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -160,6 +163,36 @@ class IAdminAPI(Interface):
     """
 
 
+@implementer(IPushProducer)
+class _ReadWhileRead:
+    """
+    Stops reading a connection while the answers written to it pile up
+    unread (its transport pauses this producer past its buffer size), so
+    that a peer that sends requests and never reads cannot grow the
+    daemon's memory; reading goes on once they drained.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        """
+        The answers pile up: read no more requests.
+        """
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """
+        They were read: read requests again.
+        """
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """
+        The connection ends: nothing to do.
+        """
+
+
 class AdminProtocol(amp.AMP):
     """
     One admin connection: dispatches every known command to the API.
@@ -181,6 +214,14 @@ class AdminProtocol(amp.AMP):
     _twisted = False
     #: The start of a box whose end has not arrived yet.
     _pending = b""
+    #: Answers written on the fast path (see L{_watchBacklog}).
+    _answered = 0
+    #: Requests taken whose answer is not written yet.
+    _inflight = 0
+    #: Hang up once every request taken is answered (see L{closeWhenAnswered}).
+    _closing = False
+    #: The L{AdminFactory} that keeps track of its connections, if any.
+    tracker: "AdminFactory | None" = None
 
     def __init__(
         self, api: Any, spillDir: str, methods: dict[bytes, Callable[..., Any]] | None = None
@@ -211,9 +252,42 @@ class AdminProtocol(amp.AMP):
         than the call itself.
         """
         self.transport = transport
+        if self.tracker is not None:
+            self.tracker.connections.add(self)
         if self._ampInitialized:
             self.boxReceiver.startReceivingBoxes(self)
         self.connectionMade()
+
+    def closeWhenAnswered(self) -> None:
+        """
+        Read no more requests; hang up once those taken are answered (their
+        answers written out first): how the daemon ends its connections when
+        it stops, so that no client hears nothing about a request that was
+        carried out.
+        """
+        self._closing = True
+        self._closeIfIdle()
+
+    def _closeIfIdle(self) -> None:
+        if self._closing and self._inflight == 0 and self.transport is not None:
+            self.transport.loseConnection()
+
+    def _settled(self, result: object) -> object:
+        """
+        A request taken was answered.
+        """
+        self._inflight -= 1
+        self._closeIfIdle()
+        return result
+
+    def _watchBacklog(self) -> None:
+        """
+        From a connection's second request on (the command line sends one),
+        stop reading it while its answers are not read (L{_ReadWhileRead}).
+        """
+        transport = self.transport
+        if transport is not None and getattr(transport, "producer", None) is None:
+            transport.registerProducer(_ReadWhileRead(transport), True)
 
     def connectionLost(self, reason: Failure) -> None:
         """
@@ -222,13 +296,19 @@ class AdminProtocol(amp.AMP):
         if self._ampInitialized:
             amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
+        if self.tracker is not None:
+            self.tracker.connectionGone(self)
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
         """
-        Keep a file descriptor sent by the peer, as L{amp.AMP} does.
+        Close a file descriptor sent by the peer at once: no admin command
+        takes one (kept, as L{amp.AMP} keeps them for its C{Descriptor}
+        arguments, they would pile up until the daemon ran out of fds).
         """
-        self._startAMP()
-        amp.AMP.fileDescriptorReceived(self, descriptor)
+        try:
+            os.close(descriptor)
+        except OSError:
+            pass
 
     def dataReceived(self, data: bytes) -> None:
         """
@@ -236,6 +316,8 @@ class AdminProtocol(amp.AMP):
         unfinished one for the next read; hand over to L{amp.AMP} for good at
         the first box the fast path does not answer.
         """
+        if self._closing:
+            return
         if self._twisted:
             amp.BinaryBoxProtocol.dataReceived(self, data)
             return
@@ -268,6 +350,7 @@ class AdminProtocol(amp.AMP):
         Leave the fast path: L{amp.AMP} parses C{data} and all that follows.
         """
         self._twisted = True
+        self._watchBacklog()
         self._startAMP()
         amp.BinaryBoxProtocol.dataReceived(self, data)
 
@@ -312,9 +395,10 @@ class AdminProtocol(amp.AMP):
         else:
             # A Deferred, or anything maybeDeferred makes one of (a
             # coroutine, a Failure), as on Twisted's path.
+            self._inflight += 1
             maybeDeferred(_identity, result).addCallbacks(
                 self._answer, self._answerFailure, callbackArgs=(ask,), errbackArgs=(ask,)
-            )
+            ).addBoth(self._settled)
         return True
 
     def _answer(self, result: Any, ask: bytes | None) -> None:
@@ -364,6 +448,9 @@ class AdminProtocol(amp.AMP):
                 self.unhandledError(Failure(amp.TooLong(False, True, value, key)))
                 return
         spillPart = b"" if spill is None else _SPILL_KEY + _packLength(len(spill)) + spill
+        self._answered += 1
+        if self._answered == 2:
+            self._watchBacklog()
         transport.write(
             b"".join(
                 (
@@ -408,8 +495,12 @@ class AdminProtocol(amp.AMP):
 
         def call(**kwargs: str) -> Any:
             args = {k: v for k, v in kwargs.items() if v is not None}
+            self._inflight += 1
             d = maybeDeferred(method, **args)
             d.addCallbacks(self._reply, self._failed)
+            # (Its answer is written right after, in the same callback
+            # chain: a hang-up asked for meanwhile waits for it.)
+            d.addBoth(self._settled)
             return d
 
         return self._wrapWithSerialization(call, command)
@@ -418,7 +509,11 @@ class AdminProtocol(amp.AMP):
         status, detail = result
         if len(detail.encode("utf-8")) <= MAX_INLINE:
             return {"status": status, "detail": detail}
+        if self.transport is None:
+            # The client went away: nobody would read (and remove) the file.
+            return {"status": status, "detail": ""}
         os.makedirs(self._spillDir, exist_ok=True)
+        sweep_spills(self._spillDir)
         fd, path = tempfile.mkstemp(prefix="spill-", suffix=".json", dir=self._spillDir)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(detail)
@@ -602,6 +697,34 @@ class AdminAPI:
         return _ok(json.dumps(queue.get(short)))
 
 
+#: Seconds a stopping daemon waits for its admin connections' requests to be
+#: answered before it cuts them.
+DRAIN_TIMEOUT = 10.0
+
+#: Seconds after which a file of the spill directory is taken for one whose
+#: reader went away (killed between the answer and its read) and removed.
+SPILL_MAX_AGE = 600.0
+
+
+def sweep_spills(directory: str, max_age: float = SPILL_MAX_AGE, now: float | None = None) -> None:
+    """
+    Remove the files of the spill directory older than C{max_age} seconds:
+    answers and messages whose reader went away (each is read and removed
+    within moments otherwise).
+    """
+    limit = (time.time() if now is None else now) - max_age
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < limit:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+
+
 class AdminFactory(Factory):
     """
     Builds an L{AdminProtocol} per connection.
@@ -611,10 +734,72 @@ class AdminFactory(Factory):
         self.api = api
         self.spillDir = spillDir
         self._methods: dict[bytes, Callable[..., Any]] = {}
+        #: The open connections.
+        self.connections: set[AdminProtocol] = set()
+        self._drained: Deferred[None] | None = None
+
+    def startFactory(self) -> None:
+        """
+        Remove what readers that went away left in the spill directory.
+        """
+        sweep_spills(self.spillDir)
+
+    def drain(self, clock: Any, timeout: float = DRAIN_TIMEOUT) -> Deferred[None]:
+        """
+        End every connection once the requests it sent are answered (see
+        L{AdminProtocol.closeWhenAnswered}); fires when all are closed. Those
+        still open after C{timeout} seconds are cut.
+        """
+        if not self.connections:
+            return succeed(None)
+        drained: Deferred[None] = Deferred()
+        self._drained = drained
+        late = clock.callLater(timeout, self._cut)
+        drained.addBoth(lambda result: (late.cancel() if late.active() else None, result)[1])
+        for protocol in list(self.connections):
+            protocol.closeWhenAnswered()
+        return drained
+
+    def _cut(self) -> None:
+        for protocol in list(self.connections):
+            transport = protocol.transport
+            if transport is not None:
+                transport.abortConnection()
+
+    def connectionGone(self, protocol: AdminProtocol) -> None:
+        """
+        A connection closed.
+        """
+        self.connections.discard(protocol)
+        if not self.connections and self._drained is not None:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
 
     def buildProtocol(self, addr: Any) -> AdminProtocol:
         """
         A protocol bound to the API (whose methods are looked up once, for
         every connection).
         """
-        return AdminProtocol(self.api, self.spillDir, self._methods)
+        protocol = AdminProtocol(self.api, self.spillDir, self._methods)
+        protocol.tracker = self
+        return protocol
+
+
+class AdminServer(UNIXServer):
+    """
+    The admin socket's service: when it stops, it takes no more
+    connections, answers what the open ones asked and then closes them
+    (L{AdminFactory.drain}) before the daemon goes on stopping.
+    """
+
+    def __init__(self, path: str, factory: AdminFactory, clock: Any, **kwargs: Any) -> None:
+        super().__init__(path, factory, **kwargs)
+        self._factory = factory
+        self._clock = clock
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop listening, then drain the connections.
+        """
+        stopped = maybeDeferred(super().stopService)
+        return stopped.addCallback(lambda _: self._factory.drain(self._clock))

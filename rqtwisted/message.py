@@ -8,6 +8,7 @@ ids and destinations through it, so there is one definition of each rule.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from typing import Any, Iterable, Mapping
@@ -165,19 +166,25 @@ def _to_int(value: Any, key: str) -> int:
         return int(value)
     if isinstance(value, int):
         return value
-    if isinstance(value, float):
-        return int(value)
     try:
+        if isinstance(value, float):
+            return int(value)
         return int(str(value).strip())
-    except ValueError:
+    except (ValueError, OverflowError):
+        # (int() of an infinite float overflows, of NaN is a ValueError.)
         raise MessageError(f"invalid {key} field ({value})")
 
 
 def _to_due(value: Any) -> float:
     try:
-        return float(value)
+        due = float(value)
     except (TypeError, ValueError):
         raise MessageError(f"invalid due field ({value})")
+    if not math.isfinite(due):
+        # NaN would break the order of the scheduler's heap, and neither
+        # can be written as JSON.
+        raise MessageError(f"invalid due field ({value})")
+    return due
 
 
 def normalize_webhooks(value: Any) -> list[str]:
@@ -264,9 +271,11 @@ def due_of(msg: Mapping[str, Any], default: float) -> float:
     if value in (None, ""):
         return default
     try:
-        return float(value)
+        due = float(value)
     except (TypeError, ValueError):
         return default
+    # (A NaN or infinite due, which older versions let in, is unreadable.)
+    return due if math.isfinite(due) else default
 
 
 def stored(msg: Mapping[str, Any]) -> dict[str, Any]:

@@ -98,14 +98,25 @@ class Resend:
     reason: str
 
 
+#: The longest delay a C{resend} or C{dup} asks for that is kept (about
+#: 100 years): longer ones, up to numbers of hundreds of digits, are cut to
+#: it, so that a due time stays a number.
+MAX_DELAY = 100 * 365 * 86400.0
+
+
+def _delay(digits: str) -> float:
+    return max(-MAX_DELAY, min(float(digits), MAX_DELAY))
+
+
 def parse_resend(text: str) -> Resend:
     """
-    Parse the text of a C{resend} report; an unreadable delay counts as 0.
+    Parse the text of a C{resend} report; an unreadable delay counts as 0,
+    a negative one too, one over L{MAX_DELAY} as L{MAX_DELAY}.
     """
     match = _RESEND_RE.match(text)
     if match is None:
         return Resend(0.0, text)
-    return Resend(max(0.0, float(match.group(1))), match.group(2) or "")
+    return Resend(max(0.0, _delay(match.group(1))), match.group(2) or "")
 
 
 @dataclass(frozen=True)
@@ -121,7 +132,8 @@ class Dup:
 
 def parse_dup(text: str) -> Dup | None:
     """
-    Parse the text of a C{dup} report, or L{None} when malformed.
+    Parse the text of a C{dup} report, or L{None} when malformed; a delay
+    beyond L{MAX_DELAY} either way is cut to it.
     """
     match = _DUP_RE.match(text)
     if match is None:
@@ -129,7 +141,7 @@ def parse_dup(text: str) -> Dup | None:
     dest = match.group(3).strip()
     if not dest:
         return None
-    return Dup(float(match.group(1)), match.group(2), dest)
+    return Dup(_delay(match.group(1)), match.group(2), dest)
 
 
 @dataclass(frozen=True)

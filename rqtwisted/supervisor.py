@@ -309,8 +309,9 @@ class Instance(MultiService):
         Stop a queue and rename its directory to
         C{queue/<name>.deleted.<inode>} (kept, ignored).
         """
-        if name not in self.queues:
+        if not self._known(name):
             raise MessageError("no such queue")
+        self._check_idle(name)
         path = self.root.queue_path(name)
 
         def rename(_: object) -> str:
@@ -323,6 +324,25 @@ class Instance(MultiService):
         d.addBoth(self._unbusy, name)
         return d
 
+    def _known(self, name: str) -> bool:
+        """
+        Whether C{name} is a queue: running, or one on disk that is not (it
+        failed and waits to be started again, say), which can still be
+        administered.
+        """
+        return name in self.queues or (valid_queue_name(name) and name in self.root.queue_names())
+
+    def _check_idle(self, name: str) -> None:
+        """
+        Refuse a second restart or delete of a queue while one is under
+        way: its workers may still be in their grace period, and a new
+        queue service would run their messages again beside them.
+
+        @raise MessageError: C{queue busy: ...}.
+        """
+        if name in self._busy:
+            raise MessageError(f"queue busy: {name} is being restarted or deleted")
+
     def _unbusy(self, result: object, name: str) -> object:
         self._busy.discard(name)
         return result
@@ -332,10 +352,13 @@ class Instance(MultiService):
         Stop a queue (its workers are terminated, their messages go back to
         que) and start it again with a fresh config; resets its back-off.
         """
-        if not valid_queue_name(name) or (
-            name not in self.queues and name not in self.root.queue_names()
-        ):
+        if not self._known(name):
             raise MessageError("invalid queue name")
+        self._check_idle(name)
+        # Checked before the queue stops: a config that cannot be loaded
+        # leaves the queue running as it is.
+        if self._load_config(name, "queue {queue} not restarted: {reason}") is None:
+            raise MessageError("queue not restarted: bad config")
         self._failures.pop(name, None)
 
         def start(_: object) -> str:
@@ -353,7 +376,7 @@ class Instance(MultiService):
         C{up} (remove C{.down}), C{down} (create it), C{pause} (create
         C{.pause}), C{resume} (remove it).
         """
-        if name not in self.queues:
+        if not self._known(name):
             raise MessageError("invalid queue name")
         kind = "down" if action in ("up", "down") else "pause"
         marker = self.root.marker(name, kind)
@@ -367,7 +390,9 @@ class Instance(MultiService):
             pass
         except OSError:
             raise MessageError(f"not allowed to {action}")
-        self.queues[name].schedule()
+        queue = self.queues.get(name)
+        if queue is not None:
+            queue.schedule()
         return name
 
     def reload(self) -> Deferred[str]:
@@ -435,6 +460,8 @@ class Instance(MultiService):
         Restart the whole server in place: stop every queue (terminating
         workers), re-read C{config/config.json} and start every queue again.
         """
+        if self._busy:
+            raise MessageError(f"queue busy: {min(self._busy)} is being restarted or deleted")
         names = list(self.queues)
         busy = set(names) | set(self.root.queue_names())
         self._busy |= busy

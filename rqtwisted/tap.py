@@ -25,11 +25,11 @@ import stat
 from functools import partial
 from typing import Any
 
-from twisted.application.internet import TCPServer, UNIXServer
+from twisted.application.internet import TCPServer
 from twisted.application.service import IService, MultiService, Service
 from twisted.python import usage
 
-from rqtwisted.admin import AdminAPI, AdminFactory
+from rqtwisted.admin import AdminAPI, AdminFactory, AdminServer
 from rqtwisted.admincommands import SOCKET, SPILL_DIR
 from rqtwisted.configwatch import ConfigWatcher
 from rqtwisted.durable import syncer_for
@@ -215,6 +215,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     """
     if reactor is None:
         from twisted.internet import reactor  # the one place that imports it
+    # The lock first: two daemons started at once on a new root must not
+    # both lay it out (the loser's options would end up in its config).
+    root = Root(options["root"])
+    try:
+        os.makedirs(root.join("config"), exist_ok=True)
+        lock = lock_root(root)
+    except RootLocked as e:
+        raise SystemExit(f"rq: {e}")
+    except OSError as e:
+        raise SystemExit(f"rq: cannot use {root.path}: {e}")
     root = ensure_root(
         options["root"],
         host=options["host"],
@@ -226,10 +236,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         settings = load_settings(root, options)
     except ConfigError as e:
         raise SystemExit(f"rq: {e.reason}")
-    try:
-        lock = lock_root(root)
-    except RootLocked as e:
-        raise SystemExit(f"rq: {e}")
     # Ours now: whatever socket is there was left by a daemon that died.
     remove_stale_socket(root.join(SOCKET))
     top = MultiService()
@@ -239,9 +245,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     instance.setName("instance")
     instance.setServiceParent(top)
     PidFileService(root.join("config", "queuemgr.pid")).setServiceParent(top)
-    admin = UNIXServer(
+    admin = AdminServer(
         root.join(SOCKET),
         AdminFactory(AdminAPI(instance), root.join(SPILL_DIR)),
+        reactor,
         mode=0o600,
     )
     admin.setServiceParent(top)

@@ -5,14 +5,19 @@ recovery, and queue administration through C{rq}.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from rqtwisted.ampclient import AdminClient, AdminClientError
 from tests.integration.conftest import (
     TWISTD_CMD,
     Daemon,
@@ -293,3 +298,107 @@ def test_server_restart_command(daemon: Daemon, tmp_path: Path, read_pid) -> Non
     daemon.wait_state(full, "done", timeout=10)
     assert daemon.rq("statusmesg", "--msg_id", full) == (0, ["ok done - second run"])
     assert daemon.rq("ping") == (0, ["ok pong"])
+
+
+def _box(**items: str) -> bytes:
+    """
+    One AMP box on the wire.
+    """
+    out = b""
+    for key, value in items.items():
+        k, v = key.encode(), value.encode()
+        out += struct.pack("!H", len(k)) + k + struct.pack("!H", len(v)) + v
+    return out + b"\x00\x00"
+
+
+def test_requests_never_read_do_not_pile_up(daemon: Daemon) -> None:
+    """
+    A client that sends requests on the admin socket and never reads the
+    answers: the daemon stops reading it once the answers back up (so
+    most requests stay unsent), and keeps serving everyone else.
+    """
+    daemon.queue_with_script("test", 'echo "done" >&3\n')
+    request = _box(_command="Ping", _ask="1")
+    stream = request * 200_000
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        peer.connect(str(daemon.root / "config" / "rq.sock"))
+        peer.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 3
+        while sent < len(stream) and time.monotonic() < deadline:
+            try:
+                sent += peer.send(stream[sent : sent + 65536])
+            except BlockingIOError:
+                time.sleep(0.01)
+        # (The kernel's socket buffers take a few hundred kB either way.)
+        assert sent < 2_000_000, f"{sent} of {len(stream)} bytes taken: the daemon kept reading"
+        assert daemon.rq("ping") == (0, ["ok pong"])
+        full = daemon.send("test")
+        assert daemon.wait_state(full, "done") == "done"
+    finally:
+        peer.close()
+    assert daemon.rq("ping") == (0, ["ok pong"])
+
+
+def test_huge_resend_delay_keeps_the_queue_up(daemon: Daemon) -> None:
+    """
+    A C{resend} or C{dup} with a delay of hundreds of digits is cut to a
+    century: the message is queued for then, the dup answered, and the
+    queue goes on.
+    """
+    big = "9" * 400
+    daemon.queue_with_script("other", 'echo "done" >&3\n')
+    daemon.queue_with_script(
+        "test",
+        f"""
+        echo "dup {big}-X-other" >&3
+        read -r reply <&4
+        echo "resend {big}-later $reply" >&3
+        """,
+    )
+    full = daemon.send("test")
+    assert daemon.wait_state(full, "que") == "que"
+    code, [line] = daemon.rq("statusmesg", "--msg_id", full)
+    assert code == 0 and line.startswith(f"ok que - {big}-later ok {daemon.base_url}q/other/"), line
+    shown = json.loads("\n".join(daemon.rq("show", "--msg_id", full)[1]))
+    assert shown["due"] > time.time() + 99 * 365 * 86400
+    after = daemon.send("other")
+    assert daemon.wait_state(after, "done") == "done"
+    assert "failed" not in daemon.log_text()
+
+
+def test_sigterm_answers_the_requests_it_took(daemon: Daemon) -> None:
+    """
+    SIGTERM while clients keep sending messages: every message stored was
+    acknowledged, and every acknowledged one is stored. (A request the
+    daemon took is answered before it closes the connection; one it did not
+    take is not carried out.)
+    """
+    daemon.queue_with_script("test", 'echo "done" >&3\n')
+    assert daemon.rq("pause", "--name", "test") == (0, ["ok test"])
+    socket_path = str(daemon.root / "config" / "rq.sock")
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        while True:
+            try:
+                status, detail = AdminClient(socket_path, timeout=20).call(
+                    "CreateMessage", message='{"dest": "test"}', method="commit"
+                )
+            except AdminClientError:
+                return
+            assert status == "ok", detail
+            with lock:
+                acknowledged.append(detail.rsplit("/", 1)[1])
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(acknowledged) >= 50, 10, what="messages acknowledged")
+    assert_shut_down(daemon, daemon.terminate(timeout=20))
+    for t in threads:
+        t.join(20)
+    stored = sorted(os.listdir(daemon.root / "queue" / "test" / "que"))
+    assert stored == sorted(acknowledged)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -18,12 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from rqtwisted.admin import MAX_INLINE, AdminFactory, AdminProtocol, commands
+from rqtwisted.admin import MAX_INLINE, SPILL_MAX_AGE, AdminFactory, AdminProtocol, commands, sweep_spills
 from rqtwisted.ampclient import BoxDecoder
 from rqtwisted.message import MessageError
 
@@ -51,6 +53,10 @@ class Reference(amp.AMP):
     locateResponder = AdminProtocol.locateResponder
     _reply = AdminProtocol._reply
     _failed = AdminProtocol._failed
+    _settled = AdminProtocol._settled
+    _closeIfIdle = AdminProtocol._closeIfIdle
+    _inflight = 0
+    _closing = False
 
 
 class API:
@@ -450,6 +456,36 @@ def test_spill(spillDir: str) -> None:
     assert answers[0] == answers[1]
 
 
+
+def test_noSpillWithoutReader(spillDir: str) -> None:
+    """
+    A large answer ready after the client went away is not written to the
+    spill directory: nobody would read and remove it.
+    """
+    api = API()
+    answer_later: Deferred[tuple[str, str]] = Deferred()
+    api.result = answer_later
+    conn = Connection(AdminProtocol, api, spillDir).feed(box(_command="Queues", _ask="q"))
+    conn.protocol.connectionLost(Failure(ConnectionDone()))
+    answer_later.callback(("ok", "d" * (MAX_INLINE + 1)))
+    assert os.listdir(spillDir) == []
+
+
+def test_sweepSpills(spillDir: str) -> None:
+    """
+    Files of the spill directory older than L{SPILL_MAX_AGE} are removed
+    (when the factory starts, and before each new spill); newer ones stay.
+    """
+    old, new = os.path.join(spillDir, "spill-old.json"), os.path.join(spillDir, "message-new.json")
+    for path in (old, new):
+        with open(path, "w") as f:
+            f.write("{}")
+    os.utime(old, (0, time.time() - SPILL_MAX_AGE - 5))
+    AdminFactory(API(), spillDir).startFactory()
+    assert os.listdir(spillDir) == ["message-new.json"]
+    sweep_spills(spillDir, now=time.time() + SPILL_MAX_AGE + 5)
+    assert os.listdir(spillDir) == []
+
 def test_detailAtLimit() -> None:
     """
     A detail of exactly L{MAX_INLINE} bytes is sent inline.
@@ -565,14 +601,98 @@ def test_ampStateOnlyWhenNeeded() -> None:
 
 def test_fileDescriptorReceived() -> None:
     """
-    A file descriptor sent by the peer is kept as AMP keeps it.
+    A file descriptor sent by the peer is closed at once (no command takes
+    one); the connection goes on.
     """
     conn = Connection(AdminProtocol)
-    conn.protocol.fileDescriptorReceived(7)
-    assert conn.protocol._descriptors == {0: 7}
+    r, w = os.pipe()
+    try:
+        conn.protocol.fileDescriptorReceived(w)
+        # Our only writer is gone: the reader sees the end of the pipe.
+        assert os.read(r, 1) == b""
+    finally:
+        os.close(r)
     conn.feed(PING)
     assert conn.transport.value() == answer("1", "ok", "pong")
+    assert not conn.protocol._ampInitialized
 
+
+
+def test_backlogStopsReading() -> None:
+    """
+    A connection that asks more than once gets a streaming producer on its
+    transport that stops and restarts its reading: the transport pauses it
+    while the answers are not read. One that asks once (the command line)
+    gets none.
+    """
+    once = Connection(AdminProtocol).feed(PING)
+    assert once.transport.producer is None
+    conn = Connection(AdminProtocol).feed(PING + PING + PING)
+    assert conn.transport.value() == answer("1", "ok", "pong") * 3
+    producer = conn.transport.producer
+    assert producer is not None and conn.transport.streaming
+    producer.pauseProducing()
+    assert conn.transport.producerState == "paused"
+    producer.resumeProducing()
+    assert conn.transport.producerState == "producing"
+    slow = Connection(AdminProtocol).feed(SAMPLES[8])
+    assert slow.transport.producer is not None
+
+
+def _connected(factory: AdminFactory) -> tuple[AdminProtocol, StringTransport]:
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_drainAnswersThenCloses() -> None:
+    """
+    A stopping daemon's admin connections: an idle one is closed at once,
+    one waiting for an answer gets it and is closed after, whatever arrives
+    meanwhile is not read; the drain fires when all are closed.
+    """
+    api = API()
+    factory = AdminFactory(api, "")
+    idle, idle_transport = _connected(factory)
+    busy, busy_transport = _connected(factory)
+    busy.dataReceived(box(_command="Status", _ask="s"))
+    assert factory.connections == {idle, busy}
+    drained = factory.drain(Clock())
+    assert idle_transport.disconnecting and not busy_transport.disconnecting
+    busy.dataReceived(PING)
+    assert busy_transport.value() == b""
+    api.later[0].callback(("ok", "up"))
+    assert busy_transport.value() == answer("s", "ok", "up")
+    assert busy_transport.disconnecting
+    assert api.calls == [("status", {})]
+    fired: list[object] = []
+    drained.addCallback(fired.append)
+    idle.connectionLost(Failure(ConnectionDone()))
+    assert fired == []
+    busy.connectionLost(Failure(ConnectionDone()))
+    assert fired == [None]
+    assert factory.connections == set()
+
+
+def test_drainCutsAfterTimeout() -> None:
+    """
+    A request that is still not answered after the timeout: its
+    connection is cut.
+    """
+    api = API()
+    factory = AdminFactory(api, "")
+    busy, transport = _connected(factory)
+    busy.dataReceived(box(_command="Status", _ask="s"))
+    clock = Clock()
+    drained = factory.drain(clock, timeout=10)
+    clock.advance(9)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting
+    busy.connectionLost(Failure(ConnectionDone()))
+    assert drained.called
+    assert factory.drain(clock).called
 
 def test_factorySharesMethods() -> None:
     """

@@ -10,6 +10,7 @@ from hypothesis import given, strategies as st
 from rqtwisted.message import (
     MessageError,
     creation_fields,
+    due_of,
     dest_queue,
     dest_url,
     hashed_subpath,
@@ -79,6 +80,35 @@ def test_creation_fields_texts_from_other_json_values():
                       "src": "true", "count": 0, "max_count": fields["max_count"]}
     with pytest.raises(MessageError, match="invalid param1 field"):
         creation_fields({"dest": "q", "param1": ["a"]})
+
+
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"due": float("nan")}, "invalid due field"),
+        ({"due": float("inf")}, "invalid due field"),
+        ({"due": "-Infinity"}, "invalid due field"),
+        ({"count": float("inf")}, "invalid count field"),
+        ({"max_count": float("nan")}, "invalid max_count field"),
+    ],
+)
+def test_creation_fields_refuse_what_is_not_a_number(fields, reason):
+    """
+    NaN and infinities are refused: a NaN due would break the order of the
+    scheduler, and neither can be written as JSON.
+    """
+    with pytest.raises(MessageError, match=reason):
+        creation_fields({"dest": "q", **fields})
+
+
+def test_due_of_unreadable_values():
+    """
+    A stored due that is NaN or infinite (older versions let them in)
+    counts as absent.
+    """
+    assert due_of({"due": float("nan")}, 5.0) == 5.0
+    assert due_of({"due": float("inf")}, 5.0) == 5.0
+    assert due_of({"due": "12.5"}, 5.0) == 12.5
 
 def test_creation_fields_errors():
     with pytest.raises(MessageError, match='input missing required "dest" parameter'):

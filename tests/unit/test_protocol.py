@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rqtwisted.protocol import (
+    MAX_DELAY,
     COMPLETION_VERBS,
     MAX_LINE,
     Dup,
@@ -203,10 +204,19 @@ class TestParseResend:
             ("-5", Resend(0.0, "")),
             ("soon", Resend(0.0, "soon")),
             ("", Resend(0.0, "")),
+            ("9" * 400 + "-never", Resend(MAX_DELAY, "never")),
         ],
     )
     def test_parse(self, text: str, expected: Resend) -> None:
         assert parse_resend(text) == expected
+
+    def test_huge_dup_delays_are_cut(self) -> None:
+        """
+        A delay of hundreds of digits (which a float makes infinite) is cut
+        to L{MAX_DELAY}, either way for C{dup}.
+        """
+        assert parse_dup("9" * 400 + "-X-q").delay == MAX_DELAY
+        assert parse_dup("-" + "9" * 400 + "-X-q").delay == -MAX_DELAY
 
 
 class TestParseDup:

@@ -422,6 +422,66 @@ def test_restart_recovers_run_to_que(started):
     assert instance.queue("test").locate(msg_id) == "run"
 
 
+
+def test_one_restart_or_delete_at_a_time(started):
+    """
+    While a queue is being restarted (its worker still in its grace
+    period), another restart, a delete or a whole-server restart is
+    refused: a second queue service would run the message again beside
+    the old worker. Once done, they are allowed again.
+    """
+    instance, spawner, clock = started
+    send(instance)
+    d = instance.restart_queue("test")
+    assert spawner.workers[0].signals == [signal.SIGTERM]
+    for attempt in (lambda: instance.restart_queue("test"), lambda: instance.delete_queue("test"), instance.restart):
+        with pytest.raises(MessageError, match="queue busy: test is being restarted or deleted"):
+            attempt()
+    assert len(spawner.workers) == 1
+    spawner.workers[0].exit(None, signal.SIGTERM)
+    assert result_of(d) == "test"
+    assert len(spawner.workers) == 2
+    d = instance.delete_queue("test")
+    spawner.workers[1].exit(None, signal.SIGTERM)
+    assert result_of(d) == "started deleting queue"
+
+
+def test_restart_with_a_bad_config_keeps_the_queue(started):
+    """
+    A restart whose new config cannot be loaded is refused before anything
+    stops: the queue and its worker go on as they were.
+    """
+    instance, spawner, clock = started
+    send(instance)
+    q = instance.queue("test")
+    with open(os.path.join(instance.root.queue_path("test"), "config.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(MessageError, match="queue not restarted: bad config"):
+        instance.restart_queue("test")
+    assert instance.queue("test") is q
+    assert spawner.workers[0].signals == []
+
+
+def test_a_failed_queue_can_be_administered(started):
+    """
+    A queue that failed and waits to be started again can still be
+    paused, downed, restarted at once or deleted.
+    """
+    instance, spawner, clock = started
+    q = instance.queue("test")
+
+    def boom():
+        raise RuntimeError("boom")
+
+    q.status = boom
+    q.schedule()
+    assert "test" not in instance.queues
+    assert instance.set_admin("pause", "test") == "test"
+    assert os.path.exists(instance.root.marker("test", "pause"))
+    assert result_of(instance.delete_queue("test")) == "started deleting queue"
+    clock.advance(10)
+    assert "test" not in instance.queues
+
 def test_get_read_form(started):
     instance, spawner, clock = started
     instance.set_admin("pause", "test")
