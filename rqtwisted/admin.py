@@ -202,8 +202,10 @@ class AdminProtocol(amp.AMP):
     L{dataReceived}). Anything else (a box that is not a command, an unknown
     command, a missing or undecodable argument, an oversized key, a paused
     connection) and everything after it on the connection goes through
-    L{amp.AMP}'s own code for good, which gives its own answers. Both paths
-    put the same bytes on the wire for the same input.
+    L{amp.AMP}'s own code for good, which gives its own answers, but for a
+    missing or undecodable argument: C{fail <reason>} (see
+    L{locateResponder}). Both paths put the same bytes on the wire for the
+    same input.
 
     The state of L{amp.AMP} itself is only built once that slower path is
     needed: a connection carrying one command, the command line's way, never
@@ -503,7 +505,18 @@ class AdminProtocol(amp.AMP):
             d.addBoth(self._settled)
             return d
 
-        return self._wrapWithSerialization(call, command)
+        serialized = self._wrapWithSerialization(call, command)
+
+        def respond(box: amp.AmpBox) -> Any:
+            # A request with an argument missing or not UTF-8 is answered
+            # like any refusal, C{fail <reason>}, instead of Twisted's
+            # logged exception, C{UNKNOWN} error and hang-up.
+            reason = _bad_arguments(command, box)
+            if reason is not None:
+                return succeed(command.makeResponse({"status": "fail", "detail": reason}, self))
+            return serialized(box)
+
+        return respond
 
     def _reply(self, result: tuple[str, str]) -> dict[str, str]:
         status, detail = result
@@ -525,6 +538,26 @@ class AdminProtocol(amp.AMP):
         _log.failure("admin command failed", failure)
         return {"status": "fail", "detail": f"internal error: {failure.getErrorMessage()}"}
 
+
+
+def _bad_arguments(command: type[amp.Command], box: amp.AmpBox) -> str | None:
+    """
+    Why the arguments of a request box cannot be used (a required one
+    missing, a text one not UTF-8), or L{None}.
+    """
+    for wire, argument in command.arguments:
+        value = box.get(wire)
+        name = wire.decode("ascii", "replace")
+        if value is None:
+            if not argument.optional:
+                return f"missing argument {name!r}"
+            continue
+        if isinstance(argument, amp.Unicode):
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"argument {name!r} is not valid UTF-8"
+    return None
 
 
 def _ok(detail: str) -> tuple[str, str]:

@@ -238,7 +238,8 @@ class QueueStore:
         """
         Create missing state directories, move C{run/} back to C{que/}
         (at-least-once), load C{que/}, list C{prep/}, move unreadable messages
-        to C{corrupt/}, and count the finished states.
+        of both to C{corrupt/}, and count the finished states (whose messages
+        are not read here).
         """
         for state in STATE_DIRS:
             os.makedirs(self.state_dir(state), exist_ok=True)
@@ -258,7 +259,16 @@ class QueueStore:
             except MessageError:
                 self._move_aside("que", msg_id)
                 found.corrupt.append(msg_id)
-        found.prep = set(self._ids("prep"))
+        found.prep = set()
+        for msg_id in self._ids("prep"):
+            # (Read only to find the unreadable ones: prep holds few.)
+            try:
+                self.read("prep", msg_id)
+            except MessageError:
+                self._move_aside("prep", msg_id)
+                found.corrupt.append(msg_id)
+            else:
+                found.prep.add(msg_id)
         found.counts = {
             "done": self.count_hashed("done"),
             "relayed": self.count_hashed("relayed"),

@@ -158,6 +158,38 @@ def load_settings(root: Root, options: Options) -> RootConfig:
     return settings
 
 
+class WebServer(TCPServer):
+    """
+    The web server's service. Asked for port 0 (any free port), it tells
+    the instance the port it got, so that full ids, C{RQ_HOST} and the
+    pages name a port that answers.
+    """
+
+    def __init__(self, instance: Instance, port: int, factory: Any, **kwargs: Any) -> None:
+        super().__init__(port, factory, **kwargs)
+        self._instance = instance
+
+    def privilegedStartService(self) -> None:
+        """
+        Listen (before privileges are dropped), then adopt the port.
+        """
+        super().privilegedStartService()
+        self._adopt_port()
+
+    def startService(self) -> None:
+        """
+        Listen if not yet done, then adopt the port.
+        """
+        super().startService()
+        self._adopt_port()
+
+    def _adopt_port(self) -> None:
+        instance = self._instance
+        port = getattr(self, "_port", None)
+        if port is not None and instance.settings.port == 0:
+            instance.settings = RootConfig.fromDict({**instance.settings.raw, "port": port.getHost().port})
+
+
 def remove_stale_socket(path: str) -> None:
     """
     Remove the admin socket a dead daemon left at C{path} (and the lock
@@ -252,7 +284,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         mode=0o600,
     )
     admin.setServiceParent(top)
-    web = TCPServer(settings.port, make_site(instance, settings, reactor), interface=settings.addr, reactor=reactor)
+    web = WebServer(instance, settings.port, make_site(instance, settings, reactor), interface=settings.addr,
+                    reactor=reactor)
     web.setName("web")
     web.setServiceParent(top)
     WatchdogService(Watchdog(reactor, root.path, lock_fd=lock)).setServiceParent(top)

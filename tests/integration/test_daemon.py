@@ -13,6 +13,7 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -402,3 +403,22 @@ def test_sigterm_answers_the_requests_it_took(daemon: Daemon) -> None:
         t.join(20)
     stored = sorted(os.listdir(daemon.root / "queue" / "test" / "que"))
     assert stored == sorted(acknowledged)
+
+
+def test_port_zero_names_the_port_it_got(daemon: Daemon) -> None:
+    """
+    Started with C{--port 0} (any free port), the daemon's full ids name
+    the port its web server got, which answers.
+    """
+    daemon.terminate()
+    daemon.port = 0
+    daemon.start()
+    daemon.queue_with_script("test", 'echo "done" >&3\n')
+    assert daemon.rq("pause", "--name", "test") == (0, ["ok test"])
+    code, out = daemon.rq("sendmesg", "--dest", "test")
+    assert code == 0, out
+    full = out[0].split(" ", 1)[1]
+    port = int(full.split("/")[2].rsplit(":", 1)[1])
+    assert port != 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/q.json", timeout=10) as reply:
+        assert reply.status == 200

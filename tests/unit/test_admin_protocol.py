@@ -514,22 +514,23 @@ def test_unknownCommand() -> None:
 
 def test_missingArgument() -> None:
     """
-    A command missing a required argument gets Twisted's answer: an
-    C{UNKNOWN} error box, and the connection is dropped.
+    A command missing a required argument is refused with C{fail} and the
+    reason, nothing logged; the connection goes on.
     """
     fast, _ = both(SAMPLES[6] + PING)
-    assert fast.transport.value().startswith(error("6", "UNKNOWN", UNKNOWN_ERROR))
-    assert fast.transport.disconnecting
-    assert fast.logged == ["KeyError"]
+    assert fast.transport.value() == answer("6", "fail", "missing argument 'name'") + answer("1", "ok", "pong")
+    assert not fast.transport.disconnecting
+    assert fast.logged == []
     assert fast.api.calls == [("ping", {})]
 
 
 def test_argumentNotUTF8() -> None:
     """
-    An argument that is not UTF-8 is refused as Twisted refuses it.
+    An argument that is not UTF-8 is refused with C{fail} and the reason.
     """
     fast, _ = both(SAMPLES[7])
-    assert fast.transport.value() == error("7", "UNKNOWN", UNKNOWN_ERROR)
+    assert fast.transport.value() == answer("7", "fail", "argument 'name' is not valid UTF-8")
+    assert fast.logged == []
     assert fast.api.calls == []
 
 

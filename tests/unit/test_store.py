@@ -104,11 +104,17 @@ def test_open_moves_run_back_to_que_and_corrupt_aside(tmp_path, sync):
     s.create({"msg_id": bad, "dest": "q"}, "que")
     with open(os.path.join(s.msg_dir("que", bad), "msg"), "w") as f:
         f.write("{not json")
+    prepared, broken = "20100625.0127.35.122.3", "20100625.0127.35.122.4"
+    s.create({"msg_id": prepared, "dest": "q"}, "prep")
+    s.create({"msg_id": broken, "dest": "q"}, "prep")
+    os.unlink(os.path.join(s.msg_dir("prep", broken), "msg"))
     found = QueueStore(s.path, Syncer(syncNow, sync), lambda: 0.0).open()
     assert list(found.que) == [good]
     assert found.requeued == [good]
-    assert found.corrupt == [bad]
+    assert found.prep == {prepared}
+    assert sorted(found.corrupt) == [bad, broken]
     assert os.path.isdir(os.path.join(s.path, "corrupt", bad))
+    assert os.path.isdir(os.path.join(s.path, "corrupt", broken))
     assert not os.path.exists(os.path.join(s.msg_dir("que", good), "pid"))
 
 
