@@ -37,7 +37,7 @@ from rqtwisted.protocol import COMPLETION_VERBS, Report, outcome, parse_dup, par
 from rqtwisted.root import QueueConfig
 from rqtwisted.schedule import QueueCron, make_cron
 from rqtwisted.store import QueueStore
-from rqtwisted.worker import ScriptError, Worker, resolve_script, script_argv, worker_environment
+from rqtwisted.worker import ScriptError, Worker, kill_leftover, resolve_script, script_argv, worker_environment
 
 if TYPE_CHECKING:
     from rqtwisted.supervisor import Instance
@@ -189,6 +189,8 @@ class QueueService(Service):
         """
         Recover the directory and start scheduling.
         """
+        for msg_id, pid in self.store.left_running():
+            kill_leftover(pid, self.store.job_path("run", msg_id))
         found = self.store.open()
         self.prep = found.prep
         self.que = {}

@@ -527,6 +527,19 @@ class QueueStore:
         replace_file(target, data)
         self._pid_lengths[msg_id] = len(data)
 
+    def left_running(self) -> list[tuple[str, int]]:
+        """
+        The messages of C{run/} with a pid file: C{(msg_id, pid)}. Before
+        L{open} puts them back in C{que/}, the workers they name may still
+        run (see L{rqtwisted.worker.kill_leftover}).
+        """
+        found = []
+        for msg_id in self._ids("run"):
+            pid = self.read_pid(msg_id)
+            if pid is not None and pid > 1:
+                found.append((msg_id, pid))
+        return found
+
     def read_pid(self, msg_id: str) -> int | None:
         """
         The worker pid recorded for a running message, if any.

@@ -971,6 +971,33 @@ def _spawn_session_process(
     return process.spawnedPid
 
 
+def kill_leftover(pid: int, job_dir: str) -> bool:
+    """
+    Kill the worker a previous daemon left running in C{job_dir}, with its
+    whole process group (C{SIGKILL}): the process C{pid}, if it still runs
+    with that directory as its working directory (a pid used again by an
+    unrelated process is left alone). Before its message runs again, so
+    that it never runs twice at once, whatever left the worker behind (a
+    watchdog killed together with its daemon, say).
+
+    @return: whether such a worker was found and killed.
+    """
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    if cwd != os.path.realpath(job_dir):
+        return False
+    for kill, target in ((os.killpg, pid), (os.kill, pid)):
+        try:
+            kill(target, _signal.SIGKILL)
+        except OSError:
+            continue
+        _log.warn("killed worker {pid} left running in {job_dir}", pid=pid, job_dir=job_dir)
+        return True
+    return False
+
+
 def start_line_time(now: float) -> str:
     """
     The local time of the C{RQ START} line, as Ruby's C{Time#to_s} writes

@@ -103,6 +103,28 @@ def test_kill9_daemon_kills_workers_and_recovers(daemon: Daemon, tmp_path: Path,
     assert daemon.rq("statuscountmesg", "--msg_id", full) == (0, ["ok 0"])
 
 
+
+def test_restart_kills_a_worker_left_running(daemon: Daemon, tmp_path: Path, read_pid) -> None:
+    """
+    A worker that outlived its daemon and the watchdog (here the watchdog
+    is stopped, then killed after the daemon, so it never cleans up): the
+    next daemon kills it before it runs its message again.
+    """
+    full, worker = start_long_job(daemon, tmp_path, read_pid)
+    [watchdog] = [p for p in children_of(daemon.pid) if p != worker]
+    os.kill(watchdog, signal.SIGSTOP)
+    daemon.kill9()
+    # The stopped watchdog still holds the root.
+    refused = second_daemon(daemon)
+    assert refused.returncode != 0 and "another rq daemon" in refused.stdout + refused.stderr
+    os.kill(watchdog, signal.SIGKILL)
+    wait_for(lambda: not alive(watchdog), 5, what="watchdog gone")
+    assert alive(worker), "the worker should have outlived its daemon and watchdog"
+    daemon.start()
+    wait_for(lambda: not alive(worker), 5, what="the leftover worker killed")
+    daemon.wait_state(full, "done", timeout=10)
+    assert daemon.rq("statusmesg", "--msg_id", full) == (0, ["ok done - second run"])
+
 def test_sigterm_daemon_stops_workers(daemon: Daemon, tmp_path: Path, read_pid) -> None:
     full, worker = start_long_job(daemon, tmp_path, read_pid, grandchild=True)
     grandchild = read_pid(tmp_path / "grandchild.pid")

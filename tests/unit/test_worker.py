@@ -18,6 +18,7 @@ import resource
 import select
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -47,6 +48,7 @@ from rqtwisted.worker import (
     Watchdog,
     Worker,
     WorkerProtocol,
+    kill_leftover,
     resolve_script,
     script_argv,
     spawn_worker,
@@ -2377,6 +2379,29 @@ async def test_watchdog_holds_the_root_lock(tmp_path: Any, monkeypatch: Any) -> 
         os.close(lock_root(root))
     finally:
         hard.signal(signal.SIGKILL)
+
+
+def test_kill_leftover(tmp_path: Any) -> None:
+    """
+    A worker left running in its job directory is killed with its group;
+    a process elsewhere (a pid used again) and a pid that is gone are left
+    alone.
+    """
+    job = tmp_path / "run" / "m1" / "job"
+    job.mkdir(parents=True)
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    left = subprocess.Popen(["sleep", "30"], cwd=job, start_new_session=True)
+    other = subprocess.Popen(["sleep", "30"], cwd=elsewhere, start_new_session=True)
+    try:
+        assert not kill_leftover(other.pid, str(job))
+        assert kill_leftover(left.pid, str(job))
+        assert left.wait(10) == -signal.SIGKILL
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+    assert not kill_leftover(left.pid, str(job))
 
 @pytest_twisted.ensureDeferred
 async def test_watchdog_stop_kills_nothing(tmp_path: Any) -> None:
