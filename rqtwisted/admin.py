@@ -164,7 +164,7 @@ class IAdminAPI(Interface):
 
 
 @implementer(IPushProducer)
-class _ReadWhileRead:
+class _PauseReadingWhileUnread:
     """
     Stops reading a connection while the answers written to it pile up
     unread (its transport pauses this producer past its buffer size), so
@@ -285,11 +285,11 @@ class AdminProtocol(amp.AMP):
     def _watchBacklog(self) -> None:
         """
         From a connection's second request on (the command line sends one),
-        stop reading it while its answers are not read (L{_ReadWhileRead}).
+        stop reading it while its answers are not read (L{_PauseReadingWhileUnread}).
         """
         transport = self.transport
         if transport is not None and getattr(transport, "producer", None) is None:
-            transport.registerProducer(_ReadWhileRead(transport), True)
+            transport.registerProducer(_PauseReadingWhileUnread(transport), True)
 
     def connectionLost(self, reason: Failure) -> None:
         """
@@ -788,7 +788,13 @@ class AdminFactory(Factory):
         drained: Deferred[None] = Deferred()
         self._drained = drained
         late = clock.callLater(timeout, self._cut)
-        drained.addBoth(lambda result: (late.cancel() if late.active() else None, result)[1])
+
+        def on_time(result: object) -> object:
+            if late.active():
+                late.cancel()
+            return result
+
+        drained.addBoth(on_time)
         for protocol in list(self.connections):
             protocol.closeWhenAnswered()
         return drained
