@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 
 from rqtwisted.admincommands import MAX_MESSAGE_FILE, SOCKET, SPILL_DIR
 from rqtwisted.ampclient import MAX_VALUE_LENGTH, AdminClient, AdminClientError, DaemonNotReachable
-from rqtwisted.message import PARAM_KEYS
+from rqtwisted.message import PARAM_KEYS, not_unicode
 
 __all__ = [
     "AdminCaller",
@@ -237,12 +237,9 @@ def _create_message(inv: Invocation) -> Outcome:
     for key in MESSAGE_KEYS[1:]:
         if key in inv.options:
             message[key] = inv.options[key]
-    for key, value in message.items():
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise CommandFailed(f"argument {key!r} is not valid Unicode: {e}") from None
+    bad = not_unicode(message)
+    if bad is not None:
+        raise CommandFailed(f"argument {bad[0]!r} is not valid Unicode: {bad[1]}")
     text = json.dumps(message)
     relay_ok = "1" if inv.flag("relay-ok") else ""
     if len(text) <= MAX_VALUE_LENGTH:

@@ -201,6 +201,20 @@ def normalize_webhooks(value: Any) -> list[str]:
     raise MessageError("invalid post_run_webhook field")
 
 
+def not_unicode(fields: Mapping[str, Any]) -> tuple[str, UnicodeEncodeError] | None:
+    """
+    The first text field of C{fields} that is not valid Unicode (a lone
+    surrogate, as an undecodable command-line argument gives), with why;
+    L{None} when every one is.
+    """
+    for key, value in fields.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return key, e
+    return None
+
 
 def _text_field(key: str, value: Any) -> str:
     """

@@ -35,6 +35,7 @@ from rqtwisted.message import (
     MessageError,
     hashed_subpath,
     make_msg_id,
+    not_unicode,
     stored,
     valid_msg_id,
 )
@@ -170,21 +171,6 @@ def check_attachment_name(name: str) -> None:
 _UNKNOWN_LENGTH = 1 << 20
 
 
-
-def _not_unicode(msg: dict[str, Any]) -> str:
-    """
-    The reason a message cannot be stored as UTF-8: its first text field
-    that is not valid Unicode.
-    """
-    for key, value in msg.items():
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return f"invalid {key} field: not valid Unicode"
-    return "message is not valid Unicode"
-
-
 class QueueStore:
     """
     The directory of one queue.
@@ -253,22 +239,9 @@ class QueueStore:
                 pass
             os.rename(self.msg_dir("run", msg_id), self.msg_dir("que", msg_id))
             found.requeued.append(msg_id)
-        for msg_id in self._ids("que"):
-            try:
-                found.que[msg_id] = self.read("que", msg_id)
-            except MessageError:
-                self._move_aside("que", msg_id)
-                found.corrupt.append(msg_id)
-        found.prep = set()
-        for msg_id in self._ids("prep"):
-            # (Read only to find the unreadable ones: prep holds few.)
-            try:
-                self.read("prep", msg_id)
-            except MessageError:
-                self._move_aside("prep", msg_id)
-                found.corrupt.append(msg_id)
-            else:
-                found.prep.add(msg_id)
+        found.que = self._readable("que", found.corrupt)
+        # (prep is read only to find the unreadable ones: it holds few.)
+        found.prep = set(self._readable("prep", found.corrupt))
         found.counts = {
             "done": self.count_hashed("done"),
             "relayed": self.count_hashed("relayed"),
@@ -330,6 +303,20 @@ class QueueStore:
         except FileNotFoundError:
             return []
         return [n for n in names if valid_msg_id(n)]
+
+    def _readable(self, state: str, corrupt: list[str]) -> dict[str, dict[str, Any]]:
+        """
+        The messages of C{state} by id; the unreadable ones are moved to
+        C{corrupt/} and their ids added to C{corrupt}.
+        """
+        found = {}
+        for msg_id in self._ids(state):
+            try:
+                found[msg_id] = self.read(state, msg_id)
+            except MessageError:
+                self._move_aside(state, msg_id)
+                corrupt.append(msg_id)
+        return found
 
     def _move_aside(self, state: str, msg_id: str) -> None:
         _log.warn(
@@ -465,7 +452,10 @@ class QueueStore:
         try:
             data = dumps(msg)
         except UnicodeEncodeError:
-            raise MessageError(_not_unicode(msg)) from None
+            bad = not_unicode(msg)
+            raise MessageError(
+                f"invalid {bad[0]} field: not valid Unicode" if bad is not None else "message is not valid Unicode"
+            ) from None
         staging = f"{self._prefix}tmp/{msg_id}"
         os.mkdir(staging)
         write_file(staging + "/msg", data)

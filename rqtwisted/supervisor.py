@@ -461,7 +461,7 @@ class Instance(MultiService):
         workers), re-read C{config/config.json} and start every queue again.
         """
         if self._busy:
-            raise MessageError(f"queue busy: {min(self._busy)} is being restarted or deleted")
+            self._check_idle(min(self._busy))
         names = list(self.queues)
         busy = set(names) | set(self.root.queue_names())
         self._busy |= busy

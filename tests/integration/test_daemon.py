@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rqtwisted.ampclient import AdminClient, AdminClientError
+from rqtwisted.ampclient import AdminClient, AdminClientError, encode_box
 from tests.integration.conftest import (
     TWISTD_CMD,
     Daemon,
@@ -323,17 +322,6 @@ def test_server_restart_command(daemon: Daemon, tmp_path: Path, read_pid) -> Non
     assert daemon.rq("ping") == (0, ["ok pong"])
 
 
-def _box(**items: str) -> bytes:
-    """
-    One AMP box on the wire.
-    """
-    out = b""
-    for key, value in items.items():
-        k, v = key.encode(), value.encode()
-        out += struct.pack("!H", len(k)) + k + struct.pack("!H", len(v)) + v
-    return out + b"\x00\x00"
-
-
 def test_requests_never_read_do_not_pile_up(daemon: Daemon) -> None:
     """
     A client that sends requests on the admin socket and never reads the
@@ -341,7 +329,7 @@ def test_requests_never_read_do_not_pile_up(daemon: Daemon) -> None:
     most requests stay unsent), and keeps serving everyone else.
     """
     daemon.queue_with_script("test", 'echo "done" >&3\n')
-    request = _box(_command="Ping", _ask="1")
+    request = encode_box({b"_command": b"Ping", b"_ask": b"1"})
     stream = request * 200_000
     peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

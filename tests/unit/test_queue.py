@@ -468,19 +468,13 @@ def test_a_failed_queue_can_be_administered(started):
     paused, downed, restarted at once or deleted.
     """
     instance, spawner, clock = started
-    q = instance.queue("test")
-
-    def boom():
-        raise RuntimeError("boom")
-
-    q.status = boom
-    q.schedule()
-    assert "test" not in instance.queues
+    fail_queue(instance, "test")
     assert instance.set_admin("pause", "test") == "test"
     assert os.path.exists(instance.root.marker("test", "pause"))
     assert result_of(instance.delete_queue("test")) == "started deleting queue"
     clock.advance(10)
     assert "test" not in instance.queues
+
 
 def test_get_read_form(started):
     instance, spawner, clock = started
@@ -494,21 +488,27 @@ def test_get_read_form(started):
     assert json.dumps(msg)
 
 
-def test_crash_restarts_queue_with_backoff(started):
-    instance, spawner, clock = started
-    q = instance.queue("test")
+def fail_queue(instance, name):
+    """
+    Make the running queue C{name} raise in a scheduling pass: it fails,
+    and waits to be started again.
+    """
+    q = instance.queue(name)
 
     def boom():
         raise RuntimeError("boom")
 
     q.status = boom
     q.schedule()
-    assert "test" not in instance.queues
+    assert name not in instance.queues
+
+
+def test_crash_restarts_queue_with_backoff(started):
+    instance, spawner, clock = started
+    fail_queue(instance, "test")
     clock.advance(1)
     assert "test" in instance.queues
-    q2 = instance.queue("test")
-    q2.status = boom
-    q2.schedule()
+    fail_queue(instance, "test")
     clock.advance(1)
     assert "test" not in instance.queues
     clock.advance(1)
