@@ -16,9 +16,11 @@ for nothing.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 from typing import Any, Callable, Iterable
 
 from twisted.internet.defer import Deferred, succeed
@@ -28,11 +30,17 @@ from twisted.python.failure import Failure
 _log = Logger()
 
 
+#: Flags that keep an C{open} from waiting: a FIFO put where a file of a
+#: message is expected (a queue script can write its message directory)
+#: would block a blocking C{open} until somebody opened its other end.
+NONBLOCKING = os.O_NONBLOCK | os.O_CLOEXEC
+
+
 def fsync_path(path: str) -> None:
     """
     C{fsync} a file or directory by path.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | NONBLOCKING)
     try:
         os.fsync(fd)
     finally:
@@ -42,13 +50,37 @@ def fsync_path(path: str) -> None:
 def sync_paths(paths: Iterable[str]) -> None:
     """
     C{fsync} every path that still exists (a directory renamed away since it
-    was queued has had its entry synced by its new parent's sync).
+    was queued has had its entry synced by its new parent's sync), and that
+    can be synced (not a FIFO or socket put in place of a file).
     """
     for path in paths:
         try:
             fsync_path(path)
         except FileNotFoundError:
             pass
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+
+
+def read_file(path: str) -> bytes:
+    """
+    The content of the file C{path}, read without ever waiting for a
+    writer (see L{NONBLOCKING}).
+
+    @raise OSError: it cannot be read (C{BlockingIOError} for a FIFO with a
+        writer that wrote nothing).
+    """
+    fd = os.open(path, os.O_RDONLY | NONBLOCKING)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
 
 
 #: Filesystems whose C{fsync} does nothing (Linux: kept in memory only).
@@ -95,9 +127,11 @@ def filesystem_type(path: str, mounts: str = MOUNTS) -> str | None:
 
 def write_file(path: str, data: bytes) -> None:
     """
-    Write C{data} to C{path} (created or truncated), without syncing.
+    Write C{data} to C{path} (created or truncated), without syncing; a
+    symbolic link or a FIFO at C{path} is refused, not followed or waited on
+    (C{OSError} C{ELOOP} or C{ENXIO}).
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | NONBLOCKING, 0o644)
     try:
         view = memoryview(data)
         while view:
@@ -114,7 +148,18 @@ def replace_file(path: str, data: bytes) -> None:
     caller's: sync C{path} and its directory through a L{Syncer}.
     """
     tmp = path + ".tmp"
-    write_file(tmp, data)
+    try:
+        write_file(tmp, data)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise
+        # Something else sits under the temp name (a link, a FIFO, a
+        # directory, left by a queue script): it goes, once.
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
+            shutil.rmtree(tmp)
+        else:
+            os.unlink(tmp)
+        write_file(tmp, data)
     os.rename(tmp, path)
 
 

@@ -292,6 +292,23 @@ def due_of(msg: Mapping[str, Any], default: float) -> float:
     return due if math.isfinite(due) else default
 
 
+def count_of(msg: Mapping[str, Any], key: str, default: int) -> int:
+    """
+    A stored message's C{count} or C{max_count} (C{key}) as an int, as
+    C{due_of} reads C{due}: numeric strings and floats (older or hand-edited
+    files) are converted, and C{default} stands for a value that is absent
+    or unreadable, so that a bad field never stops a queue.
+    """
+    value = msg.get(key)
+    if value in (None, ""):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return default
+    return int(number) if math.isfinite(number) else default
+
+
 def stored(msg: Mapping[str, Any]) -> dict[str, Any]:
     """
     C{msg} without the stale keys the original wrote into C{msg} files.

@@ -18,8 +18,11 @@ COMPLETION_VERBS = frozenset({"done", "err", "fails", "relayed", "resend"})
 #: useless and it must not grow the daemon's memory without bound).
 MAX_LINE = 64 * 1024
 
-_RESEND_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(?:-(.*))?$", re.S)
-_DUP_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)-([^-]*)-(.+)$", re.S)
+#: C{resend <seconds>[-<reason>]}: the seconds are the leading number, as
+#: the original read them (Ruby's C{to_i}: C{60 waiting}, C{10s} are 60 and 10).
+_RESEND_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)(.*)$", re.S)
+#: C{dup <due>-<flag>-<newdest>}, the due read the same way.
+_DUP_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)[^-]*-([^-]*)-(.+)$", re.S)
 
 
 @dataclass(frozen=True)
@@ -110,13 +113,16 @@ def _delay(digits: str) -> float:
 
 def parse_resend(text: str) -> Resend:
     """
-    Parse the text of a C{resend} report; an unreadable delay counts as 0,
-    a negative one too, one over L{MAX_DELAY} as L{MAX_DELAY}.
+    Parse the text of a C{resend} report: the delay is its leading number
+    (C{60-busy}, C{60 busy}, C{60s}: 60 s); text without one counts as 0, a
+    negative delay too, one over L{MAX_DELAY} as L{MAX_DELAY}. The reason
+    is what follows the C{-} (or, without one, the rest).
     """
     match = _RESEND_RE.match(text)
     if match is None:
         return Resend(0.0, text)
-    return Resend(max(0.0, _delay(match.group(1))), match.group(2) or "")
+    rest = match.group(2).strip()
+    return Resend(max(0.0, _delay(match.group(1))), rest[1:] if rest.startswith("-") else rest)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from rqtwisted.message import (
     CREATION_KEYS,
     PARAM_KEYS,
     MessageError,
+    count_of,
     due_of,
     full_id,
     params_tuple,
@@ -113,6 +114,8 @@ class Job:
     #: Replies owed on fd 4, in the order of the requests: a slot per
     #: request, filled when it is settled (see L{QueueService._dup}).
     replies: list[list[str | None]] | None = None
+    #: The real script path and argv its worker was started with.
+    command: tuple[str, list[str]] | None = None
 
 
 class _JobEvents:
@@ -125,7 +128,10 @@ class _JobEvents:
         self._job = job
 
     def reportReceived(self, report: Report) -> None:
-        self._queue.reportReceived(self._job, report)
+        self._queue.reportsReceived(self._job, [report])
+
+    def reportsReceived(self, reports: list[Report]) -> None:
+        self._queue.reportsReceived(self._job, reports)
 
     def workerExited(self, exit_code: int | None, signal: int | None) -> None:
         self._queue.workerExited(self._job, exit_code, signal)
@@ -187,7 +193,25 @@ class QueueService(Service):
 
     def startService(self) -> None:
         """
-        Recover the directory and start scheduling.
+        Recover the directory and start scheduling. A failure fails this
+        queue only (the supervisor restarts it later), never its siblings
+        nor the daemon: it is reported from the reactor's next turn, once
+        the supervisor is done starting its queues.
+        """
+        try:
+            self._recover()
+        except Exception:
+            failure = Failure()
+            Service.startService(self)
+            self.clock.callLater(0, self.crashed, failure)
+            return
+        super().startService()
+        self.schedule()
+
+    def _recover(self) -> None:
+        """
+        Kill the workers a previous daemon left running, move C{run/} back to
+        C{que/} and load the messages.
         """
         for msg_id, pid in self.store.left_running():
             kill_leftover(pid, self.store.job_path("run", msg_id))
@@ -208,8 +232,6 @@ class QueueService(Service):
         self._stopping = False
         self.started_at = now
         self.cron = make_cron(self, self.config.schedule, self.clock, self.store.path, self.instance.syncer, self.cron)
-        super().startService()
-        self.schedule()
 
     def stopService(self) -> Deferred[Any]:
         """
@@ -224,7 +246,9 @@ class QueueService(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        jobs = [job for job in self.run.values() if job.worker is not None]
+        # (A worker whose exit was reported is not waited for, even if its
+        # handling failed before the message left run/.)
+        jobs = [job for job in self.run.values() if job.worker is not None and not job.worker.exited]
         if not jobs:
             return succeed(None)
         waits: list[Deferred[None]] = []
@@ -459,9 +483,13 @@ class QueueService(Service):
             return False
         self.oper = "UP"
         msg = self.que.pop(msg_id)
-        job = Job(msg_id, msg)
+        try:
+            self.store.move_soon(msg_id, "que", "run")
+        except OSError as e:
+            self._vanished(msg_id, "que", e)
+            return True
+        job = Job(msg_id, msg, command=(real_script, argv))
         self.run[msg_id] = job
-        self.store.move_soon(msg_id, "que", "run")
         if self.config.coalesce_params:
             key = params_tuple(msg, self.config.coalesce_params)
             for other in [o for o, m in self.que.items() if params_tuple(m, self.config.coalesce_params) == key]:
@@ -533,7 +561,7 @@ class QueueService(Service):
         if holds is not None and not holds(real_script):
             return
         heapq.heappop(self._heap)
-        job = Job(msg_id, self.que[msg_id], since=now)
+        job = Job(msg_id, self.que[msg_id], since=now, command=(real_script, argv))
         try:
             job.worker = self._launch(job, real_script, argv, hold=True)
         except OSError as e:
@@ -579,15 +607,22 @@ class QueueService(Service):
             self._give_up(job)
             return False
         try:
-            self._command()
+            command = self._command()
         except ScriptError:
+            self._give_up(job)
+            return False
+        if command != job.command:
+            # Redeployed since it was made ready (a symlink switched, the
+            # exec_prefix changed): the message runs what is there now.
             self._give_up(job)
             return False
         try:
             self.store.move_soon(msg_id, "que", "run")
-        except OSError:
+        except OSError as e:
             self._give_up(job)
-            raise
+            del self.que[msg_id]
+            self._vanished(msg_id, "que", e)
+            return False
         del self.que[msg_id]
         self.run[msg_id] = job
         job.since = now
@@ -622,22 +657,30 @@ class QueueService(Service):
             self.store.write_pid(job.msg_id, pid)
 
     @guarded
-    def reportReceived(self, job: Job, report: Report) -> None:
+    def reportsReceived(self, job: Job, reports: list[Report]) -> None:
         """
-        A line from a worker: it replaces the status text; the first
-        completion verb is kept; C{resend} counts at once; C{dup} copies.
+        Lines from a worker, read at once: each replaces the status text
+        (so the last one is written); the first completion verb is kept;
+        C{resend} counts at once; C{dup} copies.
         """
-        if job.msg_id not in self.run:
+        if self.run.get(job.msg_id) is not job or not reports:
             return
-        self.store.write_status("run", job.msg_id, report.text)
-        if report.verb in COMPLETION_VERBS and job.completion is None:
-            job.completion = report
-            if report.verb == "resend":
-                job.msg["count"] = int(job.msg.get("count") or 0) + 1
-                job.msg["due"] = int(self.clock.seconds() + parse_resend(report.text).delay)
-                self.store.write_msg("run", job.msg_id, job.msg)
-        elif report.verb == "dup":
-            self._dup(job, report.text)
+        try:
+            for report in reports:
+                if report.verb in COMPLETION_VERBS and job.completion is None:
+                    job.completion = report
+                    if report.verb == "resend":
+                        job.msg["count"] = count_of(job.msg, "count", 0) + 1
+                        job.msg["due"] = int(self.clock.seconds() + parse_resend(report.text).delay)
+                        self.store.write_msg("run", job.msg_id, job.msg)
+                elif report.verb == "dup":
+                    self._dup(job, report.text)
+            self.store.write_status("run", job.msg_id, reports[-1].text)
+        except OSError as e:
+            # Its directory was removed or broken behind our back: the
+            # worker's exit settles it.
+            _log.warn("queue {queue}: cannot record a report of {msg_id}: {error}", queue=self.name,
+                      msg_id=job.msg_id, error=e)
 
     @guarded
     def workerExited(self, job: Job, exit_code: int | None, signal: int | None) -> None:
@@ -652,12 +695,25 @@ class QueueService(Service):
         if self.run.get(job.msg_id) is not job:
             return
         self._ready_pays = self.clock.seconds() - job.since <= READY_WITHIN
+        try:
+            stopped = self._settle(job, exit_code, signal)
+        finally:
+            if not job.exited.called:
+                job.exited.callback(None)
+        if not stopped:
+            self.schedule()
+
+    def _settle(self, job: Job, exit_code: int | None, signal: int | None) -> bool:
+        """
+        Apply the completion table to a job whose worker exited and move its
+        message; whether the queue is stopping (nothing more to start).
+        """
         result = outcome(
             job.completion,
             exit_code,
             signal,
-            int(job.msg.get("count") or 0),
-            int(job.msg.get("max_count") or 0),
+            count_of(job.msg, "count", 0),
+            count_of(job.msg, "max_count", 0),
         )
         if self._stopping and (job.completion is None or exit_code != 0):
             # Killed by our own shutdown: the message stays in run/ and goes
@@ -665,13 +721,28 @@ class QueueService(Service):
             del self.run[job.msg_id]
             self.store.clear_pid(job.msg_id)
             self._release_dups(job)
-            job.exited.callback(None)
-            return
-        if result.status is not None:
-            self.store.write_status("run", job.msg_id, result.status)
-        self._finish(job, result.state)
-        job.exited.callback(None)
-        self.schedule()
+            return True
+        try:
+            if result.status is not None:
+                self.store.write_status("run", job.msg_id, result.status)
+            self._finish(job, result.state)
+        except OSError as e:
+            if os.path.isdir(self.store.msg_dir("run", job.msg_id)):
+                raise
+            # Removed from run/ behind our back: nothing left to move.
+            if self.run.get(job.msg_id) is job:
+                del self.run[job.msg_id]
+            self._release_dups(job)
+            self._vanished(job.msg_id, "run", e)
+        return False
+
+    def _vanished(self, msg_id: str, state: str, error: OSError) -> None:
+        """
+        Forget a message whose directory in C{state} was removed behind our
+        back (or can no longer be used): say so, go on with the others.
+        """
+        _log.warn("queue {queue}: message {msg_id} is gone from {state}/ ({error}); forgotten",
+                  queue=self.name, msg_id=msg_id, state=state, error=error)
 
     def _release_dups(self, job: Job) -> None:
         for dup in job.dups:

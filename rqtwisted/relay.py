@@ -76,6 +76,7 @@ from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 
 from rqtwisted.durable import replace_file
+from rqtwisted.message import count_of
 from rqtwisted.relayhttp import HttpPeer, make_clients
 from rqtwisted.relaypeers import Attachment, LocalPeer, Peer, RemotePeer
 from rqtwisted.relaywire import (
@@ -220,10 +221,7 @@ class Relayer:
         force = bool(msg.get("force_remote"))
         if force:
             job.log("FORCE REMOTE")
-        try:
-            count = int(msg.get("count") or 0)
-        except (TypeError, ValueError):
-            count = 0
+        count = count_of(msg, "count", 0)
         if count > MAX_RELAY_COUNT:
             job.report(f"fail RQ_COUNT > {MAX_RELAY_COUNT} FAIL")
             return

@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 
 from twisted.web.http_headers import Headers
 
-from rqtwisted.message import PARAM_KEYS, MessageError, split_full_id
+from rqtwisted.message import PARAM_KEYS, MessageError, count_of, split_full_id
 
 #: Keys of the local message sent with the prep request (relay.md, exact).
 PREP_KEYS = (
@@ -137,11 +137,7 @@ def prep_fields(msg: Mapping[str, Any]) -> dict[str, Any]:
     C{count + 1} and C{_method=prep} (C{force_remote} is not forwarded).
     """
     out = {k: msg[k] for k in PREP_KEYS if k in msg}
-    try:
-        count = int(msg.get("count") or 0)
-    except (TypeError, ValueError):
-        count = 0
-    out["count"] = count + 1
+    out["count"] = count_of(msg, "count", 0) + 1
     out["_method"] = "prep"
     return out
 

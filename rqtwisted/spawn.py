@@ -368,6 +368,9 @@ class _Request:
         #: Our end of FIFO C{out}, open from the gate until the exec.
         self.release_fd: int | None = None
         self.returned = False
+        #: Set with C{returned} when C{posix_spawn} failed: its failure is
+        #: on its way to the reactor (L{DirectSpawner._spawn_error}).
+        self.spawn_failed = False
         #: Of the hang-up watch and the spawn thread, the one that is done
         #: second gives the gate back.
         self.holders = 2
@@ -578,6 +581,7 @@ class _SpawnThread:
             libc.fa_destroy(request.actions)
             with request.lock:
                 request.returned = True
+                request.spawn_failed = result != 0
                 fd, request.release_fd = request.release_fd, None
                 early = request.early_status
             if fd is not None:
@@ -1066,13 +1070,14 @@ class DirectSpawner:
     def early_exit(self, request: "_Request", status: int) -> bool:
         """
         The child of C{request} was reaped with exit status 127: if its spawn
-        has not returned yet, the exec itself may have failed (the C library
+        has not returned yet, or returned the exec's failure that the reactor
+        has not heard yet, the exec itself may have failed (the C library
         would have reaped it, and C{execFailed} reports why). Then keep the
         status and return True: the handler hears either C{execFailed} or,
         when the exec worked, C{exitedEarly(status)}.
         """
         with request.lock:
-            if request.returned:
+            if request.returned and not request.spawn_failed:
                 return False
             request.early_status = status
             return True

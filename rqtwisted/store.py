@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from rqtwisted.durable import Syncer, dumps, replace_file, write_file
+from rqtwisted.durable import NONBLOCKING, Syncer, dumps, read_file, replace_file, write_file
 from rqtwisted.message import (
     HASHED_STATES,
     JSON_READ_ERRORS,
@@ -232,13 +232,14 @@ class QueueStore:
         self._clear_tmp()
         found = Recovered()
         for msg_id in self._ids("run"):
-            pid = os.path.join(self.msg_dir("run", msg_id), "pid")
             try:
-                os.unlink(pid)
-            except FileNotFoundError:
-                pass
-            os.rename(self.msg_dir("run", msg_id), self.msg_dir("que", msg_id))
-            found.requeued.append(msg_id)
+                self._requeue(msg_id)
+            except OSError as e:
+                # Not a message directory, or the same id in que/ too.
+                self._move_aside("run", msg_id, e)
+                found.corrupt.append(msg_id)
+            else:
+                found.requeued.append(msg_id)
         found.que = self._readable("que", found.corrupt)
         # (prep is read only to find the unreadable ones: it holds few.)
         found.prep = set(self._readable("prep", found.corrupt))
@@ -304,6 +305,23 @@ class QueueStore:
             return []
         return [n for n in names if valid_msg_id(n)]
 
+    def _requeue(self, msg_id: str) -> None:
+        """
+        Move a message left in C{run/} back to C{que/}, without its pid file.
+
+        @raise OSError: it is not a message directory, or C{que/} holds a
+            message of that id already.
+        """
+        source = self.msg_dir("run", msg_id)
+        try:
+            os.unlink(source + "/pid")
+        except FileNotFoundError:
+            pass
+        target = self.msg_dir("que", msg_id)
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, "que/ holds a message of that id", target)
+        os.rename(source, target)
+
     def _readable(self, state: str, corrupt: list[str]) -> dict[str, dict[str, Any]]:
         """
         The messages of C{state} by id; the unreadable ones are moved to
@@ -313,19 +331,37 @@ class QueueStore:
         for msg_id in self._ids(state):
             try:
                 found[msg_id] = self.read(state, msg_id)
-            except MessageError:
-                self._move_aside(state, msg_id)
+            except MessageError as e:
+                self._move_aside(state, msg_id, e)
                 corrupt.append(msg_id)
         return found
 
-    def _move_aside(self, state: str, msg_id: str) -> None:
+    def _move_aside(self, state: str, msg_id: str, reason: Exception) -> None:
+        """
+        Move an unusable entry of C{state} to C{corrupt/} (under a new name
+        if C{corrupt/} holds one of that name already), and say so; an
+        entry that cannot even be moved is left where it is, and said so.
+        """
+        source = self.msg_dir(state, msg_id)
+        target = os.path.join(self.state_dir("corrupt"), msg_id)
+        n = 0
+        while os.path.lexists(target):
+            n += 1
+            target = os.path.join(self.state_dir("corrupt"), f"{msg_id}.{n}")
+        try:
+            os.rename(source, target)
+        except OSError as e:
+            _log.error("queue {path}: message {msg_id} in {state} cannot be used ({reason}) nor moved aside: {error}",
+                       path=self.path, msg_id=msg_id, state=state, reason=reason, error=e)
+            return
         _log.warn(
-            "queue {path}: message {msg_id} in {state} cannot be read; moved to corrupt/",
+            "queue {path}: message {msg_id} in {state} cannot be used ({reason}); moved to {target}",
             path=self.path,
             msg_id=msg_id,
             state=state,
+            reason=reason,
+            target=os.path.relpath(target, self.path),
         )
-        os.rename(self.msg_dir(state, msg_id), os.path.join(self.state_dir("corrupt"), msg_id))
 
     # -- reading
 
@@ -336,8 +372,7 @@ class QueueStore:
         @raise MessageError: C{msg not found} or C{msg couldn't be read}.
         """
         try:
-            with open(os.path.join(self.msg_dir(state, msg_id), "msg"), "rb") as f:
-                data = json.loads(f.read())
+            data = json.loads(read_file(os.path.join(self.msg_dir(state, msg_id), "msg")))
         except FileNotFoundError:
             raise MessageError("msg not found")
         except JSON_READ_ERRORS:
@@ -351,8 +386,7 @@ class QueueStore:
         C{(has_status_file, job_status)} of a message.
         """
         try:
-            with open(os.path.join(self.msg_dir(state, msg_id), "status"), "rb") as f:
-                data = json.loads(f.read())
+            data = json.loads(read_file(os.path.join(self.msg_dir(state, msg_id), "status")))
         except FileNotFoundError:
             return (False, None)
         except JSON_READ_ERRORS:
@@ -395,7 +429,10 @@ class QueueStore:
         for day in self._sorted_desc(top, _DIGITS8):
             for hour in self._sorted_desc(os.path.join(top, day), _DIGITS2):
                 for minute in self._sorted_desc(os.path.join(top, day, hour), _DIGITS2):
-                    names = os.listdir(os.path.join(top, day, hour, minute))
+                    try:
+                        names = os.listdir(os.path.join(top, day, hour, minute))
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue
                     for name in sorted((n for n in names if valid_msg_id(n)), reverse=True):
                         yield name
                         produced += 1
@@ -502,7 +539,9 @@ class QueueStore:
             spare, held = self._spare_pids.pop()
             # Truncating costs more than writing: only when the old pid
             # was longer.
-            flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_TRUNC if held > len(data) else 0)
+            # (Parked from run/, where a script may have put anything: no
+            # link followed, no FIFO waited on.)
+            flags = os.O_WRONLY | os.O_NOFOLLOW | NONBLOCKING | (os.O_TRUNC if held > len(data) else 0)
             try:
                 fd = os.open(spare, flags)
             except OSError:
@@ -535,8 +574,7 @@ class QueueStore:
         The worker pid recorded for a running message, if any.
         """
         try:
-            with open(os.path.join(self.msg_dir("run", msg_id), "pid"), "rb") as f:
-                return int(f.read().strip() or 0) or None
+            return int(read_file(os.path.join(self.msg_dir("run", msg_id), "pid")).strip() or 0) or None
         except (OSError, ValueError):
             return None
 

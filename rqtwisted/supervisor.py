@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable, Mapping
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -95,6 +95,10 @@ class Instance(MultiService):
         super().__init__()
         self.root = root
         self.settings = settings
+        #: Settings that outrank C{config/config.json} whenever it is read
+        #: again (L{restart}): the command line's, and the port the web
+        #: server listens on.
+        self.overrides: dict[str, Any] = {}
         self.clock = clock
         self.syncer = syncer
         self.spawn = spawn
@@ -174,6 +178,21 @@ class Instance(MultiService):
         except Exception:
             self.queueFailed(name, Failure())
         return queue
+
+    def _stop(self, name: str) -> Deferred[Any]:
+        """
+        Stop a queue's service for a restart, leaving it in L{queues} until
+        it has stopped: what it is given meanwhile (new messages) goes to
+        its directory, where the service that replaces it finds it, so that
+        nobody is told C{Queue not found} while its workers end.
+        """
+        queue = self.queues.get(name)
+        call = self._restarts.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+        if queue is None or queue.parent is None:
+            return succeed(None)
+        return maybeDeferred(queue.disownServiceParent)
 
     def _remove(self, name: str) -> Deferred[Any]:
         queue = self.queues.pop(name, None)
@@ -362,12 +381,13 @@ class Instance(MultiService):
         self._failures.pop(name, None)
 
         def start(_: object) -> str:
+            self.queues.pop(name, None)
             if self._add(name) is None:
                 raise MessageError("queue not restarted: bad config")
             return name
 
         self._busy.add(name)
-        d = self._remove(name).addCallback(start)
+        d = self._stop(name).addCallback(start)
         d.addBoth(self._unbusy, name)
         return d
 
@@ -455,6 +475,17 @@ class Instance(MultiService):
 
         return d.addCallback(result)
 
+    def load_settings(self) -> RootConfig:
+        """
+        C{config/config.json} as it is now, with L{overrides} applied.
+
+        @raise ConfigError: it cannot be read or is invalid.
+        """
+        settings = self.root.load_config()
+        if self.overrides:
+            settings = RootConfig.fromDict({**settings.raw, **self.overrides})
+        return settings
+
     def restart(self) -> Deferred[str]:
         """
         Restart the whole server in place: stop every queue (terminating
@@ -465,14 +496,17 @@ class Instance(MultiService):
         names = list(self.queues)
         busy = set(names) | set(self.root.queue_names())
         self._busy |= busy
-        d: Deferred[Any] = succeed(None)
-        for name in names:
-            d.addCallback(lambda _, n=name: self._remove(n))
+        # All at once: a queue waiting for a stubborn worker holds up no other.
+        d: Deferred[Any] = DeferredList([self._stop(name) for name in names], consumeErrors=True)
 
-        def again(_: object) -> str:
+        def again(results: list[tuple[bool, Any]]) -> str:
+            for name, (stopped, result) in zip(names, results):
+                if not stopped:
+                    _log.failure("queue {queue} did not stop cleanly", result, queue=name)
+                self.queues.pop(name, None)
             self._busy -= busy
             try:
-                self.settings = self.root.load_config()
+                self.settings = self.load_settings()
             except ConfigError as e:
                 _log.error("config not reloaded: {reason}", reason=e.reason)
             self._failures.clear()
@@ -571,7 +605,10 @@ class Instance(MultiService):
         fields = creation_fields(data)
         dest = fields["dest"]
         if is_remote_dest(dest):
-            if not relay_ok:
+            if not relay_ok or method == "single_que":
+                # single_que has no relay handling (cli.md): its "the one
+                # already queued" would be any message for any host waiting
+                # in the shared relay queue.
                 raise MessageError("Cannot relay message")
             name = "relay"
         else:

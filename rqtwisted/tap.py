@@ -147,12 +147,19 @@ class WatchdogService(Service):
         return self.watchdog.stop()
 
 
+def command_line_overrides(options: Options) -> dict[str, Any]:
+    """
+    The settings given on the command line, which outrank C{config.json}.
+    """
+    return {k: options[k] for k in ("host", "port", "addr", "env") if options[k] is not None}
+
+
 def load_settings(root: Root, options: Options) -> RootConfig:
     """
     The root's config with the command line's overrides applied.
     """
     settings = root.load_config()
-    overrides = {k: options[k] for k in ("host", "port", "addr", "env") if options[k] is not None}
+    overrides = command_line_overrides(options)
     if overrides:
         settings = RootConfig.fromDict({**settings.raw, **overrides})
     return settings
@@ -186,7 +193,11 @@ class WebServer(TCPServer):
     def _adopt_port(self) -> None:
         instance = self._instance
         port = getattr(self, "_port", None)
-        if port is not None and instance.settings.port == 0:
+        if port is None:
+            return
+        # It stays the port, whatever config.json says after a restart.
+        instance.overrides["port"] = port.getHost().port
+        if instance.settings.port == 0:
             instance.settings = RootConfig.fromDict({**instance.settings.raw, "port": port.getHost().port})
 
 
@@ -274,6 +285,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     top.setName("rq")
     syncer = syncer_for(root.path, partial(fsync_pool, reactor))
     instance = Instance(root, settings, reactor, syncer, partial(spawn_worker, reactor), ready_workers=True)
+    instance.overrides.update(command_line_overrides(options))
     instance.setName("instance")
     instance.setServiceParent(top)
     PidFileService(root.join("config", "queuemgr.pid")).setServiceParent(top)

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rqtwisted.message import MessageError, normalize_webhooks
+from rqtwisted.message import MessageError, count_of, normalize_webhooks
 
 if TYPE_CHECKING:
     from rqtwisted.queue import QueueService
@@ -170,7 +170,7 @@ class WebhookHandler:
         POST C{param2} to C{param1}; report the outcome.
         """
         msg = job.msg
-        count = int(msg.get("count") or 0)
+        count = count_of(msg, "count", 0)
         if count > MAX_TRIES:
             job.report(f"fail RQ_COUNT > {MAX_TRIES} - failing")
             return

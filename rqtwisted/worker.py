@@ -27,6 +27,8 @@ that kills every running worker's process group when the daemon dies.
 from __future__ import annotations
 
 import _signal as _csignal
+import errno
+import fcntl
 import functools
 import os
 import shlex
@@ -43,6 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rqtwisted import RQ_VERSION
+from rqtwisted.durable import NONBLOCKING
 from rqtwisted.message import base_url, dest_queue, dest_url
 from rqtwisted.protocol import Report, ReportParser
 from rqtwisted.directprocess import REPLY_FD, STATUS_FD, DirectProcess
@@ -147,9 +150,61 @@ class ScriptError(Exception):
         self.reason = reason
 
 
-#: Script path -> (its real path, the device and inode of the file it
-#: leads to), for L{resolve_script}.
-_realpaths: dict[str, tuple[str, int, int]] = {}
+#: Script path -> (its real path, the identity of the file it leads to,
+#: the symbolic links met on the way with their targets).
+_realpaths: dict[str, tuple[str, tuple[int, int], tuple[tuple[str, str], ...]]] = {}
+
+#: The most symbolic links followed in one path (as the kernel's limit).
+_MAX_LINKS = 40
+
+
+def _resolve_links(path: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """
+    The real path of the absolute C{path} (as L{os.path.realpath}) and the
+    symbolic links met on the way, each with the target it had.
+
+    @raise OSError: a component is missing or cannot be read, or there are
+        too many links.
+    """
+    links: list[tuple[str, str]] = []
+    pending = path.split("/")[::-1]
+    resolved = ""
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            resolved = resolved.rpartition("/")[0]
+            continue
+        candidate = f"{resolved}/{part}"
+        try:
+            target = os.readlink(candidate)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # Not a link.
+            resolved = candidate
+            continue
+        if len(links) >= _MAX_LINKS:
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+        links.append((candidate, target))
+        if target.startswith("/"):
+            resolved = ""
+        pending.extend(target.split("/")[::-1])
+    return resolved or "/", tuple(links)
+
+
+def _links_unchanged(links: tuple[tuple[str, str], ...]) -> bool:
+    """
+    Whether every link of C{links} is still there with the same target.
+    """
+    for link, target in links:
+        try:
+            if os.readlink(link) != target:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def resolve_script(script: str, root: str) -> str:
@@ -158,10 +213,12 @@ def resolve_script(script: str, root: str) -> str:
     symlinks followed as they are now, so that a symlink switched just
     before a launch (a redeploy) applies to that launch.
 
-    The symlinks are walked again whenever the file the script path leads
-    to is not the one it led to last time, or the real path found then no
-    longer names it: a C{stat} of each, instead of an C{lstat} per path
-    component.
+    The path is walked again whenever the file it leads to is not the one
+    it led to last time, or one of the symbolic links met last time is
+    gone or leads elsewhere (a C{readlink} of each: usually one, where a
+    full walk takes a system call per path component). Releases made of
+    hard links (C{cp -al}, C{rsync --link-dest}), whose script is the same
+    file under another path, are told apart by the links.
 
     @raise ScriptError: when it is not an executable regular file.
     """
@@ -172,22 +229,18 @@ def resolve_script(script: str, root: str) -> str:
         info = os.stat(path)
     except OSError:
         raise ScriptError(f"script not found: {script}")
-    target = (info.st_dev, info.st_ino)
+    identity = (info.st_dev, info.st_ino)
     cached = _realpaths.get(path)
-    real = None
-    if cached is not None and cached[1:] == target:
+    if cached is not None and cached[1] == identity and _links_unchanged(cached[2]):
+        real = cached[0]
+    else:
         try:
-            same = os.stat(cached[0])
+            real, links = _resolve_links(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
         except OSError:
-            pass
-        else:
-            if (same.st_dev, same.st_ino) == target:
-                real = cached[0]
-    if real is None:
-        real = os.path.realpath(path)
+            raise ScriptError(f"script not found: {script}")
         if len(_realpaths) > 256:
             _realpaths.clear()
-        _realpaths[path] = (real, *target)
+        _realpaths[path] = (real, identity, links)
     if not stat.S_ISREG(info.st_mode):
         raise ScriptError(f"script not a regular file: {real}")
     if not os.access(real, os.X_OK):
@@ -357,6 +410,13 @@ class WorkerEvents(Protocol):
         The worker wrote one line on fd 3.
         """
 
+    def reportsReceived(self, reports: list[Report]) -> None:
+        """
+        The worker wrote these lines on fd 3, read at once. Optional: owners
+        without it get each through L{reportReceived}; owners with it (the
+        queue writes the status text once per read) get only this.
+        """
+
     def workerExited(self, exit_code: int | None, signal: int | None) -> None:
         """
         The worker exited (C{exit_code}) or was killed (C{signal}); called
@@ -485,6 +545,12 @@ class WorkerProtocol(ProcessProtocol):
             _log.failure("worker event handler failed")
 
     def _reports(self, reports: list[Report]) -> None:
+        if not reports:
+            return
+        batch = getattr(self._events, "reportsReceived", None)
+        if batch is not None:
+            self._emit(batch, reports)
+            return
         for report in reports:
             self._emit(self._events.reportReceived, report)
 
@@ -804,7 +870,7 @@ def _exec_failed(executable: str, cwd: str) -> Callable[[DirectProcess, int], No
 
     def report(process: DirectProcess, code: int) -> None:
         try:
-            fd = os.open(os.path.join(cwd, "stdio.log"), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            fd = os.open(os.path.join(cwd, "stdio.log"), os.O_WRONLY | os.O_APPEND | NONBLOCKING)
         except OSError:
             return
         try:
@@ -920,10 +986,17 @@ def _spawn_direct(
     executable = _find_executable(argv[0], env) if argv else None
     if executable is None or not _directly_executable(executable):
         return None
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    # (Not waiting on a FIFO a script left there: see NONBLOCKING. The
+    # worker gets the file as a plain one again.)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | NONBLOCKING
     try:
         log_fd = os.open(os.path.join(job_dir, "stdio.log"), flags, 0o644)
     except OSError:
+        return None
+    try:
+        fcntl.fcntl(log_fd, fcntl.F_SETFL, os.O_APPEND)
+    except OSError:
+        os.close(log_fd)
         return None
 
     def failed(error: SpawnFailed) -> None:

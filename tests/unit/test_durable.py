@@ -189,3 +189,51 @@ def test_syncer_for_disk_runs_rounds_in_its_thread(mounts):
     fired = []
     syncer.sync("/srv/data/x").addCallback(fired.append)
     assert fired == [] and syncer.rounds == 1
+
+
+# -- what a queue script may leave where the daemon writes (none of it waits)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+def test_replace_file_clears_what_sits_under_its_temp_name(tmp_path, kind):
+    """
+    A FIFO (which a blocking open would wait on), a symbolic link (which
+    would be written through) or a directory left under the temp name is
+    removed, and the file is written all the same.
+    """
+    target = tmp_path / "status"
+    tmp = tmp_path / "status.tmp"
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep")
+    if kind == "fifo":
+        os.mkfifo(tmp)
+    elif kind == "symlink":
+        tmp.symlink_to(outside)
+    else:
+        tmp.mkdir()
+        (tmp / "x").write_bytes(b"")
+    replace_file(str(target), b"new")
+    assert target.read_bytes() == b"new"
+    assert not os.path.lexists(tmp)
+    assert outside.read_bytes() == b"keep"
+
+
+def test_write_file_refuses_fifo_and_symlink(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError):
+        durable.write_file(str(fifo), b"x")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        durable.write_file(str(link), b"x")
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_read_file_and_sync_do_not_wait_on_a_fifo(tmp_path):
+    fifo = tmp_path / "msg"
+    os.mkfifo(fifo)
+    assert durable.read_file(str(fifo)) == b""
+    durable.sync_paths([str(fifo), str(tmp_path)])
+    (tmp_path / "file").write_bytes(b"data")
+    assert durable.read_file(str(tmp_path / "file")) == b"data"

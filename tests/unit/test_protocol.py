@@ -189,7 +189,8 @@ class TestReport:
 
 class TestParseResend:
     """
-    L{parse_resend}: C{<seconds>} or C{<seconds>-<reason>}.
+    L{parse_resend}: C{<seconds>} or C{<seconds>-<reason>}, the seconds
+    read as their leading number.
     """
 
     @pytest.mark.parametrize(
@@ -205,6 +206,10 @@ class TestParseResend:
             ("soon", Resend(0.0, "soon")),
             ("", Resend(0.0, "")),
             ("9" * 400 + "-never", Resend(MAX_DELAY, "never")),
+            # The leading number, as the original's to_i read it.
+            ("60 waiting for lock", Resend(60.0, "waiting for lock")),
+            ("10s", Resend(10.0, "s")),
+            ("1e9", Resend(1.0, "e9")),
         ],
     )
     def test_parse(self, text: str, expected: Resend) -> None:
@@ -233,6 +238,7 @@ class TestParseDup:
             ("0-X-http://peer:3333/q/x", Dup(0.0, "X", "http://peer:3333/q/x")),
             ("0-X-a-b", Dup(0.0, "X", "a-b")),
             ("0-X- spaced ", Dup(0.0, "X", "spaced")),
+            ("1e3-X-q", Dup(1.0, "X", "q")),
         ],
     )
     def test_parse(self, text: str, expected: Dup) -> None:

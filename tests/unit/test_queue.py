@@ -532,6 +532,20 @@ def test_relay_dest_needs_relay_ok(started):
     assert "/q/relay/" in full
 
 
+def test_single_que_does_not_relay(started):
+    """
+    C{single_que} has no relay handling: a URL dest is refused even with
+    relay allowed, instead of answering with whatever message for whatever
+    host waits in the relay queue.
+    """
+    instance, spawner, clock = started
+    instance.set_admin("pause", "relay")
+    waiting = result_of(instance.create_message({"dest": "http://a:3333/q/x"}, relay_ok=True))
+    with pytest.raises(MessageError, match="Cannot relay message"):
+        instance.create_message({"dest": "http://b:3333/q/y"}, "single_que", relay_ok=True)
+    assert instance.queue("relay").messages("que") == [short(waiting)]
+
+
 def test_delete_queue_renames_dir(started):
     instance, spawner, clock = started
     assert result_of(instance.delete_queue("test")) == "started deleting queue"
@@ -961,3 +975,240 @@ def test_builtin_in_process_queue_runs_each_message_once(tmp_path, handlers):
     assert q.locate(ids[0]) == "done"
     clock.advance(0)
     assert calls == ids
+
+
+# -- messages changed behind the queue's back, redeploys, chatty scripts
+
+
+def test_running_message_removed_by_hand_is_forgotten(started):
+    """
+    A running message whose C{run/<id>} directory was removed by hand: its
+    worker's reports and exit are taken without a crash, the message is
+    forgotten, and the queue goes on with the next one.
+    """
+    instance, spawner, clock = started
+    q = instance.queue("test")
+    gone = short(send(instance))
+    nxt = short(send(instance))
+    import shutil
+
+    shutil.rmtree(q.store.msg_dir("run", gone))
+    spawner.workers[0].say("run still going")
+    spawner.workers[0].exit(1)
+    assert q.running
+    assert gone not in q.run
+    assert q.locate(nxt) == "run"
+    finish(spawner.workers[1])
+    assert q.locate(nxt) == "done"
+
+
+def test_unreadable_count_does_not_stop_the_queue(started):
+    """
+    A stored C{count} or C{max_count} that is not a number counts as
+    absent (0): the message completes, the queue keeps running.
+    """
+    instance, spawner, clock = started
+    q = instance.queue("test")
+    msg_id = short(send(instance))
+    q.run[msg_id].msg.update(count="x", max_count="y")
+    spawner.workers[0].say("resend 0")
+    spawner.workers[0].exit(0)
+    assert q.running
+    assert q.get_status(msg_id)["status"] == "err - HIT MAX RESEND COUNT - MOVING TO ERR"
+
+
+def test_numeric_string_counts_are_read(started):
+    instance, spawner, clock = started
+    q = instance.queue("test")
+    msg_id = short(send(instance))
+    q.run[msg_id].msg.update(count="2.0", max_count="5")
+    spawner.workers[0].say("resend 0")
+    spawner.workers[0].exit(0)
+    assert q.get(msg_id)["count"] == 3
+    assert spawner.workers[1].env["RQ_COUNT"] == "3"
+
+
+def test_stop_does_not_wait_for_a_worker_whose_exit_was_taken(started, monkeypatch):
+    """
+    If handling a worker's exit fails (the queue then crashes and stops),
+    the stop does not wait for that worker again: it exited already.
+    """
+    instance, spawner, clock = started
+    q = instance.queue("test")
+    send(instance)
+    worker = spawner.workers[0]
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(q, "_settle", broken)
+    worker.exit(0)
+    monkeypatch.undo()
+    d = q.stopService()
+    fired = []
+    d.addCallback(fired.append)
+    assert fired
+
+
+def test_queued_message_removed_by_hand_is_skipped(started):
+    """
+    A queued message whose C{que/<id>} directory was removed by hand is
+    forgotten when its turn comes; the queue starts the next one.
+    """
+    instance, spawner, clock = started
+    q = instance.queue("test")
+    instance.set_admin("pause", "test")
+    gone = short(send(instance, param1="gone"))
+    kept = short(send(instance, param1="kept"))
+    import shutil
+
+    shutil.rmtree(q.store.msg_dir("que", gone))
+    instance.set_admin("resume", "test")
+    assert q.running
+    assert [w.env["RQ_PARAM1"] for w in spawner.workers] == ["kept"]
+    assert q.locate(kept) == "run"
+    assert gone not in q.que
+
+
+def test_ready_worker_given_up_after_a_redeploy(tmp_path):
+    """
+    The script's symlink switched while a worker was ready: when a slot
+    frees, the ready worker (started with the old script) is given up and
+    the message runs the script the symlink now leads to.
+    """
+    instance, spawner, clock = instance_for(str(tmp_path / "root"), ready_workers=True)
+    code = instance.root.join("code")
+    for release in ("r1", "r2"):
+        os.mkdir(os.path.join(code, release))
+        path = os.path.join(code, release, "job.sh")
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n")
+        os.chmod(path, 0o755)
+    os.symlink("r1", os.path.join(code, "current"))
+    instance.create_queue({"name": "rw", "script": "./code/current/job.sh", "num_workers": 1, "exec_prefix": ""})
+    instance.startService()
+    ids = [short(send(instance, "rw")) for _ in range(2)]
+    q = instance.queue("rw")
+    first, ready = spawner.workers
+    assert ready.waiting and ready.argv[-1].endswith("/r1/job.sh")
+    os.unlink(os.path.join(code, "current"))
+    os.symlink("r2", os.path.join(code, "current"))
+    finish(first)
+    assert ready.cancelled and not ready.went
+    assert q.locate(ids[1]) == "run"
+    assert q.run[ids[1]].worker is not ready
+    assert spawner.running[-1].argv[-1].endswith("/r2/job.sh")
+
+
+def test_status_written_once_per_read(started, monkeypatch):
+    """
+    Lines read at once replace the status text in turn: the status file is
+    written once, with the last one; every verb still counts.
+    """
+    instance, spawner, clock = started
+    q = instance.queue("test")
+    msg_id = short(send(instance))
+    writes = []
+    write_status = q.store.write_status
+    monkeypatch.setattr(q.store, "write_status", lambda *a: (writes.append(a[2]), write_status(*a)))
+    job = q.run[msg_id]
+    from rqtwisted.protocol import Report
+
+    q.reportsReceived(job, [Report("run", str(n)) for n in range(1000)] + [Report("done", "last")])
+    assert writes == ["last"]
+    assert job.completion == Report("done", "last")
+    spawner.workers[0].exit(0)
+    assert q.get_status(msg_id)["status"] == "done - last"
+
+
+def test_a_queue_that_cannot_start_fails_alone(tmp_path, monkeypatch):
+    """
+    A queue whose directory cannot be recovered at start-up (an error the
+    store does not expect) fails by itself: the daemon and the other
+    queues start, and the supervisor restarts it with its back-off.
+    """
+    from rqtwisted.store import QueueStore
+
+    instance, spawner, clock = instance_for(str(tmp_path / "root"))
+    instance.create_queue({"name": "good", "script": "./code/noop", "exec_prefix": ""})
+    instance.create_queue({"name": "bad", "script": "./code/noop", "exec_prefix": ""})
+    real_open = QueueStore.open
+
+    def open_or_fail(store):
+        if store.path.rstrip("/").endswith("/bad"):
+            raise PermissionError(13, "Permission denied", store.path)
+        return real_open(store)
+
+    monkeypatch.setattr(QueueStore, "open", open_or_fail)
+    instance.startService()
+    assert instance.running
+    send(instance, "good")
+    assert len(spawner.workers) == 1
+    clock.advance(0)
+    assert "bad" not in instance.queues
+    monkeypatch.setattr(QueueStore, "open", real_open)
+    clock.advance(1)
+    assert instance.queue("bad").running
+
+
+def test_server_restart_keeps_the_command_line_settings(started):
+    """
+    C{rq restart} reads C{config/config.json} again, but the settings given
+    on the command line (and the port the web server listens on) still
+    outrank it: full ids keep naming where the daemon is.
+    """
+    instance, spawner, clock = started
+    instance.overrides.update(port=47123, host="cmdline")
+    with open(instance.root.config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config.update(port=3399, env="staging")
+    with open(instance.root.config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    assert result_of(instance.restart()) == "restarted"
+    assert instance.settings.port == 47123
+    assert instance.settings.host == "cmdline"
+    assert instance.settings.env == "staging"
+    assert send(instance).startswith("http://cmdline:47123/q/test/")
+
+
+def test_restart_queue_takes_messages_while_its_workers_end(started):
+    """
+    While a restarted queue waits for its workers to end, it still takes
+    new messages (nobody is told C{Queue not found}); the new queue service
+    runs them, with the interrupted one.
+    """
+    instance, spawner, clock = started
+    first = short(send(instance))
+    d = instance.restart_queue("test")
+    assert spawner.workers[0].signals == [signal.SIGTERM]
+    second = short(send(instance))
+    assert len(spawner.workers) == 1
+    spawner.workers[0].exit(None, signal.SIGTERM)
+    assert result_of(d) == "test"
+    q = instance.queue("test")
+    assert q.running
+    started_ids = [w.env["RQ_MSG_ID"] for w in spawner.workers[1:]]
+    assert started_ids == [first]
+    assert q.locate(second) == "que"
+    finish(spawner.workers[1])
+    assert spawner.workers[2].env["RQ_MSG_ID"] == second
+
+
+def test_server_restart_stops_every_queue_at_once(started):
+    """
+    C{rq restart} signals every queue's workers at once: a queue waiting
+    for a stubborn worker holds up no other.
+    """
+    instance, spawner, clock = started
+    instance.create_queue({"name": "other", "script": "./code/noop", "exec_prefix": ""})
+    send(instance)
+    send(instance, "other")
+    d = instance.restart()
+    assert [w.signals for w in spawner.workers] == [[signal.SIGTERM], [signal.SIGTERM]]
+    send(instance, "other")
+    for w in list(spawner.workers):
+        w.exit(None, signal.SIGTERM)
+    assert result_of(d) == "restarted"
+    assert instance.queue("test").running and instance.queue("other").running
+    assert len(spawner.running) == 2
+    assert instance.queue("other").num_messages()["que"] == 1

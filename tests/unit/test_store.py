@@ -251,3 +251,39 @@ def test_message_nested_deeper_than_the_parser_is_unreadable(store) -> None:
     with pytest.raises(MessageError, match="msg couldn't be read"):
         store.read("que", msg_id)
     assert store.read_status("que", msg_id) == (True, None)
+
+
+def test_open_survives_stray_entries(tmp_path, sync):
+    """
+    Start-up moves aside what it cannot use instead of failing: a plain
+    file named like a message in C{run/}, a message in both C{run/} and
+    C{que/} (the one in C{que/} is kept), a C{msg} that is a FIFO (read
+    without waiting), and a C{corrupt/} that holds the same name already;
+    a file where C{done/} has a minute directory is skipped by the counts.
+    """
+    s = QueueStore(str(tmp_path / "q"), Syncer(syncNow, sync), lambda: 1277429255.0)
+    s.open()
+    plain, twice, fifo, kept = (f"20100625.0127.35.122.{n}" for n in range(1, 5))
+    with open(s.msg_dir("run", plain), "w") as f:
+        f.write("not a directory")
+    s.create({"msg_id": twice, "dest": "q", "param1": "que copy"}, "que")
+    os.mkdir(s.msg_dir("run", twice))
+    with open(os.path.join(s.msg_dir("run", twice), "msg"), "w") as f:
+        f.write('{"dest": "q", "param1": "run copy"}')
+    s.create({"msg_id": fifo, "dest": "q"}, "que")
+    os.unlink(os.path.join(s.msg_dir("que", fifo), "msg"))
+    os.mkfifo(os.path.join(s.msg_dir("que", fifo), "msg"))
+    os.makedirs(os.path.join(s.path, "corrupt", plain))
+    s.create({"msg_id": kept, "dest": "q"}, "que")
+    s.move(kept, "que", "done")
+    os.makedirs(os.path.join(s.path, "done", "20100625", "01"), exist_ok=True)
+    with open(os.path.join(s.path, "done", "20100625", "01", "59"), "w") as f:
+        f.write("")
+    found = QueueStore(s.path, Syncer(syncNow, sync), lambda: 0.0).open()
+    assert sorted(found.que) == [twice]
+    assert found.que[twice]["param1"] == "que copy"
+    assert sorted(found.corrupt) == [plain, twice, fifo]
+    corrupt = sorted(os.listdir(os.path.join(s.path, "corrupt")))
+    assert corrupt == sorted([plain, plain + ".1", twice, fifo])
+    assert found.counts["done"] == 1
+    assert list(s.list_hashed("done")) == [kept]

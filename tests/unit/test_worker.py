@@ -126,6 +126,40 @@ class TestResolveScript:
         os.replace(tmp_path / "next", tmp_path / "link.sh")
         assert resolve_script("link.sh", str(tmp_path)) == os.path.realpath(tmp_path / "v2.sh")
 
+    def test_hard_linked_release(self, tmp_path: Any) -> None:
+        """
+        A release made of hard links (C{cp -al}): the symlink switched to
+        it leads to the very same file under a new path, and the real path
+        is the new one.
+        """
+        v1 = make_script(str(tmp_path / "releases" / "1" / "run.sh"), "exit 0\n")
+        os.symlink("releases/1", tmp_path / "current")
+        assert resolve_script("current/run.sh", str(tmp_path)) == os.path.realpath(v1)
+        os.makedirs(tmp_path / "releases" / "2")
+        os.link(v1, tmp_path / "releases" / "2" / "run.sh")
+        os.symlink("releases/2", tmp_path / "next")
+        os.replace(tmp_path / "next", tmp_path / "current")
+        assert resolve_script("current/run.sh", str(tmp_path)) == os.path.realpath(tmp_path / "releases" / "2" / "run.sh")
+
+    def test_resolves_as_realpath(self, tmp_path: Any) -> None:
+        """
+        Chains of relative and absolute links, and C{..} after a link,
+        resolve as L{os.path.realpath} resolves them.
+        """
+        make_script(str(tmp_path / "a" / "b" / "run.sh"), "exit 0\n")
+        os.makedirs(tmp_path / "c" / "d")
+        os.symlink("../a/b", tmp_path / "c" / "blink")
+        os.symlink(tmp_path / "c" / "blink", tmp_path / "abs")
+        os.symlink("abs", tmp_path / "rel")
+        for script in ("rel/run.sh", "c/d/../blink/run.sh", "rel/../b/run.sh", "./abs/./run.sh"):
+            assert resolve_script(script, str(tmp_path)) == os.path.realpath(tmp_path / script), script
+
+    def test_symlink_loop(self, tmp_path: Any) -> None:
+        os.symlink("loop2", tmp_path / "loop1")
+        os.symlink("loop1", tmp_path / "loop2")
+        with pytest.raises(ScriptError):
+            resolve_script("loop1/run.sh", str(tmp_path))
+
     def test_not_found(self, tmp_path: Any) -> None:
         with pytest.raises(ScriptError) as e:
             resolve_script("code/missing.sh", str(tmp_path))
@@ -2631,3 +2665,27 @@ def test_environment_encoded_once() -> None:
         assert b"RQ_ENV=prod" in envp and b"RQ_ENV=stale" not in envp and b"RUBYOPT=-w" not in envp
         assert (b"HOME=/home/x" in envp) == (env_vars is not None)
         assert f"RQ_MSG_ID={msg_id}".encode() in envp
+
+
+def test_exit_127_held_while_the_failed_exec_is_on_its_way() -> None:
+    """
+    A child reaped with status 127 after its spawn returned a failed exec
+    that the reactor has not heard yet: the status is held, so that the
+    failure (with its reason in C{stdio.log}) is reported first, and the
+    exit only once. A spawn that returned without failing holds nothing.
+    """
+    spawner = DirectSpawner.__new__(DirectSpawner)
+
+    class Request:
+        lock = threading.Lock()
+        returned = True
+        spawn_failed = True
+        early_status: int | None = None
+
+    request = Request()
+    assert spawner.early_exit(request, 127 << 8)
+    assert request.early_status == 127 << 8
+    request.spawn_failed = False
+    request.early_status = None
+    assert not spawner.early_exit(request, 127 << 8)
+    assert request.early_status is None
