@@ -248,11 +248,20 @@ def resolve_script(script: str, root: str) -> str:
     return real
 
 
+#: Characters for which the original ran its command through C{/bin/sh}
+#: (Ruby's C{exec} of one string): expansions, globs, operators. Quotes
+#: are left out: L{shlex} splits them as the shell does, without a shell.
+_SHELL_META = frozenset("*?{}[]<>()~&|\\$;`\n#")
+
+
 def script_argv(exec_prefix: str | None, real_script: str) -> list[str]:
     """
     The argv that runs C{real_script}: C{exec_prefix} word-split as by
     C{/bin/sh}, then the script path (L{None} means C{bash -lc}; C{""} runs
-    the script directly).
+    the script directly). A prefix that needs the shell itself (a
+    variable, a glob, a redirection, a command substitution, or a
+    C{NAME=value} first word), as the original ran it, is run by
+    C{/bin/sh -c}.
 
     The path is kept as one word: the original split C{"<prefix> <path>"}
     as a whole, which only differs for paths with blanks or quotes (which it
@@ -263,11 +272,25 @@ def script_argv(exec_prefix: str | None, real_script: str) -> list[str]:
     """
     if exec_prefix is None:
         exec_prefix = "bash -lc"
+    prefix = exec_prefix.strip()
+    if _needs_shell(prefix):
+        return ["/bin/sh", "-c", f"{prefix} {shlex.quote(real_script)}"]
     try:
-        prefix = _split_prefix(exec_prefix.strip())
+        words = _split_prefix(prefix)
     except ValueError as e:
         raise ScriptError(f"invalid exec_prefix: {e}")
-    return list(prefix) + [real_script]
+    return list(words) + [real_script]
+
+
+def _needs_shell(prefix: str) -> bool:
+    """
+    Whether C{prefix} needs C{/bin/sh} to mean what it says (see
+    L{_SHELL_META}; a first word C{NAME=value} is an assignment).
+    """
+    if _SHELL_META.intersection(prefix):
+        return True
+    words = prefix.split(None, 1)
+    return bool(words) and "=" in words[0]
 
 
 @functools.lru_cache(maxsize=64)

@@ -223,6 +223,26 @@ class TestScriptArgv:
         with pytest.raises(ScriptError):
             script_argv("env 'A=b", "/x")
 
+    @pytest.mark.parametrize(
+        "prefix", ["env X=$HOME", "env X=`hostname`", "nice -n 5 2>/dev/null", "A=1 nice", "ionice -c3 *"]
+    )
+    def test_prefix_that_needs_the_shell(self, prefix: str) -> None:
+        """
+        A prefix with an expansion, a redirection or an assignment first is
+        run by C{/bin/sh -c}, as the original ran it; the path stays one
+        word.
+        """
+        assert script_argv(f" {prefix} ", "/rq/my code/x") == ["/bin/sh", "-c", f"{prefix} '/rq/my code/x'"]
+
+    def test_shell_prefix_expands(self, tmp_path: Any) -> None:
+        """
+        Run for real: the variable is expanded by the shell.
+        """
+        script = make_script(str(tmp_path / "show.sh"), 'echo "$X"\n')
+        argv = script_argv("env X=$HOME", script)
+        out = subprocess.run(argv, capture_output=True, text=True, env={"HOME": "/home/someone", "PATH": "/bin:/usr/bin"})
+        assert out.stdout == "/home/someone\n"
+
 
 # -- worker_environment
 
