@@ -174,6 +174,19 @@ def check_attachment_name(name: str) -> None:
         raise MessageError(f"Attachment name has invalid character. not allowed: {name}")
 
 
+def attachment_entries(adir: str) -> list[os.DirEntry[str]]:
+    """
+    The attachments of an C{attach/} directory, by name: every entry but
+    the dot ones (message.md) that is a regular file. Every listing of
+    attachments (the read form, relay, clone) goes by this.
+    """
+    try:
+        entries = sorted(os.scandir(adir), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [e for e in entries if not e.name.startswith(".") and e.is_file()]
+
+
 def _stage_attachment(source: str, staging: str) -> None:
     """
     Put the content of regular file C{source} at C{staging}: a hard link
@@ -409,13 +422,7 @@ class QueueStore:
         """
         adir = os.path.join(self.msg_dir(state, msg_id), "attach")
         out: dict[str, dict[str, Any]] = {}
-        try:
-            entries = sorted(os.scandir(adir), key=lambda e: e.name)
-        except FileNotFoundError:
-            return out
-        for entry in entries:
-            if entry.name.startswith(".") or entry.name.endswith(".tmp") or not entry.is_file():
-                continue
+        for entry in attachment_entries(adir):
             out[entry.name] = {
                 "md5": cached_md5(entry.path),
                 "size": entry.stat().st_size,
@@ -789,17 +796,15 @@ class QueueStore:
 
     def link_attachments(self, state: str, msg_id: str, target_dir: str) -> None:
         """
-        Hard-link every attachment of a message into C{target_dir}/attach
-        (clone, dup); copies across filesystems.
+        Hard-link every attachment of a message (L{attachment_entries})
+        into C{target_dir}/attach (clone, dup); copies across filesystems.
         """
-        adir = os.path.join(self.msg_dir(state, msg_id), "attach")
-        if not os.path.isdir(adir):
+        entries = attachment_entries(os.path.join(self.msg_dir(state, msg_id), "attach"))
+        if not entries:
             return
         out = os.path.join(target_dir, "attach")
         os.makedirs(out, exist_ok=True)
-        for entry in os.scandir(adir):
-            if entry.name.startswith(".") or not entry.is_file():
-                continue
+        for entry in entries:
             try:
                 os.link(entry.path, os.path.join(out, entry.name))
             except OSError:

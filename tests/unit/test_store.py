@@ -362,6 +362,21 @@ def test_attach_failing_in_the_thread_leaves_no_staging_file(held, tmp_path, mon
     assert store.attachments("prep", msg_id) == {}
 
 
+def test_attach_names_ending_in_tmp_are_attachments(store, tmp_path) -> None:
+    """
+    C{data.tmp} is an attachment like any other: listed, and kept when
+    C{data} is attached next; so is a name of 255 characters.
+    """
+    msg_id = prep_message(store)
+    src = tmp_path / "f"
+    src.write_bytes(b"abc")
+    long = "x" * 255
+    for name in ("data.tmp", "data", long):
+        assert result_of(store.attach("prep", msg_id, str(src), name)) == "900150983cd24fb0d6963f7d28e17f72"
+    assert sorted(store.attachments("prep", msg_id)) == ["data", "data.tmp", long]
+    assert staged(store) == []
+
+
 def test_attach_same_file_twice_leaves_no_staging_file(store, tmp_path) -> None:
     """
     Attaching a file again under the same name (the rename between two
@@ -374,3 +389,22 @@ def test_attach_same_file_twice_leaves_no_staging_file(store, tmp_path) -> None:
         result_of(store.attach("prep", msg_id, str(src), "f"))
     assert os.listdir(os.path.join(store.msg_dir("prep", msg_id), "attach")) == ["f"]
     assert staged(store) == []
+
+
+def test_link_attachments_follows_the_listing(store, tmp_path) -> None:
+    """
+    Clone and dup copy exactly the attachments the read form lists: names
+    ending in C{.tmp} included, dot entries left out.
+    """
+    msg_id = prep_message(store)
+    adir = os.path.join(store.msg_dir("prep", msg_id), "attach")
+    os.mkdir(adir)
+    for name in ("data.tmp", ".hidden", "plain"):
+        with open(os.path.join(adir, name), "wb") as f:
+            f.write(b"abc")
+    listed = store.attachments("prep", msg_id)
+    assert sorted(listed) == ["data.tmp", "plain"]
+    out = tmp_path / "copy"
+    out.mkdir()
+    store.link_attachments("prep", msg_id, str(out))
+    assert sorted(os.listdir(out / "attach")) == sorted(listed)
