@@ -177,8 +177,9 @@ def check_attachment_name(name: str) -> None:
 def attachment_entries(adir: str) -> list[os.DirEntry[str]]:
     """
     The attachments of an C{attach/} directory, by name: every entry but
-    the dot ones (message.md) that is a regular file. Every listing of
-    attachments (the read form, relay, clone) goes by this.
+    the dot ones (message.md) that is a regular file, a symbolic link
+    followed (one left by an older version). Every listing of attachments
+    (the read form, relay, clone) goes by this.
     """
     try:
         entries = sorted(os.scandir(adir), key=lambda e: e.name)
@@ -718,7 +719,8 @@ class QueueStore:
         still_wanted: Callable[[], bool] | None = None,
     ) -> Deferred[str]:
         """
-        Attach file C{source} as C{name}: hard linked, or copied when on another filesystem, to a
+        Attach file C{source} (a symbolic link: the file it leads to) as
+        C{name}: hard linked, or copied when on another filesystem, to a
         staging file of C{tmp/}, hashed, then renamed over C{attach/<name>}.
         The copy and the md5 run in a thread: meanwhile the message may
         change state, so it must still be in C{state} (and C{still_wanted}
@@ -745,6 +747,9 @@ class QueueStore:
             raise MessageError(f"Attachment currently not of supported type: {source}")
         if not os.access(source, os.R_OK):
             raise MessageError(f"Attachment currently cannot be read: {source}")
+        # link(2) would link a symbolic link itself: the file it leads to
+        # is what gets attached (a snapshot, as for any file).
+        real = os.path.realpath(source)
         staging = f"{self._prefix}tmp/.attach.{next(_STAGING_SERIAL)}"
 
         def place(digest: str) -> str:
@@ -771,7 +776,7 @@ class QueueStore:
             d = self._syncer.sync(os.path.join(mdir, "attach", name), os.path.join(mdir, "attach"), mdir)
             return d.addCallback(lambda _: digest)
 
-        d = self._run_in_thread(_stage_attachment, source, staging)
+        d = self._run_in_thread(_stage_attachment, real, staging)
         if md5 is None:
             d.addCallback(lambda _: md5_off_reactor(staging, self._run_in_thread))
         else:
@@ -805,7 +810,10 @@ class QueueStore:
         out = os.path.join(target_dir, "attach")
         os.makedirs(out, exist_ok=True)
         for entry in entries:
+            # A symbolic link (left by an older version) is followed, as
+            # the listing does.
+            source = os.path.realpath(entry.path) if entry.is_symlink() else entry.path
             try:
-                os.link(entry.path, os.path.join(out, entry.name))
+                os.link(source, os.path.join(out, entry.name))
             except OSError:
-                shutil.copyfile(entry.path, os.path.join(out, entry.name))
+                shutil.copyfile(source, os.path.join(out, entry.name))

@@ -391,10 +391,33 @@ def test_attach_same_file_twice_leaves_no_staging_file(store, tmp_path) -> None:
     assert staged(store) == []
 
 
+@pytest.mark.parametrize("relative", [True, False])
+def test_attach_symlink_attaches_the_file_it_leads_to(store, tmp_path, relative) -> None:
+    """
+    A symbolic link given as the source attaches the file it leads to, a
+    regular file that stays when the link or the file changes.
+    """
+    msg_id = prep_message(store)
+    target = tmp_path / "target"
+    target.write_bytes(b"abc")
+    link = tmp_path / "link"
+    link.symlink_to("target" if relative else str(target))
+    assert result_of(store.attach("prep", msg_id, str(link), "a")) == "900150983cd24fb0d6963f7d28e17f72"
+    path = os.path.join(store.msg_dir("prep", msg_id), "attach", "a")
+    assert not os.path.islink(path)
+    link.unlink()
+    target.unlink()
+    with open(path, "rb") as f:
+        assert f.read() == b"abc"
+    assert store.attachments("prep", msg_id)["a"]["size"] == 3
+    assert staged(store) == []
+
+
 def test_link_attachments_follows_the_listing(store, tmp_path) -> None:
     """
     Clone and dup copy exactly the attachments the read form lists: names
-    ending in C{.tmp} included, dot entries left out.
+    ending in C{.tmp} included, dot entries left out, a symbolic link
+    (left by an older version) copied as the file it leads to.
     """
     msg_id = prep_message(store)
     adir = os.path.join(store.msg_dir("prep", msg_id), "attach")
@@ -402,9 +425,13 @@ def test_link_attachments_follows_the_listing(store, tmp_path) -> None:
     for name in ("data.tmp", ".hidden", "plain"):
         with open(os.path.join(adir, name), "wb") as f:
             f.write(b"abc")
+    (tmp_path / "target").write_bytes(b"abcd")
+    os.symlink(str(tmp_path / "target"), os.path.join(adir, "old"))
     listed = store.attachments("prep", msg_id)
-    assert sorted(listed) == ["data.tmp", "plain"]
+    assert sorted(listed) == ["data.tmp", "old", "plain"]
     out = tmp_path / "copy"
     out.mkdir()
     store.link_attachments("prep", msg_id, str(out))
     assert sorted(os.listdir(out / "attach")) == sorted(listed)
+    assert not os.path.islink(out / "attach" / "old")
+    assert (out / "attach" / "old").read_bytes() == b"abcd"
