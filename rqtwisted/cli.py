@@ -180,21 +180,33 @@ class Invocation:
         """
         return name in self.options
 
-    def call(self, command: str, **args: str) -> tuple[str, str]:
+    def call(self, command: str, *, timeout: float | None = None, **args: str) -> tuple[str, str]:
         """
         Ask the daemon an admin command.
 
+        @param timeout: seconds the daemon may take to answer this command
+            at least, when longer than the client's own C{timeout} (as
+            L{AdminClient} has one; a console's client keeps its own for
+            the next commands).
         @raise CommandFailed: the daemon is not running, or the exchange
             failed.
         """
         if self._client is None:
             self._client = self._client_factory(self.socket_path)
+        client: Any = self._client
+        usual = getattr(client, "timeout", None)
+        longer = timeout is not None and isinstance(usual, (int, float)) and usual < timeout
+        if longer:
+            client.timeout = timeout
         try:
-            return self._client.call(command, **args)
+            return client.call(command, **args)
         except DaemonNotReachable as e:
             raise CommandFailed(f"rq daemon not running at {self.root}: {e.reason}") from None
         except AdminClientError as e:
             raise CommandFailed(str(e)) from None
+        finally:
+            if longer:
+                client.timeout = usual
 
 
 #: What a command handler returns: success, and the text to print.
@@ -276,14 +288,35 @@ def _message_file(root: str, text: str) -> str:
     return path
 
 
+#: Seconds an attach may take whatever the file's size (the admin client's
+#: usual timeout), and the slowest rate (bytes a second) the daemon is
+#: allowed to copy and hash a file at before an attach is given up.
+ATTACH_BASE_TIMEOUT = 30.0
+ATTACH_MIN_RATE = 16 << 20
+
+
+def attach_timeout(size: int) -> float:
+    """
+    Seconds to wait for the daemon to attach a file of C{size} bytes: it
+    may copy it and reads it whole for its md5.
+    """
+    return ATTACH_BASE_TIMEOUT + size / ATTACH_MIN_RATE
+
+
 @_verbs("attachmesg")
 def _attach_message(inv: Invocation) -> Outcome:
     msg_id = inv.text("msg_id")
-    args = {"msg_id": msg_id, "pathname": os.path.abspath(inv.text("pathname"))}
+    pathname = os.path.abspath(inv.text("pathname"))
+    args = {"msg_id": msg_id, "pathname": pathname}
     name = inv.optional_text("name")
     if name is not None:
         args["name"] = name
-    status, detail = inv.call("AttachMessage", **args)
+    try:
+        size = os.stat(pathname).st_size
+    except (OSError, ValueError):
+        # The daemon says what is wrong with it.
+        size = 0
+    status, detail = inv.call("AttachMessage", timeout=attach_timeout(size), **args)
     return status == "ok", f"{status} {detail} for Message: {msg_id} attachment"
 
 

@@ -963,11 +963,21 @@ class QueueService(Service):
         """
         Attach a file to a prepared message; fires with
         C{<md5>-Attached successfully}. C{md5}: the content's md5 if known.
+        The file is copied and hashed in a thread: a message committed or
+        deleted meanwhile, or a queue stopped, fails it with
+        C{cannot find message}.
         """
         self._check_writable()
         if msg_id not in self.prep:
             raise MessageError("cannot find message")
-        d = self.store.attach("prep", msg_id, pathname, name or os.path.basename(pathname), md5)
+        d = self.store.attach(
+            "prep",
+            msg_id,
+            pathname,
+            name or os.path.basename(pathname),
+            md5,
+            still_wanted=lambda: self.running and msg_id in self.prep,
+        )
         return d.addCallback(lambda md5: f"{md5}-Attached successfully")
 
     def delete_attachment(self, msg_id: str, name: str) -> Deferred[str]:

@@ -89,7 +89,7 @@ from rqtwisted.relaywire import (
     loop_detected,
     same_host,
 )
-from rqtwisted.store import md5_off_reactor
+from rqtwisted.store import attachment_entries, md5_off_reactor
 from rqtwisted.threads import reactor_pool
 
 if TYPE_CHECKING:
@@ -107,18 +107,10 @@ NO_RESUME_MEMORY = 3600.0
 
 def attachment_files(msg_dir: str) -> list[tuple[str, str]]:
     """
-    C{(name, path)} of every regular non-dot file in C{attach/}, by name.
+    C{(name, path)} of every attachment of a message, by name: the ones its
+    read form lists (L{attachment_entries}).
     """
-    adir = os.path.join(msg_dir, "attach")
-    try:
-        entries = sorted(os.scandir(adir), key=lambda e: e.name)
-    except FileNotFoundError:
-        return []
-    return [
-        (e.name, e.path)
-        for e in entries
-        if not e.name.startswith(".") and not e.name.endswith(".tmp") and e.is_file(follow_symlinks=False)
-    ]
+    return [(e.name, e.path) for e in attachment_entries(os.path.join(msg_dir, "attach"))]
 
 
 class Relayer:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -39,6 +40,7 @@ from rqtwisted.message import (
     stored,
     valid_msg_id,
 )
+from rqtwisted.threads import ThreadRunner, run_here
 
 _log = Logger()
 
@@ -53,6 +55,11 @@ PARTIAL_DIR = "partial"
 
 #: Partial uploads untouched this long (seconds) are removed at queue start.
 PARTIAL_MAX_AGE = 86400.0
+#: Serial numbers of attachment staging files, C{tmp/.attach.<n>}: one
+#: counter for the process, so that the store of a restarted queue never
+#: picks the name of a file an earlier store may still be writing. Dot
+#: names: no attachment, part upload or message id can have one.
+_STAGING_SERIAL = itertools.count(1)
 _DIGITS8 = re.compile(r"^\d{8}$")
 _DIGITS2 = re.compile(r"^\d{2}$")
 
@@ -167,6 +174,45 @@ def check_attachment_name(name: str) -> None:
         raise MessageError(f"Attachment name has invalid character. not allowed: {name}")
 
 
+def attachment_entries(adir: str) -> list[os.DirEntry[str]]:
+    """
+    The attachments of an C{attach/} directory, by name: every entry but
+    the dot ones (message.md) that is a regular file, a symbolic link
+    followed (one left by an older version). Every listing of attachments
+    (the read form, relay, clone) goes by this.
+    """
+    try:
+        entries = sorted(os.scandir(adir), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [e for e in entries if not e.name.startswith(".") and e.is_file()]
+
+
+def _stage_attachment(source: str, staging: str) -> None:
+    """
+    Put the content of regular file C{source} at C{staging}: a hard link
+    when on the same filesystem, else a copy (blocking: run in a thread).
+
+    @raise MessageError: C{source} cannot be linked for another reason.
+    """
+    try:
+        os.link(source, staging)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise MessageError(f"Attachment currently cannot be read: {source}")
+        shutil.copyfile(source, staging)
+
+
+def _remove_quietly(path: str) -> None:
+    """
+    Unlink C{path} if it is there.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 #: The length assumed of a pid file nobody knows the content of.
 _UNKNOWN_LENGTH = 1 << 20
 
@@ -176,13 +222,18 @@ class QueueStore:
     The directory of one queue.
     """
 
-    def __init__(self, path: str, syncer: Syncer, now: Callable[[], float]) -> None:
+    def __init__(
+        self, path: str, syncer: Syncer, now: Callable[[], float], run_in_thread: ThreadRunner = run_here
+    ) -> None:
         """
         @param path: C{queue/<name>}, absolute.
         @param syncer: the instance's group-commit syncer.
         @param now: the clock (epoch seconds).
+        @param run_in_thread: runs the long file work of an attach (copy,
+            md5) off the reactor; by default in the calling thread.
         """
         self.path = path
+        self._run_in_thread = run_in_thread
         # Paths are joined by hand on the hot path: ids and state names
         # hold no separator, and os.path.join costs a microsecond a call.
         self._prefix = path.rstrip(os.sep) + os.sep
@@ -406,13 +457,7 @@ class QueueStore:
         """
         adir = os.path.join(self.msg_dir(state, msg_id), "attach")
         out: dict[str, dict[str, Any]] = {}
-        try:
-            entries = sorted(os.scandir(adir), key=lambda e: e.name)
-        except FileNotFoundError:
-            return out
-        for entry in entries:
-            if entry.name.startswith(".") or entry.name.endswith(".tmp") or not entry.is_file():
-                continue
+        for entry in attachment_entries(adir):
             out[entry.name] = {
                 "md5": cached_md5(entry.path),
                 "size": entry.stat().st_size,
@@ -702,11 +747,24 @@ class QueueStore:
             self.drop_partials(msg_id)
         return self._syncer.sync(os.path.dirname(source))
 
-    def attach(self, state: str, msg_id: str, source: str, name: str, md5: str | None = None) -> Deferred[str]:
+    def attach(
+        self,
+        state: str,
+        msg_id: str,
+        source: str,
+        name: str,
+        md5: str | None = None,
+        still_wanted: Callable[[], bool] | None = None,
+    ) -> Deferred[str]:
         """
-        Attach file C{source} as C{name}: hard link when on the same
-        filesystem, else a copy; linked as C{attach/<name>.tmp} and renamed
-        over C{attach/<name>}. Fires with the md5 once durable.
+        Attach file C{source} (a symbolic link: the file it leads to) as
+        C{name}: hard linked, or copied when on another filesystem, to a
+        staging file of C{tmp/}, hashed, then renamed over C{attach/<name>}.
+        The copy and the md5 run in a thread: meanwhile the message may
+        change state, so it must still be in C{state} (and C{still_wanted}
+        must say yes) when the file is renamed into place; otherwise the
+        result fails with C{cannot find message}. No staging file survives.
+        Fires with the md5 once durable.
 
         @param md5: the content's md5 when the caller computed it already
             (web uploads hash while they receive); else it is read here.
@@ -727,30 +785,43 @@ class QueueStore:
             raise MessageError(f"Attachment currently not of supported type: {source}")
         if not os.access(source, os.R_OK):
             raise MessageError(f"Attachment currently cannot be read: {source}")
-        mdir = self.msg_dir(state, msg_id)
-        adir = os.path.join(mdir, "attach")
-        try:
-            os.mkdir(adir)
-        except FileExistsError:
-            pass
-        tmp = os.path.join(adir, name + ".tmp")
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        try:
-            os.link(source, tmp)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                raise MessageError(f"Attachment currently cannot be read: {source}")
-            shutil.copyfile(source, tmp)
-        digest = md5 if md5 is not None else md5_file(tmp)
-        final = os.path.join(adir, name)
-        os.rename(tmp, final)
-        remember_md5(final, digest)
-        d = self._syncer.sync(final, adir, mdir)
-        d.addCallback(lambda _: digest)
-        return d
+        # link(2) would link a symbolic link itself: the file it leads to
+        # is what gets attached (a snapshot, as for any file).
+        real = os.path.realpath(source)
+        staging = f"{self._prefix}tmp/.attach.{next(_STAGING_SERIAL)}"
+
+        def place(digest: str) -> str:
+            if not self.exists(state, msg_id) or (still_wanted is not None and not still_wanted()):
+                raise MessageError("cannot find message")
+            adir = os.path.join(self.msg_dir(state, msg_id), "attach")
+            try:
+                os.mkdir(adir)
+            except FileExistsError:
+                pass
+            final = os.path.join(adir, name)
+            # (When C{final} is already a link of the same file, rename
+            # does nothing: the staging name is removed below.)
+            os.rename(staging, final)
+            remember_md5(final, digest)
+            return digest
+
+        def discard(result: Any) -> Any:
+            _remove_quietly(staging)
+            return result
+
+        def durable(digest: str) -> Deferred[str]:
+            mdir = self.msg_dir(state, msg_id)
+            d = self._syncer.sync(os.path.join(mdir, "attach", name), os.path.join(mdir, "attach"), mdir)
+            return d.addCallback(lambda _: digest)
+
+        d = self._run_in_thread(_stage_attachment, real, staging)
+        if md5 is None:
+            d.addCallback(lambda _: md5_off_reactor(staging, self._run_in_thread))
+        else:
+            d.addCallback(lambda _: md5)
+        d.addCallback(place)
+        d.addBoth(discard)
+        return d.addCallback(durable)
 
     def delete_attachment(self, state: str, msg_id: str, name: str) -> Deferred[None]:
         """
@@ -768,18 +839,19 @@ class QueueStore:
 
     def link_attachments(self, state: str, msg_id: str, target_dir: str) -> None:
         """
-        Hard-link every attachment of a message into C{target_dir}/attach
-        (clone, dup); copies across filesystems.
+        Hard-link every attachment of a message (L{attachment_entries})
+        into C{target_dir}/attach (clone, dup); copies across filesystems.
         """
-        adir = os.path.join(self.msg_dir(state, msg_id), "attach")
-        if not os.path.isdir(adir):
+        entries = attachment_entries(os.path.join(self.msg_dir(state, msg_id), "attach"))
+        if not entries:
             return
         out = os.path.join(target_dir, "attach")
         os.makedirs(out, exist_ok=True)
-        for entry in os.scandir(adir):
-            if entry.name.startswith(".") or not entry.is_file():
-                continue
+        for entry in entries:
+            # A symbolic link (left by an older version) is followed, as
+            # the listing does.
+            source = os.path.realpath(entry.path) if entry.is_symlink() else entry.path
             try:
-                os.link(entry.path, os.path.join(out, entry.name))
+                os.link(source, os.path.join(out, entry.name))
             except OSError:
-                shutil.copyfile(entry.path, os.path.join(out, entry.name))
+                shutil.copyfile(source, os.path.join(out, entry.name))

@@ -46,6 +46,7 @@ from rqtwisted.root import (
 from rqtwisted.search import DEFAULT_LIMIT as DEFAULT_SEARCH_LIMIT
 from rqtwisted.search import check_query, search_queue
 from rqtwisted.store import QueueStore
+from rqtwisted.threads import ThreadRunner, reactor_pool
 from rqtwisted.worker import Worker
 from rqtwisted.webhook import install as install_webhooks
 
@@ -80,6 +81,7 @@ class Instance(MultiService):
         spawn: Callable[..., Worker],
         base_env: Mapping[str, str] | None = None,
         ready_workers: bool = False,
+        run_in_thread: ThreadRunner | None = None,
     ) -> None:
         """
         @param root: the root directory.
@@ -91,6 +93,9 @@ class Instance(MultiService):
         @param base_env: the workers' base environment (default: ours).
         @param ready_workers: see L{ready_workers}; C{spawn} must then take
             C{hold=True} (as L{rqtwisted.worker.spawn_worker} does).
+        @param run_in_thread: runs the stores' long file work (attachments
+            copied and hashed) off the reactor; default: the reactor's
+            thread pool.
         """
         super().__init__()
         self.root = root
@@ -103,6 +108,7 @@ class Instance(MultiService):
         self.syncer = syncer
         self.spawn = spawn
         self.ready_workers = ready_workers
+        self.run_in_thread = run_in_thread if run_in_thread is not None else reactor_pool(clock)
         env = dict(os.environ if base_env is None else base_env)
         env["RQ_ENV"] = settings.env
         # So that C{rq} run by a queue script (its cwd is the job directory)
@@ -169,7 +175,7 @@ class Instance(MultiService):
         config = self._load_config(name, "queue {queue} not started: {reason}")
         if config is None:
             return None
-        store = QueueStore(self.root.queue_path(name), self.syncer, self.clock.seconds)
+        store = QueueStore(self.root.queue_path(name), self.syncer, self.clock.seconds, self.run_in_thread)
         queue = QueueService(self, config, store, self.clock, spawner_for(self, name, self.spawn))
         queue.setName(name)
         self.queues[name] = queue

@@ -3,7 +3,8 @@ Public fakes of rqtwisted's own interfaces, for tests of code built on it.
 
 L{FakeSpawner} stands in for L{rqtwisted.worker.spawn_worker}: nothing runs,
 each launch is recorded as a L{FakeWorker} the test drives by hand (reports,
-exit). L{syncNow} is a L{Syncer} thread runner that syncs at once.
+exit). L{syncNow} is a L{Syncer} thread runner that syncs at once;
+L{HeldThreads} is a thread runner whose calls wait for the test.
 """
 
 from __future__ import annotations
@@ -46,6 +47,40 @@ def result_of(d: Deferred[Any]) -> Any:
     if isinstance(out[0], Failure):
         out[0].raiseException()
     return out[0]
+
+
+class HeldThreads:
+    """
+    A thread runner (L{rqtwisted.threads.ThreadRunner}) whose calls wait
+    until the test runs them (L{run}): what a reactor does meanwhile can be
+    tested without threads.
+
+    @ivar calls: the waiting calls, C{(f, args, deferred)}, in order.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """
+        Hold C{f(*args)}; a Deferred of its result once run.
+        """
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def run(self) -> None:
+        """
+        Run the waiting calls, and those they lead to, in order.
+        """
+        while self.calls:
+            f, args, d = self.calls.pop(0)
+            try:
+                result = f(*args)
+            except BaseException:
+                d.errback(Failure())
+            else:
+                d.callback(result)
 
 
 def immediateSyncer() -> Syncer:
@@ -167,11 +202,16 @@ def make_root(path: str, **options: Any) -> Root:
 
 
 def instance_for(
-    path: str, clock: Clock | None = None, ready_workers: bool = False, **options: Any
+    path: str,
+    clock: Clock | None = None,
+    ready_workers: bool = False,
+    run_in_thread: Callable[..., Deferred[Any]] = syncNow,
+    **options: Any,
 ) -> tuple[Any, FakeSpawner, Clock]:
     """
     An L{Instance} on a fresh root with a L{FakeSpawner} and a L{Clock}
-    (not started); C{ready_workers} as for L{Instance}.
+    (not started); C{ready_workers} and C{run_in_thread} (default: at once,
+    in this thread) as for L{Instance}.
     """
     from rqtwisted.supervisor import Instance
 
@@ -180,5 +220,5 @@ def instance_for(
     clock.advance(1_300_000_000)
     spawner = FakeSpawner()
     instance = Instance(root, root.load_config(), clock, immediateSyncer(), spawner, base_env={"PATH": "/bin"},
-                        ready_workers=ready_workers)
+                        ready_workers=ready_workers, run_in_thread=run_in_thread)
     return instance, spawner, clock

@@ -13,7 +13,7 @@ import queue as _queue
 import threading
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
@@ -31,6 +31,17 @@ def reactor_pool(reactor: Any) -> ThreadRunner:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
     return run
+
+
+def run_here(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """
+    A L{ThreadRunner} that calls C{f(*args)} at once in the calling thread:
+    for stores used without a reactor (tests, offline tools).
+    """
+    try:
+        return succeed(f(*args))
+    except BaseException:
+        return fail(Failure())
 
 
 class SerialThread:

@@ -462,6 +462,34 @@ def test_attach_named_and_refused_outside_prep(daemon: Daemon, tmp_path: Path) -
     assert out[0].startswith("fail ") and out[0].endswith(f" for Message: {full} attachment"), out
 
 
+def test_attach_tmp_names_symlinks_and_the_same_file_twice(daemon: Daemon, tmp_path: Path) -> None:
+    """
+    A name ending in C{.tmp} is an attachment like any other; a relative
+    symbolic link attaches the file it leads to; the same file attached
+    twice under one name leaves no staging file; the script sees exactly
+    the attachments listed.
+    """
+    daemon.queue_with_script("test", 'echo "done $(ls -A ../attach | tr "\\n" " ")" >&3\n')
+    src = tmp_path / "x.txt"
+    src.write_text("payload")
+    (tmp_path / "link").symlink_to("x.txt")
+    md5 = md5_of(src)
+    full = daemon.ok("prepmesg", "--dest", "test")
+    for path, name in [("x.txt", "data.tmp"), ("x.txt", "data"), ("link", "linked"), ("x.txt", "data")]:
+        code, out = daemon.rq("attachmesg", "--msg_id", full, "--pathname", path, "--name", name, cwd=tmp_path)
+        assert (code, out) == (0, [f"ok {md5}-Attached successfully for Message: {full} attachment"])
+    code, out = daemon.rq("attachstatusmesg", "--msg_id", full)
+    assert code == 0 and out[0] == "ok 3", out
+    assert [line.split(" ")[:2] for line in out[1:]] == [["data", md5], ["data.tmp", md5], ["linked", md5]]
+    queue_dir = Path(daemon.root) / "queue" / "test"
+    assert [n for n in os.listdir(queue_dir / "tmp") if n.startswith(".")] == []
+    (tmp_path / "link").unlink()
+    src.unlink()
+    assert daemon.rq("commitmesg", "--msg_id", full) == (0, ["ok msg commited"])
+    daemon.wait_state(full, "done")
+    assert daemon.rq("statusmesg", "--msg_id", full) == (0, ["ok done - data data.tmp linked "])
+
+
 def test_parallel_workers(daemon: Daemon) -> None:
     """
     num_workers 4: eight 1-second messages finish in about two seconds.

@@ -347,6 +347,45 @@ def test_attachNameAndFail(rq: Run) -> None:
     assert daemon.requests == [("AttachMessage", {"msg_id": "/q/test/1", "pathname": "/a/b", "name": "x"})]
 
 
+class TimedDaemon(FakeDaemon):
+    """
+    A fake daemon with a client's C{timeout}, recorded at each request.
+    """
+
+    timeout = 30.0
+
+    def call(self, command: str, **args: str) -> tuple[str, str]:
+        self.timeouts = getattr(self, "timeouts", []) + [self.timeout]
+        return super().call(command, **args)
+
+
+@pytest.mark.parametrize("size, timeout", [(0, 30.0), (1 << 30, 30.0 + 64), (40 << 30, 30.0 + 2560)])
+def test_attach_waits_longer_for_a_bigger_file(rq: Run, tmp_path: Any, size: int, timeout: float) -> None:
+    """
+    The daemon copies and hashes a file before it answers: C{attachmesg}
+    waits 30 s plus a second per 16 MiB of the file; the client keeps its
+    own timeout for the next commands (a console's).
+    """
+    with open(tmp_path / "big", "wb") as f:
+        f.truncate(size)
+    daemon = TimedDaemon(AttachMessage=("ok", "0123abcd-Attached successfully"))
+    code, _, _ = rq(daemon, "attachmesg", "--msg_id", FULL_ID, "--pathname", "big")
+    assert code == 0
+    assert daemon.timeouts == [timeout]
+    assert daemon.timeout == 30.0
+
+
+def test_attach_missing_file_keeps_the_usual_timeout(rq: Run) -> None:
+    """
+    A file the command cannot stat is the daemon's to refuse, within the
+    usual timeout.
+    """
+    daemon = TimedDaemon(AttachMessage=("fail", "No such file /nope to attach to message"))
+    code, _, _ = rq(daemon, "attachmesg", "--msg_id", FULL_ID, "--pathname", "/nope")
+    assert code == 1
+    assert daemon.timeouts == [30.0]
+
+
 @pytest.mark.parametrize("argv", [["attachmesg", "--pathname", "/a"], ["attachmesg", "--msg_id", "m"]])
 def test_attachMissing(rq: Run, argv: list[str]) -> None:
     """

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 
 from rqtwisted.message import MessageError
 from rqtwisted.queue import IDLE_PASS, READY_STALE, READY_WITHIN, STOP_GRACE
-from rqtwisted.testing import instance_for, result_of
+from rqtwisted.testing import HeldThreads, instance_for, result_of
 
 
 def send(instance, queue="test", **fields):
@@ -1212,3 +1212,56 @@ def test_server_restart_stops_every_queue_at_once(started):
     assert instance.queue("test").running and instance.queue("other").running
     assert len(spawner.running) == 2
     assert instance.queue("other").num_messages()["que"] == 1
+
+
+@pytest.mark.parametrize("change", ["commit", "delete", "stop"])
+def test_attach_answers_after_its_thread_and_fails_if_the_message_left_prep(tmp_path, change):
+    """
+    An attach copies and hashes its file in a thread: meanwhile the queue
+    goes on (a commit or a delete of the message is answered at once); a
+    message no longer in prep then, or a stopped queue, fails the attach
+    with C{cannot find message}, and the message gets no attachment.
+    """
+    threads = HeldThreads()
+    instance, spawner, clock = instance_for(str(tmp_path / "root"), run_in_thread=threads)
+    instance.create_queue({"name": "test", "script": "./code/noop", "exec_prefix": ""})
+    instance.startService()
+    q = instance.queue("test")
+    msg_id = short(result_of(instance.create_message({"dest": "test"}, "prep")))
+    f = tmp_path / "a.txt"
+    f.write_text("abc")
+    got = []
+    q.attach(msg_id, str(f)).addBoth(got.append)
+    assert got == []
+    if change == "commit":
+        assert result_of(q.commit(msg_id)) == "msg commited"
+    elif change == "delete":
+        assert result_of(q.delete(msg_id)) == "msg deleted"
+    else:
+        result_of(q.stopService())
+    threads.run()
+    assert got[0].value.reason == "cannot find message"
+    if change != "delete":
+        assert "_attachments" not in q.get(msg_id)
+    assert [n for n in os.listdir(q.store.state_dir("tmp")) if n.startswith(".")] == []
+
+
+def test_attach_answers_once_its_thread_is_done(tmp_path):
+    """
+    Until the file is copied and hashed the attach is not answered; then
+    it is, and the attachment is listed.
+    """
+    threads = HeldThreads()
+    instance, spawner, clock = instance_for(str(tmp_path / "root"), run_in_thread=threads)
+    instance.create_queue({"name": "test", "script": "./code/noop", "exec_prefix": ""})
+    instance.startService()
+    q = instance.queue("test")
+    msg_id = short(result_of(instance.create_message({"dest": "test"}, "prep")))
+    f = tmp_path / "a.txt"
+    f.write_text("abc")
+    got = []
+    q.attach(msg_id, str(f)).addBoth(got.append)
+    assert got == [] and "_attachments" not in q.get(msg_id)
+    threads.run()
+    assert got == ["900150983cd24fb0d6963f7d28e17f72-Attached successfully"]
+    assert q.get(msg_id)["_attachments"]["a.txt"]["size"] == 3

@@ -31,7 +31,7 @@ from twisted.web.http_headers import Headers
 from rqtwisted import builtin
 from rqtwisted.builtin import register_handler
 from rqtwisted.message import creation_fields, MessageError
-from rqtwisted.relay import Relayer
+from rqtwisted.relay import Relayer, attachment_files
 from rqtwisted.relaywire import (
     LOOP_REASON,
     RelayConfig,
@@ -549,6 +549,32 @@ def test_attachments_multipart(world):
     assert world.steps() == ["prep", "attach", "attach", "attach", "commit"]
     [remote] = world.committed()
     assert world.far_md5s(remote) == md5s(files)
+
+
+def test_attachments_named_tmp_are_relayed(world):
+    """
+    An attachment whose name ends in C{.tmp} is relayed like any other (it
+    was left out while the message was reported relayed).
+    """
+    files = [("data.tmp", b"one"), ("data", b"two")]
+    msg_id = world.send(attachments=files)
+    world.settle()
+    assert world.state(msg_id) == "relayed", world.status(msg_id)
+    [remote] = world.committed()
+    assert world.far_md5s(remote) == md5s(files)
+
+
+def test_attachment_files_lists_what_the_read_form_lists(tmp_path):
+    """
+    The relay sends every attachment the message's read form lists: every
+    regular file whose name does not start with a dot.
+    """
+    adir = tmp_path / "attach"
+    adir.mkdir()
+    for name in ("b.tmp", ".hidden", "a"):
+        (adir / name).write_bytes(b"x")
+    (adir / "sub").mkdir()
+    assert attachment_files(str(tmp_path)) == [("a", str(adir / "a")), ("b.tmp", str(adir / "b.tmp"))]
 
 
 def test_resumable_upload(tmp_path, monkeypatch):

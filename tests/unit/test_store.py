@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import pytest
+from twisted.python.failure import Failure
 
 from rqtwisted.durable import Syncer
 from rqtwisted.message import MessageError
 from rqtwisted.store import QueueStore, check_attachment_name
-from rqtwisted.testing import syncNow
+from rqtwisted.testing import HeldThreads, result_of, syncNow
 
 
 class RecordingSync:
@@ -287,3 +289,185 @@ def test_open_survives_stray_entries(tmp_path, sync):
     assert corrupt == sorted([plain, plain + ".1", twice, fifo])
     assert found.counts["done"] == 1
     assert list(s.list_hashed("done")) == [kept]
+
+
+# -- attachments: file work off the reactor, staging, names, symbolic links
+
+
+@pytest.fixture
+def held(tmp_path, sync):
+    """
+    C{(store, threads)}: a store whose thread work waits for C{threads.run()}.
+    """
+    threads = HeldThreads()
+    s = QueueStore(str(tmp_path / "q"), Syncer(syncNow, sync), lambda: 1277429255.122, threads)
+    s.open()
+    return s, threads
+
+
+def prep_message(store: QueueStore) -> str:
+    msg_id = store.new_id()
+    store.create({"msg_id": msg_id, "dest": "q"}, "prep")
+    return msg_id
+
+
+def staged(store: QueueStore) -> list[str]:
+    """
+    What C{tmp/} holds but the partial uploads.
+    """
+    return sorted(n for n in os.listdir(store.state_dir("tmp")) if n != "partial")
+
+
+def test_attach_copies_and_hashes_in_a_thread(held, tmp_path, monkeypatch) -> None:
+    """
+    Linking (or copying) and hashing an attachment run in the store's
+    thread runner: until they are done nothing is answered and C{attach/}
+    is untouched; the file waits under a dot name of C{tmp/}.
+    """
+    from rqtwisted import store as store_module
+
+    store, threads = held
+    msg_id = prep_message(store)
+    src = tmp_path / "big"
+    src.write_bytes(b"abc")
+    hashed: list[str] = []
+    real_md5 = store_module.md5_file
+    monkeypatch.setattr(store_module, "md5_file", lambda p: hashed.append(p) or real_md5(p))
+    got: list[str] = []
+    store.attach("prep", msg_id, str(src), "big").addCallback(got.append)
+    assert got == [] and hashed == []
+    assert store.attachments("prep", msg_id) == {}
+    threads.run()
+    assert got == ["900150983cd24fb0d6963f7d28e17f72"]
+    assert len(hashed) == 1 and os.path.basename(hashed[0]).startswith(".")
+    assert os.path.dirname(hashed[0]) == store.state_dir("tmp")
+    assert staged(store) == []
+    assert store.attachments("prep", msg_id)["big"]["md5"] == got[0]
+
+
+@pytest.mark.parametrize("change", ["commit", "delete", "unwanted"])
+def test_attach_fails_when_the_message_left_prep_meanwhile(held, tmp_path, change) -> None:
+    """
+    A message committed or deleted (or no longer wanted by its queue) while
+    its attachment is copied and hashed gets nothing; the attach fails with
+    C{cannot find message} and leaves no file behind.
+    """
+    store, threads = held
+    msg_id = prep_message(store)
+    src = tmp_path / "f"
+    src.write_bytes(b"abc")
+    wanted = [True]
+    got: list[Any] = []
+    store.attach("prep", msg_id, str(src), "f", still_wanted=lambda: wanted[0]).addBoth(got.append)
+    if change == "commit":
+        store.move(msg_id, "prep", "que")
+    elif change == "delete":
+        store.delete("prep", msg_id)
+    else:
+        wanted[0] = False
+    threads.run()
+    assert isinstance(got[0], Failure) and got[0].value.reason == "cannot find message"
+    assert staged(store) == []
+    if change == "commit":
+        assert store.attachments("que", msg_id) == {}
+    if change == "unwanted":
+        assert store.attachments("prep", msg_id) == {}
+
+
+def test_attach_failing_in_the_thread_leaves_no_staging_file(held, tmp_path, monkeypatch) -> None:
+    """
+    A file that cannot be read whole fails the attach; its staging copy is
+    removed.
+    """
+    from rqtwisted import store as store_module
+
+    store, threads = held
+    msg_id = prep_message(store)
+    src = tmp_path / "f"
+    src.write_bytes(b"abc")
+
+    def unreadable(path: str) -> str:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_module, "md5_file", unreadable)
+    got: list[Any] = []
+    store.attach("prep", msg_id, str(src), "f").addBoth(got.append)
+    threads.run()
+    assert isinstance(got[0], Failure) and got[0].check(OSError)
+    assert staged(store) == []
+    assert store.attachments("prep", msg_id) == {}
+
+
+def test_attach_names_ending_in_tmp_are_attachments(store, tmp_path) -> None:
+    """
+    C{data.tmp} is an attachment like any other: listed, and kept when
+    C{data} is attached next; so is a name of 255 characters.
+    """
+    msg_id = prep_message(store)
+    src = tmp_path / "f"
+    src.write_bytes(b"abc")
+    long = "x" * 255
+    for name in ("data.tmp", "data", long):
+        assert result_of(store.attach("prep", msg_id, str(src), name)) == "900150983cd24fb0d6963f7d28e17f72"
+    assert sorted(store.attachments("prep", msg_id)) == ["data", "data.tmp", long]
+    assert staged(store) == []
+
+
+def test_attach_same_file_twice_leaves_no_staging_file(store, tmp_path) -> None:
+    """
+    Attaching a file again under the same name (the rename between two
+    links of one inode does nothing) leaves only the attachment.
+    """
+    msg_id = prep_message(store)
+    src = tmp_path / "f"
+    src.write_bytes(b"abc")
+    for _ in range(2):
+        result_of(store.attach("prep", msg_id, str(src), "f"))
+    assert os.listdir(os.path.join(store.msg_dir("prep", msg_id), "attach")) == ["f"]
+    assert staged(store) == []
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_attach_symlink_attaches_the_file_it_leads_to(store, tmp_path, relative) -> None:
+    """
+    A symbolic link given as the source attaches the file it leads to, a
+    regular file that stays when the link or the file changes.
+    """
+    msg_id = prep_message(store)
+    target = tmp_path / "target"
+    target.write_bytes(b"abc")
+    link = tmp_path / "link"
+    link.symlink_to("target" if relative else str(target))
+    assert result_of(store.attach("prep", msg_id, str(link), "a")) == "900150983cd24fb0d6963f7d28e17f72"
+    path = os.path.join(store.msg_dir("prep", msg_id), "attach", "a")
+    assert not os.path.islink(path)
+    link.unlink()
+    target.unlink()
+    with open(path, "rb") as f:
+        assert f.read() == b"abc"
+    assert store.attachments("prep", msg_id)["a"]["size"] == 3
+    assert staged(store) == []
+
+
+def test_link_attachments_follows_the_listing(store, tmp_path) -> None:
+    """
+    Clone and dup copy exactly the attachments the read form lists: names
+    ending in C{.tmp} included, dot entries left out, a symbolic link
+    (left by an older version) copied as the file it leads to.
+    """
+    msg_id = prep_message(store)
+    adir = os.path.join(store.msg_dir("prep", msg_id), "attach")
+    os.mkdir(adir)
+    for name in ("data.tmp", ".hidden", "plain"):
+        with open(os.path.join(adir, name), "wb") as f:
+            f.write(b"abc")
+    (tmp_path / "target").write_bytes(b"abcd")
+    os.symlink(str(tmp_path / "target"), os.path.join(adir, "old"))
+    listed = store.attachments("prep", msg_id)
+    assert sorted(listed) == ["data.tmp", "old", "plain"]
+    out = tmp_path / "copy"
+    out.mkdir()
+    store.link_attachments("prep", msg_id, str(out))
+    assert sorted(os.listdir(out / "attach")) == sorted(listed)
+    assert not os.path.islink(out / "attach" / "old")
+    assert (out / "attach" / "old").read_bytes() == b"abcd"
