@@ -6,7 +6,8 @@ command (L{rqtwisted.admincommands}) over C{<root>/config/rq.sock} and prints
 one line C{<status> <detail>}; the exit status is 0 iff the status is C{ok}.
 The original's verbs keep its exact output (cli.md); nothing prints a
 traceback: refusals, missing options and an absent daemon all print
-C{fail <reason>} and exit 1.
+C{fail <reason>} and exit 1; output that cannot be written is a short note
+on stderr and exit 1; Ctrl-C exits 130.
 
 This module must start fast: it imports neither Twisted nor anything that
 does, on every path that talks to the daemon.
@@ -14,6 +15,7 @@ does, on every path that talks to the daemon.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -26,6 +28,7 @@ from rqtwisted.message import PARAM_KEYS, not_unicode
 __all__ = [
     "AdminCaller",
     "CommandFailed",
+    "EXIT_INTERRUPTED",
     "Invocation",
     "MESSAGE_KEYS",
     "VERBS",
@@ -502,15 +505,55 @@ def _usage() -> str:
     return "\n".join(["Valid commands are:", *VERBS, "console"])
 
 
-def _write(stream: Any, text: str) -> None:
+def _write(stream: Any, text: str) -> bool:
+    """
+    Write C{text} and a newline to C{stream} and flush it; whether that
+    worked.
+
+    When it does not (the stream was closed before C{rq} started, the disk
+    is full, the reader went away), the stream's descriptor is pointed at
+    C{/dev/null}, so that the interpreter's own flush at exit has nothing
+    to complain about, and a short note goes to stderr, unless the stream
+    is stderr or the reader just stopped reading (C{rq queues | head -1}).
+    """
     try:
+        if stream is None:
+            raise OSError(errno.EBADF, "it is closed")
         stream.write(text + "\n")
         stream.flush()
-    except BrokenPipeError:
-        # The reader went away (C{rq queues | head -1}): silence the
-        # interpreter's final flush instead of printing a traceback.
+        return True
+    except (OSError, ValueError) as e:
+        _discard(stream)
+        if stream is not sys.stderr and not isinstance(e, BrokenPipeError):
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            _write(sys.stderr, f"rq: cannot write to {_stream_name(stream)}: {reason}")
+        return False
+
+
+def _stream_name(stream: Any) -> str:
+    if stream is sys.stdout:
+        return "standard output"
+    if stream is sys.stderr:
+        return "standard error"
+    return str(getattr(stream, "name", "the output"))
+
+
+def _discard(stream: Any) -> None:
+    """
+    Point C{stream}'s descriptor at C{/dev/null}: what it still buffers,
+    and anything written later, is dropped without an error.
+    """
+    try:
+        fd = stream.fileno()
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return
+    try:
+        os.dup2(devnull, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(devnull)
 
 
 def run(
@@ -532,16 +575,27 @@ def run(
         return False, f"fail internal error: {e.__class__.__name__}: {e}"
 
 
+#: The exit status after Ctrl-C: 128 + SIGINT, as shells report it.
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None, client_factory: ClientFactory | None = None) -> int:
     """
-    The C{rq} entry point.
+    The C{rq} entry point. Ctrl-C ends it with L{EXIT_INTERRUPTED} and no
+    traceback; output that cannot be written makes it fail (exit 1).
 
     @param argv: The words after the program name (default C{sys.argv[1:]}).
     @param client_factory: Builds the admin client from the socket path
         (default L{AdminClient}); tests inject fakes here.
     @return: The exit status: 0 iff the command succeeded.
     """
-    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv), client_factory)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _main(args: list[str], client_factory: ClientFactory | None) -> int:
     if not args or args[0] in ("-h", "--help"):
         _write(sys.stdout, _usage())
         return 1
@@ -558,5 +612,5 @@ def main(argv: list[str] | None = None, client_factory: ClientFactory | None = N
         _write(sys.stderr, f"Command not found: {verb} (cmd_{verb})")
         return 1
     ok, output = run(verb, args[1:], client_factory or AdminClient)
-    _write(sys.stdout, output)
-    return 0 if ok else 1
+    written = _write(sys.stdout, output)
+    return 0 if ok and written else 1

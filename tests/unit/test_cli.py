@@ -6,8 +6,10 @@ real admin protocol and in a fresh interpreter.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -777,6 +779,61 @@ def test_unicodeOutput(rq: Run) -> None:
     assert rq(daemon, "statusmesg", "--msg_id", FULL_ID) == (0, "ok done - caf\u00e9 \u2603\n", "")
 
 
+def test_interrupted(rq: Run) -> None:
+    """
+    Ctrl-C (here while waiting for the daemon) exits 130, the shell's
+    status for it, and prints nothing.
+    """
+    try:
+        result = rq(FakeDaemon(Ping=KeyboardInterrupt()), "ping")
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main")
+    assert result == (130, "", "")
+
+
+class _FullStream:
+    """
+    A stdout whose writes fail like a full disk's, on descriptor C{fd}.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+def _is_devnull(fd: int) -> bool:
+    mine, null = os.fstat(fd), os.stat(os.devnull)
+    return (mine.st_dev, mine.st_ino) == (null.st_dev, null.st_ino)
+
+
+def test_stdoutWriteError(rq: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Output that cannot be written fails the command (exit 1) with a short
+    note on stderr, and stdout's descriptor then points at C{/dev/null} so
+    that the interpreter's own flush at exit cannot complain again.
+    """
+    with open(tmp_path / "out", "w") as f:
+        monkeypatch.setattr(sys, "stdout", _FullStream(f.fileno()))
+        assert rq(FakeDaemon(), "ping") == (1, "", "rq: cannot write to standard output: No space left on device\n")
+        assert _is_devnull(f.fileno())
+
+
+def test_stdoutClosed(rq: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Without a stdout at all (C{rq ping >&-}) the command fails the same way.
+    """
+    monkeypatch.setattr(sys, "stdout", None)
+    assert rq(FakeDaemon(), "ping") == (1, "", "rq: cannot write to standard output: it is closed\n")
+
+
 # -- against the real admin protocol --------------------------------------------------
 
 
@@ -847,6 +904,44 @@ def test_moduleHelp() -> None:
     result = _python("-m", "rqtwisted")
     assert (result.returncode, result.stderr) == (1, "")
     assert result.stdout.splitlines()[0] == "Valid commands are:"
+
+
+def test_outputErrorsFreshInterpreter(tmp_path: Path) -> None:
+    """
+    In a real interpreter, a full disk or a closed stdout gives exit 1 and
+    one line on stderr: no traceback, no "Exception ignored" from the
+    final flush.
+    """
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "rqtwisted", "ping", "--root", str(tmp_path)],
+            env=dict(os.environ, PYTHONPATH=PROJECT), stdout=full, stderr=subprocess.PIPE, text=True,
+        )
+    assert (result.returncode, result.stderr) == (1, "rq: cannot write to standard output: No space left on device\n")
+    result = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$@" >&-', sys.executable, "-m", "rqtwisted", "ping", "--root", str(tmp_path)],
+        env=dict(os.environ, PYTHONPATH=PROJECT), stderr=subprocess.PIPE, text=True,
+    )
+    assert (result.returncode, result.stderr) == (1, "rq: cannot write to standard output: it is closed\n")
+
+
+def test_interruptedFreshInterpreter(tmp_path: Path) -> None:
+    """
+    A real SIGINT while the command waits for the daemon: exit 130, no
+    output, no traceback.
+    """
+    code = (
+        "import signal, sys\n"
+        "from rqtwisted.cli import main\n"
+        "class Waiting:\n"
+        "    def __init__(self, path): pass\n"
+        "    def call(self, command, **args):\n"
+        f"        signal.raise_signal({int(signal.SIGINT)})\n"
+        "        return ('ok', 'not interrupted')\n"
+        "sys.exit(main(['ping'], Waiting))\n"
+    )
+    result = _python("-c", code, cwd=str(tmp_path))
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "")
 
 
 def test_daemonPathsImportNoTwisted(tmp_path: Any) -> None:
