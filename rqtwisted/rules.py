@@ -18,7 +18,9 @@ C{rq_router} queue that routes by these rules is L{rqtwisted.router}.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -511,13 +513,26 @@ def load_rules(path: str) -> RuleSet:
     """
     Read and parse a rules file.
 
-    @raise RulesError: missing, unreadable, too large, not UTF-8 or invalid.
+    Anything but a regular file (a FIFO, a device, a directory) is refused
+    without reading it: opening a FIFO would block until a writer came.
+
+    @raise RulesError: missing, not a regular file, unreadable, too large,
+        not UTF-8 or invalid.
     """
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: the open of a FIFO returns at once, for fstat to refuse.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise RulesError(0, f"cannot read {path}: {e.strerror or e}")
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RulesError(0, f"{path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(MAX_RULES_SIZE + 1)
     except OSError as e:
         raise RulesError(0, f"cannot read {path}: {e.strerror or e}")
+    finally:
+        os.close(fd)
     if len(data) > MAX_RULES_SIZE:
         raise RulesError(0, f"{path} is larger than {MAX_RULES_SIZE} bytes")
     try:

@@ -5,11 +5,13 @@ Fixtures the unit tests share.
     may register its own in-process handlers.
   - C{started}: an in-memory instance (fake spawner, L{Clock}) with a started
     queue C{test} running C{./code/noop}; C{(instance, spawner, clock)}.
+  - C{no_hang}: fails the test if it blocks for good (SIGALRM).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import signal
+from typing import Any, Iterator
 
 import pytest
 from twisted.internet.task import Clock
@@ -36,3 +38,19 @@ def started(tmp_path: Any) -> tuple[Any, FakeSpawner, Clock]:
     instance.create_queue({"name": "test", "script": "./code/noop", "exec_prefix": ""})
     instance.startService()
     return instance, spawner, clock
+
+
+@pytest.fixture
+def no_hang() -> Iterator[None]:
+    """
+    Fail, rather than hang, a test whose blocking call would never return.
+    """
+
+    def expired(signum: int, frame: object) -> None:
+        raise AssertionError("blocked")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

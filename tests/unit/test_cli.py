@@ -558,6 +558,17 @@ def test_verifyRulesMissingFile(rq: Run, tmp_path: Path) -> None:
     assert "nope.rb" in err and "Traceback" not in err
 
 
+def test_verifyRulesFifo(rq: Run, tmp_path: Path, no_hang: None) -> None:
+    """
+    A FIFO is refused at once (its open used to block until a writer
+    came): the original's line, exit 1, why on stderr.
+    """
+    fifo = tmp_path / "rules.rb"
+    os.mkfifo(fifo)
+    expected = (1, "fail bad router rules file\n", f"{fifo} is not a regular file\n")
+    assert rq(FakeDaemon(), "verify_rules", "--path", str(fifo)) == expected
+
+
 def test_verifyRulesNeedsPath(rq: Run) -> None:
     """
     C{--path} is required.

@@ -5,6 +5,8 @@ matching (hypothesis: arbitrary text never crashes the parser).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -185,6 +187,20 @@ def test_load_rules_errors(tmp_path) -> None:
     with pytest.raises(RulesError) as info:
         load_rules(str(bad))
     assert info.value.line == 3
+
+
+def test_load_rules_refuses_what_is_not_a_regular_file(tmp_path, no_hang) -> None:
+    """
+    A FIFO (whose open would block until a writer came), a device and a
+    directory are refused without being read.
+    """
+    fifo = tmp_path / "fifo.rb"
+    os.mkfifo(fifo)
+    for path in (str(fifo), os.devnull, str(tmp_path)):
+        with pytest.raises(RulesError) as info:
+            load_rules(path)
+        assert (info.value.line, info.value.reason) == (0, f"{path} is not a regular file")
+    assert verify_rules_file(str(fifo)) == (False, f"{fifo} is not a regular file")
 
 
 def test_verify_rules_file(tmp_path) -> None:
