@@ -34,6 +34,39 @@ _TRUTHY = (True, "true", "yes", "1", 1)
 DEFAULT_MAX_UPLOAD_SIZE = 4 * 1024**3
 
 
+#: The highest TCP port.
+MAX_PORT = 65535
+
+
+def parse_port(value: Any) -> int:
+    """
+    A TCP port given as an integer or as decimal digits (blanks around
+    them allowed): 0, meaning any free port, to L{MAX_PORT}.
+
+    @raise ValueError: anything else (text that is not a number, a
+        boolean, a number out of range).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a port: {value!r}")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        number = int(value)
+    else:
+        raise ValueError(f"not a port: {value!r}")
+    if not 0 <= number <= MAX_PORT:
+        raise ValueError(f"not a port: {value!r}")
+    return number
+
+
+def port_error(option: str, value: Any) -> str:
+    """
+    Why C{value} of C{option} (e.g. C{--port}) is refused by
+    L{parse_port}.
+    """
+    return f"{option} must be an integer from 0 to {MAX_PORT}, not {value!r}"
+
+
 class ConfigError(Exception):
     """
     A configuration file is missing or invalid; C{reason} says how.
@@ -75,9 +108,9 @@ class RootConfig:
             if key not in data:
                 raise ConfigError(f"config.json is missing {key}")
         try:
-            port = int(data["port"])
-        except (TypeError, ValueError):
-            raise ConfigError(f"config.json has an invalid port: {data['port']!r}")
+            port = parse_port(data["port"])
+        except ValueError:
+            raise ConfigError(f"config.json has an invalid port: {data['port']!r} (0 to {MAX_PORT})")
         root = str(data.get("relative_root") or "/")
         if not root.startswith("/"):
             raise ConfigError("relative_root must start with /")
@@ -368,26 +401,34 @@ def init_root(
     line, C{queue.noindex/} behind a C{queue} symlink, C{log/}, C{code/} and
     the default queues. An existing config is kept unless C{force}.
 
-    @raise ConfigError: C{Already installed} (config present, no C{force}).
+    The options are checked before anything is created: a refused one
+    leaves no half-made root behind.
+
+    @raise ConfigError: C{Already installed} (config present, no C{force}),
+        or an invalid C{port} (L{parse_port}).
     """
     root = Root(path)
     exists = os.path.exists(root.config_path)
     if exists and not force:
         raise ConfigError("Already installed")
-    for sub in ("config", "log", "code", "scandir", "timers"):
-        os.makedirs(root.join(sub), exist_ok=True)
-    if not os.path.lexists(root.queue_dir):
-        os.makedirs(root.join("queue.noindex"), exist_ok=True)
-        os.symlink("queue.noindex", root.queue_dir)
+    try:
+        port_number = parse_port(port) if port is not None else 3333
+    except ValueError:
+        raise ConfigError(port_error("--port", port))
     config = {
         "env": env or "development",
         "host": host or default_host(),
-        "port": int(port) if port is not None else 3333,
+        "port": port_number,
         "addr": addr or "127.0.0.1",
         "tmpdir": tmpdir or root.join("tmp"),
         "allow_new_queue": allow_new_queue,
     }
     os.makedirs(config["tmpdir"], exist_ok=True)
+    for sub in ("config", "log", "code", "scandir", "timers"):
+        os.makedirs(root.join(sub), exist_ok=True)
+    if not os.path.lexists(root.queue_dir):
+        os.makedirs(root.join("queue.noindex"), exist_ok=True)
+        os.symlink("queue.noindex", root.queue_dir)
     write_json(root.config_path, config)
     for name in DEFAULT_QUEUES:
         script = root.join("code", f"{name}_script")

@@ -33,7 +33,7 @@ from rqtwisted.admin import AdminAPI, AdminFactory, AdminServer
 from rqtwisted.admincommands import SOCKET, SPILL_DIR
 from rqtwisted.configwatch import ConfigWatcher
 from rqtwisted.durable import syncer_for
-from rqtwisted.root import ConfigError, Root, RootConfig, ensure_root
+from rqtwisted.root import ConfigError, Root, RootConfig, ensure_root, parse_port, port_error
 from rqtwisted.rootlock import RootLocked, lock_root
 from rqtwisted.scandir import ScandirService
 from rqtwisted.supervisor import Instance
@@ -58,14 +58,16 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """
-        Resolve the root directory.
+        Resolve the root directory; check C{--port} (L{parse_port}).
+
+        @raise usage.UsageError: C{--port} is not a port.
         """
         self["root"] = os.path.abspath(self["root"] or os.environ.get("RQ_ROOT") or os.getcwd())
         if self["port"] is not None:
             try:
-                int(self["port"])
+                self["port"] = parse_port(self["port"])
             except ValueError:
-                raise usage.UsageError(f"--port must be a number, not {self['port']!r}")
+                raise usage.UsageError(port_error("--port", self["port"]))
 
 
 class PidFileService(Service):

@@ -746,6 +746,19 @@ def test_initReal(rq: Run, tmp_path: Any) -> None:
     assert rq(FakeDaemon(), "init", "--root", str(root), "--force", "--host=h") == (0, f"ok {root}\n", "")
 
 
+@pytest.mark.parametrize("port", ["abc", "99999", "-1", "", "3.5"])
+def test_initBadPort(rq: Run, tmp_path: Path, port: str) -> None:
+    """
+    A C{--port} that is not a port is refused by name before anything is
+    created (it used to leave a root without config, or a config the
+    daemon could not listen with).
+    """
+    root = tmp_path / "root"
+    expected = (1, f"fail --port must be an integer from 0 to 65535, not {port!r}\n", "")
+    assert rq(FakeDaemon(), "init", "--root", str(root), f"--port={port}") == expected
+    assert not root.exists()
+
+
 # -- errors -----------------------------------------------------------------------
 
 

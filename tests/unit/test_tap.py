@@ -36,9 +36,20 @@ def test_root_defaults_to_env_then_cwd(tmp_path, monkeypatch):
     assert opts["root"] == str(tmp_path)
 
 
-def test_bad_port_is_a_usage_error(tmp_path):
-    with pytest.raises(usage.UsageError):
-        tap.Options().parseOptions(["--root", str(tmp_path), "--port", "eighty"])
+@pytest.mark.parametrize("port", ["eighty", "99999", "65536", "-1", ""])
+def test_bad_port_is_a_usage_error(tmp_path, port):
+    """
+    A C{--port} that is not a port from 0 to 65535 is a usage error naming
+    the option (99999 used to reach bind and die with a traceback).
+    """
+    with pytest.raises(usage.UsageError, match=f"--port must be an integer from 0 to 65535, not {port!r}"):
+        tap.Options().parseOptions(["--root", str(tmp_path), "--port", port])
+
+
+def test_port_option_is_a_number(tmp_path):
+    opts = tap.Options()
+    opts.parseOptions(["--root", str(tmp_path), "--port", "65535"])
+    assert opts["port"] == 65535
 
 
 def test_make_service_lays_out_empty_root(tmp_path):
