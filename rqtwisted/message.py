@@ -162,6 +162,16 @@ def is_remote_dest(dest: str) -> bool:
 
 
 def _to_int(value: Any, key: str) -> int:
+    """
+    C{count} or C{max_count} as an int ("input converted", message.md):
+    an integer as it is; a number or numeric text (blanks around it
+    allowed, C{"3.7"}, C{" 5 "}) truncated toward zero (the original's
+    C{to_i} read C{"3.7"} as 3).
+
+    @raise MessageError: text that is not a number at all (the original
+        read it as 0; here bad input gets a clear error), the empty text,
+        NaN, an infinity, or another type.
+    """
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
@@ -169,10 +179,17 @@ def _to_int(value: Any, key: str) -> int:
     try:
         if isinstance(value, float):
             return int(value)
-        return int(str(value).strip())
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                return int(text)
+            except ValueError:
+                # Not an integer: perhaps a decimal number (C{"3.7"}).
+                return int(float(text))
     except (ValueError, OverflowError):
         # (int() of an infinite float overflows, of NaN is a ValueError.)
-        raise MessageError(f"invalid {key} field ({value})")
+        pass
+    raise MessageError(f"invalid {key} field ({value})")
 
 
 def _to_due(value: Any) -> float:
@@ -261,7 +278,8 @@ def creation_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     fields["count"] = _to_int(fields.get("count", 0), "count")
     fields["max_count"] = _to_int(fields.get("max_count", DEFAULT_MAX_COUNT), "max_count")
     if "due" in fields:
-        if fields["due"] in (None, ""):
+        # (Empty text is refused as C{"abc"} is; C{null} means absent.)
+        if fields["due"] is None:
             del fields["due"]
         else:
             _to_due(fields["due"])

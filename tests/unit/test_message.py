@@ -117,3 +117,42 @@ def test_creation_fields_errors():
         creation_fields({"dest": "q", "count": "many"})
     with pytest.raises(MessageError, match="invalid due"):
         creation_fields({"dest": "q", "due": "soon"})
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("3", 3), ("3.7", 3), (" 5 ", 5), ("-3.7", -3), ("1e3", 1000), ("12345678901234567890", 12345678901234567890),
+     (3.9, 3), (7, 7)],
+)
+def test_creation_fields_convert_counts(value, expected):
+    """
+    C{count} and C{max_count} are converted from numbers and numeric text
+    (the command line's values are text): decimals are truncated, blanks
+    around the number ignored.
+    """
+    fields = creation_fields({"dest": "q", "count": value, "max_count": value})
+    assert (fields["count"], fields["max_count"]) == (expected, expected)
+
+
+@pytest.mark.parametrize("value", ["abc", "3.7x", "", "  ", "0x10", "nan", "1e400", [3]])
+@pytest.mark.parametrize("key", ["count", "max_count"])
+def test_creation_fields_refuse_counts_that_are_not_numbers(key, value):
+    """
+    Text that is not a number at all is refused with a clear reason (the
+    original read it as 0).
+    """
+    with pytest.raises(MessageError) as info:
+        creation_fields({"dest": "q", key: value})
+    assert str(info.value) == f"invalid {key} field ({value})"
+
+
+@pytest.mark.parametrize("value", ["", " ", "abc"])
+def test_creation_fields_refuse_empty_due(value):
+    """
+    An empty due (C{--due=}) is refused as any other text that is not a
+    number; C{null} means no due (now).
+    """
+    with pytest.raises(MessageError) as info:
+        creation_fields({"dest": "q", "due": value})
+    assert str(info.value) == f"invalid due field ({value})"
+    assert "due" not in creation_fields({"dest": "q", "due": None})

@@ -476,6 +476,20 @@ def test_a_failed_queue_can_be_administered(started):
     assert "test" not in instance.queues
 
 
+def test_create_message_converts_command_line_counts(started):
+    """
+    The values C{rq sendmesg} passes on as text (C{--count 3.7}) are
+    converted where every message is created.
+    """
+    instance, spawner, clock = started
+    instance.set_admin("pause", "test")
+    full = result_of(instance.create_message({"dest": "test", "count": "3.7", "max_count": " 5 "}))
+    msg = instance.queue("test").get(short(full))
+    assert (msg["count"], msg["max_count"]) == (3, 5)
+    with pytest.raises(MessageError, match=r"invalid due field \(\)"):
+        instance.create_message({"dest": "test", "due": ""})
+
+
 def test_get_read_form(started):
     instance, spawner, clock = started
     instance.set_admin("pause", "test")

@@ -564,6 +564,22 @@ def test_new_message_json_body(env):
     assert msg["dest"] == "elsewhere" and msg["count"] == 3 and msg["param1"] == "p"
 
 
+def test_new_message_counts_converted_as_from_the_command_line(env):
+    """
+    Numeric text in C{count}/C{max_count} is converted as for C{rq
+    sendmesg} (one conversion for both); text that is not a number, and an
+    empty due, are refused with the same reasons.
+    """
+    instance, spawner, clock, client = env
+    mesg = {"dest": "test", "count": "3.7", "max_count": " 5 "}
+    status, full = client.post("/q/test/new_message", data={"mesg": json.dumps(mesg)}).json()
+    msg = instance.queue("test").get(full.rsplit("/", 1)[1])
+    assert (status, msg["count"], msg["max_count"]) == ("ok", 3, 5)
+    for field, value in (("count", "abc"), ("due", "")):
+        reply = client.post("/q/test/new_message", data={"mesg": json.dumps({"dest": "test", field: value})})
+        assert reply.json() == ["fail", f"invalid {field} field ({value})"]
+
+
 def test_new_message_mesg_field_and_methods(env):
     instance, spawner, clock, client = env
     reply = client.post("/q/test/new_message", data={"mesg": json.dumps({"dest": "test", "_method": "prep"})})
