@@ -375,6 +375,10 @@ class RuleSet:
 
     rules: list[Rule]
     default: Rule = field(default_factory=builtin_default)
+    #: The lines outside every rule that are not blank or comments: ignored,
+    #: as the original ignored them, but told by C{rq verify_rules
+    #: --verbose} (a misspelt C{Rule "x"} makes a whole rule vanish).
+    ignored: list[int] = field(default_factory=list)
 
     def match(self, msg: Mapping[str, Any]) -> Rule:
         """
@@ -391,7 +395,9 @@ class RuleSet:
         """
         lines = [r.describe() for r in self.rules]
         default = self.default.describe() if self.default.line else "default: built in, action err"
-        return "\n".join([*lines, default])
+        ignored = [f"line {n}: ignored: outside a rule (a rule starts at a line beginning 'rule ')"
+                   for n in self.ignored]
+        return "\n".join([*lines, default, *ignored])
 
 
 def _arity(name: str, args: list[Any], count: int) -> None:
@@ -480,6 +486,7 @@ def parse_rules(text: str) -> RuleSet:
     @raise RulesError: the file is invalid; C{line} tells where.
     """
     rules: list[Rule] = []
+    ignored: list[int] = []
     current: Rule | None = None
     for number, raw in enumerate(text.split("\n"), start=1):
         stripped = raw.strip()
@@ -496,6 +503,7 @@ def parse_rules(text: str) -> RuleSet:
                 rules.append(_finish(current))
             current = Rule(line=number)
         if current is None:
+            ignored.append(number)
             continue
         try:
             name, args = parse_statement(stripped)
@@ -506,7 +514,7 @@ def parse_rules(text: str) -> RuleSet:
         rules.append(_finish(current))
     ordered = [r for r in rules if not r.is_default]
     defaults = [r for r in rules if r.is_default]
-    return RuleSet(ordered, defaults[-1] if defaults else builtin_default())
+    return RuleSet(ordered, defaults[-1] if defaults else builtin_default(), ignored)
 
 
 def load_rules(path: str) -> RuleSet:

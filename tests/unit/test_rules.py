@@ -98,7 +98,26 @@ def test_last_rule_without_blank_line_and_comments() -> None:
 
 def test_lines_outside_rules_are_ignored() -> None:
     text = 'anything at all ( here\n\nrule "r"\n action :done\n src /x/\n\nstill ignored = 1 + \n'
-    assert [r.desc for r in parse_rules(text).rules] == ["r"]
+    rules = parse_rules(text)
+    assert [r.desc for r in rules.rules] == ["r"]
+    assert rules.ignored == [1, 7]
+
+
+def test_verbose_verify_names_ignored_lines(tmp_path) -> None:
+    """
+    Lines outside rules are ignored, as the original ignored them, but
+    C{rq verify_rules --verbose} names them: a misspelt C{Rule} line makes
+    its whole rule vanish.
+    """
+    path = tmp_path / "rules.rb"
+    path.write_text('Rule "photos"\n  action :relay\n  src /^photo/\n  route "store1"\n\nrule "default"\n  action :done\n')
+    ok, text = verify_rules_file(str(path), verbose=True)
+    assert ok
+    lines = text.splitlines()
+    assert lines[0].startswith("rule 'default' (line 6)")
+    assert lines[1:] == [
+        f"line {n}: ignored: outside a rule (a rule starts at a line beginning 'rule ')" for n in (1, 2, 3, 4)
+    ]
 
 
 def test_wrongly_typed_arguments_are_skipped() -> None:
