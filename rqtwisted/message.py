@@ -275,6 +275,11 @@ def creation_fields(data: Mapping[str, Any]) -> dict[str, Any]:
         value = fields.get(key)
         if value is not None and not isinstance(value, str):
             fields[key] = _text_field(key, value)
+    for key in ("dest", *PARAM_KEYS, "src", "orig_msg_id"):
+        value = fields.get(key)
+        if isinstance(value, str) and "\0" in value:
+            # A script could never see it: an environment value ends there.
+            raise MessageError(f"invalid {key} field: it contains a NUL character")
     fields["count"] = _to_int(fields.get("count", 0), "count")
     fields["max_count"] = _to_int(fields.get("max_count", DEFAULT_MAX_COUNT), "max_count")
     if "due" in fields:
@@ -289,9 +294,16 @@ def creation_fields(data: Mapping[str, Any]) -> dict[str, Any]:
             fields["post_run_webhook"] = hooks
         else:
             del fields["post_run_webhook"]
-    if not fields.get("force_remote"):
-        fields.pop("force_remote", None)
     return fields
+
+
+def truthy(value: Any) -> bool:
+    """
+    Whether a message field counts as set, as the original (Ruby) told:
+    anything but C{null} and C{false} (so C{0} and C{""} too). For
+    C{force_remote}, which is stored as given whenever present.
+    """
+    return value is not None and value is not False
 
 
 def due_of(msg: Mapping[str, Any], default: float) -> float:

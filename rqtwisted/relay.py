@@ -76,7 +76,7 @@ from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 
 from rqtwisted.durable import replace_file
-from rqtwisted.message import count_of
+from rqtwisted.message import count_of, truthy
 from rqtwisted.relayhttp import HttpPeer, make_clients
 from rqtwisted.relaypeers import Attachment, LocalPeer, Peer, RemotePeer
 from rqtwisted.relaywire import (
@@ -210,7 +210,7 @@ class Relayer:
         msg = job.msg
         dest = str(msg.get("dest") or "")
         job.log(f"dest - {dest}")
-        force = bool(msg.get("force_remote"))
+        force = truthy(msg.get("force_remote"))
         if force:
             job.log("FORCE REMOTE")
         count = count_of(msg, "count", 0)

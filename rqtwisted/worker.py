@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 
 from rqtwisted import RQ_VERSION
 from rqtwisted.durable import NONBLOCKING
-from rqtwisted.message import base_url, dest_queue, dest_url
+from rqtwisted.message import base_url, dest_queue, dest_url, truthy
 from rqtwisted.protocol import Report, ReportParser
 from rqtwisted.directprocess import REPLY_FD, STATUS_FD, DirectProcess
 from rqtwisted.spawn import DirectSpawner, SpawnBusy, SpawnFailed
@@ -368,7 +368,7 @@ def worker_environment(
             "RQ_PORT": str(port),
         }
     )
-    if msg.get("force_remote"):
+    if truthy(msg.get("force_remote")):
         env["RQ_FORCE_REMOTE"] = "1"
     else:
         env.pop("RQ_FORCE_REMOTE", None)

@@ -66,7 +66,24 @@ def test_creation_fields_copies_only_creation_keys():
          "post_run_webhook": "http://a http://b", "force_remote": False}
     )
     assert fields == {"dest": "q", "param1": "a", "count": 3, "max_count": 4,
-                      "post_run_webhook": ["http://a", "http://b"]}
+                      "post_run_webhook": ["http://a", "http://b"], "force_remote": False}
+
+
+@pytest.mark.parametrize("value", [False, 0, "", None, True])
+def test_force_remote_stored_as_given_when_present(value):
+    assert creation_fields({"dest": "q", "force_remote": value})["force_remote"] == value
+    assert "force_remote" not in creation_fields({"dest": "q"})
+
+
+@pytest.mark.parametrize("key", ["dest", "param1", "param4", "src", "orig_msg_id"])
+def test_nul_in_a_text_field_is_refused(key):
+    """
+    A NUL character could never reach the script (an environment value
+    ends there): refused, naming the field.
+    """
+    data = {"dest": "q", key: "a\0b"}
+    with pytest.raises(MessageError, match=f"invalid {key} field: it contains a NUL character"):
+        creation_fields(data)
 
 
 
