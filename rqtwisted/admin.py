@@ -617,14 +617,15 @@ class AdminAPI:
 
         return self.instance.reload().addCallback(answer)
 
-    def create_queue(self, config: str) -> tuple[str, str]:
+    def create_queue(self, config: str) -> Deferred[tuple[str, str]]:
         """
-        Create a queue; answers the original's C{success} word.
+        Create a queue; answers the original's C{success} word once the
+        queue is on disk.
         """
         data = _loads(config, "queue config")
         if not isinstance(data, dict):
             raise MessageError("queue config must be a JSON object")
-        return ("success", self.instance.create_queue(data))
+        return self.instance.create_queue(data).addCallback(lambda text: ("success", text))
 
     def delete_queue(self, name: str) -> Deferred[tuple[str, str]]:
         """
@@ -640,7 +641,7 @@ class AdminAPI:
             return self.instance.restart_queue(name).addCallback(_ok)
         if action not in ("up", "down", "pause", "resume"):
             raise MessageError(f"unknown queue action {action}")
-        return _ok(self.instance.set_admin(action, name))
+        return self.instance.set_admin(action, name).addCallback(_ok)
 
     def create_message(
         self, message: str, method: str, relay_ok: str = "", message_file: str = ""

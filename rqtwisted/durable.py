@@ -6,7 +6,8 @@ reached the disk: write a temp file, fsync it, rename it over the target,
 fsync the directory. C{fsync} blocks, so L{Syncer} runs it in a thread and
 batches: every path asked for while a sync round is in flight is synced by the
 next round, together (group commit). Callers acknowledge only after the
-L{Deferred} of their sync fires.
+L{Deferred} of their sync fires. (A round's C{fsync}s are those of
+L{rqtwisted.fsync}.)
 
 On a memory filesystem (tmpfs, ramfs) C{fsync} does nothing: there is no
 disk behind it. L{syncer_for} then gives a L{Syncer} that skips the rounds
@@ -25,30 +26,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rqtwisted.fsync import sync_paths
+
 _log = Logger()
-
-
-def fsync_path(path: str) -> None:
-    """
-    C{fsync} a file or directory by path.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sync_paths(paths: Iterable[str]) -> None:
-    """
-    C{fsync} every path that still exists (a directory renamed away since it
-    was queued has had its entry synced by its new parent's sync).
-    """
-    for path in paths:
-        try:
-            fsync_path(path)
-        except FileNotFoundError:
-            pass
 
 
 #: Filesystems whose C{fsync} does nothing (Linux: kept in memory only).
