@@ -315,8 +315,10 @@ class Instance(MultiService):
 
     def delete_queue(self, name: str) -> Deferred[str]:
         """
-        Stop a queue and rename its directory to
-        C{queue/<name>.deleted.<inode>} (kept, ignored).
+        Stop a queue, rename its directory to
+        C{queue/<name>.deleted.<inode>} (kept, ignored) and remove its
+        C{down} and C{pause} markers: a queue created again under that name
+        starts up.
 
         @return: fires with the answer once that is on disk.
         """
@@ -328,7 +330,12 @@ class Instance(MultiService):
         def rename(_: object) -> Deferred[None]:
             inode = os.stat(path).st_ino
             os.rename(path, f"{path}.deleted.{inode}")
-            return self.syncer.sync(self.root.queue_dir)
+            for kind in ("down", "pause"):
+                try:
+                    os.unlink(self.root.marker(name, kind))
+                except FileNotFoundError:
+                    pass
+            return self.syncer.sync(self.root.queue_dir, self.root.join("config"))
 
         self._busy.add(name)
         d = self._remove(name).addCallback(rename)

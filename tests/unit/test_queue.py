@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from rqtwisted.durable import Syncer
 from rqtwisted.message import MessageError
 from rqtwisted.queue import IDLE_PASS, READY_STALE, READY_WITHIN, STOP_GRACE
-from rqtwisted.testing import instance_for, result_of
+from rqtwisted.testing import immediateSyncer, instance_for, result_of
 
 
 def send(instance, queue="test", **fields):
@@ -643,6 +643,28 @@ def test_delete_queue_answers_once_on_disk(started):
     answer, synced = rounds.answer(instance.delete_queue("test"))
     assert answer == "started deleting queue"
     assert instance.root.queue_dir in synced
+
+
+def test_deleted_queue_leaves_no_markers(started):
+    """
+    C{delete_queue} removes the queue's down and pause markers, and
+    answers after C{config/} is fsynced: the queue created again under
+    that name is up and takes messages.
+    """
+    instance, spawner, clock = started
+    root = instance.root
+    result_of(instance.set_admin("down", "test"))
+    result_of(instance.set_admin("pause", "test"))
+    rounds = held_syncer(instance)
+    answer, synced = rounds.answer(instance.delete_queue("test"))
+    assert answer == "started deleting queue"
+    assert root.join("config") in synced
+    assert not os.path.exists(root.marker("test", "down"))
+    assert not os.path.exists(root.marker("test", "pause"))
+    instance.syncer = immediateSyncer()
+    result_of(instance.create_queue({"name": "test", "script": "./code/noop"}))
+    assert instance.queue("test").status() == "UP"
+    assert result_of(instance.create_message({"dest": "test"})).startswith("http://")
 
 
 def test_unbalanced_exec_prefix_is_a_scripterror(started):
