@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from twisted.application.internet import UNIXServer
+from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IPushProducer
@@ -616,14 +617,15 @@ class AdminAPI:
 
         return self.instance.reload().addCallback(answer)
 
-    def create_queue(self, config: str) -> tuple[str, str]:
+    def create_queue(self, config: str) -> Deferred[tuple[str, str]]:
         """
-        Create a queue; answers the original's C{success} word.
+        Create a queue; answers the original's C{success} word once the
+        queue is on disk.
         """
         data = _loads(config, "queue config")
         if not isinstance(data, dict):
             raise MessageError("queue config must be a JSON object")
-        return ("success", self.instance.create_queue(data))
+        return self.instance.create_queue(data).addCallback(lambda text: ("success", text))
 
     def delete_queue(self, name: str) -> Deferred[tuple[str, str]]:
         """
@@ -639,7 +641,7 @@ class AdminAPI:
             return self.instance.restart_queue(name).addCallback(_ok)
         if action not in ("up", "down", "pause", "resume"):
             raise MessageError(f"unknown queue action {action}")
-        return _ok(self.instance.set_admin(action, name))
+        return self.instance.set_admin(action, name).addCallback(_ok)
 
     def create_message(
         self, message: str, method: str, relay_ok: str = "", message_file: str = ""
@@ -824,17 +826,78 @@ class AdminFactory(Factory):
         return protocol
 
 
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """
+    The device and inode of the file at C{path} (not followed if a
+    symlink), or L{None} when there is none.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class OwnSocketPort(unix.Port):
+    """
+    A UNIX socket port that, when it closes, removes its socket file only
+    while that file is still the socket it bound: a socket another process
+    has bound at the same path since (after ours was removed) is left to
+    its owner, and a removed one is not an error.
+    """
+
+    _boundPath: str | None = None
+    _bound: tuple[int, int] | None = None
+
+    def startListening(self) -> None:
+        """
+        Bind and listen, then note which file the socket is.
+        """
+        super().startListening()
+        self._boundPath = self.getHost().name
+        self._bound = _file_identity(self._boundPath)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        Close; remove the socket file if it is still ours.
+        """
+        path = self._boundPath
+        if path is None or self._bound is None or _file_identity(path) == self._bound:
+            super().connectionLost(reason)
+            return
+        _log.warn("{path} is no longer the socket this daemon bound; left in place", path=path)
+        # What unix.Port.connectionLost does after removing the file.
+        tcp.Port.connectionLost(self, reason)
+
+
 class AdminServer(UNIXServer):
     """
     The admin socket's service: when it stops, it takes no more
     connections, answers what the open ones asked and then closes them
-    (L{AdminFactory.drain}) before the daemon goes on stopping.
+    (L{AdminFactory.drain}) before the daemon goes on stopping. Its socket
+    file is removed only if still its own (L{OwnSocketPort}).
     """
 
-    def __init__(self, path: str, factory: AdminFactory, clock: Any, **kwargs: Any) -> None:
-        super().__init__(path, factory, **kwargs)
+    def __init__(self, path: str, factory: AdminFactory, clock: Any, mode: int = 0o666) -> None:
+        """
+        @param path: the socket's path.
+        @param factory: the admin protocol's factory.
+        @param clock: the reactor.
+        @param mode: the socket file's permissions.
+        """
+        super().__init__(path, factory, mode=mode)
+        self._path = path
+        self._mode = mode
         self._factory = factory
         self._clock = clock
+
+    def _getPort(self) -> OwnSocketPort:
+        """
+        Listen on the socket (L{UNIXServer} would use C{listenUNIX}).
+        """
+        port = OwnSocketPort(self._path, self._factory, mode=self._mode, reactor=self._clock)
+        port.startListening()
+        return port
 
     def stopService(self) -> Deferred[None]:
         """

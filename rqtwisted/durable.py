@@ -6,7 +6,8 @@ reached the disk: write a temp file, fsync it, rename it over the target,
 fsync the directory. C{fsync} blocks, so L{Syncer} runs it in a thread and
 batches: every path asked for while a sync round is in flight is synced by the
 next round, together (group commit). Callers acknowledge only after the
-L{Deferred} of their sync fires.
+L{Deferred} of their sync fires. (A round's C{fsync}s are those of
+L{rqtwisted.fsync}.)
 
 On a memory filesystem (tmpfs, ramfs) C{fsync} does nothing: there is no
 disk behind it. L{syncer_for} then gives a L{Syncer} that skips the rounds
@@ -27,40 +28,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rqtwisted.fsync import NONBLOCKING, sync_paths
+
 _log = Logger()
 
-
-#: Flags that keep an C{open} from waiting: a FIFO put where a file of a
-#: message is expected (a queue script can write its message directory)
-#: would block a blocking C{open} until somebody opened its other end.
-NONBLOCKING = os.O_NONBLOCK | os.O_CLOEXEC
-
-
-def fsync_path(path: str) -> None:
-    """
-    C{fsync} a file or directory by path.
-    """
-    fd = os.open(path, os.O_RDONLY | NONBLOCKING)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sync_paths(paths: Iterable[str]) -> None:
-    """
-    C{fsync} every path that still exists (a directory renamed away since it
-    was queued has had its entry synced by its new parent's sync), and that
-    can be synced (not a FIFO or socket put in place of a file).
-    """
-    for path in paths:
-        try:
-            fsync_path(path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
+__all__ = ["NONBLOCKING", "Syncer", "dumps", "read_file", "replace_file", "sync_paths", "write_file"]
 
 
 def read_file(path: str) -> bytes:

@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from rqtwisted.fsync import sync_paths
 from rqtwisted.message import JSON_READ_ERRORS, MessageError, valid_queue_name
 
 #: The queues every root has (cli.md, C{rq-install}).
@@ -370,19 +371,62 @@ def write_json(path: str, data: Any) -> None:
     os.rename(tmp, path)
 
 
-def create_queue_dir(root: Root, config: QueueConfig) -> None:
-    """
-    Create C{queue/<name>/} with its state directories and C{config.json}.
+#: The state directories a new queue directory is made with.
+QUEUE_STATE_DIRS = ("prep", "que", "run", "done", "relayed", "err", "tmp")
 
+
+def make_dirs(path: str) -> list[str]:
+    """
+    C{mkdir -p}: make C{path} and its missing parents.
+
+    @return: the directories whose entries changed (the parent of each
+        directory made), to sync for the new ones to last.
+    """
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.isdir(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    changed = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+            continue
+        changed.append(os.path.dirname(d))
+    return changed
+
+
+def make_queue_state_dirs(path: str) -> list[str]:
+    """
+    Make the queue directory C{path} and its state directories (those
+    missing).
+
+    @return: the directories whose entries changed (L{make_dirs}).
+    """
+    changed = make_dirs(path)
+    for state in QUEUE_STATE_DIRS:
+        changed.extend(make_dirs(os.path.join(path, state)))
+    return list(dict.fromkeys(changed))
+
+
+def create_queue_dir(root: Root, config: QueueConfig) -> list[str]:
+    """
+    Create C{queue/<name>/} with its state directories and C{config.json}
+    (written to a temp file, fsynced, renamed).
+
+    @return: the directories whose entries changed: the queue is there to
+        stay once they are synced.
     @raise MessageError: the queue exists already.
     """
     path = root.queue_path(config.name)
     if os.path.exists(os.path.join(path, "config.json")):
         raise MessageError("already created")
-    os.makedirs(path, exist_ok=True)
-    for state in ("prep", "que", "run", "done", "relayed", "err", "tmp"):
-        os.makedirs(os.path.join(path, state), exist_ok=True)
+    changed = make_queue_state_dirs(path)
     write_json(os.path.join(path, "config.json"), config.toDict())
+    return list(dict.fromkeys([*changed, path]))
 
 
 def init_root(
@@ -399,7 +443,9 @@ def init_root(
     """
     Lay out a root the way C{rq-install} does: C{config/config.json} on one
     line, C{queue.noindex/} behind a C{queue} symlink, C{log/}, C{code/} and
-    the default queues. An existing config is kept unless C{force}.
+    the default queues. An existing config is kept unless C{force}. Returns
+    once all of it is on disk (every file written and every directory whose
+    entries changed fsynced).
 
     The options are checked before anything is created: a refused one
     leaves no half-made root behind.
@@ -415,6 +461,14 @@ def init_root(
         port_number = parse_port(port) if port is not None else 3333
     except ValueError:
         raise ConfigError(port_error("--port", port))
+    # The root itself and config/ (which the daemon may have made before
+    # calling this) are synced whatever was made here.
+    changed = [*make_dirs(root.path), root.path, root.join("config")]
+    for sub in ("config", "log", "code", "scandir", "timers"):
+        changed.extend(make_dirs(root.join(sub)))
+    if not os.path.lexists(root.queue_dir):
+        changed.extend(make_dirs(root.join("queue.noindex")))
+        os.symlink("queue.noindex", root.queue_dir)
     config = {
         "env": env or "development",
         "host": host or default_host(),
@@ -423,12 +477,7 @@ def init_root(
         "tmpdir": tmpdir or root.join("tmp"),
         "allow_new_queue": allow_new_queue,
     }
-    os.makedirs(config["tmpdir"], exist_ok=True)
-    for sub in ("config", "log", "code", "scandir", "timers"):
-        os.makedirs(root.join(sub), exist_ok=True)
-    if not os.path.lexists(root.queue_dir):
-        os.makedirs(root.join("queue.noindex"), exist_ok=True)
-        os.symlink("queue.noindex", root.queue_dir)
+    changed.extend(make_dirs(config["tmpdir"]))
     write_json(root.config_path, config)
     for name in DEFAULT_QUEUES:
         script = root.join("code", f"{name}_script")
@@ -436,16 +485,20 @@ def init_root(
             with open(script, "w", encoding="utf-8") as f:
                 f.write(_BUILTIN_STUB.format(name=name))
             os.chmod(script, 0o755)
+            changed.extend([script, root.join("code")])
         if not os.path.exists(os.path.join(root.queue_path(name), "config.json")):
-            create_queue_dir(
-                root,
-                QueueConfig(
-                    name=name,
-                    script=f"./code/{name}_script",
-                    exec_prefix="",
-                    schedule=DEFAULT_SCHEDULES.get(name, ()),
-                ),
+            changed.extend(
+                create_queue_dir(
+                    root,
+                    QueueConfig(
+                        name=name,
+                        script=f"./code/{name}_script",
+                        exec_prefix="",
+                        schedule=DEFAULT_SCHEDULES.get(name, ()),
+                    ),
+                )
             )
+    sync_paths(dict.fromkeys(changed))
     return root
 
 

@@ -1,15 +1,21 @@
 """
 One daemon per root: an exclusive lock held for the daemon's whole life.
 
-The lock is a C{flock} on C{config/rq.lock}, taken before the daemon
-touches any message and never let go: the kernel drops it when the process
-ends, however it ends (a C{SIGKILL} leaves nothing stale behind, whatever
-pid the system hands out next). The daemon gives the lock's fd to its
-watchdog too (L{rqtwisted.worker.Watchdog}): the lock then lasts until the
-workers of a killed daemon are gone. So a second daemon cannot start on
-the root while the first still runs, shuts down (its workers get their
-grace period) or is being cleaned up after, which would run the same
-messages twice and lose their pid files.
+The lock is a C{flock} on the root's C{config/} directory itself (through a
+read-only fd of the directory), taken before the daemon touches any message
+and never let go: the kernel drops it when the process ends, however it ends
+(a C{SIGKILL} leaves nothing stale behind, whatever pid the system hands out
+next). The directory goes only with the root's config, so a second daemon
+always meets the lock; a lock on a file in it would go with the file (a
+second daemon would create a new one and lock that). The daemon gives the
+lock's fd to its watchdog too (L{rqtwisted.worker.Watchdog}): the lock then
+lasts until the workers of a killed daemon are gone. So a second daemon
+cannot start on the root while the first still runs, shuts down (its
+workers get their grace period) or is being cleaned up after, which would
+run the same messages twice and lose their pid files.
+
+The holder writes its pid in C{config/rq.lock}, for the message that
+refuses a second daemon; that file is not the lock.
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ import os
 
 from rqtwisted.root import Root
 
-#: The lock file, below the root.
-LOCK_FILE = os.path.join("config", "rq.lock")
+#: The directory whose lock is the root's, below the root.
+LOCK_DIR = "config"
 
-#: Roots this process holds the lock of: lock file path -> its fd. A
+#: The file the holder writes its pid in, below the root.
+LOCK_FILE = os.path.join(LOCK_DIR, "rq.lock")
+
+#: Roots this process holds the lock of: locked directory -> its fd. A
 #: process that builds the daemon's services again (tests do) keeps the
 #: lock it has.
 _held: dict[str, int] = {}
@@ -33,8 +42,9 @@ class RootLocked(Exception):
     """
     Another process holds the root's lock.
 
-    @ivar path: the lock file.
-    @ivar pid: the pid written in it (the daemon that took it), if any.
+    @ivar path: the locked directory.
+    @ivar pid: the pid written in the pid file by the daemon that took it,
+        if any.
     """
 
     def __init__(self, path: str, pid: int | None) -> None:
@@ -50,38 +60,48 @@ class RootLocked(Exception):
 def lock_root(root: Root) -> int:
     """
     Take the lock of C{root} for the rest of this process's life and write
-    our pid in it.
+    our pid in L{LOCK_FILE}.
 
-    @return: the lock file's fd (close-on-exec), for a child that must hold
-        the lock as long as it runs.
+    @return: the locked directory's fd (close-on-exec), for a child that
+        must hold the lock as long as it runs.
     @raise RootLocked: another process holds it.
-    @raise OSError: the lock file cannot be opened.
+    @raise OSError: the directory cannot be opened or locked.
     """
-    path = root.join(LOCK_FILE)
+    path = root.join(LOCK_DIR)
     fd = _held.get(path)
     if fd is not None:
         return fd
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        pid = _holder(fd)
         os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise RootLocked(path, pid) from None
+            raise RootLocked(path, _holder(root.join(LOCK_FILE))) from None
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
     _held[path] = fd
+    _write_pid(root.join(LOCK_FILE))
     return fd
 
 
-def _holder(fd: int) -> int | None:
+def _write_pid(path: str) -> None:
     """
-    The pid written in the lock file, if it holds one.
+    Write our pid in the pid file at C{path}.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, str(os.getpid()).encode("ascii"))
+    finally:
+        os.close(fd)
+
+
+def _holder(path: str) -> int | None:
+    """
+    The pid written in the pid file at C{path}, if it holds one.
     """
     try:
-        text = os.pread(fd, 32, 0).decode("ascii").strip()
+        with open(path, "rb") as f:
+            text = f.read(32).decode("ascii").strip()
     except (OSError, UnicodeDecodeError):
         return None
     return int(text) if text.isdigit() else None

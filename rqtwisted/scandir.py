@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -271,12 +271,13 @@ class ScandirService(Service):
         rewritten = False
         if not exists:
             try:
-                self.instance.create_queue(config.toDict())
+                created = self.instance.create_queue(config.toDict())
             except MessageError as e:
                 raise ScandirError(f"queue not created: {e.reason}")
+            self._logSyncFailure(created, entry.name)
             _log.info("scandir {name}: queue created from {target}", name=entry.name, target=target)
             self._mark(qdir, entry.name)
-            self.instance.set_admin("up", entry.name)
+            self._logSyncFailure(self.instance.set_admin("up", entry.name), entry.name)
         else:
             adopted = self._marked(qdir) != entry.name
             if adopted:
@@ -290,11 +291,19 @@ class ScandirService(Service):
                 _log.info("scandir {name}: queue config rewritten from {target}", name=entry.name, target=target)
                 rewritten = True
             if adopted and entry.name in self.instance.queues:
-                self.instance.set_admin("up", entry.name)
+                self._logSyncFailure(self.instance.set_admin("up", entry.name), entry.name)
         self._link_form(qdir, target)
         entry.queue = entry.name
         entry.fingerprint = fingerprint
         return rewritten
+
+    @staticmethod
+    def _logSyncFailure(d: Deferred[Any], name: str) -> None:
+        """
+        Log it if what C{d} waits for (a change to queue C{name}, made
+        already) does not reach the disk: nobody else waits for it.
+        """
+        d.addErrback(lambda f: _log.failure("scandir {name}: change not synced", f, name=name))
 
     @staticmethod
     def _mark(qdir: str, name: str) -> None:

@@ -299,7 +299,8 @@ class QueueStore:
             "relayed": self.count_hashed("relayed"),
             "err": len(self._ids("err")),
         }
-        self._syncer.later(self.state_dir("run"), self.state_dir("que"), self.state_dir("corrupt"))
+        # (The queue directory: for the state directories made above.)
+        self._syncer.later(self.state_dir("run"), self.state_dir("que"), self.state_dir("corrupt"), self.path)
         return found
 
     def _clear_tmp(self) -> None:

@@ -41,6 +41,7 @@ from rqtwisted.root import (
     Root,
     RootConfig,
     create_queue_dir,
+    make_queue_state_dirs,
     queue_sort_key,
 )
 from rqtwisted.search import DEFAULT_LIMIT as DEFAULT_SEARCH_LIMIT
@@ -268,10 +269,18 @@ class Instance(MultiService):
         """
         return sorted(self.queues, key=queue_sort_key)
 
-    def create_queue(self, data: Mapping[str, Any]) -> str:
+    def _created(self, changed: list[str]) -> Deferred[str]:
+        """
+        The answer to a queue creation, once the directories it changed
+        (C{changed}) are synced.
+        """
+        return self.syncer.sync(*changed).addCallback(lambda _: "queue created - awesome")
+
+    def create_queue(self, data: Mapping[str, Any]) -> Deferred[str]:
         """
         Create and start a queue from a config object (queues.md).
 
+        @return: fires with the answer once the new queue is on disk.
         @raise MessageError: with the original's replies.
         """
         if not valid_queue_name(data.get("name")):
@@ -282,16 +291,17 @@ class Instance(MultiService):
             raise MessageError(e.reason)
         if config.name in self.queues:
             raise MessageError("already created")
-        create_queue_dir(self.root, config)
+        changed = create_queue_dir(self.root, config)
         if self._add(config.name) is None:
             raise MessageError("queue not created")
-        return "queue created - awesome"
+        return self._created(changed)
 
-    def create_queue_link(self, path: str) -> str:
+    def create_queue_link(self, path: str) -> Deferred[str]:
         """
         Create and start a queue whose C{config.json} is a symlink to the
         config file at C{path} (absolute), validated first (queues.md).
 
+        @return: fires with the answer once the new queue is on disk.
         @raise MessageError: with the original's replies.
         """
         try:
@@ -322,30 +332,39 @@ class Instance(MultiService):
         if name in self.queues or os.path.lexists(os.path.join(self.root.queue_path(name), "config.json")):
             raise MessageError("queue is already running")
         queue_dir = self.root.queue_path(name)
-        for state in ("prep", "que", "run", "done", "relayed", "err", "tmp"):
-            os.makedirs(os.path.join(queue_dir, state), exist_ok=True)
+        changed = make_queue_state_dirs(queue_dir)
         os.symlink(path, os.path.join(queue_dir, "config.json"))
         if self._add(name) is None:
             raise MessageError("queue not created")
-        return "queue created - awesome"
+        return self._created([*changed, queue_dir])
 
     def delete_queue(self, name: str) -> Deferred[str]:
         """
-        Stop a queue and rename its directory to
-        C{queue/<name>.deleted.<inode>} (kept, ignored).
+        Stop a queue, rename its directory to
+        C{queue/<name>.deleted.<inode>} (kept, ignored) and remove its
+        C{down} and C{pause} markers: a queue created again under that name
+        starts up.
+
+        @return: fires with the answer once that is on disk.
         """
         if not self._known(name):
             raise MessageError("no such queue")
         self._check_idle(name)
         path = self.root.queue_path(name)
 
-        def rename(_: object) -> str:
+        def rename(_: object) -> Deferred[None]:
             inode = os.stat(path).st_ino
             os.rename(path, f"{path}.deleted.{inode}")
-            return "started deleting queue"
+            for kind in ("down", "pause"):
+                try:
+                    os.unlink(self.root.marker(name, kind))
+                except FileNotFoundError:
+                    pass
+            return self.syncer.sync(self.root.queue_dir, self.root.join("config"))
 
         self._busy.add(name)
         d = self._remove(name).addCallback(rename)
+        d.addCallback(lambda _: "started deleting queue")
         d.addBoth(self._unbusy, name)
         return d
 
@@ -397,10 +416,12 @@ class Instance(MultiService):
         d.addBoth(self._unbusy, name)
         return d
 
-    def set_admin(self, action: str, name: str) -> str:
+    def set_admin(self, action: str, name: str) -> Deferred[str]:
         """
         C{up} (remove C{.down}), C{down} (create it), C{pause} (create
-        C{.pause}), C{resume} (remove it).
+        C{.pause}), C{resume} (remove it). The queue follows at once.
+
+        @return: fires with C{name} once the change is on disk.
         """
         if not self._known(name):
             raise MessageError("invalid queue name")
@@ -419,7 +440,7 @@ class Instance(MultiService):
         queue = self.queues.get(name)
         if queue is not None:
             queue.schedule()
-        return name
+        return self.syncer.sync(self.root.join("config")).addCallback(lambda _: name)
 
     def reload(self) -> Deferred[str]:
         """

@@ -33,7 +33,8 @@ from rqtwisted.admin import AdminAPI, AdminFactory, AdminServer
 from rqtwisted.admincommands import SOCKET, SPILL_DIR
 from rqtwisted.configwatch import ConfigWatcher
 from rqtwisted.durable import syncer_for
-from rqtwisted.root import ConfigError, Root, RootConfig, ensure_root, parse_port, port_error
+from rqtwisted.fsync import sync_paths
+from rqtwisted.root import ConfigError, Root, RootConfig, ensure_root, make_dirs, parse_port, port_error
 from rqtwisted.rootlock import RootLocked, lock_root
 from rqtwisted.scandir import ScandirService
 from rqtwisted.supervisor import Instance
@@ -264,7 +265,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # both lay it out (the loser's options would end up in its config).
     root = Root(options["root"])
     try:
-        os.makedirs(root.join("config"), exist_ok=True)
+        sync_paths(make_dirs(root.join("config")))
         lock = lock_root(root)
     except RootLocked as e:
         raise SystemExit(f"rq: {e}")

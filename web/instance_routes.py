@@ -143,9 +143,11 @@ class InstanceRoutes:
         self._require_new_queue()
         return self._page(request, pages.new_queue_content(self.root), title="RQ :: new queue")
 
-    def new_queue(self, request: Any) -> bytes:
+    @inlineCallbacks
+    def new_queue(self, request: Any) -> Any:
         """
-        C{POST /new_queue}: create a queue from the form; 303 to its page.
+        C{POST /new_queue}: create a queue from the form; 303 to its page
+        once it is on disk.
         """
         self._require_new_queue()
         form = form_fields(request, "queue")
@@ -154,7 +156,7 @@ class InstanceRoutes:
             values = request.args.get(f"queue[{key}][]".encode(), [])
             data[key] = [int(v) for v in values if v.strip().isdigit()]
         try:
-            result = ["success", self.instance.create_queue(data)]
+            result = ["success", (yield maybeDeferred(self.instance.create_queue, data))]
         except MessageError as e:
             result = ["fail", e.reason]
         self._notify(request, "We got ", ("code", json.dumps(data)), " from form, and ",
@@ -162,10 +164,11 @@ class InstanceRoutes:
                      kind="notice" if result[0] == "success" else "error")
         return self._redirect(request, self._url("q", str(data["name"])))
 
-    def new_queue_link(self, request: Any) -> bytes:
+    @inlineCallbacks
+    def new_queue_link(self, request: Any) -> Any:
         """
         C{POST /new_queue_link}: a queue whose C{config.json} is a symlink to
-        a config file inside the root.
+        a config file inside the root; answered once it is on disk.
         """
         self._require_new_queue()
         path = form_arg(request, "queue[json_path]") or ""
@@ -183,7 +186,7 @@ class InstanceRoutes:
         if create_link is None:
             return self._text(request, "501 - queue links are not available in this version", 501)
         try:
-            result = ["success", create_link(real)]
+            result = ["success", (yield maybeDeferred(create_link, real))]
         except MessageError as e:
             result = ["fail", e.reason]
         self._notify(request, "We got ", ("code", path), " from form, and ", ("code", json.dumps(result)),

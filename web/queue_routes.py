@@ -238,16 +238,18 @@ class QueueRoutes:
                                            result[1] if result[0] == "ok" else f"{result[0]} - {result[1]}")
         return self._page(request, content, title=f"RQ :: {name}")
 
+    @inlineCallbacks
     def adminoper(self, request: Any, name: str) -> Any:
         """
-        C{POST /q/<name>/adminoper}: pause, resume, down or up.
+        C{POST /q/<name>/adminoper}: pause, resume, down or up; answered
+        once the change is on disk.
         """
         self._queue(name, "text")
         action = next((a for a in ADMIN_ACTIONS if a.encode() in request.args), None)
         if action is None:
             return self._text(request, "400 - Invalid admin action", 400)
         try:
-            self.instance.set_admin(action, name)
+            yield maybeDeferred(self.instance.set_admin, action, name)
         except MessageError as e:
             return self._text(request, f"500 - Couldn't {action} queue. {reply_text('fail', e.reason)}.", 500)
         self._notify(request, f"Successfully {_PAST[action]} queue {name}")

@@ -179,6 +179,18 @@ def second_daemon(daemon: Daemon) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_one_daemon_per_root_without_its_pid_file(daemon: Daemon) -> None:
+    """
+    Removing C{config/rq.lock} (where the daemon writes its pid) lets no
+    second daemon in: it is refused, and the first keeps its admin socket.
+    """
+    (daemon.root / "config" / "rq.lock").unlink()
+    refused = second_daemon(daemon)
+    assert refused.returncode != 0
+    assert "another rq daemon runs on this root (pid unknown;" in refused.stdout + refused.stderr
+    assert daemon.rq("ping") == (0, ["ok pong"])
+
+
 def test_one_daemon_per_root(daemon: Daemon, tmp_path: Path, read_pid) -> None:
     """
     A second daemon on a root refuses to start, saying why, while the first

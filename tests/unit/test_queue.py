@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
+from rqtwisted.durable import Syncer
 from rqtwisted.message import MessageError
 from rqtwisted.queue import IDLE_PASS, READY_STALE, READY_WITHIN, STOP_GRACE
-from rqtwisted.testing import HeldThreads, instance_for, result_of
+from rqtwisted.testing import HeldThreads, immediateSyncer, instance_for, result_of
 
 
 def send(instance, queue="test", **fields):
@@ -469,7 +472,7 @@ def test_a_failed_queue_can_be_administered(started):
     """
     instance, spawner, clock = started
     fail_queue(instance, "test")
-    assert instance.set_admin("pause", "test") == "test"
+    assert result_of(instance.set_admin("pause", "test")) == "test"
     assert os.path.exists(instance.root.marker("test", "pause"))
     assert result_of(instance.delete_queue("test")) == "started deleting queue"
     clock.advance(10)
@@ -566,6 +569,130 @@ def test_delete_queue_renames_dir(started):
     assert "test" not in instance.queues
     names = os.listdir(instance.root.queue_dir)
     assert any(n.startswith("test.deleted.") for n in names)
+
+
+class HeldRounds:
+    """
+    A L{Syncer} thread runner whose rounds wait until L{finish} runs them;
+    records the paths of the rounds that ran.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+        self.synced: set[str] = set()
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def finish(self) -> None:
+        """
+        Run the oldest waiting round.
+        """
+        f, args, d = self.calls.pop(0)
+        [paths] = args
+        self.synced.update(paths)
+        d.callback(f(paths))
+
+    def answer(self, d: Deferred[Any]) -> tuple[Any, set[str]]:
+        """
+        Run rounds until C{d} fires: its result, and the paths synced
+        before it did.
+        """
+        out: list[Any] = []
+        d.addBoth(out.append)
+        assert out == [], "answered before any sync"
+        while not out:
+            self.finish()
+        if isinstance(out[0], Failure):
+            out[0].raiseException()
+        return out[0], set(self.synced)
+
+
+def held_syncer(instance: Any) -> HeldRounds:
+    """
+    Give C{instance} a syncer whose rounds run when the test says.
+    """
+    rounds = HeldRounds()
+    instance.syncer = Syncer(rounds)
+    return rounds
+
+
+def test_create_queue_answers_once_the_queue_is_on_disk(started):
+    """
+    C{create_queue} answers after the new queue's directory and the
+    directories that gained its state directories and its config are
+    fsynced.
+    """
+    instance, spawner, clock = started
+    rounds = held_syncer(instance)
+    root = instance.root
+    answer, synced = rounds.answer(instance.create_queue({"name": "fresh", "script": "./code/noop"}))
+    assert answer == "queue created - awesome"
+    assert {root.queue_dir, root.queue_path("fresh")} <= synced
+
+
+def test_create_queue_link_answers_once_the_queue_is_on_disk(started, tmp_path):
+    """
+    So does C{create_queue_link}.
+    """
+    instance, spawner, clock = started
+    rounds = held_syncer(instance)
+    config = tmp_path / "linked.json"
+    config.write_text(json.dumps({"name": "linked", "script": "./code/noop", "num_workers": 1}))
+    answer, synced = rounds.answer(instance.create_queue_link(str(config)))
+    assert answer == "queue created - awesome"
+    assert {instance.root.queue_dir, instance.root.queue_path("linked")} <= synced
+
+
+@pytest.mark.parametrize("action", ["down", "up", "pause", "resume"])
+def test_admin_markers_answer_once_on_disk(started, action):
+    """
+    C{up}, C{down}, C{pause} and C{resume} answer after C{config/}, where
+    the markers are made and removed, is fsynced.
+    """
+    instance, spawner, clock = started
+    if action in ("up", "resume"):
+        result_of(instance.set_admin({"up": "down", "resume": "pause"}[action], "test"))
+    rounds = held_syncer(instance)
+    answer, synced = rounds.answer(instance.set_admin(action, "test"))
+    assert answer == "test"
+    assert instance.root.join("config") in synced
+
+
+def test_delete_queue_answers_once_on_disk(started):
+    """
+    C{delete_queue} answers after C{queue/}, where the queue's directory
+    was renamed, is fsynced.
+    """
+    instance, spawner, clock = started
+    rounds = held_syncer(instance)
+    answer, synced = rounds.answer(instance.delete_queue("test"))
+    assert answer == "started deleting queue"
+    assert instance.root.queue_dir in synced
+
+
+def test_deleted_queue_leaves_no_markers(started):
+    """
+    C{delete_queue} removes the queue's down and pause markers, and
+    answers after C{config/} is fsynced: the queue created again under
+    that name is up and takes messages.
+    """
+    instance, spawner, clock = started
+    root = instance.root
+    result_of(instance.set_admin("down", "test"))
+    result_of(instance.set_admin("pause", "test"))
+    rounds = held_syncer(instance)
+    answer, synced = rounds.answer(instance.delete_queue("test"))
+    assert answer == "started deleting queue"
+    assert root.join("config") in synced
+    assert not os.path.exists(root.marker("test", "down"))
+    assert not os.path.exists(root.marker("test", "pause"))
+    instance.syncer = immediateSyncer()
+    result_of(instance.create_queue({"name": "test", "script": "./code/noop"}))
+    assert instance.queue("test").status() == "UP"
+    assert result_of(instance.create_message({"dest": "test"})).startswith("http://")
 
 
 def test_unbalanced_exec_prefix_is_a_scripterror(started):

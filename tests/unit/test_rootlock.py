@@ -14,7 +14,7 @@ import pytest
 
 from rqtwisted import rootlock
 from rqtwisted.root import Root
-from rqtwisted.rootlock import LOCK_FILE, RootLocked, lock_root
+from rqtwisted.rootlock import LOCK_DIR, LOCK_FILE, RootLocked, lock_root
 
 PROJECT = str(Path(__file__).resolve().parents[2])
 
@@ -61,6 +61,7 @@ def test_lock_is_kept_and_names_its_holder(root: Root) -> None:
     fd = lock_root(root)
     assert lock_root(root) == fd
     assert os.get_inheritable(fd) is False
+    assert os.readlink(f"/proc/self/fd/{fd}") == root.join(LOCK_DIR)
     assert Path(root.join(LOCK_FILE)).read_text() == str(os.getpid())
 
 
@@ -83,6 +84,29 @@ def test_another_process_is_refused_while_the_holder_lives(root: Root) -> None:
     fd = lock_root(root)
     assert Path(root.join(LOCK_FILE)).read_text() == str(os.getpid())
     os.close(fd)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_the_lock_outlives_its_pid_file(root: Root, replace: bool) -> None:
+    """
+    The lock is the C{config/} directory's, not the pid file's: with
+    C{config/rq.lock} removed (or replaced by another file), a second
+    process is still refused while the holder lives.
+    """
+    other = holder(Path(root.path))
+    try:
+        os.unlink(root.join(LOCK_FILE))
+        if replace:
+            Path(root.join(LOCK_FILE)).write_text("")
+        with pytest.raises(RootLocked) as e:
+            lock_root(root)
+        assert e.value.pid is None
+        assert "another rq daemon runs on this root (pid unknown;" in str(e.value)
+    finally:
+        other.kill()
+        other.wait()
+    os.close(lock_root(root))
+    assert Path(root.join(LOCK_FILE)).read_text() == str(os.getpid())
 
 
 def test_a_child_given_the_fd_keeps_the_lock(root: Root) -> None:

@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 import rqtwisted.worker as worker_module
 from rqtwisted import rootlock
 from rqtwisted.root import QueueConfig, Root
-from rqtwisted.rootlock import LOCK_FILE, RootLocked, lock_root
+from rqtwisted.rootlock import LOCK_DIR, RootLocked, lock_root
 from rqtwisted.directprocess import DirectProcess
 from rqtwisted.protocol import Report
 import rqtwisted.spawn as spawn_module
@@ -2418,7 +2418,7 @@ async def test_watchdog_holds_the_root_lock(tmp_path: Any, monkeypatch: Any) -> 
     try:
         pid = watchdog.pid
         assert pid is not None
-        assert os.readlink(f"/proc/{pid}/fd/3") == root.join(LOCK_FILE)
+        assert os.readlink(f"/proc/{pid}/fd/3") == root.join(LOCK_DIR)
         # The daemon dies: its lock and its end of the pipe close.
         os.close(lock)
         rootlock._held.clear()

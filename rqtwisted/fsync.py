@@ -1,0 +1,42 @@
+"""
+C{fsync} by path, without Twisted (C{rq init} syncs the root it lays out
+with it). L{rqtwisted.durable.Syncer} runs these in a thread, grouped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Iterable
+
+#: Flags that keep an C{open} from waiting: a FIFO put where a file of a
+#: message is expected (a queue script can write its message directory)
+#: would block a blocking C{open} until somebody opened its other end.
+NONBLOCKING = os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def fsync_path(path: str) -> None:
+    """
+    C{fsync} a file or directory by path.
+    """
+    fd = os.open(path, os.O_RDONLY | NONBLOCKING)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_paths(paths: Iterable[str]) -> None:
+    """
+    C{fsync} every path that still exists (a directory renamed away since it
+    was queued has had its entry synced by its new parent's sync), and that
+    can be synced (not a FIFO or socket put in place of a file).
+    """
+    for path in paths:
+        try:
+            fsync_path(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
