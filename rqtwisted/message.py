@@ -306,37 +306,39 @@ def truthy(value: Any) -> bool:
     return value is not None and value is not False
 
 
+def _stored_number(msg: Mapping[str, Any], key: str) -> float | None:
+    """
+    A numeric field of a stored message, or L{None} when absent or
+    unreadable; numeric strings (the CLI's, quirks 10) count. A NaN or an
+    infinity, which older versions let in, is unreadable.
+    """
+    value = msg.get(key)
+    if value in (None, ""):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def due_of(msg: Mapping[str, Any], default: float) -> float:
     """
-    The due time of a stored message; tolerates the CLI's numeric strings
-    (quirks 10) and falls back to C{default} when absent or unreadable.
+    The due time of a stored message; C{default} when absent or
+    unreadable.
     """
-    value = msg.get("due")
-    if value in (None, ""):
-        return default
-    try:
-        due = float(value)
-    except (TypeError, ValueError):
-        return default
-    # (A NaN or infinite due, which older versions let in, is unreadable.)
-    return due if math.isfinite(due) else default
+    due = _stored_number(msg, "due")
+    return default if due is None else due
 
 
 def count_of(msg: Mapping[str, Any], key: str, default: int) -> int:
     """
-    A stored message's C{count} or C{max_count} (C{key}) as an int, as
-    C{due_of} reads C{due}: numeric strings and floats (older or hand-edited
-    files) are converted, and C{default} stands for a value that is absent
-    or unreadable, so that a bad field never stops a queue.
+    A stored message's C{count} or C{max_count} (C{key}) as an int, read as
+    L{due_of} reads C{due}: C{default} stands for a value that is absent or
+    unreadable, so that a bad field never stops a queue.
     """
-    value = msg.get(key)
-    if value in (None, ""):
-        return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return default
-    return int(number) if math.isfinite(number) else default
+    number = _stored_number(msg, key)
+    return default if number is None else int(number)
 
 
 def stored(msg: Mapping[str, Any]) -> dict[str, Any]:

@@ -202,13 +202,12 @@ class Instance(MultiService):
         return maybeDeferred(queue.disownServiceParent)
 
     def _remove(self, name: str) -> Deferred[Any]:
-        queue = self.queues.pop(name, None)
-        call = self._restarts.pop(name, None)
-        if call is not None and call.active():
-            call.cancel()
-        if queue is None or queue.parent is None:
-            return succeed(None)
-        return maybeDeferred(queue.disownServiceParent)
+        """
+        Forget a queue at once and stop its service (see L{_stop}).
+        """
+        d = self._stop(name)
+        self.queues.pop(name, None)
+        return d
 
     def queueFailed(self, name: str, failure: Failure) -> None:
         """

@@ -1143,30 +1143,34 @@ def test_running_message_removed_by_hand_is_forgotten(started):
     assert q.locate(nxt) == "done"
 
 
+def resend_with_counts(started, **counts):
+    """
+    Run a message whose stored counts were set to C{counts} (as by hand)
+    to a C{resend 0}; its queue and id.
+    """
+    instance, spawner, clock = started
+    q = instance.queue("test")
+    msg_id = short(send(instance))
+    q.run[msg_id].msg.update(counts)
+    spawner.workers[0].say("resend 0")
+    spawner.workers[0].exit(0)
+    return q, msg_id
+
+
 def test_unreadable_count_does_not_stop_the_queue(started):
     """
     A stored C{count} or C{max_count} that is not a number counts as
     absent (0): the message completes, the queue keeps running.
     """
-    instance, spawner, clock = started
-    q = instance.queue("test")
-    msg_id = short(send(instance))
-    q.run[msg_id].msg.update(count="x", max_count="y")
-    spawner.workers[0].say("resend 0")
-    spawner.workers[0].exit(0)
+    q, msg_id = resend_with_counts(started, count="x", max_count="y")
     assert q.running
     assert q.get_status(msg_id)["status"] == "err - HIT MAX RESEND COUNT - MOVING TO ERR"
 
 
 def test_numeric_string_counts_are_read(started):
-    instance, spawner, clock = started
-    q = instance.queue("test")
-    msg_id = short(send(instance))
-    q.run[msg_id].msg.update(count="2.0", max_count="5")
-    spawner.workers[0].say("resend 0")
-    spawner.workers[0].exit(0)
+    q, msg_id = resend_with_counts(started, count="2.0", max_count="5")
     assert q.get(msg_id)["count"] == 3
-    assert spawner.workers[1].env["RQ_COUNT"] == "3"
+    assert started[1].workers[1].env["RQ_COUNT"] == "3"
 
 
 def test_stop_does_not_wait_for_a_worker_whose_exit_was_taken(started, monkeypatch):
@@ -1355,13 +1359,11 @@ def test_server_restart_stops_every_queue_at_once(started):
     assert instance.queue("other").num_messages()["que"] == 1
 
 
-@pytest.mark.parametrize("change", ["commit", "delete", "stop"])
-def test_attach_answers_after_its_thread_and_fails_if_the_message_left_prep(tmp_path, change):
+def attach_held(tmp_path):
     """
-    An attach copies and hashes its file in a thread: meanwhile the queue
-    goes on (a commit or a delete of the message is answered at once); a
-    message no longer in prep then, or a stopped queue, fails the attach
-    with C{cannot find message}, and the message gets no attachment.
+    A queue whose thread work waits for the test, and the attach of a
+    3-byte file to a prepared message, under way:
+    C{(threads, queue, msg_id, outcomes)}.
     """
     threads = HeldThreads()
     instance, spawner, clock = instance_for(str(tmp_path / "root"), run_in_thread=threads)
@@ -1373,6 +1375,18 @@ def test_attach_answers_after_its_thread_and_fails_if_the_message_left_prep(tmp_
     f.write_text("abc")
     got = []
     q.attach(msg_id, str(f)).addBoth(got.append)
+    return threads, q, msg_id, got
+
+
+@pytest.mark.parametrize("change", ["commit", "delete", "stop"])
+def test_attach_answers_after_its_thread_and_fails_if_the_message_left_prep(tmp_path, change):
+    """
+    An attach copies and hashes its file in a thread: meanwhile the queue
+    goes on (a commit or a delete of the message is answered at once); a
+    message no longer in prep then, or a stopped queue, fails the attach
+    with C{cannot find message}, and the message gets no attachment.
+    """
+    threads, q, msg_id, got = attach_held(tmp_path)
     assert got == []
     if change == "commit":
         assert result_of(q.commit(msg_id)) == "msg commited"
@@ -1392,16 +1406,7 @@ def test_attach_answers_once_its_thread_is_done(tmp_path):
     Until the file is copied and hashed the attach is not answered; then
     it is, and the attachment is listed.
     """
-    threads = HeldThreads()
-    instance, spawner, clock = instance_for(str(tmp_path / "root"), run_in_thread=threads)
-    instance.create_queue({"name": "test", "script": "./code/noop", "exec_prefix": ""})
-    instance.startService()
-    q = instance.queue("test")
-    msg_id = short(result_of(instance.create_message({"dest": "test"}, "prep")))
-    f = tmp_path / "a.txt"
-    f.write_text("abc")
-    got = []
-    q.attach(msg_id, str(f)).addBoth(got.append)
+    threads, q, msg_id, got = attach_held(tmp_path)
     assert got == [] and "_attachments" not in q.get(msg_id)
     threads.run()
     assert got == ["900150983cd24fb0d6963f7d28e17f72-Attached successfully"]
