@@ -419,8 +419,11 @@ class AdminProtocol(amp.AMP):
     def _respond(self, make: Callable[[Any], dict[str, str]], outcome: Any, ask: bytes | None) -> None:
         """
         Send the answer C{make} builds from C{outcome} (or Twisted's error
-        answer if it cannot).
+        answer if it cannot). A request without C{_ask} wants no answer:
+        its detail is not spilled to a file nobody would remove.
         """
+        if ask is None and make == self._reply:
+            make = _unanswered
         try:
             response = make(outcome)
         except BaseException:
@@ -500,7 +503,8 @@ class AdminProtocol(amp.AMP):
             args = {k: v for k, v in kwargs.items() if v is not None}
             self._inflight += 1
             d = maybeDeferred(method, **args)
-            d.addCallbacks(self._reply, self._failed)
+            # (A request without _ask wants no answer: nothing to spill.)
+            d.addCallbacks(self._reply if asked[0] else _unanswered, self._failed)
             # (Its answer is written right after, in the same callback
             # chain: a hang-up asked for meanwhile waits for it.)
             d.addBoth(self._settled)
@@ -508,10 +512,13 @@ class AdminProtocol(amp.AMP):
 
         serialized = self._wrapWithSerialization(call, command)
 
+        asked = [True]
+
         def respond(box: amp.AmpBox) -> Any:
             # A request with an argument missing or not UTF-8 is answered
             # like any refusal, C{fail <reason>}, instead of Twisted's
             # logged exception, C{UNKNOWN} error and hang-up.
+            asked[0] = amp.ASK in box
             reason = _bad_arguments(command, box)
             if reason is not None:
                 return succeed(command.makeResponse({"status": "fail", "detail": reason}, self))
@@ -541,6 +548,13 @@ class AdminProtocol(amp.AMP):
 
 
 
+def _unanswered(result: tuple[str, str]) -> dict[str, str]:
+    """
+    The response to a request nobody wants answered: status only.
+    """
+    return {"status": result[0], "detail": ""}
+
+
 def _bad_arguments(command: type[amp.Command], box: amp.AmpBox) -> str | None:
     """
     Why the arguments of a request box cannot be used (a required one
@@ -568,7 +582,7 @@ def _ok(detail: str) -> tuple[str, str]:
 def _loads(text: str, what: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise MessageError(f"{what} is not valid JSON")
 
 
@@ -667,7 +681,8 @@ class AdminAPI:
         if not os.path.isabs(path) or os.path.dirname(os.path.realpath(path)) != spill:
             raise MessageError(f"message_file must be a file of {SPILL_DIR}")
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # (Without waiting: a FIFO would block until somebody wrote.)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             raise MessageError(f"message_file cannot be read: {e.strerror}")
         try:

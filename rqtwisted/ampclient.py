@@ -58,6 +58,8 @@ _ERROR_CODE = b"_error_code"
 _ERROR_DESCRIPTION = b"_error_description"
 
 _LENGTH = struct.Struct("!H")
+#: C{struct timeval}, for C{SO_SNDTIMEO}.
+_TIMEVAL = struct.Struct("@ll")
 _READ_SIZE = 65536
 
 Box = dict[bytes, bytes]
@@ -324,12 +326,25 @@ class AdminClient:
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+        # A blocking connect, bounded by the send timeout: with a Python
+        # timeout set first, connect would not wait at all, and a daemon
+        # too busy to accept at once (its listen queue full) would look
+        # like one that is not running.
+        seconds = int(self.timeout)
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(seconds, int((self.timeout - seconds) * 1e6))
+        )
         try:
             sock.connect(self.socket_path)
+        except BlockingIOError:
+            sock.close()
+            raise ProtocolError(
+                f"{self.socket_path} did not take the connection within {self.timeout:g}s (the daemon is busy)"
+            ) from None
         except OSError as e:
             sock.close()
             raise DaemonNotReachable(self.socket_path, e.strerror or str(e)) from None
+        sock.settimeout(self.timeout)
         return sock
 
     def _read_answer(self, sock: socket.socket, tag: bytes, deadline: float) -> Box:

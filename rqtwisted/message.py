@@ -192,14 +192,26 @@ def _to_int(value: Any, key: str) -> int:
     raise MessageError(f"invalid {key} field ({value})")
 
 
+#: The latest due time a message may ask for: the last second of year
+#: 9999, the last a date can show (beyond it, pages could not show it).
+MAX_DUE = 253402300799
+
+
 def _to_due(value: Any) -> float:
+    """
+    C{due} as a number of seconds since the epoch.
+
+    @raise MessageError: not a number (C{true} neither), NaN, an infinity
+        (NaN would break the order of the scheduler's heap, and neither can
+        be written as JSON), or beyond year 9999 either way.
+    """
+    if isinstance(value, bool):
+        raise MessageError(f"invalid due field ({value})")
     try:
         due = float(value)
     except (TypeError, ValueError):
         raise MessageError(f"invalid due field ({value})")
-    if not math.isfinite(due):
-        # NaN would break the order of the scheduler's heap, and neither
-        # can be written as JSON.
+    if not math.isfinite(due) or abs(due) > MAX_DUE:
         raise MessageError(f"invalid due field ({value})")
     return due
 

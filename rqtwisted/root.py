@@ -209,7 +209,7 @@ class QueueConfig:
         raw_workers = data.get("num_workers", 1)
         try:
             workers = int(raw_workers) if raw_workers not in (None, "") else 1
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"json config has invalid num_workers field ({raw_workers})")
         if not 1 <= workers <= 128:
             raise ConfigError("json config has invalid num_workers field (out of range 1..128)")

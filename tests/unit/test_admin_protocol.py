@@ -471,6 +471,21 @@ def test_noSpillWithoutReader(spillDir: str) -> None:
     assert os.listdir(spillDir) == []
 
 
+def test_noSpillWithoutAsk(spillDir: str) -> None:
+    """
+    A request without C{_ask} wants no answer: a large detail is not
+    spilled to a file nobody would read and remove (on either path).
+    """
+    big = "d" * (MAX_INLINE + 1)
+    for protocol in (AdminProtocol, Reference):
+        api = API()
+        api.result = ("ok", big)
+        conn = Connection(protocol, api, spillDir).feed(box(_command="Queues") * 3)
+        assert conn.transport.value() == b""
+        assert not conn.transport.disconnecting
+    assert os.listdir(spillDir) == []
+
+
 def test_sweepSpills(spillDir: str) -> None:
     """
     Files of the spill directory older than L{SPILL_MAX_AGE} are removed

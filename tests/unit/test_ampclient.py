@@ -176,6 +176,35 @@ def test_socketRefused(sockdir: str) -> None:
     assert e.value.reason == "Connection refused"
 
 
+def test_busyDaemonIsNotMissing(sockdir: str) -> None:
+    """
+    A daemon whose listen queue is full (too busy to accept) is waited for,
+    up to the timeout, and then reported as busy, not as not running.
+    """
+    path = os.path.join(sockdir, "rq.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(0)
+    queued = []
+    try:
+        # Fill the listen queue: nobody accepts.
+        while True:
+            c = socket.socket(socket.AF_UNIX)
+            c.setblocking(False)
+            try:
+                c.connect(path)
+            except BlockingIOError:
+                c.close()
+                break
+            queued.append(c)
+        with pytest.raises(ProtocolError, match="did not take the connection within 0.2s"):
+            AdminClient(path, timeout=0.2).call("Ping")
+    finally:
+        for c in queued:
+            c.close()
+        server.close()
+
+
 class _Scripted(Protocol):
     """
     A peer answering every request with canned bytes (C{None}: hang up).

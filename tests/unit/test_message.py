@@ -173,3 +173,14 @@ def test_creation_fields_refuse_empty_due(value):
         creation_fields({"dest": "q", "due": value})
     assert str(info.value) == f"invalid due field ({value})"
     assert "due" not in creation_fields({"dest": "q", "due": None})
+
+
+@pytest.mark.parametrize("due", [True, False, 1e300, -1e300, "1e12", 253402300800])
+def test_due_that_is_no_time_is_refused(due):
+    """
+    A due that is not a time a page could show (a boolean, beyond year
+    9999 either way) is refused like text that is not a number.
+    """
+    with pytest.raises(MessageError, match="invalid due field"):
+        creation_fields({"dest": "q", "due": due})
+    assert creation_fields({"dest": "q", "due": 253402300799})["due"] == 253402300799

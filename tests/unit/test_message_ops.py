@@ -280,6 +280,14 @@ def test_admin_message_file(env) -> None:
     assert os.path.exists(outside)
     with pytest.raises(MessageError, match="message_file cannot be read"):
         api.create_message("", "commit", "", os.path.join(spill, "gone.json"))
+    # A FIFO is not waited on (nobody may ever write to it).
+    os.mkfifo(os.path.join(spill, "fifo.json"))
+    with pytest.raises(MessageError, match="message_file is not a regular file"):
+        api.create_message("", "commit", "", os.path.join(spill, "fifo.json"))
+    assert not os.path.exists(os.path.join(spill, "fifo.json"))
+    # JSON nested too deep for the parser is refused like any bad JSON.
+    with pytest.raises(MessageError, match="message is not valid JSON"):
+        api.create_message("[" * 100_000 + "]" * 100_000, "commit")
     with open(path, "wb") as f:
         f.write(b"\xff\xfe")
     with pytest.raises(MessageError, match="not UTF-8"):

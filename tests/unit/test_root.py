@@ -121,3 +121,9 @@ def test_create_queue_dir_names_what_to_sync(tmp_path: Path) -> None:
     assert sorted(os.listdir(root.queue_path("q"))) == sorted(
         ["config.json", "prep", "que", "run", "done", "relayed", "err", "tmp"]
     )
+
+
+@pytest.mark.parametrize("workers", [float("inf"), float("-inf"), float("nan"), "many", 0, 129])
+def test_queue_config_with_invalid_num_workers(workers: object) -> None:
+    with pytest.raises(ConfigError, match="invalid num_workers field"):
+        QueueConfig.fromDict({"name": "q", "script": "./code/x", "num_workers": workers})
