@@ -11,6 +11,7 @@ in one of its public methods.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import os
 import signal as _signal
@@ -57,6 +58,10 @@ READY_WITHIN = 1.0
 #: Seconds a ready worker may wait for a free slot; one that waited longer
 #: is given up, and none is made again until a worker runs short again.
 READY_STALE = 2.0
+
+#: Errors of a spawn that say the system is short of something for now
+#: (fds, processes, memory): the message is retried rather than failed.
+_SHORT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 
 #: Seconds a stopping queue gives its workers between SIGTERM and SIGKILL.
 STOP_GRACE = 5.0
@@ -500,6 +505,13 @@ class QueueService(Service):
         try:
             job.worker = self._launch(job, real_script, argv)
         except OSError as e:
+            if e.errno in _SHORT_OF_RESOURCES:
+                # Out of fds or processes for now: the message waits in que
+                # for the next pass (what ends meanwhile frees some).
+                _log.warn("queue {queue}: {msg_id} not started, retried later: {error}", queue=self.name,
+                          msg_id=msg_id, error=e)
+                self._finish(job, "que")
+                return False
             self.store.write_status("run", msg_id, f"could not start the queue script: {e}")
             self._finish(job, "err")
             return True

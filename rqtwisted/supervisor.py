@@ -101,6 +101,8 @@ class Instance(MultiService):
         super().__init__()
         self.root = root
         self.settings = settings
+        #: Who waits for the next stop to be over (L{whenStopped}).
+        self._stopWaiters: list[Deferred[None]] = []
         #: Settings that outrank C{config/config.json} whenever it is read
         #: again (L{restart}): the command line's, and the port the web
         #: server listens on.
@@ -154,7 +156,23 @@ class Instance(MultiService):
             if call.active():
                 call.cancel()
         self._restarts.clear()
-        return super().stopService()
+
+        def stopped(result: object) -> object:
+            waiters, self._stopWaiters = self._stopWaiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+            return result
+
+        return maybeDeferred(super().stopService).addBoth(stopped)
+
+    def whenStopped(self) -> Deferred[None]:
+        """
+        A L{Deferred} fired once the next stop of the instance is over: every
+        queue has stopped, so every worker has ended.
+        """
+        waiter: Deferred[None] = Deferred()
+        self._stopWaiters.append(waiter)
+        return waiter
 
     def _load_config(self, name: str, refusal: str) -> QueueConfig | None:
         """
@@ -516,11 +534,14 @@ class Instance(MultiService):
         """
         Restart the whole server in place: stop every queue (terminating
         workers), re-read C{config/config.json} and start every queue again.
+        A running queue whose config cannot be loaded now is left running as
+        it is (as L{restart_queue} leaves it), and named in the answer.
         """
         if self._busy:
             self._check_idle(min(self._busy))
-        names = list(self.queues)
-        busy = set(names) | set(self.root.queue_names())
+        kept = [name for name in self.queues if self._load_config(name, "queue {queue} not restarted: {reason}") is None]
+        names = [name for name in self.queues if name not in kept]
+        busy = (set(names) | set(self.root.queue_names())) - set(kept)
         self._busy |= busy
         # All at once: a queue waiting for a stubborn worker holds up no other.
         d: Deferred[Any] = DeferredList([self._stop(name) for name in names], consumeErrors=True)
@@ -540,6 +561,8 @@ class Instance(MultiService):
                 if name not in self.queues:
                     self._add(name)
             self.started_at = self.clock.seconds()
+            if kept:
+                return f"restarted; kept as they were (bad config): {', '.join(sorted(kept))}"
             return "restarted"
 
         def failed(failure: Failure) -> Failure:

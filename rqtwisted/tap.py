@@ -23,10 +23,11 @@ import os
 import signal
 import stat
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.internet import TCPServer
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.python import usage
 
 from rqtwisted.admin import AdminAPI, AdminFactory, AdminServer
@@ -128,11 +129,16 @@ class ReloadOnHangup(Service):
 
 class WatchdogService(Service):
     """
-    Runs the L{Watchdog} for the life of the daemon.
+    Runs the L{Watchdog} for the life of the daemon, and of its workers.
     """
 
-    def __init__(self, watchdog: Watchdog) -> None:
+    def __init__(self, watchdog: Watchdog, workersEnded: Callable[[], Deferred[None]]) -> None:
+        """
+        @param workersEnded: called when the daemon stops: a L{Deferred}
+            fired once every worker has ended.
+        """
         self.watchdog = watchdog
+        self._workersEnded = workersEnded
 
     def startService(self) -> None:
         """
@@ -143,11 +149,13 @@ class WatchdogService(Service):
 
     def stopService(self) -> Any:
         """
-        Stop it without killing anything (the queues stop their workers);
-        fires when the watchdog has exited.
+        Stop it without killing anything, once the queues have ended their
+        workers (until then a C{kill -9} of the daemon, in the middle of its
+        shutdown, must still see them killed); fires when the watchdog has
+        exited.
         """
         super().stopService()
-        return self.watchdog.stop()
+        return self._workersEnded().addCallback(lambda _: self.watchdog.stop())
 
 
 def command_line_overrides(options: Options) -> dict[str, Any]:
@@ -303,7 +311,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
                     reactor=reactor)
     web.setName("web")
     web.setServiceParent(top)
-    WatchdogService(Watchdog(reactor, root.path, lock_fd=lock)).setServiceParent(top)
+    WatchdogService(Watchdog(reactor, root.path, lock_fd=lock), instance.whenStopped).setServiceParent(top)
     ReloadOnHangup(reactor, instance).setServiceParent(top)
     add_watchers(top, instance, reactor)
     exit_zero_after_shutdown(reactor)

@@ -172,9 +172,13 @@ class FakeSpawner:
 
     def __init__(self) -> None:
         self.workers: list[FakeWorker] = []
+        #: Raised by the next launches, while set (as a spawn fails).
+        self.error: OSError | None = None
 
     def __call__(self, *, argv: list[str], env: dict[str, str], job_dir: str, real_script: str,
                  events: WorkerEvents, hold: bool = False, go_dir: str | None = None, **kwargs: Any) -> FakeWorker:
+        if self.error is not None:
+            raise self.error
         worker = FakeWorker(argv, env, job_dir, events, hold, go_dir)
         self.workers.append(worker)
         return worker

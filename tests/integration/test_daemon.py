@@ -164,6 +164,25 @@ def test_sigterm_daemon_kills_stubborn_worker(daemon: Daemon, tmp_path: Path, re
 
 
 
+def test_kill9_during_shutdown_still_kills_stubborn_worker(daemon: Daemon, tmp_path: Path, read_pid) -> None:
+    """
+    A C{kill -9} of the daemon while it shuts down (its stubborn worker in
+    the grace period) still has the worker killed: the watchdog stays until
+    the workers have ended.
+    """
+    full, worker = start_long_job(daemon, tmp_path, read_pid, trap_term=True)
+    [watchdog] = [p for p in children_of(daemon.pid) if p != worker]
+    assert daemon.proc is not None
+    os.kill(daemon.proc.pid, signal.SIGTERM)
+    wait_for(lambda: "Received SIGTERM" in daemon.log_text(), 5, what="shutdown under way")
+    # The worker ignores its SIGTERM: the daemon is in its grace period.
+    assert alive(worker)
+    assert alive(watchdog), "the watchdog should wait for the workers to end"
+    daemon.kill9()
+    wait_for(lambda: not group_members(worker), 8, what="worker process group gone after SIGKILL mid-shutdown")
+    wait_for(lambda: not alive(watchdog), 8, what="watchdog exit")
+
+
 def second_daemon(daemon: Daemon) -> subprocess.CompletedProcess[str]:
     """
     Try to start another daemon on the same root (another port).

@@ -1411,3 +1411,40 @@ def test_attach_answers_once_its_thread_is_done(tmp_path):
     threads.run()
     assert got == ["900150983cd24fb0d6963f7d28e17f72-Attached successfully"]
     assert q.get(msg_id)["_attachments"]["a.txt"]["size"] == 3
+
+
+def test_server_restart_keeps_a_queue_whose_config_went_bad(started):
+    """
+    C{rq restart} leaves a queue whose config cannot be loaded running as
+    it is (as C{restart_queue} does), and says so; it used to drop it.
+    """
+    instance, spawner, clock = started
+    instance.create_queue({"name": "other", "script": "./code/noop", "exec_prefix": ""})
+    with open(os.path.join(instance.root.queue_path("other"), "config.json"), "w") as f:
+        f.write("{not json")
+    assert result_of(instance.restart()) == "restarted; kept as they were (bad config): other"
+    assert instance.queue("other").running
+    send(instance, "other")
+    assert len(spawner.running) == 1
+
+
+def test_spawn_short_of_fds_is_retried_not_failed(started):
+    """
+    A spawn that fails for want of fds (or processes) leaves the message in
+    que, to start once some are free, instead of ending it in err.
+    """
+    import errno
+
+    instance, spawner, clock = started
+    q = instance.queue("test")
+    spawner.error = OSError(errno.EMFILE, "Too many open files")
+    msg_id = short(send(instance))
+    assert q.locate(msg_id) == "que"
+    assert q.num_messages()["err"] == 0
+    spawner.error = None
+    clock.advance(IDLE_PASS)
+    assert q.locate(msg_id) == "run"
+    spawner.error = OSError(errno.ENOEXEC, "Exec format error")
+    other = short(send(instance))
+    finish(spawner.workers[0])
+    assert q.get_status(other)["status"].startswith("err - could not start the queue script")
