@@ -194,6 +194,11 @@ class _PauseReadingWhileUnread:
         """
 
 
+#: The most bytes of one unfinished request box kept: the largest admin
+#: request (a few arguments of at most 64 KiB each) is far smaller.
+MAX_PENDING_BOX = 1 << 20
+
+
 class AdminProtocol(amp.AMP):
     """
     One admin connection: dispatches every known command to the API.
@@ -340,6 +345,14 @@ class AdminProtocol(amp.AMP):
                 self._useTwisted(data[start:])
                 return
             if found is None:
+                if end - start > MAX_PENDING_BOX:
+                    # No admin request is that large: a box that never ends
+                    # would be parsed again at every read.
+                    _log.warn("admin connection closed: a box of over {size} bytes", size=MAX_PENDING_BOX)
+                    self._closing = True
+                    if self.transport is not None:
+                        self.transport.loseConnection()
+                    return
                 self._pending = data[start:]
                 return
             box, at = found

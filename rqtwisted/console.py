@@ -187,6 +187,33 @@ def _peer_closed(sock: socket.socket) -> bool:
     return bool(readable)
 
 
+
+def _uncommented(line: str) -> str:
+    """
+    C{line} without its comment: from a C{#} that starts a word, outside
+    quotes, as the shell reads it (C{shlex}'s comments also start inside a
+    word, which would cut C{http://host/page#part} short).
+    """
+    quote = ""
+    escaped = False
+    previous = " "
+    for i, char in enumerate(line):
+        if escaped:
+            escaped = False
+        elif quote:
+            if char == quote:
+                quote = ""
+            elif char == "\\" and quote == '"':
+                escaped = True
+        elif char == "\\":
+            escaped = True
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and previous.isspace():
+            return line[:i]
+        previous = char
+    return line
+
 class SessionClient(AdminClient):
     """
     An admin client that keeps its connection open across calls.
@@ -361,7 +388,7 @@ class Console(cmd.Cmd):
         Run one line; return C{True} to end the session.
         """
         try:
-            words = shlex.split(line, comments=True)
+            words = shlex.split(_uncommented(line))
         except ValueError as e:
             self._fail_line(f"fail cannot read the line: {e}")
             return False

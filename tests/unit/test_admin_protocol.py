@@ -25,7 +25,7 @@ from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from rqtwisted.admin import MAX_INLINE, SPILL_MAX_AGE, AdminFactory, AdminProtocol, commands, sweep_spills
+from rqtwisted.admin import MAX_PENDING_BOX, MAX_INLINE, SPILL_MAX_AGE, AdminFactory, AdminProtocol, commands, sweep_spills
 from rqtwisted.ampclient import BoxDecoder
 from rqtwisted.message import MessageError
 
@@ -570,6 +570,22 @@ def test_keyTooLong() -> None:
     fast, _ = both(PING + b"\x01\x00abc")
     assert fast.transport.disconnecting
     assert fast.transport.value() == answer("1", "ok", "pong")
+
+
+def test_boxThatNeverEnds() -> None:
+    """
+    An unfinished box over L{MAX_PENDING_BOX} bytes (no admin request is
+    that large) closes the connection, instead of being kept and parsed
+    again at every read.
+    """
+    pair = b"\x00\x01k\xff\xff" + b"v" * 0xFFFF
+    conn = Connection(AdminProtocol)
+    conn.feed(PING + pair * 8)
+    assert not conn.transport.disconnecting
+    for _ in range(MAX_PENDING_BOX // len(pair)):
+        conn.feed(pair)
+    assert conn.transport.disconnecting
+    assert conn.transport.value() == answer("1", "ok", "pong")
 
 
 def test_paused() -> None:

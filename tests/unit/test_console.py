@@ -127,6 +127,21 @@ def test_allOkExitStatus() -> None:
     assert [r[0] for r in daemon.requests] == ["Ping", "Ping"]
 
 
+def test_hashInsideAWordIsNoComment() -> None:
+    """
+    As in the shell, C{#} starts a comment only at the start of a word,
+    outside quotes: a URL with a fragment is kept whole, and what follows
+    it too.
+    """
+    daemon = FakeDaemon(CreateMessage=("ok", "id"))
+    code, out, err = Session(daemon).run(
+        "sendmesg --dest q --param1 http://x/page#s --param2 '#two' # a comment\n"
+    )
+    assert (code, err) == (0, "")
+    message = json.loads(daemon.requests[0][1]["message"])
+    assert (message["param1"], message["param2"]) == ("http://x/page#s", "#two")
+
+
 def test_missingOption() -> None:
     """
     A missing option fails as on the command line, nothing asked.
