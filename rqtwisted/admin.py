@@ -361,6 +361,25 @@ class AdminProtocol(amp.AMP):
                 return
             start = at
 
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        """
+        Take a box on Twisted's path: a request as L{amp.AMP} takes it.
+        Anything else (an answer or an error, which the daemon never asks
+        for, or a box with neither a command nor an answer) ends the
+        connection with one warning; L{amp.AMP} raised (a logged traceback).
+        Boxes after it are ignored.
+        """
+        if self._closing:
+            return
+        if amp.COMMAND in box and amp.ANSWER not in box and amp.ERROR not in box:
+            amp.AMP.ampBoxReceived(self, box)
+            return
+        keys = ", ".join(k.decode("ascii", "replace") for k in sorted(box)[:4]) or "empty"
+        _log.warn("admin connection closed: it sent a box that is not a request ({keys})", keys=keys)
+        self._closing = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     def _useTwisted(self, data: bytes) -> None:
         """
         Leave the fast path: L{amp.AMP} parses C{data} and all that follows.

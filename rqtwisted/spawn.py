@@ -268,11 +268,29 @@ def _remove_stale(directory: str) -> None:
             continue
         try:
             pid = int(name[len(_DIR_PREFIX) :].split("-", 1)[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-        except (ValueError, OSError):
+        except ValueError:
             continue
+        if not _running(pid):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """
+    Whether process C{pid} exists and is not a zombie (a daemon killed
+    with C{SIGKILL} stays one until its parent reaps it).
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in (b"Z", b"X")
 
 
 class _Gate:

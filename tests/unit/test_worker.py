@@ -2712,3 +2712,22 @@ def test_exit_127_held_while_the_failed_exec_is_on_its_way() -> None:
     request.early_status = None
     assert not spawner.early_exit(request, 127 << 8)
     assert request.early_status is None
+
+
+def test_stale_fifo_directories_of_dead_and_zombie_daemons_go(tmp_path: Any) -> None:
+    """
+    The FIFO directory of a daemon that died, or that is a zombie not yet
+    reaped (killed, its parent not done with it), is removed; a live
+    daemon's is kept.
+    """
+    zombie = subprocess.Popen(["true"])
+    try:
+        spawn_module.os.waitid(spawn_module.os.P_PID, zombie.pid, spawn_module.os.WEXITED | spawn_module.os.WNOWAIT)
+        live = os.getpid()
+        dead = 2**22 + 1  # above the kernel's pid_max: never a process
+        for pid in (zombie.pid, live, dead):
+            os.makedirs(tmp_path / f"{spawn_module._DIR_PREFIX}{pid}-abc")
+        spawn_module._remove_stale(str(tmp_path))
+        assert os.listdir(tmp_path) == [f"{spawn_module._DIR_PREFIX}{live}-abc"]
+    finally:
+        zombie.wait()
