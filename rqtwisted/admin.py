@@ -764,19 +764,19 @@ class AdminAPI:
             raise MessageError(f"unknown message action {action}")
         return maybeDeferred(method, short).addCallback(_ok)
 
-    def search(self, query: str, name: str = "", exact: str = "") -> tuple[str, str]:
+    def search(self, query: str, name: str = "", exact: str = "") -> Deferred[tuple[str, str]]:
         """
         The messages matching C{query} (a JSON object), as a JSON array.
         """
         data = _loads(query, "query")
-        return _ok(json.dumps(self.instance.search(name or None, data, bool(exact))))
+        return self.instance.search(name or None, data, bool(exact)).addCallback(lambda found: _ok(json.dumps(found)))
 
-    def get_message(self, msg_id: str) -> tuple[str, str]:
+    def get_message(self, msg_id: str) -> Deferred[tuple[str, str]]:
         """
         The read form of a message as JSON.
         """
         queue, short = self.instance.locate(msg_id)
-        return _ok(json.dumps(queue.get(short)))
+        return queue.read(short).addCallback(lambda msg: _ok(json.dumps(msg)))
 
 
 #: Seconds a stopping daemon waits for its admin connections' requests to be

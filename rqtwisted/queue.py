@@ -943,6 +943,17 @@ class QueueService(Service):
             msg["_attachments"] = attachments
         return msg
 
+    def read(self, msg_id: str) -> Deferred[dict[str, Any]]:
+        """
+        L{get}, once the md5s of the message's attachments that this process
+        has not hashed yet were read off the reactor (the pages, C{rq show}
+        and C{attachstatusmesg} go through here).
+
+        @raise MessageError: as L{get}.
+        """
+        state = self.locate(msg_id)
+        return self.store.hash_attachments(state, msg_id).addCallback(lambda _: self.get(msg_id))
+
     def get_status(self, msg_id: str, state: str | None = None) -> dict[str, str]:
         """
         C{{path, status, state}} of a message.

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from rqtwisted.durable import NONBLOCKING, Syncer, dumps, read_file, replace_file, write_file
@@ -465,6 +465,27 @@ class QueueStore:
                 "path": entry.path,
             }
         return out
+
+    def hash_attachments(self, state: str, msg_id: str) -> Deferred[None]:
+        """
+        Have the md5 of every attachment of a message known to this process,
+        those not known yet read in threads: then L{attachments} reads no
+        file (a multi-GiB one would hold the reactor for seconds, the first
+        time after a start). Fires once done; an attachment that cannot be
+        read is left to L{attachments} to report.
+        """
+        adir = os.path.join(self.msg_dir(state, msg_id), "attach")
+        pending = []
+        for entry in attachment_entries(adir):
+            try:
+                if known_md5(entry.path) is not None:
+                    continue
+            except OSError:
+                continue
+            pending.append(md5_off_reactor(entry.path, self._run_in_thread))
+        if not pending:
+            return succeed(None)
+        return DeferredList(pending, consumeErrors=True).addCallback(lambda _: None)
 
     def list_hashed(self, state: str, limit: int | None = None) -> Iterator[str]:
         """

@@ -45,7 +45,7 @@ from rqtwisted.root import (
     queue_sort_key,
 )
 from rqtwisted.search import DEFAULT_LIMIT as DEFAULT_SEARCH_LIMIT
-from rqtwisted.search import check_query, search_queue
+from rqtwisted.search import check_query, index_for, search_queue
 from rqtwisted.store import QueueStore
 from rqtwisted.threads import ThreadRunner, reactor_pool
 from rqtwisted.worker import Worker
@@ -613,24 +613,38 @@ class Instance(MultiService):
         query: Mapping[str, str],
         exact: bool,
         limit: int | None = DEFAULT_SEARCH_LIMIT,
-    ) -> list[dict[str, Any]]:
+    ) -> Deferred[list[dict[str, Any]]]:
         """
         The read forms of the messages (all states) of queue C{name}, or of
         every queue, whose fields match C{query}: each value contained in
         its field, or equal to it if C{exact}; newest first per queue, at
-        most C{limit}. Answered from an in-memory index (L{rqtwisted.search}).
+        most C{limit}. Answered from an in-memory index (L{rqtwisted.search});
+        the md5s of the hits' attachments this process has not hashed yet
+        are read off the reactor first.
 
         @raise MessageError: unknown queue, malformed query.
         """
         query = check_query(query)
         queues = [self.queue(name)] if name else [self.queues[n] for n in self.queue_names()]
-        found: list[dict[str, Any]] = []
+        hashing = []
         for queue in queues:
-            room = None if limit is None else limit - len(found)
-            if room is not None and room <= 0:
-                break
-            found.extend(search_queue(queue, query, exact, room))
-        return found
+            for msg_id in index_for(queue).match(query, exact)[:limit]:
+                try:
+                    state = queue.locate(msg_id)
+                except MessageError:
+                    continue
+                hashing.append(queue.store.hash_attachments(state, msg_id))
+
+        def forms(_: object) -> list[dict[str, Any]]:
+            found: list[dict[str, Any]] = []
+            for queue in queues:
+                room = None if limit is None else limit - len(found)
+                if room is not None and room <= 0:
+                    break
+                found.extend(search_queue(queue, query, exact, room))
+            return found
+
+        return DeferredList(hashing, consumeErrors=True).addCallback(forms)
 
     def locate(self, msg_id: str) -> tuple[QueueService, str]:
         """

@@ -37,6 +37,7 @@ class MessageRoutes:
     L{rqtwisted.web.app.RQWeb}.
     """
 
+    @inlineCallbacks
     def message_page(self, request: Any, name: str, msg_id: str) -> Any:
         """
         C{GET /q/<name>/<id>} and C{/q/<name>/<id>.json} (R).
@@ -48,7 +49,7 @@ class MessageRoutes:
         queue = self._queue(name, kind, routed=True)
         self._message_state(queue, msg_id, kind)
         try:
-            msg = queue.get(msg_id)
+            msg = yield queue.read(msg_id)
         except MessageError as e:
             raise HTTPError(404, e.reason, kind)
         if as_json:

@@ -269,7 +269,7 @@ def test_admin_message_file(env) -> None:
     status, full = result_of(api.create_message("", "commit", "", path))
     assert status == "ok"
     assert not os.path.exists(path)
-    assert json.loads(api.get_message(full)[1])["param1"] == "y" * 100_000
+    assert json.loads(result_of(api.get_message(full))[1])["param1"] == "y" * 100_000
     outside = os.path.join(instance.root.path, "config", "config.json")
     with pytest.raises(MessageError, match="message_file must be a file of config/spill"):
         api.create_message("", "commit", "", outside)
@@ -307,7 +307,7 @@ def test_admin_message_actions(env) -> None:
     assert api.message_action("status", full) == ("ok", "done - fine")
     status, clone = result_of(api.message_action("clone", full))
     assert status == "ok" and clone != full
-    assert json.loads(api.get_message(clone)[1])["cloned_from"] == full.rsplit("/", 1)[1]
+    assert json.loads(result_of(api.get_message(clone))[1])["cloned_from"] == full.rsplit("/", 1)[1]
     assert result_of(api.message_action("delete", full)) == ("ok", "msg deleted")
     with pytest.raises(MessageError, match="msg not found"):
         api.message_action("state", full)

@@ -1448,3 +1448,24 @@ def test_spawn_short_of_fds_is_retried_not_failed(started):
     other = short(send(instance))
     finish(spawner.workers[0])
     assert q.get_status(other)["status"].startswith("err - could not start the queue script")
+
+
+def test_read_form_hashes_unknown_attachments_off_the_reactor(tmp_path):
+    """
+    The md5 of an attachment this process has not hashed yet (after a
+    restart) is read in a thread before the read form is given: a page or
+    C{rq show} never reads a big attachment on the reactor.
+    """
+    from rqtwisted import store as store_module
+
+    threads, q, msg_id, got = attach_held(tmp_path)
+    threads.run()
+    store_module._MD5_CACHE.clear()
+    form = []
+    q.read(msg_id).addCallback(form.append)
+    assert form == [] and threads.calls
+    threads.run()
+    assert form[0]["_attachments"]["a.txt"]["md5"] == "900150983cd24fb0d6963f7d28e17f72"
+    # Known now: no thread needed.
+    q.read(msg_id).addCallback(form.append)
+    assert len(form) == 2 and not threads.calls

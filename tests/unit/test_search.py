@@ -28,6 +28,14 @@ def env(tmp_path):
     return instance, spawner, clock
 
 
+
+def search(instance, *args, **kwargs):
+    """
+    L{Instance.search}'s result (its md5s are read in threads: here, at once).
+    """
+    return result_of(instance.search(*args, **kwargs))
+
+
 def send(instance, dest, **fields):
     full = result_of(instance.create_message(dict(fields, dest=dest)))
     return full.rsplit("/", 1)[1]
@@ -56,19 +64,19 @@ def populate(instance, spawner):
 def test_contains_and_exact_over_all_states(env):
     instance, spawner, clock = env
     done, err, running, queued, prep = populate(instance, spawner)
-    found = instance.search(None, {"param1": "apple"}, False)
+    found = search(instance, None, {"param1": "apple"}, False)
     assert sorted(ids(found)) == sorted([done, err, prep])
     # Queues in order (user queues by name), newest first in each.
-    assert ids(instance.search(None, {"param1": "apple"}, True)) == [err, prep]
-    assert ids(instance.search("alpha", {"param1": "apple"}, True)) == [err]
+    assert ids(search(instance, None, {"param1": "apple"}, True)) == [err, prep]
+    assert ids(search(instance, "alpha", {"param1": "apple"}, True)) == [err]
     # Several pairs must all hold.
-    assert ids(instance.search("alpha", {"param1": "apple", "src": "kit"}, False)) == [done]
+    assert ids(search(instance, "alpha", {"param1": "apple", "src": "kit"}, False)) == [done]
 
 
 def test_results_are_full_read_forms(env):
     instance, spawner, clock = env
     done, *_ = populate(instance, spawner)
-    [msg] = instance.search("alpha", {"src": "kitchen"}, True)
+    [msg] = search(instance, "alpha", {"src": "kitchen"}, True)
     assert msg == instance.queue("alpha").get(done)
     assert msg["state"] == "done" and msg["status"] == "done - baked"
     assert msg["path"].startswith("queue/alpha/done/")
@@ -77,39 +85,39 @@ def test_results_are_full_read_forms(env):
 def test_state_and_status_fields(env):
     instance, spawner, clock = env
     done, err, running, queued, prep = populate(instance, spawner)
-    assert ids(instance.search("alpha", {"state": "run"}, True)) == [running]
-    assert ids(instance.search("alpha", {"status": "burnt"}, False)) == [err]
-    assert ids(instance.search("alpha", {"status": "que"}, True)) == [queued]
+    assert ids(search(instance, "alpha", {"state": "run"}, True)) == [running]
+    assert ids(search(instance, "alpha", {"status": "burnt"}, False)) == [err]
+    assert ids(search(instance, "alpha", {"status": "que"}, True)) == [queued]
 
 
 def test_non_text_fields_match_as_json(env):
     instance, spawner, clock = env
     a = send(instance, "alpha", max_count=7)
-    found = instance.search("alpha", {"max_count": "7"}, True)
+    found = search(instance, "alpha", {"max_count": "7"}, True)
     assert ids(found) == [a]
-    assert instance.search("alpha", {"nosuchfield": ""}, False) == []
+    assert search(instance, "alpha", {"nosuchfield": ""}, False) == []
 
 
 def test_index_is_built_once_and_kept_current(env, monkeypatch):
     instance, spawner, clock = env
     done, err, running, queued, prep = populate(instance, spawner)
     queue = instance.queue("alpha")
-    instance.search("alpha", {}, False)
+    search(instance, "alpha", {}, False)
     builds = []
     monkeypatch.setattr(QueueIndex, "build", lambda self, q: builds.append(q))
     # Every change after the build reaches the index through the store.
     spawner.workers[-1].say("run halfway there")
-    assert ids(instance.search("alpha", {"status": "halfway"}, False)) == [running]
+    assert ids(search(instance, "alpha", {"status": "halfway"}, False)) == [running]
     spawner.workers[-1].say("done")
     spawner.workers[-1].exit(0)
-    assert ids(instance.search("alpha", {"param1": "pear"}, True)) == [running]
-    assert instance.search("alpha", {"param1": "pear"}, True)[0]["state"] == "done"
+    assert ids(search(instance, "alpha", {"param1": "pear"}, True)) == [running]
+    assert search(instance, "alpha", {"param1": "pear"}, True)[0]["state"] == "done"
     new = send(instance, "alpha", param1="fig")
-    assert ids(instance.search("alpha", {"param1": "fig"}, True)) == [new]
+    assert ids(search(instance, "alpha", {"param1": "fig"}, True)) == [new]
     result_of(queue.delete(err))
-    assert instance.search("alpha", {"src": "garden"}, True) == []
+    assert search(instance, "alpha", {"src": "garden"}, True) == []
     result_of(queue.run_now(queued))
-    assert instance.search("alpha", {"param1": "plum"}, True)[0]["due"] < 10**10
+    assert search(instance, "alpha", {"param1": "plum"}, True)[0]["due"] < 10**10
     assert builds == []
     assert len(index_for(queue).entries) == 4  # done, pear, plum, fig
 
@@ -118,12 +126,12 @@ def test_searching_reads_only_matches(env, monkeypatch):
     instance, spawner, clock = env
     for n in range(20):
         send(instance, "beta", param1=f"n{n}", due=10**10)
-    instance.search("beta", {}, False)
+    search(instance, "beta", {}, False)
     store = instance.queue("beta").store
     reads = []
     original = store.read
     monkeypatch.setattr(store, "read", lambda state, msg_id: reads.append(msg_id) or original(state, msg_id))
-    [found] = instance.search("beta", {"param1": "n7"}, True)
+    [found] = search(instance, "beta", {"param1": "n7"}, True)
     assert reads == [found["msg_id"]]
 
 
@@ -131,18 +139,18 @@ def test_message_removed_behind_the_store_is_dropped(env):
     instance, spawner, clock = env
     done, *_ = populate(instance, spawner)
     queue = instance.queue("alpha")
-    instance.search("alpha", {}, False)
+    search(instance, "alpha", {}, False)
     shutil.rmtree(queue.store.msg_dir("done", done))
-    assert instance.search("alpha", {"src": "kitchen"}, True) == []
+    assert search(instance, "alpha", {"src": "kitchen"}, True) == []
     assert done not in index_for(queue).entries
 
 
 def test_restarted_queue_builds_a_fresh_index(env):
     instance, spawner, clock = env
     a = send(instance, "beta", param1="x", due=10**10)
-    instance.search("beta", {}, False)
+    search(instance, "beta", {}, False)
     result_of(instance.restart_queue("beta"))
-    assert ids(instance.search("beta", {"param1": "x"}, True)) == [a]
+    assert ids(search(instance, "beta", {"param1": "x"}, True)) == [a]
 
 
 def test_limit_newest_first(env):
@@ -151,18 +159,18 @@ def test_limit_newest_first(env):
     for n in range(5):
         clock.advance(1)
         made.append(send(instance, "beta", param1="same", due=10**10))
-    found = instance.search(None, {"param1": "same"}, True, limit=3)
+    found = search(instance, None, {"param1": "same"}, True, limit=3)
     assert ids(found) == made[::-1][:3]
 
 
 def test_bad_requests(env):
     instance, spawner, clock = env
     with pytest.raises(MessageError, match="Queue not found"):
-        instance.search("nosuch", {}, False)
+        search(instance, "nosuch", {}, False)
     with pytest.raises(MessageError, match="must be text"):
-        instance.search(None, {"param1": 5}, False)
+        search(instance, None, {"param1": 5}, False)
     with pytest.raises(MessageError, match="object"):
-        instance.search(None, ["param1"], False)
+        search(instance, None, ["param1"], False)
 
 
 # -- rq search
@@ -218,7 +226,7 @@ def test_forget_for_removals_without_the_store(env):
     done, err, *_ = populate(instance, spawner)
     queue = instance.queue("alpha")
     assert forget_bucket(queue, "done", done[:8]) == 0  # no index yet: nothing to do
-    instance.search("alpha", {}, False)
+    search(instance, "alpha", {}, False)
     assert forget_bucket(queue, "done", "19990101") == 0
     assert forget_bucket(queue, "done", done[:8], done[9:11]) == 1
     assert done not in index_for(queue).entries and err in index_for(queue).entries
@@ -247,9 +255,9 @@ def test_message_found_once_its_creation_is_durable(env):
     syncer._runInThread = held
     pending = instance.create_message({"dest": "alpha", "param1": "late"})
     assert not pending.called
-    assert ids(instance.search("alpha", {"param1": "late"}, True)) == []
+    assert ids(search(instance, "alpha", {"param1": "late"}, True)) == []
     while rounds:
         d, f, args = rounds.pop(0)
         d.callback(f(*args))
     late = result_of(pending).rsplit("/", 1)[1]
-    assert ids(instance.search("alpha", {"param1": "late"}, True)) == [late]
+    assert ids(search(instance, "alpha", {"param1": "late"}, True)) == [late]
