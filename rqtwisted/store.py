@@ -161,6 +161,11 @@ def md5_off_reactor(path: str, run_in_thread: Callable[..., Deferred[str]]) -> D
     return run_in_thread(md5_file, path).addCallback(remember)
 
 
+#: The longest attachment name, in bytes: the longest file name Linux
+#: filesystems take.
+MAX_ATTACHMENT_NAME = 255
+
+
 def check_attachment_name(name: str) -> None:
     """
     Refuse attachment names that are dot-files, hold a reserved character or
@@ -172,6 +177,8 @@ def check_attachment_name(name: str) -> None:
         raise MessageError(f"Attachment name as a dot-file not allowed: {name}")
     if "/" in name or "\0" in name or any(c in _BAD_ATTACH_CHARS for c in name):
         raise MessageError(f"Attachment name has invalid character. not allowed: {name}")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_ATTACHMENT_NAME:
+        raise MessageError(f"Attachment name too long (over {MAX_ATTACHMENT_NAME} bytes): {name[:64]}...")
 
 
 def attachment_entries(adir: str) -> list[os.DirEntry[str]]:

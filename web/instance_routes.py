@@ -10,7 +10,7 @@ import json
 import os
 import time
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.python.failure import Failure
@@ -118,7 +118,10 @@ class InstanceRoutes:
         """
         name = form_arg(request, "name") or ""
         query = form_fields(request, "query")
-        exact = b"exact" in request.args or b"exact" in parse_qs(urlsplit(request.uri).query, keep_blank_values=True)
+        # (A bare "exact" counts; the raw query is split, not decoded: it
+        # may hold bytes that are not UTF-8.)
+        raw_query = urlsplit(request.uri).query
+        exact = b"exact" in request.args or any(p.split(b"=", 1)[0] == b"exact" for p in raw_query.split(b"&"))
         if b"query" in request.args:
             return self._json(request, ["fail", "query needs a field: query[<field>]=<value>"], 400)
         if name:

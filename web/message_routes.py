@@ -16,6 +16,7 @@ from rqtwisted.message import MessageError, valid_msg_id
 from rqtwisted.web import pages
 from rqtwisted.web.answers import HTTPError, form_arg, reply_text
 from rqtwisted.web.files import file_resource, tail_bytes
+from rqtwisted.web.upload import threads_of
 
 #: Bytes of a log rendered server-side in the tail view.
 TAIL_BYTES = 64 * 1024
@@ -201,12 +202,15 @@ class MessageRoutes:
             raise HTTPError(404, "Not Found")
         return file_resource(path, text=True, sandbox=True)
 
+    @inlineCallbacks
     def _tail(self, request: Any, queue: Any, msg_id: str, path: str, state: str, label: str,
               log_url: str) -> Any:
         text = ""
         offset = top = bottom = total = 0
         if os.path.isfile(path):
-            data, start, size, newlines = tail_bytes(path, TAIL_BYTES)
+            # In a thread: the line count reads the whole log (gigabytes,
+            # for a chatty script), which would hold every queue meanwhile.
+            data, start, size, newlines = yield threads_of(self.reactor)(tail_bytes, path, TAIL_BYTES)
             live = state in LIVE_STATES
             if live and data and not data.endswith(b"\n"):
                 cut = data.rfind(b"\n") + 1

@@ -198,7 +198,7 @@ class QueueRoutes:
         if ctype == b"application/json":
             try:
                 data = json.loads(request.content.read() or b"null")
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise HTTPError(400, "invalid JSON body", "json")
         elif (form_arg(request, "x_format") or "json") == "html":
             html = True
@@ -209,7 +209,7 @@ class QueueRoutes:
                 raise HTTPError(400, "missing mesg field", "json")
             try:
                 data = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise HTTPError(400, "invalid JSON in mesg field", "json")
         if not isinstance(data, dict):
             raise HTTPError(400, "message must be a JSON object", "json")

@@ -471,3 +471,11 @@ def test_link_attachments_follows_the_listing(store, tmp_path) -> None:
     assert sorted(os.listdir(out / "attach")) == sorted(listed)
     assert not os.path.islink(out / "attach" / "old")
     assert (out / "attach" / "old").read_bytes() == b"abcd"
+
+
+def test_attachment_name_longer_than_a_file_name_is_refused():
+    check_attachment_name("y" * 255)
+    check_attachment_name("\u00e9" * 127)
+    for name in ("y" * 256, "\u00e9" * 128):
+        with pytest.raises(MessageError, match="Attachment name too long"):
+            check_attachment_name(name)

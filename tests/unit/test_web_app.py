@@ -318,6 +318,20 @@ def test_search(env):
     assert client.get("/search?name=nope&query[param1]=x").code == 404
 
 
+def test_search_with_bytes_that_are_not_utf8(env):
+    """
+    A query string holding bytes that are not UTF-8 is answered (they
+    match nothing), not a 500.
+    """
+    instance, spawner, clock, client = env
+    send(instance, param1="alpha")
+    assert [m["param1"] for m in client.get("/search?x=%FF").json()] == ["alpha"]
+    for query in ("/search?name=test&query[param1]=%E9", "/search?name=test&query[param1]=%E9&exact"):
+        reply = client.get(query)
+        assert reply.code == 200, query
+        assert reply.json() == []
+
+
 def test_search_query_without_field_is_400(env):
     """
     C{query=v} without C{[field]} is a mistake, not "match everything".
@@ -562,6 +576,16 @@ def test_new_message_json_body(env):
     assert status == "ok" and full.startswith("http://testhost:3333/q/test/")
     msg = instance.queue("test").get(full.rsplit("/", 1)[1])
     assert msg["dest"] == "elsewhere" and msg["count"] == 3 and msg["param1"] == "p"
+
+
+def test_new_message_json_nested_too_deep_is_400(env):
+    instance, spawner, clock, client = env
+    deep = "[" * 100_000
+    reply = client.post("/q/test/new_message", data=deep, headers={"Content-Type": "application/json"})
+    assert (reply.code, reply.json()) == (400, ["fail", "invalid JSON body"])
+    reply = client.post("/q/test/new_message", data={"mesg": deep})
+    assert (reply.code, reply.json()) == (400, ["fail", "invalid JSON in mesg field"])
+    assert instance.queue("test").num_messages()["que"] + instance.queue("test").num_messages()["run"] == 0
 
 
 def test_new_message_counts_converted_as_from_the_command_line(env):
