@@ -15,6 +15,7 @@ from twisted.web.iweb import IBodyProducer
 
 from rqtwisted.message import MessageError, dest_queue, split_full_id
 from rqtwisted.relaybodies import BytesProducer, MultipartFileProducer, RangeFileProducer
+from rqtwisted.router import routed_queue
 from rqtwisted.relaywire import (
     CANNOT_FIND,
     RemoteLost,
@@ -113,7 +114,8 @@ class LocalPeer:
         """
         fields = prep_fields(job.msg)
         method = fields.pop("_method")
-        queue = self._queue(dest_queue(job.msg["dest"]))
+        # The queue HTTP would reach: rq_router in router mode.
+        queue = self._queue(routed_queue(self._instance.root.path, dest_queue(job.msg["dest"])))
         source = self._instance.queue(job.queue).store
         try:
             return await queue.create(fields, method, attachments_from=(source, "run", job.msg_id))

@@ -317,6 +317,11 @@ def parse_held(code: int, headers: Headers, body: bytes, total: int) -> int | No
 
 def same_host(dest: str, base_url: str) -> bool:
     """
-    Does the queue URL C{dest} point at this host (base URL C{base_url})?
+    Does the queue URL C{dest} point at a queue of this host (base URL
+    C{base_url}): C{<base>q/<name>}, nothing after the name (a longer path
+    is what HTTP would not find: it goes over HTTP, and fails there)?
     """
-    return dest.startswith(base_url + "q/") or dest.startswith(base_url.rstrip("/") + "/q/")
+    for prefix in (base_url + "q/", base_url.rstrip("/") + "/q/"):
+        if dest.startswith(prefix):
+            return "/" not in dest[len(prefix):].rstrip("/")
+    return False

@@ -508,8 +508,11 @@ def test_backoff_exponential_jitter_cap():
 
 def test_same_host():
     assert same_host("http://h:3333/q/x", "http://h:3333/")
+    assert same_host("http://h:3333/q/x/", "http://h:3333/")
     assert not same_host("http://h:3334/q/x", "http://h:3333/")
     assert not same_host("http://h:3333/other/q/x", "http://h:3333/")
+    # A longer path is what HTTP would not find: not taken as a local queue.
+    assert not same_host("http://h:3333/q/x/y", "http://h:3333/")
 
 
 def test_relay_config_from_settings():
@@ -987,6 +990,21 @@ def test_local_dest_takes_local_path(world):
     got = local.get(copy)
     assert got["param2"] == "x" and got["count"] == 1 and got["dest"] == dest
     assert got["_attachments"]["f"]["md5"] == hashlib.md5(b"local data").hexdigest()
+
+
+def test_local_dest_in_router_mode_goes_to_the_router(world):
+    """
+    In router mode a URL of this host reaches C{rq_router}, as over HTTP:
+    the local path does not skip the rules.
+    """
+    with open(os.path.join(world.near.root.path, "config", "rq_router_rules.rb"), "w") as f:
+        f.write('rule "default"\n  action :done\n')
+    world.near.set_admin("pause", "rq_router")
+    msg_id = world.send(dest="http://testhost:3333/q/local")
+    world.settle()
+    assert world.state(msg_id) == "relayed"
+    assert "/q/rq_router/" in world.status(msg_id)
+    assert world.near.queue("local").messages("que") == world.near.queue("local").messages("run") == []
 
 
 def test_local_dest_unknown_queue_retries(world):
