@@ -40,27 +40,32 @@ class HTTPError(Exception):
         self.kind = kind
 
 
-def form_arg(request: Any, key: str) -> str | None:
+def form_arg(request: Any, key: str, errors: str = "replace") -> str | None:
     """
     The first value of form or query field C{key}, decoded (C{None} when
     absent).
+
+    @param errors: how bytes that are not UTF-8 are decoded; C{"strict"}
+        raises C{UnicodeDecodeError} (what is stored must be what was sent).
     """
     values = request.args.get(key.encode("utf-8"))
     if not values:
         return None
     value = values[0]
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return value.decode("utf-8", errors) if isinstance(value, bytes) else str(value)
 
 
-def form_fields(request: Any, prefix: str) -> dict[str, str]:
+def form_fields(request: Any, prefix: str, errors: str = "replace") -> dict[str, str]:
     """
     C{{inner: value}} for form fields C{<prefix>[inner]}.
+
+    @param errors: as for L{form_arg}.
     """
     out: dict[str, str] = {}
     raw = prefix.encode("utf-8") + b"["
     for key, values in request.args.items():
         if key.startswith(raw) and key.endswith(b"]") and values:
-            inner = key[len(raw) : -1].decode("utf-8", "replace")
+            inner = key[len(raw) : -1].decode("utf-8", errors)
             value = values[0]
-            out[inner] = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+            out[inner] = value.decode("utf-8", errors) if isinstance(value, bytes) else str(value)
     return out

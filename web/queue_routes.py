@@ -202,9 +202,16 @@ class QueueRoutes:
                 raise HTTPError(400, "invalid JSON body", "json")
         elif (form_arg(request, "x_format") or "json") == "html":
             html = True
-            data = form_fields(request, "mesg")
+            try:
+                data = form_fields(request, "mesg", errors="strict")
+            except UnicodeDecodeError:
+                # (Stored as sent, or refused: never with U+FFFD in place.)
+                raise HTTPError(400, "a mesg field is not UTF-8 text", "text")
         else:
-            text = form_arg(request, "mesg")
+            try:
+                text = form_arg(request, "mesg", errors="strict")
+            except UnicodeDecodeError:
+                raise HTTPError(400, "invalid JSON in mesg field: not UTF-8", "json")
             if text is None:
                 raise HTTPError(400, "missing mesg field", "json")
             try:

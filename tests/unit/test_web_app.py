@@ -588,6 +588,22 @@ def test_new_message_json_nested_too_deep_is_400(env):
     assert instance.queue("test").num_messages()["que"] + instance.queue("test").num_messages()["run"] == 0
 
 
+def test_new_message_form_values_that_are_not_utf8_are_refused(env):
+    """
+    Form values that are not UTF-8 are refused, not stored with U+FFFD in
+    their place (what is stored must be what was sent).
+    """
+    instance, spawner, clock, client = env
+    body = b"mesg=" + b'{"dest": "test", "param1": "caf\xe9"}'.replace(b" ", b"+")
+    reply = client.post("/q/test/new_message", data=body,
+                        headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert (reply.code, reply.json()) == (400, ["fail", "invalid JSON in mesg field: not UTF-8"])
+    reply = client.post("/q/test/new_message", data=b"x_format=html&mesg%5Bdest%5D=test&mesg%5Bparam1%5D=caf%E9",
+                        headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert reply.code == 400 and "not UTF-8" in reply.text
+    assert instance.queue("test").num_messages()["que"] + instance.queue("test").num_messages()["run"] == 0
+
+
 def test_new_message_counts_converted_as_from_the_command_line(env):
     """
     Numeric text in C{count}/C{max_count} is converted as for C{rq
