@@ -28,6 +28,7 @@ from typing import Any, Callable
 from twisted.application.internet import TCPServer
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from rqtwisted.admin import AdminAPI, AdminFactory, AdminServer
@@ -190,8 +191,15 @@ class WebServer(TCPServer):
     def privilegedStartService(self) -> None:
         """
         Listen (before privileges are dropped), then adopt the port.
+
+        @raise SystemExit: the address cannot be listened on (a port in
+            use, an address this host does not have): one line, no
+            traceback.
         """
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(f"rq: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}") from None
         self._adopt_port()
 
     def startService(self) -> None:

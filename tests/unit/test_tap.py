@@ -97,3 +97,22 @@ def test_heap_settled_once_running(tmp_path):
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_web_port_in_use_is_one_line_not_a_traceback():
+    """
+    A web address that cannot be listened on (a port in use) ends the
+    daemon with one line naming it, not Twisted's traceback.
+    """
+    import errno as errno_module
+
+    from twisted.internet.error import CannotListenError
+
+    class Busy(MemoryReactorClock):
+        def listenTCP(self, port, factory, backlog=50, interface=""):
+            raise CannotListenError(interface, port, OSError(errno_module.EADDRINUSE, "Address already in use"))
+
+    server = tap.WebServer(object(), 3333, object(), interface="127.0.0.1", reactor=Busy())
+    with pytest.raises(SystemExit) as e:
+        server.privilegedStartService()
+    assert str(e.value) == "rq: cannot listen on 127.0.0.1:3333: [Errno 98] Address already in use"
