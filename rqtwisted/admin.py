@@ -348,10 +348,7 @@ class AdminProtocol(amp.AMP):
                 if end - start > MAX_PENDING_BOX:
                     # No admin request is that large: a box that never ends
                     # would be parsed again at every read.
-                    _log.warn("admin connection closed: a box of over {size} bytes", size=MAX_PENDING_BOX)
-                    self._closing = True
-                    if self.transport is not None:
-                        self.transport.loseConnection()
+                    self._hangUp(f"a box of over {MAX_PENDING_BOX} bytes")
                     return
                 self._pending = data[start:]
                 return
@@ -375,7 +372,15 @@ class AdminProtocol(amp.AMP):
             amp.AMP.ampBoxReceived(self, box)
             return
         keys = ", ".join(k.decode("ascii", "replace") for k in sorted(box)[:4]) or "empty"
-        _log.warn("admin connection closed: it sent a box that is not a request ({keys})", keys=keys)
+        self._hangUp(f"it sent a box that is not a request ({keys})")
+
+    def _hangUp(self, why: str) -> None:
+        """
+        Read nothing more from a connection that broke the protocol and
+        close it (what was answered is written out first), with one
+        warning saying C{why}.
+        """
+        _log.warn("admin connection closed: {why}", why=why)
         self._closing = True
         if self.transport is not None:
             self.transport.loseConnection()

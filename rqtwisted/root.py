@@ -290,18 +290,24 @@ class Root:
         """
         return self.join("config", f"{name}.{kind}")
 
-    def load_config(self) -> RootConfig:
+    def load_config(self, overrides: Mapping[str, Any] | None = None) -> RootConfig:
         """
-        Read and validate C{config/config.json}.
+        Read and validate C{config/config.json}, then apply C{overrides}
+        (the daemon's command line, the port its web server got), which
+        outrank it.
 
-        @raise ConfigError: missing, unreadable or invalid.
+        @raise ConfigError: missing, unreadable or invalid (with or without
+            the overrides).
         """
         try:
             with open(self.config_path, encoding="utf-8") as f:
                 data = json.load(f)
         except JSON_READ_ERRORS as e:
             raise ConfigError(f"cannot read {self.config_path}: {e}")
-        return RootConfig.fromDict(data)
+        config = RootConfig.fromDict(data)
+        if overrides:
+            config = RootConfig.fromDict({**config.raw, **overrides})
+        return config
 
     def queue_names(self) -> list[str]:
         """

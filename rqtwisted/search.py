@@ -269,15 +269,15 @@ def forget_ids(queue: "QueueService", msg_ids: Iterable[str]) -> None:
             index.entries.pop(msg_id, None)
 
 
-def search_queue(
-    queue: "QueueService", query: Mapping[str, str], exact: bool, limit: int | None = DEFAULT_LIMIT
-) -> list[dict[str, Any]]:
+def read_forms(queue: "QueueService", msg_ids: list[str], limit: int | None = DEFAULT_LIMIT) -> list[dict[str, Any]]:
     """
-    The read forms of the messages of C{queue} matching C{query}.
+    The read forms of the messages C{msg_ids} of C{queue} (hits of its
+    index, L{QueueIndex.match}), at most C{limit}; a hit no longer readable
+    is skipped (and forgotten by the index when gone from the disk).
     """
     index = index_for(queue)
     out: list[dict[str, Any]] = []
-    for msg_id in index.match(query, exact):
+    for msg_id in msg_ids:
         if limit is not None and len(out) >= limit:
             break
         try:

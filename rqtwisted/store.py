@@ -40,6 +40,7 @@ from rqtwisted.message import (
     stored,
     valid_msg_id,
 )
+from rqtwisted.root import make_dirs
 from rqtwisted.threads import ThreadRunner, run_here
 
 _log = Logger()
@@ -372,10 +373,7 @@ class QueueStore:
             message of that id already.
         """
         source = self.msg_dir("run", msg_id)
-        try:
-            os.unlink(source + "/pid")
-        except FileNotFoundError:
-            pass
+        _remove_quietly(source + "/pid")
         target = self.msg_dir("que", msg_id)
         if os.path.lexists(target):
             raise FileExistsError(errno.EEXIST, "que/ holds a message of that id", target)
@@ -482,17 +480,9 @@ class QueueStore:
         read is left to L{attachments} to report.
         """
         adir = os.path.join(self.msg_dir(state, msg_id), "attach")
-        pending = []
-        for entry in attachment_entries(adir):
-            try:
-                if known_md5(entry.path) is not None:
-                    continue
-            except OSError:
-                continue
-            pending.append(md5_off_reactor(entry.path, self._run_in_thread))
-        if not pending:
-            return succeed(None)
-        return DeferredList(pending, consumeErrors=True).addCallback(lambda _: None)
+        # (md5_off_reactor answers at once for an md5 known already.)
+        hashing = [md5_off_reactor(entry.path, self._run_in_thread) for entry in attachment_entries(adir)]
+        return DeferredList(hashing, consumeErrors=True).addCallback(lambda _: None)
 
     def list_hashed(self, state: str, limit: int | None = None) -> Iterator[str]:
         """
@@ -671,10 +661,7 @@ class QueueStore:
             else:
                 self._spare_pids.append((spare, held))
                 return
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        _remove_quietly(path)
 
     def job_path(self, state: str, msg_id: str) -> str:
         """
@@ -729,7 +716,7 @@ class QueueStore:
         if target in HASHED_STATES:
             parent = os.path.dirname(dest)
             if parent not in self._hashdirs:
-                sync.extend(self._makedirs(parent))
+                sync.extend(make_dirs(parent))
                 self._hashdirs.add(parent)
             sync.append(parent)
         else:
@@ -743,24 +730,6 @@ class QueueStore:
         if source in HASHED_STATES:
             sync.append(os.path.dirname(self.msg_dir(source, msg_id)))
         return sync
-
-    def _makedirs(self, path: str) -> list[str]:
-        """
-        C{mkdir -p}; return the parents whose entries changed.
-        """
-        created: list[str] = []
-        missing = []
-        p = path
-        while not os.path.isdir(p):
-            missing.append(p)
-            p = os.path.dirname(p)
-        for d in reversed(missing):
-            try:
-                os.mkdir(d)
-            except FileExistsError:
-                continue
-            created.append(os.path.dirname(d))
-        return created
 
     def delete(self, state: str, msg_id: str) -> Deferred[None]:
         """

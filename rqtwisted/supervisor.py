@@ -45,7 +45,7 @@ from rqtwisted.root import (
     queue_sort_key,
 )
 from rqtwisted.search import DEFAULT_LIMIT as DEFAULT_SEARCH_LIMIT
-from rqtwisted.search import check_query, index_for, search_queue
+from rqtwisted.search import check_query, index_for, read_forms
 from rqtwisted.store import QueueStore
 from rqtwisted.threads import ThreadRunner, reactor_pool
 from rqtwisted.worker import Worker
@@ -519,17 +519,6 @@ class Instance(MultiService):
 
         return d.addCallback(result)
 
-    def load_settings(self) -> RootConfig:
-        """
-        C{config/config.json} as it is now, with L{overrides} applied.
-
-        @raise ConfigError: it cannot be read or is invalid.
-        """
-        settings = self.root.load_config()
-        if self.overrides:
-            settings = RootConfig.fromDict({**settings.raw, **self.overrides})
-        return settings
-
     def restart(self) -> Deferred[str]:
         """
         Restart the whole server in place: stop every queue (terminating
@@ -553,7 +542,7 @@ class Instance(MultiService):
                 self.queues.pop(name, None)
             self._busy -= busy
             try:
-                self.settings = self.load_settings()
+                self.settings = self.root.load_config(self.overrides)
             except ConfigError as e:
                 _log.error("config not reloaded: {reason}", reason=e.reason)
             self._failures.clear()
@@ -626,9 +615,11 @@ class Instance(MultiService):
         """
         query = check_query(query)
         queues = [self.queue(name)] if name else [self.queues[n] for n in self.queue_names()]
+        # (Matched once: the hits' md5s are read first, their forms after.)
+        hits = [(queue, index_for(queue).match(query, exact)) for queue in queues]
         hashing = []
-        for queue in queues:
-            for msg_id in index_for(queue).match(query, exact)[:limit]:
+        for queue, msg_ids in hits:
+            for msg_id in msg_ids[:limit]:
                 try:
                     state = queue.locate(msg_id)
                 except MessageError:
@@ -637,11 +628,11 @@ class Instance(MultiService):
 
         def forms(_: object) -> list[dict[str, Any]]:
             found: list[dict[str, Any]] = []
-            for queue in queues:
+            for queue, msg_ids in hits:
                 room = None if limit is None else limit - len(found)
                 if room is not None and room <= 0:
                     break
-                found.extend(search_queue(queue, query, exact, room))
+                found.extend(read_forms(queue, msg_ids, room))
             return found
 
         return DeferredList(hashing, consumeErrors=True).addCallback(forms)

@@ -166,17 +166,6 @@ def command_line_overrides(options: Options) -> dict[str, Any]:
     return {k: options[k] for k in ("host", "port", "addr", "env") if options[k] is not None}
 
 
-def load_settings(root: Root, options: Options) -> RootConfig:
-    """
-    The root's config with the command line's overrides applied.
-    """
-    settings = root.load_config()
-    overrides = command_line_overrides(options)
-    if overrides:
-        settings = RootConfig.fromDict({**settings.raw, **overrides})
-    return settings
-
-
 class WebServer(TCPServer):
     """
     The web server's service. Asked for port 0 (any free port), it tells
@@ -215,9 +204,10 @@ class WebServer(TCPServer):
         if port is None:
             return
         # It stays the port, whatever config.json says after a restart.
-        instance.overrides["port"] = port.getHost().port
+        number = port.getHost().port
+        instance.overrides["port"] = number
         if instance.settings.port == 0:
-            instance.settings = RootConfig.fromDict({**instance.settings.raw, "port": port.getHost().port})
+            instance.settings = RootConfig.fromDict({**instance.settings.raw, "port": number})
 
 
 def remove_stale_socket(path: str) -> None:
@@ -295,7 +285,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         addr=options["addr"],
     )
     try:
-        settings = load_settings(root, options)
+        settings = root.load_config(command_line_overrides(options))
     except ConfigError as e:
         raise SystemExit(f"rq: {e.reason}")
     # Ours now: whatever socket is there was left by a daemon that died.

@@ -52,6 +52,7 @@ class Reference(amp.AMP):
     # dispatch calls; the fast path never does).
     locateResponder = AdminProtocol.locateResponder
     ampBoxReceived = AdminProtocol.ampBoxReceived
+    _hangUp = AdminProtocol._hangUp
     _closing = False
     _reply = AdminProtocol._reply
     _failed = AdminProtocol._failed
