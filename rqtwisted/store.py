@@ -40,13 +40,14 @@ from rqtwisted.message import (
     stored,
     valid_msg_id,
 )
-from rqtwisted.root import make_dirs
+from rqtwisted.root import QUEUE_STATE_DIRS, make_dirs
 from rqtwisted.threads import ThreadRunner, run_here
 
 _log = Logger()
 
-#: Directories of a queue, created at start.
-STATE_DIRS = ("prep", "que", "run", "done", "relayed", "err", "tmp", "corrupt")
+#: Directories of a queue, created at start: those a new queue gets
+#: (L{rqtwisted.root.QUEUE_STATE_DIRS}), and where unreadable messages go.
+STATE_DIRS = (*QUEUE_STATE_DIRS, "corrupt")
 
 _BAD_ATTACH_CHARS = set("~?[]%|$&<>")
 
