@@ -890,14 +890,55 @@ def _file_identity(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
+class PromptServer(unix.Server):
+    """
+    An admin connection that sends an answer at once when nothing is
+    waiting to be sent before it.
+
+    Twisted's transports only buffer a write and send it when the reactor
+    next finds the socket writable: two more C{epoll_ctl} calls and one
+    more turn of the reactor for every answer. An answer (a few hundred
+    bytes) almost always fits in the socket's buffer, so it goes out with
+    one C{send}; whatever does not fit (or an error) takes Twisted's
+    buffered path, which then sends the rest or finds the error again and
+    ends the connection as usual.
+    """
+
+    def write(self, data: bytes) -> None:
+        """
+        Send C{data} now if nothing is buffered and the connection is open;
+        buffer what is left, as L{unix.Server.write} does.
+        """
+        if (
+            data
+            and self.connected
+            and not self.disconnecting
+            and not self._writeDisconnecting
+            and not self._writeDisconnected
+            and not self._tempDataLen
+            and self.offset == len(self.dataBuffer)
+            and not self._sendmsgQueue
+        ):
+            try:
+                sent = self.socket.send(data)
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        super().write(data)
+
+
 class OwnSocketPort(unix.Port):
     """
-    A UNIX socket port that, when it closes, removes its socket file only
+    A UNIX socket port whose connections send their answers at once
+    (L{PromptServer}) and that, when it closes, removes its socket file only
     while that file is still the socket it bound: a socket another process
     has bound at the same path since (after ours was removed) is left to
     its owner, and a removed one is not an error.
     """
 
+    transport = PromptServer
     _boundPath: str | None = None
     _bound: tuple[int, int] | None = None
 

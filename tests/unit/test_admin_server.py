@@ -1,5 +1,6 @@
 """
-Tests for L{rqtwisted.admin.AdminServer}: the admin socket's file.
+Tests for L{rqtwisted.admin.AdminServer} (the admin socket's file) and
+L{rqtwisted.admin.PromptServer} (its connections' writes).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from pathlib import Path
 import pytest_twisted
 from twisted.internet import reactor
 
-from rqtwisted.admin import AdminFactory, AdminServer
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactor
+
+from rqtwisted.admin import AdminFactory, AdminServer, PromptServer
 
 
 def server(tmp_path: Path) -> tuple[AdminServer, str]:
@@ -66,3 +70,64 @@ async def test_stopping_after_the_socket_was_removed(tmp_path: Path) -> None:
     os.unlink(path)
     await admin.stopService()
     assert not os.path.lexists(path)
+
+
+def _prompt_server() -> tuple[PromptServer, socket.socket, MemoryReactor]:
+    """
+    A L{PromptServer} on one end of a socket pair, on a memory reactor
+    (whose turns never come: anything sent was sent by C{write} itself).
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    clock = MemoryReactor()
+    server = PromptServer(ours, Protocol(), b"", None, 1, clock)
+    return server, theirs, clock
+
+
+def test_an_answer_is_sent_at_once() -> None:
+    """
+    With nothing buffered, a write is sent before the reactor turns: the
+    peer can read it, and the transport does not ask to be told when it
+    can write.
+    """
+    server, theirs, clock = _prompt_server()
+    server.write(b"answer one")
+    assert theirs.recv(100) == b"answer one"
+    assert server not in clock.writers
+    server.write(b"answer two")
+    assert theirs.recv(100) == b"answer two"
+    assert server.dataBuffer == b"" and not server._tempDataLen
+
+
+def test_what_does_not_fit_is_buffered_in_order() -> None:
+    """
+    When the socket's buffer fills, the rest waits for the reactor, and a
+    later write goes after it, not before: the peer gets every byte, in
+    order, once the transport writes as the reactor tells it to.
+    """
+    server, theirs, clock = _prompt_server()
+    big = bytes(range(256)) * 4096  # 1 MiB: more than a socket buffer holds
+    server.write(big)
+    assert server in clock.writers
+    server.write(b"after")
+    received = bytearray()
+    while len(received) < len(big) + 5:
+        try:
+            received += theirs.recv(1 << 20)
+        except BlockingIOError:
+            assert server in clock.writers
+            server.doWrite()
+    assert bytes(received) == big + b"after"
+
+
+def test_a_write_to_a_closed_peer_ends_the_connection_as_usual() -> None:
+    """
+    A send that fails is left to Twisted's buffered path, which finds the
+    error again when the reactor lets it write and reports it.
+    """
+    server, theirs, clock = _prompt_server()
+    theirs.close()
+    server.write(b"nobody listens")
+    assert server in clock.writers
+    assert server.doWrite() is not None
