@@ -11,6 +11,16 @@ C{sys.path}, where Twisted's plugin scan finds C{twisted/plugins/}.
 
 from setuptools import setup
 
+#: The web app's data directories, listed as (namespace) packages of their
+#: own: setuptools deprecates shipping a directory Python could import as
+#: plain package data of its parent.
+WEB_DATA = [
+    "rqtwisted.web.templates",
+    "rqtwisted.web.static",
+    "rqtwisted.web.static.css",
+    "rqtwisted.web.static.js",
+]
+
 setup(
     name="rqtwisted",
     version="0.1.0",
@@ -19,9 +29,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=["rqtwisted", "rqtwisted.web", "twisted.plugins"],
+    packages=["rqtwisted", "rqtwisted.web", *WEB_DATA, "twisted.plugins"],
     package_dir={"": "."},
-    package_data={"rqtwisted.web": ["templates/*", "static/*", "static/*/*"]},
+    package_data={name: ["*"] for name in WEB_DATA},
     include_package_data=True,
     install_requires=["twisted>=24.7", "treq>=24.9", "klein>=24.8", "multipart>=1.1", "croniter>=2.0"],
     extras_require={
