@@ -10,6 +10,7 @@ import os
 import re
 
 import pytest
+from twisted.logger import LogLevel, globalLogPublisher
 
 from rqtwisted.web.app import RQWeb
 from tests.unit.roots import new_queue_dir
@@ -176,6 +177,60 @@ def test_unknown_route_is_the_not_found_page(env):
     reply = client.get("/nothing/here")
     assert reply.code == 404
     assert "<h2>Not Found</h2>" in reply.text
+
+
+@pytest.fixture
+def logged():
+    """
+    The events logged during the test.
+    """
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def _troubles(events):
+    return [e for e in events if e.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical)
+            or e.get("isError") or e.get("failure") or e.get("log_failure")]
+
+
+@pytest.mark.parametrize("path,code,reply", [
+    ("/q/%ff", 404, "page"),
+    ("/%ff/x", 404, "page"),
+    ("/q/%ff.json", 404, ["fail", "Queue not found"]),
+    ("/q/%C3%28/done.json", 404, ["fail", "Queue not found"]),
+    ("/q/test/%ff.json", 404, ["fail", "msg not found"]),
+    ("/q/test/x%ffy/state.json", 404, ["fail", "msg not found"]),
+])
+def test_path_that_is_not_utf8_is_answered_by_its_route(env, logged, path, code, reply):
+    """
+    A path segment that is not UTF-8 names nothing: the route answers as
+    for a name it does not have (JSON on the JSON routes), and nothing is
+    logged (klein would answer a plain 400 and log a traceback).
+    """
+    instance, spawner, clock, client = env
+    answer = client.get(path)
+    assert answer.code == code
+    if reply == "page":
+        assert "<h2>Not Found</h2>" in answer.text
+    else:
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.json() == reply
+    assert _troubles(logged) == []
+
+
+def test_path_that_is_not_utf8_on_posts_and_files(attached, logged):
+    instance, client, msg, payload = attached
+    reply = client.post("/q/%ff/new_message", data={"mesg": "{}"})
+    assert (reply.code, reply.json()) == (404, ["fail", "Queue not found"])
+    assert client.get(f"/q/test/{msg}/attach/%ff").code == 404
+    assert client.get(f"/q/test/{msg}/log/%ff").code == 404
+    assert client.get(f"/q/test/{msg}/tailview/%ff").code == 404
+    reply = client.post(f"/q/test/{msg}/attach/%ff", data={"_method": "delete", "x_format": "json"})
+    assert reply.json()[0] == "fail"
+    assert sorted(instance.queue("test").store.attachments("prep", msg)) == ["data.bin"]
+    assert _troubles(logged) == []
 
 
 def test_static_files(env):

@@ -689,6 +689,27 @@ def test_mounted_on_the_app(env: Env, app_site: Site) -> None:
     assert env.temp_files() == []
 
 
+def test_names_that_are_not_utf8(env: Env, app_site: Site) -> None:
+    """
+    Bytes of the path that are not UTF-8 reach the upload routes in their
+    percent form, as the other routes see them: such an attachment name is
+    refused before the body (not stored as U+FFFD), such a queue is
+    unknown; no plain-text 400 from klein.
+    """
+    msg_id = env.prep()
+    conn = Connection(app_site)
+    conn.send(http("PUT", f"/q/test/{msg_id}/attach/a%ffb", b"data"))
+    code, headers, body = conn.response()
+    assert (code, headers["content-type"]) == (400, "application/json")
+    assert json.loads(body) == ["fail", "Attachment name has invalid character. not allowed: a%FFb"]
+    conn = Connection(app_site)
+    conn.send(form_post(msg_id, multipart("a.bin", b"x", x_format="json")).replace(b"/q/test/", b"/q/t%ff/"))
+    code, _, body = conn.response()
+    assert (code, json.loads(body)) == (404, ["fail", "Queue not found"])
+    assert env.queue.store.attachments("prep", msg_id) == {}
+    assert env.temp_files() == []
+
+
 def test_auth_checked_before_the_body(env: Env, app_site: Site) -> None:
     env.instance.settings = dataclasses.replace(
         env.instance.settings, basic_auth={"realm": "RQ", "users": {"ops": "secret"}}
