@@ -1074,6 +1074,44 @@ def test_flash_escapes_markup(env):
     assert "<script>\"" not in text and "&lt;script&gt;" in text
 
 
+def _flash_cookie(reply):
+    [header] = [h for h in reply.all_headers["set-cookie"] if h.startswith("rq_flash=")]
+    return header
+
+
+def test_long_flash_notice_is_cut_to_fit_its_cookie(env):
+    """
+    A notice longer than a cookie holds is cut with a mark rather than
+    lost with its cookie (browsers drop cookies over 4 KiB).
+    """
+    instance, spawner, clock, client = env
+    name = "\u00e9t\u00e9" * 1000
+    reply = client.post("/delete_queue", data={"queue_name": name})
+    assert reply.code == 303
+    assert len(_flash_cookie(reply).encode("utf-8")) <= 4096
+    page = client.get("/").text
+    assert "Delete of queue <code>" + name[:300] in page
+    assert "\u2026 [truncated]</code> got <code>" in page
+    assert "no such queue" in page
+
+
+def test_flash_notices_piling_up_stay_within_a_cookie(env):
+    """
+    Notices not shown yet pile up in the cookie: still within 4 KiB, the
+    newest one whole when it is short.
+    """
+    instance, spawner, clock, client = env
+    for i in range(6):
+        reply = client.post("/delete_queue", data={"queue_name": f"q{i}" + "x" * 3000})
+        assert len(_flash_cookie(reply).encode("utf-8")) <= 4096
+    reply = client.post("/q/test/adminoper", data={"pause": "pause", "back": "/"})
+    assert len(_flash_cookie(reply).encode("utf-8")) <= 4096
+    page = client.get("/").text
+    assert "Successfully paused queue test" in page
+    assert "Delete of queue <code>q5xxx" in page
+    assert "[truncated]" in page
+
+
 def test_absolute_uri_request_line(env):
     instance, spawner, clock, client = env
     from twisted.web.test.requesthelper import DummyChannel
