@@ -4,13 +4,15 @@ A C{multipart/form-data} body parsed while it arrives.
 L{FormSink} feeds each chunk of the body to the C{multipart} package's push
 parser: small fields are collected in memory (bounded), the file part of the
 upload goes to a L{web.spool.Spool} chunk by chunk, and file parts of other
-names are skipped. No part of the body is ever held whole. This module does
-no network I/O and does not import Twisted.
+names are skipped. No part of the body is ever held whole. L{form_args}
+parses the (size-capped) form body of another route with the same parser,
+as Twisted's C{request.args} holds it. This module does no network I/O and
+does not import Twisted.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import IO, Callable
 
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 
@@ -151,3 +153,37 @@ class FormSink:
             raise FormError(400, f"malformed multipart body: {e}")
         if self.file is not None:
             self.file.close()
+
+
+def form_args(content_type: str | None, body: IO[bytes], chunk_size: int = 1 << 16) -> dict[bytes, list[bytes]]:
+    """
+    The named parts of a whole C{multipart/form-data} body, as Twisted's
+    C{request.args} holds a form: C{{name: [value, ...]}}, values as sent
+    (a file part's value is its content).
+
+    @param body: the body, read from where it is to its end.
+    @raise FormError: no boundary, or a malformed or truncated body (400).
+    """
+    try:
+        parser = PushMultipartParser(boundary_of(content_type))
+    except MultipartError as e:
+        raise FormError(400, f"malformed multipart body: {e}")
+    args: dict[bytes, list[bytes]] = {}
+    value: bytearray | None = None
+    name = b""
+    try:
+        for data in iter(lambda: body.read(chunk_size), b""):
+            for event in parser.parse(data):
+                if isinstance(event, MultipartSegment):
+                    name = (event.name or "").encode("utf-8")
+                    value = bytearray() if name else None
+                elif event is None:
+                    if value is not None:
+                        args.setdefault(name, []).append(bytes(value))
+                    value = None
+                elif value is not None:
+                    value.extend(event)
+        parser.close()
+    except MultipartError as e:
+        raise FormError(400, f"malformed multipart body: {e}")
+    return args

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from io import BytesIO
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from rqtwisted.store import PARTIAL_MAX_AGE
 from rqtwisted.testing import syncNow
-from rqtwisted.web.formdata import FormError, FormSink
+from rqtwisted.web.formdata import FormError, FormSink, form_args
 from rqtwisted.web.spool import Spool
 from rqtwisted.web.upload import ContentRange, UploadRefused, Uploads, match_upload, path_segments
 from rqtwisted.web.upload_request import UploadRequest
@@ -708,6 +709,58 @@ def test_names_that_are_not_utf8(env: Env, app_site: Site) -> None:
     assert (code, json.loads(body)) == (404, ["fail", "Queue not found"])
     assert env.queue.store.attachments("prep", msg_id) == {}
     assert env.temp_files() == []
+
+
+def test_multipart_form_of_other_routes(env: Env, app_site: Site) -> None:
+    """
+    The multipart body of a route other than the uploads is parsed by the
+    uploads' parser into C{args} (file parts included); as with Twisted, a
+    form field replaces the query field of its name.
+    """
+    body = multipart("f.txt", b"file\r\ncontent", mesg='{"dest": "test", "param1": "p"}', x_format="json")
+    args = form_args(f"multipart/form-data; boundary={BOUNDARY}", BytesIO(body), chunk_size=7)
+    assert args == {b"mesg": [b'{"dest": "test", "param1": "p"}'], b"x_format": [b"json"],
+                    b"filedata": [b"file\r\ncontent"]}
+    conn = Connection(app_site)
+    conn.send(http("POST", "/q/test/new_message?x_format=html", body,
+                   {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}))
+    code, _, reply = conn.response()
+    assert (code, json.loads(reply)[0]) == (200, "ok")
+    [msg_id] = env.queue.messages("que") + env.queue.messages("run")
+    assert env.queue.get(msg_id)["param1"] == "p"
+
+
+@pytest.mark.parametrize("path,content_type,body,code,content,reply", [
+    ("/q/test/new_message", f"multipart/form-data; boundary={BOUNDARY}", b"--" + BOUNDARY.encode() + b"\r\nbad",
+     400, "application/json", ["fail", "malformed multipart body: Unexpected end of multipart stream (parser closed)"]),
+    ("/q/test/new_message", "multipart/form-data", b"mesg=x",
+     400, "application/json", ["fail", "multipart/form-data body without boundary"]),
+    ("/q/test/adminoper", f"multipart/form-data; boundary={BOUNDARY}", b"--" + BOUNDARY.encode() + b"\r\nbad",
+     400, "text/plain;charset=utf-8",
+     "400 - Malformed multipart body: Unexpected end of multipart stream (parser closed)"),
+    ("/q/test/adminoper?x_format=json", "multipart/form-data", b"pause=pause",
+     400, "application/json", ["fail", "multipart/form-data body without boundary"]),
+    ("/delete_queue", f"multipart/form-data; boundary={BOUNDARY}",
+     multipart(None, b"", queue_name="test")[:-30], 400, "text/plain;charset=utf-8",
+     "400 - Malformed multipart body: Unexpected end of multipart stream (parser closed)"),
+])
+def test_malformed_multipart_of_other_routes_is_400_with_reason(
+    env: Env, app_site: Site, path: str, content_type: str, body: bytes, code: int, content: str, reply: Any
+) -> None:
+    """
+    A multipart body that cannot be parsed is answered by its route, as
+    its other 400s: C{["fail", reason]} where JSON is asked for or the
+    default, else C{400 - <Reason>} (Twisted answered an empty 400); the
+    route does nothing.
+    """
+    conn = Connection(app_site)
+    conn.send(http("POST", path, body, {"Content-Type": content_type}))
+    answer_code, headers, answer = conn.response()
+    assert (answer_code, headers["content-type"]) == (code, content)
+    assert (json.loads(answer) if content == "application/json" else answer.decode()) == reply
+    assert env.queue.admin_status() == "UP"
+    assert env.queue.messages("que") + env.queue.messages("run") == []
+    assert env.instance.queues.get("test") is not None
 
 
 def test_auth_checked_before_the_body(env: Env, app_site: Site) -> None:
