@@ -14,7 +14,13 @@ from __future__ import annotations
 
 from typing import IO, Callable
 
-from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
+from multipart import (
+    MultipartError,
+    MultipartSegment,
+    PushMultipartParser,
+    content_disposition_unquote,
+    parse_options_header,
+)
 
 from rqtwisted.web.spool import Spool
 
@@ -49,6 +55,26 @@ def boundary_of(content_type: str | None) -> str:
     if not boundary:
         raise FormError(400, "multipart/form-data body without boundary")
     return boundary
+
+
+def filename_of(segment: MultipartSegment) -> str | None:
+    """
+    The file name of a part as its C{Content-Disposition} gives it, its
+    quoting undone (a browser's C{%0A}, C{%0D} and C{%22}, or backslash
+    escapes of a quoted string holding C{\\"}).
+
+    The C{multipart} package takes a name with a backslash in a place a
+    Windows path has one (C{C:\\dir\\f}, C{\\\\host\\f}) for a full path and
+    keeps its last part; here the name stays whole, so that a form upload
+    names its attachment as a C{PUT} does, and the name check refuses it.
+    """
+    if segment.filename is None:
+        return None
+    header = segment.header("Content-Disposition", "")
+    if "\\" not in header:
+        return segment.filename
+    _, options = parse_options_header(header, unquote=lambda value, _: content_disposition_unquote(value))
+    return str(options.get("filename", segment.filename))
 
 
 class FormSink:
@@ -115,8 +141,8 @@ class FormSink:
         if segment.filename is None:
             self._target = bytearray()
         elif self._name == self._file_field and segment.filename and self.file is None:
-            self.filename = segment.filename
-            self.file = self._open_file(segment.filename)
+            self.filename = filename_of(segment) or segment.filename
+            self.file = self._open_file(self.filename)
             self._target = self.file
         else:
             # A second file, an empty file input, or a file field we do not

@@ -14,6 +14,7 @@ import json
 import os
 from io import BytesIO
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -374,6 +375,31 @@ def test_escaping_filename_is_400(env: Env, name: str) -> None:
     assert env.temp_files() == []
     assert not os.path.exists(os.path.join(env.queue.store.msg_dir("prep", msg_id), "attach"))
     assert not os.path.exists(os.path.join(env.queue.store.path, "evil"))
+
+
+@pytest.mark.parametrize("name", ["a\\b", "a\nb", "a\rb", "C:\\dir\\f", "\\\\host\\f"])
+def test_name_no_upload_carries_is_refused_alike_on_both_paths(env: Env, name: str) -> None:
+    """
+    A name with a backslash or a line break is refused with the same 400 by
+    a form upload (its name encoded as browsers and the relay encode it) and
+    by a C{PUT}, rather than arriving renamed on one path only (a line break
+    or a Windows-like path cut to its last part).
+    """
+    msg_id = env.prep()
+    encoded = name.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+    answers = []
+    for request in (
+        form_post(msg_id, multipart(encoded, PAYLOAD, x_format="json")),
+        http("PUT", f"/q/test/{msg_id}/attach/{quote(name, safe='')}", PAYLOAD),
+    ):
+        conn = Connection(env.site)
+        conn.send(request)
+        code, _, body = conn.response()
+        answers.append((code, json.loads(body)))
+    reply = (400, ["fail", f"Attachment name has invalid character. not allowed: {name}"])
+    assert answers == [reply, reply]
+    assert env.queue.store.attachments("prep", msg_id) == {}
+    assert env.temp_files() == []
 
 
 def test_escaping_put_name_is_400(env: Env) -> None:
