@@ -184,7 +184,13 @@ class RangeFileProducer(_FileProducer):
 
 
 def _quote_param(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\r", " ").replace("\n", " ")
+    """
+    C{value} for a quoted C{Content-Disposition} parameter, as browsers and
+    curl write it (WHATWG HTML): C{"}, CR and LF percent-encoded, the rest as
+    it is. The receiving parser undoes it, so the peer sees the name itself
+    (and refuses it if it must) instead of a renamed one.
+    """
+    return value.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
 
 
 @implementer(IBodyProducer)

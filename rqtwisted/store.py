@@ -51,6 +51,13 @@ STATE_DIRS = (*QUEUE_STATE_DIRS, "corrupt")
 
 _BAD_ATTACH_CHARS = set("~?[]%|$&<>")
 
+#: Characters a multipart upload cannot carry in a file name as they are: a
+#: backslash is an escape to some clients and a Windows path separator to
+#: parsers, a line break ends the header. A name holding one would arrive
+#: renamed by a form upload but not by a C{PUT} (whose name is in the URL),
+#: so it is refused on every path.
+_UNSENDABLE_ATTACH_CHARS = set("\\\r\n")
+
 #: Sub-directory of C{tmp/} that keeps resumable uploads across restarts:
 #: C{tmp/partial/<msg id>/<attachment name>} (web uploads, relay peers).
 PARTIAL_DIR = "partial"
@@ -171,13 +178,14 @@ MAX_ATTACHMENT_NAME = 255
 def check_attachment_name(name: str) -> None:
     """
     Refuse attachment names that are dot-files, hold a reserved character or
-    could leave C{attach/} (quirks 9).
+    could leave C{attach/} (quirks 9), or that an upload could not carry as
+    they are (a backslash, a line break).
 
     @raise MessageError: with the original's reason texts.
     """
     if not name or name.startswith("."):
         raise MessageError(f"Attachment name as a dot-file not allowed: {name}")
-    if "/" in name or "\0" in name or any(c in _BAD_ATTACH_CHARS for c in name):
+    if "/" in name or "\0" in name or any(c in _BAD_ATTACH_CHARS or c in _UNSENDABLE_ATTACH_CHARS for c in name):
         raise MessageError(f"Attachment name has invalid character. not allowed: {name}")
     if len(name.encode("utf-8", "surrogateescape")) > MAX_ATTACHMENT_NAME:
         raise MessageError(f"Attachment name too long (over {MAX_ATTACHMENT_NAME} bytes): {name[:64]}...")

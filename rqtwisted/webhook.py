@@ -11,14 +11,18 @@ L{WebhookHandler} is the C{webhook} queue's in-process handler
 (L{rqtwisted.builtin}): it POSTs C{x_format=json} and C{payload=<param2>} as
 a form with treq, reports C{done successfull post <code>} (the original's
 spelling) on a 2xx answer and C{resend <count²·60>-<reason>} otherwise, and
-gives up with C{fail RQ_COUNT > 15 - failing} after 15 retries. The HTTP
-client is injected, so tests use L{treq.testing.StubTreq}.
+gives up with C{fail RQ_COUNT > 15 - failing} after 15 retries. A URL that
+can never be posted to (L{url_problem}, or one the HTTP client refuses before
+any I/O) ends the message in err at once, with the URL and why: retries
+cannot help it, and the spec's C{resend} is for the outcomes of a POST. The
+HTTP client is injected, so tests use L{treq.testing.StubTreq}.
 """
 
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any, Mapping
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
@@ -145,6 +149,33 @@ def backoff(count: int) -> int:
     return count * count * 60
 
 
+def url_problem(url: object) -> str | None:
+    """
+    Why C{url} can never be posted to, or C{None} when it may be: it must
+    be an C{http://} or C{https://} URL with a host and, if it gives one, a
+    port from 1 to 65535. (Other faults, such as characters a host name
+    cannot hold, are found by the HTTP client before any I/O.)
+    """
+    if not isinstance(url, str) or not url:
+        return "param1 must be the URL to post to"
+    if not url.startswith(("http://", "https://")):
+        return "not an http:// or https:// URL"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        return str(e)
+    if not parts.hostname:
+        return "no host"
+    if port == 0:
+        return "port 0"
+    return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _reason(failure: Failure) -> str:
     if failure.check(TimeoutError):
         return f"no answer within {REQUEST_TIMEOUT:g} seconds"
@@ -175,9 +206,11 @@ class WebhookHandler:
             job.report(f"fail RQ_COUNT > {MAX_TRIES} - failing")
             return
         url = msg.get("param1")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            job.report(f"err invalid webhook URL: {url!r}")
+        problem = url_problem(url)
+        if problem is not None:
+            job.report(f"err invalid webhook URL: {url!r} - {problem}")
             return
+        assert isinstance(url, str)
         payload = msg.get("param2")
         data = {"x_format": "json", "payload": payload if isinstance(payload, str) else ""}
         job.log(f"POST {url}")
@@ -186,7 +219,7 @@ class WebhookHandler:
         except Exception as e:
             # Raised before any I/O (a host name that is no host name, ...):
             # retrying cannot help.
-            job.report(f"err invalid webhook URL: {url!r}: {e}")
+            job.report(f"err invalid webhook URL: {url!r} - {_one_line(str(e))}")
             return
         request.addTimeout(REQUEST_TIMEOUT, self.clock)
         try:

@@ -19,6 +19,8 @@ Conventions:
     C{rq restart} applies a changed C{config.json} to the web as well.
   - Failures of a JSON route are JSON (C{["fail", reason]}); 404s of page
     routes are the HTML Not Found page (with pending flash notices).
+  - A POST whose multipart body cannot be parsed is answered 400 with the
+    reason by its route (L{RQWeb._form_checked}).
   - A queue whose directory exists but which is not running answers 503
     (quirks 23); a DOWN queue refuses writes with 503 and serves reads
     (quirks 26).
@@ -55,6 +57,9 @@ _HOST = re.compile(r"[A-Za-z0-9._\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 
 #: Characters kept as they are in a redirect's path and query.
 _URL_SAFE = "/?&=%#:@!$'()*+,;~-._"
+
+#: POST routes that answer in JSON unless asked for HTML (http.md).
+_JSON_BY_DEFAULT = frozenset({"new_message"})
 
 #: The static assets shipped with the package.
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -145,10 +150,37 @@ class RQWeb(InstanceRoutes, QueueRoutes, MessageRoutes):
             ("/q/<name>/<msg_id>/tailview/<att>", ("GET",), self.tail_attachment),
         ]
         for path, methods, handler in table:
-            route(path, methods=list(methods), endpoint=handler.__name__ + ":" + ",".join(methods))(handler)
+            endpoint = handler.__name__ + ":" + ",".join(methods)
+            if "POST" in methods:
+                handler = self._form_checked(handler, json_default=handler.__name__ in _JSON_BY_DEFAULT)
+            route(path, methods=list(methods), endpoint=endpoint)(handler)
         self.app.handle_errors(HTTPError)(self._http_error)
         self.app.handle_errors(NotFound)(self._not_found)
         self.app.handle_errors(MethodNotAllowed)(self._not_allowed)
+
+    @staticmethod
+    def _form_checked(handler: Callable[..., Any], json_default: bool) -> Callable[..., Any]:
+        """
+        C{handler}, answering 400 with the reason instead when the request's
+        form body could not be parsed (C{request.form_error}, set by
+        L{rqtwisted.web.upload_request.UploadRequest}): C{["fail", reason]}
+        when the request asks for JSON (C{x_format=json} in the query, or
+        none and C{json_default}), else the text C{400 - <Reason>} of the
+        page routes.
+        """
+
+        def checked(request: Any, **kwargs: Any) -> Any:
+            reason = getattr(request, "form_error", None)
+            if reason is None:
+                return handler(request, **kwargs)
+            x_format = form_arg(request, "x_format")
+            if x_format == "json" or (x_format is None and json_default):
+                raise HTTPError(400, reason, "json")
+            raise HTTPError(400, f"400 - {reason[:1].upper()}{reason[1:]}", "text")
+
+        checked.__name__ = handler.__name__
+        checked.__doc__ = handler.__doc__
+        return checked
 
     def static_file(self, segments: list[bytes]) -> Resource | None:
         """

@@ -4,15 +4,23 @@ A C{multipart/form-data} body parsed while it arrives.
 L{FormSink} feeds each chunk of the body to the C{multipart} package's push
 parser: small fields are collected in memory (bounded), the file part of the
 upload goes to a L{web.spool.Spool} chunk by chunk, and file parts of other
-names are skipped. No part of the body is ever held whole. This module does
-no network I/O and does not import Twisted.
+names are skipped. No part of the body is ever held whole. L{form_args}
+parses the (size-capped) form body of another route with the same parser,
+as Twisted's C{request.args} holds it. This module does no network I/O and
+does not import Twisted.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import IO, Callable
 
-from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
+from multipart import (
+    MultipartError,
+    MultipartSegment,
+    PushMultipartParser,
+    content_disposition_unquote,
+    parse_options_header,
+)
 
 from rqtwisted.web.spool import Spool
 
@@ -47,6 +55,26 @@ def boundary_of(content_type: str | None) -> str:
     if not boundary:
         raise FormError(400, "multipart/form-data body without boundary")
     return boundary
+
+
+def filename_of(segment: MultipartSegment) -> str | None:
+    """
+    The file name of a part as its C{Content-Disposition} gives it, its
+    quoting undone (a browser's C{%0A}, C{%0D} and C{%22}, or backslash
+    escapes of a quoted string holding C{\\"}).
+
+    The C{multipart} package takes a name with a backslash in a place a
+    Windows path has one (C{C:\\dir\\f}, C{\\\\host\\f}) for a full path and
+    keeps its last part; here the name stays whole, so that a form upload
+    names its attachment as a C{PUT} does, and the name check refuses it.
+    """
+    if segment.filename is None:
+        return None
+    header = segment.header("Content-Disposition", "")
+    if "\\" not in header:
+        return segment.filename
+    _, options = parse_options_header(header, unquote=lambda value, _: content_disposition_unquote(value))
+    return str(options.get("filename", segment.filename))
 
 
 class FormSink:
@@ -113,8 +141,8 @@ class FormSink:
         if segment.filename is None:
             self._target = bytearray()
         elif self._name == self._file_field and segment.filename and self.file is None:
-            self.filename = segment.filename
-            self.file = self._open_file(segment.filename)
+            self.filename = filename_of(segment) or segment.filename
+            self.file = self._open_file(self.filename)
             self._target = self.file
         else:
             # A second file, an empty file input, or a file field we do not
@@ -151,3 +179,37 @@ class FormSink:
             raise FormError(400, f"malformed multipart body: {e}")
         if self.file is not None:
             self.file.close()
+
+
+def form_args(content_type: str | None, body: IO[bytes], chunk_size: int = 1 << 16) -> dict[bytes, list[bytes]]:
+    """
+    The named parts of a whole C{multipart/form-data} body, as Twisted's
+    C{request.args} holds a form: C{{name: [value, ...]}}, values as sent
+    (a file part's value is its content).
+
+    @param body: the body, read from where it is to its end.
+    @raise FormError: no boundary, or a malformed or truncated body (400).
+    """
+    try:
+        parser = PushMultipartParser(boundary_of(content_type))
+    except MultipartError as e:
+        raise FormError(400, f"malformed multipart body: {e}")
+    args: dict[bytes, list[bytes]] = {}
+    value: bytearray | None = None
+    name = b""
+    try:
+        for data in iter(lambda: body.read(chunk_size), b""):
+            for event in parser.parse(data):
+                if isinstance(event, MultipartSegment):
+                    name = (event.name or "").encode("utf-8")
+                    value = bytearray() if name else None
+                elif event is None:
+                    if value is not None:
+                        args.setdefault(name, []).append(bytes(value))
+                    value = None
+                elif value is not None:
+                    value.extend(event)
+        parser.close()
+    except MultipartError as e:
+        raise FormError(400, f"malformed multipart body: {e}")
+    return args

@@ -6,7 +6,8 @@ absolute-URI request lines), checks C{allowed_ips} and C{basic_auth}
 (L{rqtwisted.web.security}) on every request, answers paths outside
 C{relative_root} with 404 C{Not Found: <path>}, serves the static assets and
 hands everything else to the klein routes with C{relative_root} as the
-script path.
+script path (bytes of the path that are not UTF-8 in their percent form:
+L{percent_undecodable}).
 """
 
 from __future__ import annotations
@@ -42,6 +43,22 @@ def normalize_segments(segments: Iterable[bytes]) -> list[bytes] | None:
             return None
         out.append(seg)
     return out
+
+
+def percent_undecodable(segment: bytes) -> bytes:
+    """
+    C{segment} with each byte that is not part of UTF-8 text replaced by its
+    percent form (C{b"\\xff"} becomes C{b"%FF"}); UTF-8 text is unchanged.
+
+    The routes match text, and klein answers a path that is not UTF-8 with
+    its own plain 400 and a logged traceback. Such a segment names nothing
+    here: C{%} is in no queue name, message id or attachment name (layout.md,
+    message.md). In its percent form it reaches its route as the name of
+    nothing, and the route answers as it answers any name it does not have
+    (404; C{["fail", reason]} on the JSON routes).
+    """
+    text = segment.decode("utf-8", "surrogateescape")
+    return "".join(f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else c for c in text).encode("utf-8")
 
 
 class RootResource(resource.Resource):
@@ -86,7 +103,7 @@ class RootResource(resource.Resource):
             request.postpath = []
             return static.render(request)
         request.prepath = prefix
-        request.postpath = rest or [b""]
+        request.postpath = [percent_undecodable(s) for s in rest] or [b""]
         return self.web.klein_resource.render(request)
 
 

@@ -50,6 +50,7 @@ from rqtwisted.threads import reactor_pool
 from rqtwisted.web.answers import dumps
 from rqtwisted.web.formdata import FormError, FormSink, boundary_of
 from rqtwisted.web.security import check_request
+from rqtwisted.web.site import percent_undecodable
 from rqtwisted.web.spool import Spool
 
 if TYPE_CHECKING:
@@ -87,7 +88,9 @@ def path_segments(uri: bytes) -> list[str]:
     """
     The decoded segments of a request target's path, resolved as the app
     resolves them: an absolute URI is cut to its path, the query dropped,
-    each segment percent-decoded (UTF-8), then empty and C{.} segments
+    each segment percent-decoded (UTF-8; bytes that are not UTF-8 keep
+    their percent form, as the app's routes see them:
+    L{rqtwisted.web.site.percent_undecodable}), then empty and C{.} segments
     skipped and C{..} applied. An encoded C{%2F} stays inside its segment
     (where an attachment name refuses it).
     """
@@ -97,7 +100,7 @@ def path_segments(uri: bytes) -> list[str]:
         path = b"/" + rest.split(b"/", 1)[1] if b"/" in rest else b"/"
     out: list[str] = []
     for raw in path.split(b"/"):
-        segment = unquote_to_bytes(raw).decode("utf-8", "replace")
+        segment = percent_undecodable(unquote_to_bytes(raw)).decode("utf-8")
         if segment in ("", "."):
             continue
         if segment == "..":

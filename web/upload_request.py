@@ -8,7 +8,11 @@ chunk by chunk, to an L{rqtwisted.web.upload.Upload} (spooled to the queue's
 C{tmp/}, hashed on the way) instead of Twisted's in-memory content, refusals
 are answered before the body is read, and temp files go when the request
 ends, however it ends. Other requests keep Twisted's behaviour, with bodies
-capped at L{rqtwisted.web.upload.MAX_FORM_BODY}.
+capped at L{rqtwisted.web.upload.MAX_FORM_BODY}, except that a
+C{multipart/form-data} POST body is parsed by the upload routes' parser
+(L{rqtwisted.web.formdata.form_args}): a malformed one leaves its reason in
+C{request.form_error} for the route to answer (Twisted answers an empty 400
+and closes the connection).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from rqtwisted.web.formdata import FormError, form_args
 from rqtwisted.web.upload import MAX_FORM_BODY, Upload, UploadRefused, Uploads, fail, match_upload, threads_of
 
 if TYPE_CHECKING:
@@ -76,9 +81,14 @@ class UploadRequest(Request):
     A L{twisted.web.server.Request} that streams the bodies of the upload
     routes to disk (module docstring); C{request.upload} is the L{Upload}
     of such a request, C{None} for others.
+
+    @ivar form_error: why the C{multipart/form-data} body of another POST
+        could not be parsed (its fields are then not in C{args}), else
+        C{None}.
     """
 
     upload: Upload | None = None
+    form_error: str | None = None
 
     def __init__(self, channel: Any, *args: Any, uploads: Uploads, **kwargs: Any) -> None:
         """
@@ -87,8 +97,11 @@ class UploadRequest(Request):
         super().__init__(channel, *args, **kwargs)
         self.uploads = uploads
         self.upload = None
+        self.form_error = None
         self._refused = False
         self._bodyBytes = 0
+        # The content type of a multipart body process() parses.
+        self._form_type: str | None = None
 
     @classmethod
     def factory(cls, uploads: Uploads) -> Callable[..., "UploadRequest"]:
@@ -157,15 +170,30 @@ class UploadRequest(Request):
             except UploadRefused as e:
                 self._refuse(e, (command, path, version))
                 return
+        elif command == b"POST" and self.content.tell():
+            content_type = self.getHeader(b"content-type")
+            if content_type is not None and _is_multipart(content_type):
+                # Parsed in process(), not by Twisted.
+                self._form_type = content_type.decode("latin-1")
+                self._parsePOSTFormSubmission = False
         super().requestReceived(command, path, version)
 
     def process(self) -> None:
         """
-        Add the upload's form fields to C{args}, then route.
+        Add the form fields of the upload, or of a multipart body, to
+        C{args}, then route.
         """
         if self.upload is not None:
             for name, values in self.upload.fields.items():
                 self.args.setdefault(name.encode("utf-8"), []).extend(v.encode("utf-8") for v in values)
+        elif self._form_type is not None:
+            self.content.seek(0)
+            try:
+                # As Twisted does: form fields replace query fields of the same name.
+                self.args.update(form_args(self._form_type, self.content))
+            except FormError as e:
+                self.form_error = e.reason
+            self.content.seek(0)
         super().process()
 
     def _refuse(self, refusal: UploadRefused, line: tuple[bytes, bytes, bytes] | None = None) -> None:
@@ -215,6 +243,13 @@ class UploadRequest(Request):
             super().connectionLost(reason)
         finally:
             self._discard()
+
+
+def _is_multipart(content_type: bytes) -> bool:
+    """
+    Is C{content_type} C{multipart/form-data} (with or without parameters)?
+    """
+    return content_type.split(b";", 1)[0].strip().lower() == b"multipart/form-data"
 
 
 def upload_request_factory(instance: "Instance", reactor: Any) -> Callable[..., "UploadRequest"]:

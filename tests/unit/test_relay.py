@@ -1099,6 +1099,33 @@ def test_real_app_attachments(real):
     assert "attach small (3 bytes, multipart)" in log
 
 
+@pytest.mark.parametrize("size", [3, 250_000])
+@pytest.mark.parametrize("name", ["a\nb", "a\\b"])
+def test_real_app_refuses_a_name_no_upload_carries_on_both_paths(real, size, name):
+    """
+    An attachment named with a line break or a backslash (no longer
+    accepted, but an older version may have left one) is refused alike by
+    the multipart and the resumable upload: the relay retries with the
+    reason, and no copy arrives renamed (the multipart one arrived as
+    C{a b} or C{a\\\\b}).
+    """
+    relay = real.relay
+    msg_id = real._result(relay.create(creation_fields({"dest": FAR}), "prep")).rsplit("/", 1)[1]
+    source = os.path.join(real.near.root.path, "tmp", "f")
+    with open(source, "wb") as f:
+        f.write(b"x" * size)
+    real._result(relay.attach(msg_id, source, "f"))
+    attach = os.path.join(relay.store.msg_dir("prep", msg_id), "attach")
+    os.rename(os.path.join(attach, "f"), os.path.join(attach, name))
+    real._result(relay.commit(msg_id))
+    real.settle(200)
+    assert real.state(msg_id) == "que", real.status(msg_id)
+    assert "Attachment name has invalid character. not allowed: a" in real.status(msg_id)
+    [prepped] = real.far_messages()["prep"]
+    assert "_attachments" not in real.far.queue("inbox").get(prepped)
+    assert real.committed() == []
+
+
 def test_real_app_restart_after_commit(real):
     """
     A relay_id whose remote message is committed already: the state answer

@@ -186,6 +186,9 @@ def test_attach_md5_and_replace(store, tmp_path):
         ("../escape", "Attachment name as a dot-file not allowed: ../escape"),
         ("a/b", "Attachment name has invalid character. not allowed: a/b"),
         ("a$b", "Attachment name has invalid character. not allowed: a$b"),
+        ("a\\b", "Attachment name has invalid character. not allowed: a\\b"),
+        ("a\nb", "Attachment name has invalid character. not allowed: a\nb"),
+        ("a\rb", "Attachment name has invalid character. not allowed: a\rb"),
     ],
 )
 def test_attachment_names_refused(name, reason):

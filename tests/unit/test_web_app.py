@@ -10,6 +10,7 @@ import os
 import re
 
 import pytest
+from twisted.logger import LogLevel, globalLogPublisher
 
 from rqtwisted.web.app import RQWeb
 from tests.unit.roots import new_queue_dir
@@ -176,6 +177,60 @@ def test_unknown_route_is_the_not_found_page(env):
     reply = client.get("/nothing/here")
     assert reply.code == 404
     assert "<h2>Not Found</h2>" in reply.text
+
+
+@pytest.fixture
+def logged():
+    """
+    The events logged during the test.
+    """
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def _troubles(events):
+    return [e for e in events if e.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical)
+            or e.get("isError") or e.get("failure") or e.get("log_failure")]
+
+
+@pytest.mark.parametrize("path,code,reply", [
+    ("/q/%ff", 404, "page"),
+    ("/%ff/x", 404, "page"),
+    ("/q/%ff.json", 404, ["fail", "Queue not found"]),
+    ("/q/%C3%28/done.json", 404, ["fail", "Queue not found"]),
+    ("/q/test/%ff.json", 404, ["fail", "msg not found"]),
+    ("/q/test/x%ffy/state.json", 404, ["fail", "msg not found"]),
+])
+def test_path_that_is_not_utf8_is_answered_by_its_route(env, logged, path, code, reply):
+    """
+    A path segment that is not UTF-8 names nothing: the route answers as
+    for a name it does not have (JSON on the JSON routes), and nothing is
+    logged (klein would answer a plain 400 and log a traceback).
+    """
+    instance, spawner, clock, client = env
+    answer = client.get(path)
+    assert answer.code == code
+    if reply == "page":
+        assert "<h2>Not Found</h2>" in answer.text
+    else:
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.json() == reply
+    assert _troubles(logged) == []
+
+
+def test_path_that_is_not_utf8_on_posts_and_files(attached, logged):
+    instance, client, msg, payload = attached
+    reply = client.post("/q/%ff/new_message", data={"mesg": "{}"})
+    assert (reply.code, reply.json()) == (404, ["fail", "Queue not found"])
+    assert client.get(f"/q/test/{msg}/attach/%ff").code == 404
+    assert client.get(f"/q/test/{msg}/log/%ff").code == 404
+    assert client.get(f"/q/test/{msg}/tailview/%ff").code == 404
+    reply = client.post(f"/q/test/{msg}/attach/%ff", data={"_method": "delete", "x_format": "json"})
+    assert reply.json()[0] == "fail"
+    assert sorted(instance.queue("test").store.attachments("prep", msg)) == ["data.bin"]
+    assert _troubles(logged) == []
 
 
 def test_static_files(env):
@@ -1017,6 +1072,44 @@ def test_flash_escapes_markup(env):
     client.post("/new_queue", data={"queue[name]": "<script>", "queue[script]": "x"})
     text = client.get("/").text
     assert "<script>\"" not in text and "&lt;script&gt;" in text
+
+
+def _flash_cookie(reply):
+    [header] = [h for h in reply.all_headers["set-cookie"] if h.startswith("rq_flash=")]
+    return header
+
+
+def test_long_flash_notice_is_cut_to_fit_its_cookie(env):
+    """
+    A notice longer than a cookie holds is cut with a mark rather than
+    lost with its cookie (browsers drop cookies over 4 KiB).
+    """
+    instance, spawner, clock, client = env
+    name = "\u00e9t\u00e9" * 1000
+    reply = client.post("/delete_queue", data={"queue_name": name})
+    assert reply.code == 303
+    assert len(_flash_cookie(reply).encode("utf-8")) <= 4096
+    page = client.get("/").text
+    assert "Delete of queue <code>" + name[:300] in page
+    assert "\u2026 [truncated]</code> got <code>" in page
+    assert "no such queue" in page
+
+
+def test_flash_notices_piling_up_stay_within_a_cookie(env):
+    """
+    Notices not shown yet pile up in the cookie: still within 4 KiB, the
+    newest one whole when it is short.
+    """
+    instance, spawner, clock, client = env
+    for i in range(6):
+        reply = client.post("/delete_queue", data={"queue_name": f"q{i}" + "x" * 3000})
+        assert len(_flash_cookie(reply).encode("utf-8")) <= 4096
+    reply = client.post("/q/test/adminoper", data={"pause": "pause", "back": "/"})
+    assert len(_flash_cookie(reply).encode("utf-8")) <= 4096
+    page = client.get("/").text
+    assert "Successfully paused queue test" in page
+    assert "Delete of queue <code>q5xxx" in page
+    assert "[truncated]" in page
 
 
 def test_absolute_uri_request_line(env):

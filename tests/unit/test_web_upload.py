@@ -12,7 +12,9 @@ import dataclasses
 import hashlib
 import json
 import os
+from io import BytesIO
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,7 +27,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from rqtwisted.store import PARTIAL_MAX_AGE
 from rqtwisted.testing import syncNow
-from rqtwisted.web.formdata import FormError, FormSink
+from rqtwisted.web.formdata import FormError, FormSink, form_args
 from rqtwisted.web.spool import Spool
 from rqtwisted.web.upload import ContentRange, UploadRefused, Uploads, match_upload, path_segments
 from rqtwisted.web.upload_request import UploadRequest
@@ -375,6 +377,31 @@ def test_escaping_filename_is_400(env: Env, name: str) -> None:
     assert not os.path.exists(os.path.join(env.queue.store.path, "evil"))
 
 
+@pytest.mark.parametrize("name", ["a\\b", "a\nb", "a\rb", "C:\\dir\\f", "\\\\host\\f"])
+def test_name_no_upload_carries_is_refused_alike_on_both_paths(env: Env, name: str) -> None:
+    """
+    A name with a backslash or a line break is refused with the same 400 by
+    a form upload (its name encoded as browsers and the relay encode it) and
+    by a C{PUT}, rather than arriving renamed on one path only (a line break
+    or a Windows-like path cut to its last part).
+    """
+    msg_id = env.prep()
+    encoded = name.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+    answers = []
+    for request in (
+        form_post(msg_id, multipart(encoded, PAYLOAD, x_format="json")),
+        http("PUT", f"/q/test/{msg_id}/attach/{quote(name, safe='')}", PAYLOAD),
+    ):
+        conn = Connection(env.site)
+        conn.send(request)
+        code, _, body = conn.response()
+        answers.append((code, json.loads(body)))
+    reply = (400, ["fail", f"Attachment name has invalid character. not allowed: {name}"])
+    assert answers == [reply, reply]
+    assert env.queue.store.attachments("prep", msg_id) == {}
+    assert env.temp_files() == []
+
+
 def test_escaping_put_name_is_400(env: Env) -> None:
     msg_id = env.prep()
     conn = Connection(env.site)
@@ -687,6 +714,79 @@ def test_mounted_on_the_app(env: Env, app_site: Site) -> None:
     assert json.loads(conn.response()[2]) == ["ok", f"{md5(b'raw')}-Attached successfully"]
     assert sorted(env.queue.store.attachments("prep", msg_id)) == ["a.bin", "b.bin", "c.bin"]
     assert env.temp_files() == []
+
+
+def test_names_that_are_not_utf8(env: Env, app_site: Site) -> None:
+    """
+    Bytes of the path that are not UTF-8 reach the upload routes in their
+    percent form, as the other routes see them: such an attachment name is
+    refused before the body (not stored as U+FFFD), such a queue is
+    unknown; no plain-text 400 from klein.
+    """
+    msg_id = env.prep()
+    conn = Connection(app_site)
+    conn.send(http("PUT", f"/q/test/{msg_id}/attach/a%ffb", b"data"))
+    code, headers, body = conn.response()
+    assert (code, headers["content-type"]) == (400, "application/json")
+    assert json.loads(body) == ["fail", "Attachment name has invalid character. not allowed: a%FFb"]
+    conn = Connection(app_site)
+    conn.send(form_post(msg_id, multipart("a.bin", b"x", x_format="json")).replace(b"/q/test/", b"/q/t%ff/"))
+    code, _, body = conn.response()
+    assert (code, json.loads(body)) == (404, ["fail", "Queue not found"])
+    assert env.queue.store.attachments("prep", msg_id) == {}
+    assert env.temp_files() == []
+
+
+def test_multipart_form_of_other_routes(env: Env, app_site: Site) -> None:
+    """
+    The multipart body of a route other than the uploads is parsed by the
+    uploads' parser into C{args} (file parts included); as with Twisted, a
+    form field replaces the query field of its name.
+    """
+    body = multipart("f.txt", b"file\r\ncontent", mesg='{"dest": "test", "param1": "p"}', x_format="json")
+    args = form_args(f"multipart/form-data; boundary={BOUNDARY}", BytesIO(body), chunk_size=7)
+    assert args == {b"mesg": [b'{"dest": "test", "param1": "p"}'], b"x_format": [b"json"],
+                    b"filedata": [b"file\r\ncontent"]}
+    conn = Connection(app_site)
+    conn.send(http("POST", "/q/test/new_message?x_format=html", body,
+                   {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}))
+    code, _, reply = conn.response()
+    assert (code, json.loads(reply)[0]) == (200, "ok")
+    [msg_id] = env.queue.messages("que") + env.queue.messages("run")
+    assert env.queue.get(msg_id)["param1"] == "p"
+
+
+@pytest.mark.parametrize("path,content_type,body,code,content,reply", [
+    ("/q/test/new_message", f"multipart/form-data; boundary={BOUNDARY}", b"--" + BOUNDARY.encode() + b"\r\nbad",
+     400, "application/json", ["fail", "malformed multipart body: Unexpected end of multipart stream (parser closed)"]),
+    ("/q/test/new_message", "multipart/form-data", b"mesg=x",
+     400, "application/json", ["fail", "multipart/form-data body without boundary"]),
+    ("/q/test/adminoper", f"multipart/form-data; boundary={BOUNDARY}", b"--" + BOUNDARY.encode() + b"\r\nbad",
+     400, "text/plain;charset=utf-8",
+     "400 - Malformed multipart body: Unexpected end of multipart stream (parser closed)"),
+    ("/q/test/adminoper?x_format=json", "multipart/form-data", b"pause=pause",
+     400, "application/json", ["fail", "multipart/form-data body without boundary"]),
+    ("/delete_queue", f"multipart/form-data; boundary={BOUNDARY}",
+     multipart(None, b"", queue_name="test")[:-30], 400, "text/plain;charset=utf-8",
+     "400 - Malformed multipart body: Unexpected end of multipart stream (parser closed)"),
+])
+def test_malformed_multipart_of_other_routes_is_400_with_reason(
+    env: Env, app_site: Site, path: str, content_type: str, body: bytes, code: int, content: str, reply: Any
+) -> None:
+    """
+    A multipart body that cannot be parsed is answered by its route, as
+    its other 400s: C{["fail", reason]} where JSON is asked for or the
+    default, else C{400 - <Reason>} (Twisted answered an empty 400); the
+    route does nothing.
+    """
+    conn = Connection(app_site)
+    conn.send(http("POST", path, body, {"Content-Type": content_type}))
+    answer_code, headers, answer = conn.response()
+    assert (answer_code, headers["content-type"]) == (code, content)
+    assert (json.loads(answer) if content == "application/json" else answer.decode()) == reply
+    assert env.queue.admin_status() == "UP"
+    assert env.queue.messages("que") + env.queue.messages("run") == []
+    assert env.instance.queues.get("test") is not None
 
 
 def test_auth_checked_before_the_body(env: Env, app_site: Site) -> None:

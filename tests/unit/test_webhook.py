@@ -256,13 +256,41 @@ def test_gives_up_after_15(hooked) -> None:
     assert http.calls == []
 
 
-def test_invalid_url_is_err(hooked) -> None:
+@pytest.mark.parametrize("url,why", [
+    ("ftp://x/", "not an http:// or https:// URL"),
+    ("", "param1 must be the URL to post to"),
+    ("http:///path", "no host"),
+    ("http://", "no host"),
+    ("https://user@:443/", "no host"),
+    ("http://h:99999/", "Port out of range 0-65535"),
+    ("http://h:0/", "port 0"),
+    ("http://h:x/", "Port could not be cast to integer value as 'x'"),
+    ("http://[::1/", "Invalid IPv6 URL"),
+])
+def test_url_that_can_never_be_posted_to_is_err_at_once(hooked, url, why) -> None:
+    """
+    A URL no retry can help goes to err at once, saying which URL and why,
+    without a POST (special-queues.md: resend is for the outcomes of a
+    POST). A host-less URL or a port out of range failed only at connect
+    time, and was resent 15 times over some 20 hours.
+    """
     instance, spawner, clock, holder = hooked
-    holder["http"] = http = FakeHTTP(lambda: fail(RuntimeError("unused")))
-    result_of(instance.queue("webhook").create({"dest": "webhook", "param1": "ftp://x/", "param2": "{}"}))
+    holder["http"] = http = FakeHTTP(lambda: fail(ValueError("invalid hostname: ")))
+    result_of(instance.queue("webhook").create({"dest": "webhook", "param1": url, "param2": "{}"}))
     clock.advance(0)
     [hook] = hooks(instance)
-    assert (hook["state"], hook["status"]) == ("err", "err - invalid webhook URL: 'ftp://x/'")
+    assert (hook["state"], hook["status"]) == ("err", f"err - invalid webhook URL: {url!r} - {why}")
+    assert http.calls == []
+
+
+def test_webhook_without_url_is_err(hooked) -> None:
+    instance, spawner, clock, holder = hooked
+    holder["http"] = http = FakeHTTP(lambda: fail(RuntimeError("unused")))
+    result_of(instance.queue("webhook").create({"dest": "webhook", "param2": "{}"}))
+    clock.advance(0)
+    [hook] = hooks(instance)
+    assert hook["state"] == "err"
+    assert hook["status"] == "err - invalid webhook URL: None - param1 must be the URL to post to"
     assert http.calls == []
 
 
@@ -278,7 +306,8 @@ def test_url_treq_cannot_build_is_err(hooked) -> None:
     clock.advance(0)
     [hook] = hooks(instance)
     assert hook["state"] == "err"
-    assert hook["status"].startswith(f"err - invalid webhook URL: {url!r}")
+    assert hook["status"].startswith(f"err - invalid webhook URL: {url!r} - ")
+    assert "U+0022" in hook["status"]
 
 
 def test_stop_cancels_a_pending_post(hooked) -> None:
