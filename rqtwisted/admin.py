@@ -24,14 +24,14 @@ from twisted.application.internet import UNIXServer
 from twisted.internet import tcp, unix
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from rqtwisted.admincommands import COMMANDS, MAX_MESSAGE_FILE, SPILL_DIR
+from rqtwisted.admincommands import COMMANDS, MAX_MESSAGE_FILE, SPILL_DIR, TURNED_AWAY
 from rqtwisted.ampclient import ProtocolError, read_box
 from rqtwisted.message import MessageError
 
@@ -863,18 +863,77 @@ def sweep_spills(directory: str, max_age: float = SPILL_MAX_AGE, now: float | No
             pass
 
 
-class AdminFactory(Factory):
+#: The most admin connections open at once: each holds a file descriptor of
+#: the daemon, and the command line opens one per call for a moment, so
+#: more than this many are clients that went quiet (or a flood). Those over
+#: it are turned away (L{TurnedAway}).
+MAX_CONNECTIONS = 512
+
+#: Seconds between two warnings about connections turned away: a flood
+#: is told in one line, with a count, not a line per connection.
+TURNED_AWAY_WARNING_INTERVAL = 60.0
+
+
+class TurnedAway(Protocol):
     """
-    Builds an L{AdminProtocol} per connection.
+    A connection over L{MAX_CONNECTIONS}: closed at once, nothing read from
+    it, after one AMP error box saying why (code
+    L{rqtwisted.admincommands.TURNED_AWAY}), which the command line reports
+    as C{fail}.
     """
 
-    def __init__(self, api: Any, spillDir: str) -> None:
+    def __init__(self, reason: str) -> None:
+        """
+        @param reason: what the client is told.
+        """
+        self.reason = reason
+
+    def connectionMade(self) -> None:
+        """
+        Say why, and close.
+        """
+        notice = amp.AmpBox(
+            {
+                amp.ERROR: b"",
+                amp.ERROR_CODE: TURNED_AWAY.encode("ascii"),
+                amp.ERROR_DESCRIPTION: self.reason.encode("utf-8"),
+            }
+        )
+        self.transport.write(notice.serialize())
+        self.transport.loseConnection()
+
+
+class AdminFactory(Factory):
+    """
+    Builds an L{AdminProtocol} per connection, up to C{maxConnections} open
+    at once; a connection over that is turned away (L{TurnedAway}), with a
+    warning logged at most every L{TURNED_AWAY_WARNING_INTERVAL} seconds.
+    """
+
+    def __init__(
+        self,
+        api: Any,
+        spillDir: str,
+        clock: IReactorTime | None = None,
+        maxConnections: int = MAX_CONNECTIONS,
+    ) -> None:
+        """
+        @param api: The L{IAdminAPI} provider answering the commands.
+        @param spillDir: Where details too large for AMP are written.
+        @param clock: Times the warnings (default: the monotonic clock).
+        @param maxConnections: The most connections open at once.
+        """
         self.api = api
         self.spillDir = spillDir
+        self.maxConnections = maxConnections
+        self._seconds: Callable[[], float] = clock.seconds if clock is not None else time.monotonic
         self._methods: dict[bytes, Callable[..., Any]] = {}
         #: The open connections.
         self.connections: set[AdminProtocol] = set()
         self._drained: Deferred[None] | None = None
+        #: Connections turned away since the last warning.
+        self._turnedAway = 0
+        self._lastWarning: float | None = None
 
     def startFactory(self) -> None:
         """
@@ -919,14 +978,34 @@ class AdminFactory(Factory):
             drained, self._drained = self._drained, None
             drained.callback(None)
 
-    def buildProtocol(self, addr: Any) -> AdminProtocol:
+    def buildProtocol(self, addr: Any) -> AdminProtocol | TurnedAway:
         """
         A protocol bound to the API (whose methods are looked up once, for
-        every connection).
+        every connection); a L{TurnedAway} when C{maxConnections} are open.
         """
+        if len(self.connections) >= self.maxConnections:
+            return self._turnAway()
         protocol = AdminProtocol(self.api, self.spillDir, self._methods)
         protocol.tracker = self
         return protocol
+
+    def _turnAway(self) -> TurnedAway:
+        """
+        Count a connection turned away, warn if none was told of lately.
+        """
+        self._turnedAway += 1
+        now = self._seconds()
+        if self._lastWarning is None or now - self._lastWarning >= TURNED_AWAY_WARNING_INTERVAL:
+            _log.warn(
+                "{count} admin connections turned away since the last such warning: {open} are open,"
+                " the most allowed (warned at most every {interval:g}s)",
+                count=self._turnedAway,
+                open=len(self.connections),
+                interval=TURNED_AWAY_WARNING_INTERVAL,
+            )
+            self._lastWarning = now
+            self._turnedAway = 0
+        return TurnedAway(f"too many admin connections open ({self.maxConnections}); try again later")
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:

@@ -29,14 +29,16 @@ from rqtwisted.admin import (
     MAX_INLINE,
     MAX_PENDING_BOX,
     SPILL_MAX_AGE,
+    TURNED_AWAY_WARNING_INTERVAL,
     AdminAPI,
     AdminFactory,
     AdminProtocol,
+    TurnedAway,
     cancelled_on_hang_up,
     commands,
     sweep_spills,
 )
-from rqtwisted.ampclient import BoxDecoder
+from rqtwisted.ampclient import BoxDecoder, turned_away
 from rqtwisted.message import MessageError
 from rqtwisted.testing import HeldThreads, instance_for, result_of
 
@@ -850,3 +852,53 @@ def test_attachAbandonedWhenItsClientGoesAway(tmp_path) -> None:
     assert conn.transport.value() == b""
     assert queue.locate(msg_id) == "prep"
 
+
+def test_connectionsOverTheCapAreTurnedAway() -> None:
+    """
+    With C{maxConnections} open, a new connection is told why in one AMP
+    error box (code C{BUSY}, answering no request), closed at once and
+    never read or counted; one closing makes room again.
+    """
+    factory = AdminFactory(API(), "", Clock(), maxConnections=2)
+    first, _ = _connected(factory)
+    second, _ = _connected(factory)
+    turned = factory.buildProtocol(None)
+    assert isinstance(turned, TurnedAway)
+    transport = StringTransport()
+    turned.makeConnection(transport)
+    assert transport.disconnecting
+    [notice] = BoxDecoder().feed(transport.value())
+    assert turned_away(notice) == "too many admin connections open (2); try again later"
+    assert notice[b"_error"] == b"" and notice[b"_error_code"] == b"BUSY"
+    turned.dataReceived(PING)
+    assert factory.api.calls == []
+    assert factory.connections == {first, second}
+    first.connectionLost(Failure(ConnectionDone()))
+    assert isinstance(factory.buildProtocol(None), AdminProtocol)
+
+
+def test_turnedAwayWarningIsRateLimited() -> None:
+    """
+    A flood of connections turned away logs one warning, then at most one
+    every L{TURNED_AWAY_WARNING_INTERVAL} seconds, counting those turned
+    away since the last one.
+    """
+    clock = Clock()
+    factory = AdminFactory(API(), "", clock, maxConnections=1)
+    _connected(factory)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for _ in range(1000):
+            factory.buildProtocol(None)
+        clock.advance(TURNED_AWAY_WARNING_INTERVAL - 1)
+        factory.buildProtocol(None)
+        warned = [e for e in events if e.get("log_namespace") == "rqtwisted.admin"]
+        assert [(e["count"], e["open"]) for e in warned] == [(1, 1)]
+        clock.advance(1)
+        factory.buildProtocol(None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warned = [e for e in events if e.get("log_namespace") == "rqtwisted.admin"]
+    assert [e["count"] for e in warned] == [1, 1001]
+    assert all(e["log_level"].name == "warn" for e in warned)
