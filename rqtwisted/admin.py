@@ -18,20 +18,20 @@ import stat
 import struct
 import tempfile
 import time
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TypeVar
 
 from twisted.application.internet import UNIXServer
 from twisted.internet import tcp, unix
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from rqtwisted.admincommands import COMMANDS, MAX_MESSAGE_FILE, SPILL_DIR
+from rqtwisted.admincommands import COMMANDS, MAX_MESSAGE_FILE, SPILL_DIR, TURNED_AWAY
 from rqtwisted.ampclient import ProtocolError, read_box
 from rqtwisted.message import MessageError
 
@@ -155,6 +155,21 @@ def _identity(value: Any) -> Any:
     return value
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def cancelled_on_hang_up(method: _Method) -> _Method:
+    """
+    Mark an L{IAdminAPI} method whose requests are cancelled (their
+    L{Deferred}'s C{cancel}) when the connection that sent them is lost
+    before they are answered: for work that can be abandoned cleanly, as an
+    attachment still being copied. Other requests run to their end whether
+    anybody waits or not.
+    """
+    method.cancelledOnHangUp = True  # type: ignore[attr-defined]
+    return method
+
+
 class IAdminAPI(Interface):
     """
     What the admin socket drives: one method per command, in snake case,
@@ -226,6 +241,9 @@ class AdminProtocol(amp.AMP):
     _answered = 0
     #: Requests taken whose answer is not written yet.
     _inflight = 0
+    #: Those of them to cancel if the connection is lost (see
+    #: L{cancelled_on_hang_up}).
+    _cancellable: "set[Deferred[Any]] | None" = None
     #: Hang up once every request taken is answered (see L{closeWhenAnswered}).
     _closing = False
     #: The L{AdminFactory} that keeps track of its connections, if any.
@@ -299,13 +317,37 @@ class AdminProtocol(amp.AMP):
 
     def connectionLost(self, reason: Failure) -> None:
         """
-        End the connection quietly (see L{makeConnection}).
+        End the connection quietly (see L{makeConnection}); cancel the
+        requests it sent that are marked L{cancelled_on_hang_up} and not
+        answered yet: nobody is left to hear their answer.
         """
         if self._ampInitialized:
             amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
+        if self._cancellable:
+            for request in list(self._cancellable):
+                request.cancel()
         if self.tracker is not None:
             self.tracker.connectionGone(self)
+
+    def _cancelOnHangUp(self, method: Callable[..., Any], request: Deferred[Any]) -> None:
+        """
+        Keep C{request}, the result of C{method}, to cancel if the
+        connection is lost before it fires, when C{method} is marked
+        L{cancelled_on_hang_up}.
+        """
+        if not getattr(method, "cancelledOnHangUp", False):
+            return
+        if self._cancellable is None:
+            self._cancellable = set()
+        cancellable = self._cancellable
+        cancellable.add(request)
+
+        def over(result: object) -> object:
+            cancellable.discard(request)
+            return result
+
+        request.addBoth(over)
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
         """
@@ -436,7 +478,9 @@ class AdminProtocol(amp.AMP):
             # A Deferred, or anything maybeDeferred makes one of (a
             # coroutine, a Failure), as on Twisted's path.
             self._inflight += 1
-            maybeDeferred(_identity, result).addCallbacks(
+            request = maybeDeferred(_identity, result)
+            self._cancelOnHangUp(method, request)
+            request.addCallbacks(
                 self._answer, self._answerFailure, callbackArgs=(ask,), errbackArgs=(ask,)
             ).addBoth(self._settled)
         return True
@@ -540,6 +584,7 @@ class AdminProtocol(amp.AMP):
             args = {k: v for k, v in kwargs.items() if v is not None}
             self._inflight += 1
             d = maybeDeferred(method, **args)
+            self._cancelOnHangUp(method, d)
             # (A request without _ask wants no answer: nothing to spill.)
             d.addCallbacks(self._reply if asked[0] else _unanswered, self._failed)
             # (Its answer is written right after, in the same callback
@@ -580,6 +625,9 @@ class AdminProtocol(amp.AMP):
     def _failed(self, failure: Failure) -> dict[str, str]:
         if failure.check(MessageError):
             return {"status": "fail", "detail": failure.value.reason}
+        if failure.check(CancelledError):
+            # (Cancelled as its connection was lost: nobody hears it.)
+            return {"status": "fail", "detail": "cancelled"}
         _log.failure("admin command failed", failure)
         return {"status": "fail", "detail": f"internal error: {failure.getErrorMessage()}"}
 
@@ -741,9 +789,12 @@ class AdminAPI:
         except UnicodeDecodeError:
             raise MessageError("message_file is not UTF-8 text") from None
 
+    @cancelled_on_hang_up
     def attach_message(self, msg_id: str, pathname: str, name: str = "") -> Deferred[tuple[str, str]]:
         """
-        Attach a file of this machine to a prepared message.
+        Attach a file of this machine to a prepared message; abandoned if
+        the client goes away before its file is in place (C{rq
+        attachmesg} timed out or killed: it said C{fail}).
         """
         queue, short = self.instance.locate(msg_id)
         return queue.attach(short, pathname, name or None).addCallback(_ok)
@@ -812,18 +863,77 @@ def sweep_spills(directory: str, max_age: float = SPILL_MAX_AGE, now: float | No
             pass
 
 
-class AdminFactory(Factory):
+#: The most admin connections open at once: each holds a file descriptor of
+#: the daemon, and the command line opens one per call for a moment, so
+#: more than this many are clients that went quiet (or a flood). Those over
+#: it are turned away (L{TurnedAway}).
+MAX_CONNECTIONS = 512
+
+#: Seconds between two warnings about connections turned away: a flood
+#: is told in one line, with a count, not a line per connection.
+TURNED_AWAY_WARNING_INTERVAL = 60.0
+
+
+class TurnedAway(Protocol):
     """
-    Builds an L{AdminProtocol} per connection.
+    A connection over L{MAX_CONNECTIONS}: closed at once, nothing read from
+    it, after one AMP error box saying why (code
+    L{rqtwisted.admincommands.TURNED_AWAY}), which the command line reports
+    as C{fail}.
     """
 
-    def __init__(self, api: Any, spillDir: str) -> None:
+    def __init__(self, reason: str) -> None:
+        """
+        @param reason: what the client is told.
+        """
+        self.reason = reason
+
+    def connectionMade(self) -> None:
+        """
+        Say why, and close.
+        """
+        notice = amp.AmpBox(
+            {
+                amp.ERROR: b"",
+                amp.ERROR_CODE: TURNED_AWAY.encode("ascii"),
+                amp.ERROR_DESCRIPTION: self.reason.encode("utf-8"),
+            }
+        )
+        self.transport.write(notice.serialize())
+        self.transport.loseConnection()
+
+
+class AdminFactory(Factory):
+    """
+    Builds an L{AdminProtocol} per connection, up to C{maxConnections} open
+    at once; a connection over that is turned away (L{TurnedAway}), with a
+    warning logged at most every L{TURNED_AWAY_WARNING_INTERVAL} seconds.
+    """
+
+    def __init__(
+        self,
+        api: Any,
+        spillDir: str,
+        clock: IReactorTime | None = None,
+        maxConnections: int = MAX_CONNECTIONS,
+    ) -> None:
+        """
+        @param api: The L{IAdminAPI} provider answering the commands.
+        @param spillDir: Where details too large for AMP are written.
+        @param clock: Times the warnings (default: the monotonic clock).
+        @param maxConnections: The most connections open at once.
+        """
         self.api = api
         self.spillDir = spillDir
+        self.maxConnections = maxConnections
+        self._seconds: Callable[[], float] = clock.seconds if clock is not None else time.monotonic
         self._methods: dict[bytes, Callable[..., Any]] = {}
         #: The open connections.
         self.connections: set[AdminProtocol] = set()
         self._drained: Deferred[None] | None = None
+        #: Connections turned away since the last warning.
+        self._turnedAway = 0
+        self._lastWarning: float | None = None
 
     def startFactory(self) -> None:
         """
@@ -868,14 +978,34 @@ class AdminFactory(Factory):
             drained, self._drained = self._drained, None
             drained.callback(None)
 
-    def buildProtocol(self, addr: Any) -> AdminProtocol:
+    def buildProtocol(self, addr: Any) -> AdminProtocol | TurnedAway:
         """
         A protocol bound to the API (whose methods are looked up once, for
-        every connection).
+        every connection); a L{TurnedAway} when C{maxConnections} are open.
         """
+        if len(self.connections) >= self.maxConnections:
+            return self._turnAway()
         protocol = AdminProtocol(self.api, self.spillDir, self._methods)
         protocol.tracker = self
         return protocol
+
+    def _turnAway(self) -> TurnedAway:
+        """
+        Count a connection turned away, warn if none was told of lately.
+        """
+        self._turnedAway += 1
+        now = self._seconds()
+        if self._lastWarning is None or now - self._lastWarning >= TURNED_AWAY_WARNING_INTERVAL:
+            _log.warn(
+                "{count} admin connections turned away since the last such warning: {open} are open,"
+                " the most allowed (warned at most every {interval:g}s)",
+                count=self._turnedAway,
+                open=len(self.connections),
+                interval=TURNED_AWAY_WARNING_INTERVAL,
+            )
+            self._lastWarning = now
+            self._turnedAway = 0
+        return TurnedAway(f"too many admin connections open ({self.maxConnections}); try again later")
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:

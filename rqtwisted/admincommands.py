@@ -27,6 +27,12 @@ SPILL_DIR = "config/spill"
 #: could carry (8 decimal digits of length).
 MAX_MESSAGE_FILE = 99_999_999
 
+#: The C{_error_code} of the one box the daemon writes to an admin
+#: connection it turns away (as many are open as it allows) before closing
+#: it, unread: an AMP error box whose C{_error} tag is empty (it answers no
+#: request) and whose C{_error_description} says why.
+TURNED_AWAY = "BUSY"
+
 #: Response keys of every command.
 RESPONSE = ("status", "detail", "spill")
 

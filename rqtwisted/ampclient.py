@@ -16,7 +16,9 @@ UTF-8.
 
 The vocabulary is L{rqtwisted.admincommands.COMMANDS}; every answer holds
 C{status} and C{detail}, or C{spill}: the path of a file holding a detail too
-large for one value, which the client reads and removes.
+large for one value, which the client reads and removes. A daemon with as
+many admin connections open as it allows turns a new one away with an error
+box of code L{rqtwisted.admincommands.TURNED_AWAY} (L{DaemonBusy}).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import socket
 import struct
 import time
 
-from rqtwisted.admincommands import COMMANDS
+from rqtwisted.admincommands import COMMANDS, TURNED_AWAY
 
 __all__ = [
     "AdminClient",
     "AdminClientError",
+    "DaemonBusy",
     "DaemonNotReachable",
     "InvalidRequest",
     "ProtocolError",
@@ -42,6 +45,7 @@ __all__ = [
     "request_box",
     "answer_result",
     "read_spill",
+    "turned_away",
 ]
 
 #: The largest key AMP accepts, in bytes.
@@ -90,6 +94,22 @@ class DaemonNotReachable(AdminClientError):
 
     def __init__(self, socket_path: str, reason: str) -> None:
         super().__init__(f"rq daemon not reachable at {socket_path}: {reason}")
+        self.socket_path = socket_path
+        self.reason = reason
+
+
+class DaemonBusy(AdminClientError):
+    """
+    The daemon turned the connection away before reading the request: it
+    has as many admin connections open as it allows. Nothing was done;
+    asking again later may work.
+
+    @ivar socket_path: The socket the client tried.
+    @ivar reason: What the daemon said.
+    """
+
+    def __init__(self, socket_path: str, reason: str) -> None:
+        super().__init__(f"rq daemon at {socket_path} turned the connection away: {reason}")
         self.socket_path = socket_path
         self.reason = reason
 
@@ -259,6 +279,16 @@ def read_spill(path: str) -> str:
             pass
 
 
+def turned_away(box: Box) -> str | None:
+    """
+    Why the daemon turned the connection away, if C{box} is the error box
+    that says so (code L{TURNED_AWAY}, answering no request); else L{None}.
+    """
+    if box.get(_ERROR) != b"" or box.get(_ERROR_CODE) != TURNED_AWAY.encode("ascii"):
+        return None
+    return box.get(_ERROR_DESCRIPTION, b"").decode("utf-8", "replace")
+
+
 def answer_result(command: str, box: Box) -> tuple[str, str]:
     """
     Turn an answer or error box into C{(status, detail)}.
@@ -302,6 +332,8 @@ class AdminClient:
 
         @raise InvalidRequest: see L{request_box}; nothing was sent.
         @raise DaemonNotReachable: the socket is missing or refuses.
+        @raise DaemonBusy: the daemon turned the connection away (too
+            many admin connections open).
         @raise RemoteError: the daemon answered an AMP error.
         @raise ProtocolError: the exchange broke, timed out or was malformed.
         """
@@ -319,7 +351,7 @@ class AdminClient:
                     f"no answer to {command} from {self.socket_path} within {self.timeout:g}s"
                 ) from None
             except OSError as e:
-                raise ProtocolError(f"connection to {self.socket_path} broke: {e}") from None
+                raise self._broke(sock, e) from None
         finally:
             sock.close()
         return answer_result(command, answer)
@@ -347,6 +379,47 @@ class AdminClient:
         sock.settimeout(self.timeout)
         return sock
 
+    def _broke(self, sock: socket.socket, error: OSError) -> AdminClientError:
+        """
+        What to raise for a connection that broke during a call: a
+        L{DaemonBusy} if the daemon turned it away (it closes such a
+        connection at once: the send, or a read, can fail before what it
+        said is read), else a L{ProtocolError}.
+        """
+        reason = self._turned_away_reason(sock)
+        if reason is not None:
+            return DaemonBusy(self.socket_path, reason)
+        return ProtocolError(f"connection to {self.socket_path} broke: {error}")
+
+    @staticmethod
+    def _turned_away_reason(sock: socket.socket) -> str | None:
+        """
+        Why the daemon turned the connection away, read from what it sent
+        so far (without waiting); L{None} if it did not say so.
+        """
+        decoder = BoxDecoder()
+        sock.setblocking(False)
+        # (The first read may report the peer's reset; what it wrote before
+        # is read after.)
+        for _ in range(3):
+            try:
+                data = sock.recv(_READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                continue
+            if not data:
+                return None
+            try:
+                boxes = decoder.feed(data)
+            except ProtocolError:
+                return None
+            for box in boxes:
+                reason = turned_away(box)
+                if reason is not None:
+                    return reason
+        return None
+
     def _read_answer(self, sock: socket.socket, tag: bytes, deadline: float) -> Box:
         decoder = BoxDecoder()
         while True:
@@ -360,3 +433,6 @@ class AdminClient:
             for box in decoder.feed(data):
                 if box.get(_ANSWER) == tag or box.get(_ERROR) == tag:
                     return box
+                reason = turned_away(box)
+                if reason is not None:
+                    raise DaemonBusy(self.socket_path, reason)

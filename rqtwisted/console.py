@@ -255,8 +255,9 @@ class SessionClient(AdminClient):
             self.close()
             raise ProtocolError(f"no answer to {command} from {self.socket_path} within {self.timeout:g}s") from None
         except OSError as e:
+            error = self._broke(sock, e)
             self.close()
-            raise ProtocolError(f"connection to {self.socket_path} broke: {e}") from None
+            raise error from None
         except BaseException:
             # A closed stream, a malformed answer or Ctrl-C: the connection
             # may hold a late answer, so it is not used again.

@@ -18,6 +18,7 @@ for nothing.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import re
@@ -32,7 +33,16 @@ from rqtwisted.fsync import NONBLOCKING, sync_paths
 
 _log = Logger()
 
-__all__ = ["NONBLOCKING", "Syncer", "dumps", "read_file", "replace_file", "sync_paths", "write_file"]
+__all__ = [
+    "NONBLOCKING",
+    "Syncer",
+    "dumps",
+    "read_file",
+    "replace_durably",
+    "replace_file",
+    "sync_paths",
+    "write_file",
+]
 
 
 def read_file(path: str) -> bytes:
@@ -120,6 +130,15 @@ def replace_file(path: str, data: bytes) -> None:
     caller's: sync C{path} and its directory through a L{Syncer}.
     """
     tmp = path + ".tmp"
+    _write_temp(tmp, data)
+    os.rename(tmp, path)
+
+
+def _write_temp(tmp: str, data: bytes) -> None:
+    """
+    Write C{data} to the temp file C{tmp}, replacing whatever else sits
+    under that name.
+    """
     try:
         write_file(tmp, data)
     except OSError as e:
@@ -132,7 +151,51 @@ def replace_file(path: str, data: bytes) -> None:
         else:
             os.unlink(tmp)
         write_file(tmp, data)
-    os.rename(tmp, path)
+
+
+#: Numbers the temp files of L{replace_durably}: two replacements of one
+#: file under way at once each have their own.
+_TEMP_SERIAL = itertools.count()
+
+
+def replace_durably(
+    syncer: "Syncer", path: str, data: bytes, *also: str, placed: Callable[[], object] | None = None
+) -> Deferred[None]:
+    """
+    Replace C{path} with C{data} in the order that leaves, after a crash at
+    any point, the old content or the new one, never an empty or partial
+    file: a temp file beside C{path} is written and synced (one round of
+    C{syncer}), renamed over C{path}, then C{path}, its directory and
+    C{also} are synced (a second round): every C{fsync} is the syncer's,
+    off the reactor thread. For rare writes that must never be half done (queue configs,
+    markers); L{replace_file} followed by one sync is quicker.
+
+    @param also: more paths to sync with the second round (directories
+        the caller made for C{path}, say).
+    @param placed: called right after the rename, in the same turn of the
+        reactor (to start using the new file before anything else finds
+        it); what it raises fails the result, and the second round is not
+        run.
+    @return: fires once all of it is on disk; fails, with the temp file
+        removed, when a step fails.
+    """
+    tmp = f"{path}.{next(_TEMP_SERIAL)}.tmp"
+    _write_temp(tmp, data)
+
+    def rename(_: object) -> Deferred[None]:
+        os.rename(tmp, path)
+        if placed is not None:
+            placed()
+        return syncer.sync(path, os.path.dirname(path), *also)
+
+    def failed(failure: Failure) -> Failure:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return failure
+
+    return syncer.sync(tmp).addCallback(rename).addErrback(failed)
 
 
 def dumps(value: Any) -> bytes:

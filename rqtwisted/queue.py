@@ -988,7 +988,8 @@ class QueueService(Service):
         C{<md5>-Attached successfully}. C{md5}: the content's md5 if known.
         The file is copied and hashed in a thread: a message committed or
         deleted meanwhile, or a queue stopped, fails it with
-        C{cannot find message}.
+        C{cannot find message}; cancelling the result meanwhile abandons it
+        (L{QueueStore.attach}).
         """
         self._check_writable()
         if msg_id not in self.prep:

@@ -364,14 +364,23 @@ exit 0
 """
 
 
+def json_file(data: Any) -> bytes:
+    """
+    The content of a JSON file of the root (C{config.json}s): C{data} as
+    JSON on one line.
+    """
+    return (json.dumps(data) + "\n").encode("utf-8")
+
+
 def write_json(path: str, data: Any) -> None:
     """
-    Write C{data} as JSON to C{path} atomically (temp file, fsync, rename).
+    Write C{data} as JSON to C{path} atomically (temp file, fsync, rename),
+    blocking: for C{rq init}, before any reactor runs (the daemon writes
+    with L{rqtwisted.durable.replace_durably}).
     """
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-        f.write("\n")
+    with open(tmp, "wb") as f:
+        f.write(json_file(data))
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
@@ -421,7 +430,9 @@ def make_queue_state_dirs(path: str) -> list[str]:
 def create_queue_dir(root: Root, config: QueueConfig) -> list[str]:
     """
     Create C{queue/<name>/} with its state directories and C{config.json}
-    (written to a temp file, fsynced, renamed).
+    (written to a temp file, fsynced, renamed), blocking: for C{rq init}
+    (the daemon's L{rqtwisted.supervisor.Instance.create_queue} syncs off
+    the reactor thread).
 
     @return: the directories whose entries changed: the queue is there to
         stay once they are synced.

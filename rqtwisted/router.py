@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from twisted.internet.defer import TimeoutError, ensureDeferred
 from twisted.internet.task import deferLater
@@ -137,15 +137,21 @@ class RouterHandler:
         clock: Any,
         choice: Callable[[Sequence[Any]], Any] = random.choice,
         pid: Callable[[], int] = os.getpid,
+        *,
+        set_down: Callable[[], Awaitable[object]],
     ) -> None:
         """
-        @param root: the root directory (rules file, log, markers).
+        @param root: the root directory (rules file, log).
         @param clock: an C{IReactorTime} (delays, log times).
+        @param set_down: sets C{rq_router} DOWN as C{rq down rq_router}
+            does (its marker, L{down_marker}, made and synced); done once
+            its result is.
         """
         self.root = root
         self.clock = clock
         self.choice = choice
         self.pid = pid
+        self.set_down = set_down
         self._cache: tuple[FileKey, RuleSet] | None = None
 
     def rules(self) -> RuleSet:
@@ -190,9 +196,12 @@ class RouterHandler:
         try:
             rules = self.rules()
         except RulesError as e:
-            with open(down_marker(self.root), "a"):
-                pass
             _logger.error("rq_router: bad rules file {path}: {reason}", path=path, reason=str(e))
+            # DOWN on disk before the message is reported err.
+            try:
+                await self.set_down()
+            except Exception:
+                _logger.failure("rq_router: could not be set DOWN")
             job.log(f"bad rules file {path}: {e}; rq_router set DOWN")
             job.report(f"err Bad rule file at: {path}")
             return
@@ -240,9 +249,14 @@ def _dup_reply(line: str) -> tuple[bool, str]:
 
 def make_handler(instance: Any) -> RouterHandler:
     """
-    The C{rq_router} handler of a running instance (L{rqtwisted.builtin}).
+    The C{rq_router} handler of a running instance (L{rqtwisted.builtin}):
+    bad rules set the queue DOWN through
+    L{rqtwisted.supervisor.Instance.set_admin}, as an
+    C{rq down rq_router} would.
     """
-    return RouterHandler(instance.root.path, instance.clock)
+    return RouterHandler(
+        instance.root.path, instance.clock, set_down=lambda: instance.set_admin("down", "rq_router")
+    )
 
 
 __all__ = [

@@ -27,6 +27,13 @@ L{SCAN_INTERVAL} seconds, and on C{rq reload} / SIGHUP:
     queue as it is. (The fork deletes the queue on bad JSON; a typo while
     editing should not take a queue and its messages away.)
 
+What a scan writes in a queue's directory (its config, the marker, the
+C{form.json} link) is made durable off the reactor thread, as any write of
+the daemon; a scan is over (its L{Deferred} fires, and the loop schedules
+the next) once all of it is on disk and the configs it rewrote are
+applied. An entry whose writes are still under way is left alone by
+another scan (an C{rq reload} meanwhile).
+
 C{rq status} lists the entries under C{"scandir"}:
 C{{"name", "target", "queue", "error"}}.
 """
@@ -39,14 +46,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from rqtwisted.durable import replace_durably
 from rqtwisted.filekey import file_key
 from rqtwisted.message import JSON_READ_ERRORS, MessageError, valid_queue_name
-from rqtwisted.root import ConfigError, QueueConfig, write_json
+from rqtwisted.root import ConfigError, QueueConfig, json_file
 
 if TYPE_CHECKING:
     from rqtwisted.supervisor import Instance
@@ -182,6 +190,8 @@ class ScandirService(Service):
         self.interval = interval
         self.initial_delay = initial_delay
         self.entries: dict[str, Entry] = {}
+        #: Entries whose writes are under way (see L{scan}).
+        self._writing: set[str] = set()
         self._loop: LoopingCall | None = None
         self._first: IDelayedCall | None = None
 
@@ -219,13 +229,17 @@ class ScandirService(Service):
             return []
         return [n for n in names if not n.startswith(".")]
 
-    def scan(self) -> None:
+    def scan(self) -> Deferred[None]:
         """
         Create, update and delete queues after C{scandir/}.
+
+        @return: fires once what the scan wrote is on disk and applied
+            (never fails: failures are logged).
         """
         names = self._names()
         seen: dict[str, Entry] = {}
         changed = False
+        writes: list[Deferred[Any]] = []
         for name in names:
             path = os.path.join(self.directory, name)
             entry = self.entries.get(name) or Entry(name, os.path.realpath(path))
@@ -234,8 +248,11 @@ class ScandirService(Service):
             if not valid_queue_name(name):
                 entry.error = "queue name has invalid characters"
                 continue
+            if name in self._writing:
+                continue
+            mine: list[Deferred[Any]] = []
             try:
-                changed |= self._apply(entry)
+                changed |= self._apply(entry, mine)
             except ScandirError as e:
                 if entry.error != e.reason:
                     _log.error("scandir {name}: {reason}", name=name, reason=e.reason)
@@ -243,15 +260,39 @@ class ScandirService(Service):
             except Exception as e:
                 _log.failure("scandir {name} failed", name=name)
                 entry.error = f"internal error: {e}"
+            if mine:
+                writes.append(self._writes(name, mine))
         self.entries = seen
         self._delete_orphans(set(names))
+        done: Deferred[Any] = DeferredList(writes, consumeErrors=True)
         if changed:
-            self.instance.reload_configs()
+            done.addCallback(lambda _: self.instance.reload_configs())
+        done.addErrback(lambda f: _log.failure("scandir: configs not reloaded", f))
+        return done.addCallback(lambda _: None)
 
-    def _apply(self, entry: Entry) -> bool:
+    def _writes(self, name: str, writes: list[Deferred[Any]]) -> Deferred[Any]:
         """
-        Bring the queue of one entry in step; C{True} if a config file was
-        rewritten (a reload is due).
+        The writes under way for entry C{name}, as one L{Deferred} that
+        fires once all are over; other scans leave the entry alone
+        meanwhile.
+        """
+        self._writing.add(name)
+        return DeferredList(writes, consumeErrors=True).addCallback(lambda _: self._writing.discard(name))
+
+    @staticmethod
+    def _write(name: str, writes: list[Deferred[Any]], d: Deferred[Any]) -> None:
+        """
+        Add C{d}, a write for entry C{name}, to C{writes}; its failure is
+        logged (nobody else waits for it).
+        """
+        d.addErrback(lambda f: _log.failure("scandir {name}: change not made or not synced", f, name=name))
+        writes.append(d)
+
+    def _apply(self, entry: Entry, writes: list[Deferred[Any]]) -> bool:
+        """
+        Bring the queue of one entry in step, adding the writes under way
+        to C{writes}; C{True} if a config file is rewritten (a reload is
+        due once it is in place).
         """
         target = entry.target
         fingerprint = (
@@ -269,46 +310,45 @@ class ScandirService(Service):
         config = entry_config(entry.name, target)
         entry.error = None
         rewritten = False
+        name = entry.name
         if not exists:
             try:
                 created = self.instance.create_queue(config.toDict())
             except MessageError as e:
                 raise ScandirError(f"queue not created: {e.reason}")
-            self._logSyncFailure(created, entry.name)
-            _log.info("scandir {name}: queue created from {target}", name=entry.name, target=target)
-            self._mark(qdir, entry.name)
-            self._logSyncFailure(self.instance.set_admin("up", entry.name), entry.name)
+            _log.info("scandir {name}: queue created from {target}", name=name, target=target)
+
+            def up(_: object) -> Deferred[Any]:
+                marked = self._mark(qdir, name)
+                return marked.addCallback(lambda _: self.instance.set_admin("up", name))
+
+            self._write(name, writes, created.addCallback(up))
         else:
-            adopted = self._marked(qdir) != entry.name
+            adopted = self._marked(qdir) != name
             if adopted:
-                self._mark(qdir, entry.name)
+                self._write(name, writes, self._mark(qdir, name))
             try:
-                current = root.load_queue_config(entry.name)
+                current = root.load_queue_config(name)
             except ConfigError:
                 current = None
             if current != config:
-                write_json(os.path.join(qdir, "config.json"), config.toDict())
-                _log.info("scandir {name}: queue config rewritten from {target}", name=entry.name, target=target)
+                path = os.path.join(qdir, "config.json")
+                self._write(name, writes, replace_durably(self.instance.syncer, path, json_file(config.toDict())))
+                _log.info("scandir {name}: queue config rewritten from {target}", name=name, target=target)
                 rewritten = True
-            if adopted and entry.name in self.instance.queues:
-                self._logSyncFailure(self.instance.set_admin("up", entry.name), entry.name)
-        self._link_form(qdir, target)
-        entry.queue = entry.name
+            if adopted and name in self.instance.queues:
+                self._write(name, writes, self.instance.set_admin("up", name))
+        if self._link_form(qdir, target):
+            self._write(name, writes, self.instance.syncer.sync(qdir))
+        entry.queue = name
         entry.fingerprint = fingerprint
         return rewritten
 
-    @staticmethod
-    def _logSyncFailure(d: Deferred[Any], name: str) -> None:
+    def _mark(self, qdir: str, name: str) -> Deferred[None]:
         """
-        Log it if what C{d} waits for (a change to queue C{name}, made
-        already) does not reach the disk: nobody else waits for it.
+        Write the marker of a queue made by scandir; fires once durable.
         """
-        d.addErrback(lambda f: _log.failure("scandir {name}: change not synced", f, name=name))
-
-    @staticmethod
-    def _mark(qdir: str, name: str) -> None:
-        with open(os.path.join(qdir, MARKER), "w", encoding="utf-8") as f:
-            f.write(name + "\n")
+        return replace_durably(self.instance.syncer, os.path.join(qdir, MARKER), (name + "\n").encode("utf-8"))
 
     @staticmethod
     def _marked(qdir: str) -> str | None:
@@ -319,21 +359,29 @@ class ScandirService(Service):
             return None
 
     @staticmethod
-    def _link_form(qdir: str, target: str) -> None:
+    def _link_form(qdir: str, target: str) -> bool:
+        """
+        Link the queue's C{form.json} to the entry's, or remove the link
+        when the entry has none; C{True} if the queue directory changed
+        (to be synced).
+        """
         form = os.path.join(target, "form.json")
         link = os.path.join(qdir, "form.json")
         if os.path.exists(form):
             if os.path.islink(link) and os.readlink(link) == form:
-                return
+                return False
             if os.path.lexists(link) and not os.path.islink(link):
-                return  # a form.json of the queue's own: keep it
+                return False  # a form.json of the queue's own: keep it
             tmp = link + ".tmp"
             if os.path.lexists(tmp):
                 os.unlink(tmp)
             os.symlink(form, tmp)
             os.rename(tmp, link)
-        elif os.path.islink(link) and os.readlink(link).startswith(target + os.sep):
+            return True
+        if os.path.islink(link) and os.readlink(link).startswith(target + os.sep):
             os.unlink(link)
+            return True
+        return False
 
     def _delete_orphans(self, present: set[str]) -> None:
         """

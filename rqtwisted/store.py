@@ -26,8 +26,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from rqtwisted.durable import NONBLOCKING, Syncer, dumps, read_file, replace_file, write_file
 from rqtwisted.message import (
@@ -773,6 +774,12 @@ class QueueStore:
         result fails with C{cannot find message}. No staging file survives.
         Fires with the md5 once durable.
 
+        Cancelling the result (the client that asked went away) abandons
+        the attachment if its file is not in place yet: the result fails
+        with L{CancelledError} at once, the staging file is removed once
+        the thread is done with it and the message is left as it was. A
+        cancel that comes after the rename changes nothing but the result.
+
         @param md5: the content's md5 when the caller computed it already
             (web uploads hash while they receive); else it is read here.
         @raise MessageError: with the original's reason texts.
@@ -796,8 +803,17 @@ class QueueStore:
         # is what gets attached (a snapshot, as for any file).
         real = os.path.realpath(source)
         staging = f"{self._prefix}tmp/.attach.{next(_STAGING_SERIAL)}"
+        cancelled = False
+
+        def cancel(_: Deferred[str]) -> None:
+            nonlocal cancelled
+            cancelled = True
+
+        result: Deferred[str] = Deferred(cancel)
 
         def place(digest: str) -> str:
+            if cancelled:
+                raise CancelledError()
             if not self.exists(state, msg_id) or (still_wanted is not None and not still_wanted()):
                 raise MessageError("cannot find message")
             adir = os.path.join(self.msg_dir(state, msg_id), "attach")
@@ -828,7 +844,18 @@ class QueueStore:
             d.addCallback(lambda _: md5)
         d.addCallback(place)
         d.addBoth(discard)
-        return d.addCallback(durable)
+        d.addCallback(durable)
+
+        def deliver(outcome: Any) -> None:
+            # (A cancelled result has failed already.)
+            if not result.called:
+                if isinstance(outcome, Failure):
+                    result.errback(outcome)
+                else:
+                    result.callback(outcome)
+
+        d.addBoth(deliver)
+        return result
 
     def delete_attachment(self, state: str, msg_id: str, name: str) -> Deferred[None]:
         """

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from rqtwisted import RQ_VERSION, __version__
 from rqtwisted.builtin import spawner_for
-from rqtwisted.durable import Syncer
+from rqtwisted.durable import Syncer, replace_durably
 from rqtwisted.message import (
     JSON_READ_ERRORS,
     MessageError,
@@ -40,7 +40,7 @@ from rqtwisted.root import (
     QueueConfig,
     Root,
     RootConfig,
-    create_queue_dir,
+    json_file,
     make_queue_state_dirs,
     queue_sort_key,
 )
@@ -59,6 +59,9 @@ MAX_RESTART_DELAY = 300.0
 
 #: A queue that ran this long since its last failure has its back-off reset.
 STABLE_AFTER = 60.0
+
+#: The answer to a queue creation (the original's).
+QUEUE_CREATED = "queue created - awesome"
 
 
 class Instance(MultiService):
@@ -135,6 +138,8 @@ class Instance(MultiService):
         self.statusProviders: dict[str, Callable[[], Any]] = {}
         #: Queues being restarted or deleted: reloads leave them alone.
         self._busy: set[str] = set()
+        #: Queues being created, their C{config.json} not in place yet.
+        self._creating: set[str] = set()
         install_webhooks(self)
 
     # -- lifecycle
@@ -291,13 +296,17 @@ class Instance(MultiService):
         The answer to a queue creation, once the directories it changed
         (C{changed}) are synced.
         """
-        return self.syncer.sync(*changed).addCallback(lambda _: "queue created - awesome")
+        return self.syncer.sync(*changed).addCallback(lambda _: QUEUE_CREATED)
 
     def create_queue(self, data: Mapping[str, Any]) -> Deferred[str]:
         """
-        Create and start a queue from a config object (queues.md).
+        Create and start a queue from a config object (queues.md): its
+        directories are made, its C{config.json} is written and synced off
+        the reactor thread, renamed into place (the queue starts then) and
+        synced with the directories (L{replace_durably}).
 
-        @return: fires with the answer once the new queue is on disk.
+        @return: fires with the answer once the new queue is on disk; fails
+            with L{MessageError} C{queue not created} when it cannot start.
         @raise MessageError: with the original's replies.
         """
         if not valid_queue_name(data.get("name")):
@@ -306,12 +315,29 @@ class Instance(MultiService):
             config = QueueConfig.fromDict(dict(data))
         except ConfigError as e:
             raise MessageError(e.reason)
-        if config.name in self.queues:
+        name = config.name
+        path = self.root.queue_path(name)
+        config_path = os.path.join(path, "config.json")
+        if name in self.queues or name in self._creating or os.path.exists(config_path):
             raise MessageError("already created")
-        changed = create_queue_dir(self.root, config)
-        if self._add(config.name) is None:
-            raise MessageError("queue not created")
-        return self._created(changed)
+        changed = make_queue_state_dirs(path)
+
+        def start() -> None:
+            if self._add(name) is None:
+                raise MessageError("queue not created")
+
+        self._creating.add(name)
+        try:
+            d = replace_durably(self.syncer, config_path, json_file(config.toDict()), *changed, placed=start)
+        except BaseException:
+            self._creating.discard(name)
+            raise
+
+        def created(result: object) -> object:
+            self._creating.discard(name)
+            return result
+
+        return d.addBoth(created).addCallback(lambda _: QUEUE_CREATED)
 
     def create_queue_link(self, path: str) -> Deferred[str]:
         """
@@ -346,7 +372,11 @@ class Instance(MultiService):
             QueueConfig.fromDict(data)
         except ConfigError as e:
             raise MessageError(e.reason)
-        if name in self.queues or os.path.lexists(os.path.join(self.root.queue_path(name), "config.json")):
+        if (
+            name in self.queues
+            or name in self._creating
+            or os.path.lexists(os.path.join(self.root.queue_path(name), "config.json"))
+        ):
             raise MessageError("queue is already running")
         queue_dir = self.root.queue_path(name)
         changed = make_queue_state_dirs(queue_dir)

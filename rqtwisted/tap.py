@@ -300,7 +300,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     PidFileService(root.join("config", "queuemgr.pid")).setServiceParent(top)
     admin = AdminServer(
         root.join(SOCKET),
-        AdminFactory(AdminAPI(instance), root.join(SPILL_DIR)),
+        AdminFactory(AdminAPI(instance), root.join(SPILL_DIR), reactor),
         reactor,
         mode=0o600,
     )

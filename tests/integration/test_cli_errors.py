@@ -5,9 +5,13 @@ never a traceback.
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
-from tests.integration.conftest import Daemon
+from rqtwisted.admin import MAX_CONNECTIONS
+from rqtwisted.admincommands import SOCKET
+from tests.integration.conftest import Daemon, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -69,3 +73,30 @@ def test_unknown_and_missing_command(no_daemon: Daemon) -> None:
         lines = result.stdout.splitlines()
         assert lines[0] == "Valid commands are:", args
         assert "sendmesg" in lines and "statusmesg" in lines
+
+
+def test_too_many_admin_connections(daemon: Daemon) -> None:
+    """
+    With as many admin connections open as the daemon allows, C{rq} is
+    turned away with one C{fail} line saying so (and the daemon logs one
+    warning, not one per connection); once they close, C{rq} is answered
+    again.
+    """
+    path = str(daemon.root / SOCKET)
+    idle = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            idle.append(s)
+        for _ in range(3):
+            assert_fail(
+                daemon.rq("ping"),
+                f"rq daemon at {path} turned the connection away:"
+                f" too many admin connections open ({MAX_CONNECTIONS}); try again later",
+            )
+    finally:
+        for s in idle:
+            s.close()
+    wait_for(lambda: daemon.rq("ping") == (0, ["ok pong"]), 10, what="the daemon answering again")
+    assert daemon.log_text().count("admin connections turned away") == 1

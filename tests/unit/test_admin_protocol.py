@@ -25,9 +25,22 @@ from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from rqtwisted.admin import MAX_PENDING_BOX, MAX_INLINE, SPILL_MAX_AGE, AdminFactory, AdminProtocol, commands, sweep_spills
-from rqtwisted.ampclient import BoxDecoder
+from rqtwisted.admin import (
+    MAX_INLINE,
+    MAX_PENDING_BOX,
+    SPILL_MAX_AGE,
+    TURNED_AWAY_WARNING_INTERVAL,
+    AdminAPI,
+    AdminFactory,
+    AdminProtocol,
+    TurnedAway,
+    cancelled_on_hang_up,
+    commands,
+    sweep_spills,
+)
+from rqtwisted.ampclient import BoxDecoder, turned_away
 from rqtwisted.message import MessageError
+from rqtwisted.testing import HeldThreads, instance_for, result_of
 
 
 class Reference(amp.AMP):
@@ -58,6 +71,8 @@ class Reference(amp.AMP):
     _failed = AdminProtocol._failed
     _settled = AdminProtocol._settled
     _closeIfIdle = AdminProtocol._closeIfIdle
+    _cancelOnHangUp = AdminProtocol._cancelOnHangUp
+    _cancellable = None
     _inflight = 0
     _closing = False
 
@@ -751,3 +766,139 @@ def test_factorySharesMethods() -> None:
         assert transport.value() == answer("1", "ok", "pong")
     assert factory._methods == {b"Ping": api.ping}
     assert api.calls == [("ping", {})] * 2
+
+
+class AttachingAPI(API):
+    """
+    An L{API} whose C{attach_message} (marked L{cancelled_on_hang_up})
+    answers later and records its cancellation.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled: list[str] = []
+        self.attaching: list[Deferred[tuple[str, str]]] = []
+
+    @cancelled_on_hang_up
+    def attach_message(self, msg_id: str, pathname: str) -> Deferred[tuple[str, str]]:
+        self.calls.append(("attach_message", {"msg_id": msg_id, "pathname": pathname}))
+        d: Deferred[tuple[str, str]] = Deferred(lambda d: self.cancelled.append(msg_id))
+        self.attaching.append(d)
+        return d
+
+
+@pytest.mark.parametrize("path", ["fast", "twisted"])
+def test_hangUpCancelsMarkedRequestsOnly(path: str) -> None:
+    """
+    A connection lost before its requests are answered cancels those of
+    methods marked L{cancelled_on_hang_up} (quietly: nothing written,
+    nothing logged), on either parsing path; the others run on.
+    """
+    conn = Connection(AdminProtocol, AttachingAPI())
+    first = box(_command="Nope", _ask="0") if path == "twisted" else b""
+    conn.feed(first + box(_command="AttachMessage", _ask="1", msg_id="m1", pathname="/f") + box(_command="Status", _ask="2"))
+    assert [name for name, _ in conn.api.calls] == ["attach_message", "status"]
+    written = conn.transport.value()
+    globalLogPublisher.addObserver(conn._observe)
+    try:
+        conn.protocol.connectionLost(Failure(ConnectionDone()))
+    finally:
+        globalLogPublisher.removeObserver(conn._observe)
+    assert conn.api.cancelled == ["m1"]
+    status = conn.api.later[0]
+    assert not status.called
+    conn.fire(("ok", "up"))
+    assert conn.transport.value() == written
+    assert conn.logged == []
+    assert conn.protocol._inflight == 0
+
+
+def test_answeredRequestIsNotCancelled() -> None:
+    """
+    A marked request answered before the connection is lost is not
+    cancelled afterwards.
+    """
+    conn = Connection(AdminProtocol, AttachingAPI())
+    conn.feed(box(_command="AttachMessage", _ask="1", msg_id="m1", pathname="/f"))
+    [request] = conn.api.attaching
+    request.callback(("ok", "md5-Attached successfully"))
+    assert conn.transport.value() == answer("1", "ok", "md5-Attached successfully")
+    conn.protocol.connectionLost(Failure(ConnectionDone()))
+    assert conn.api.cancelled == []
+
+
+def test_attachAbandonedWhenItsClientGoesAway(tmp_path) -> None:
+    """
+    Through the real API: an C{AttachMessage} whose connection is lost
+    while the file is still copied in a thread attaches nothing, leaves no
+    staging file and answers nobody.
+    """
+    threads = HeldThreads()
+    instance, spawner, clock = instance_for(str(tmp_path / "root"), run_in_thread=threads)
+    instance.create_queue({"name": "q", "script": "./code/noop", "exec_prefix": ""})
+    instance.startService()
+    full = result_of(instance.create_message({"dest": "q"}, "prep"))
+    source = tmp_path / "payload"
+    source.write_bytes(b"x" * 1000)
+    conn = Connection(AdminProtocol, AdminAPI(instance), str(tmp_path / "spill"))  # type: ignore[arg-type]
+    conn.feed(box(_command="AttachMessage", _ask="1", msg_id=full, pathname=str(source)))
+    assert threads.calls and conn.transport.value() == b""
+    conn.protocol.connectionLost(Failure(ConnectionDone()))
+    threads.run()
+    queue = instance.queue("q")
+    msg_id = full.rsplit("/", 1)[1]
+    assert queue.store.attachments("prep", msg_id) == {}
+    assert [n for n in os.listdir(queue.store.state_dir("tmp")) if n != "partial"] == []
+    assert conn.transport.value() == b""
+    assert queue.locate(msg_id) == "prep"
+
+
+def test_connectionsOverTheCapAreTurnedAway() -> None:
+    """
+    With C{maxConnections} open, a new connection is told why in one AMP
+    error box (code C{BUSY}, answering no request), closed at once and
+    never read or counted; one closing makes room again.
+    """
+    factory = AdminFactory(API(), "", Clock(), maxConnections=2)
+    first, _ = _connected(factory)
+    second, _ = _connected(factory)
+    turned = factory.buildProtocol(None)
+    assert isinstance(turned, TurnedAway)
+    transport = StringTransport()
+    turned.makeConnection(transport)
+    assert transport.disconnecting
+    [notice] = BoxDecoder().feed(transport.value())
+    assert turned_away(notice) == "too many admin connections open (2); try again later"
+    assert notice[b"_error"] == b"" and notice[b"_error_code"] == b"BUSY"
+    turned.dataReceived(PING)
+    assert factory.api.calls == []
+    assert factory.connections == {first, second}
+    first.connectionLost(Failure(ConnectionDone()))
+    assert isinstance(factory.buildProtocol(None), AdminProtocol)
+
+
+def test_turnedAwayWarningIsRateLimited() -> None:
+    """
+    A flood of connections turned away logs one warning, then at most one
+    every L{TURNED_AWAY_WARNING_INTERVAL} seconds, counting those turned
+    away since the last one.
+    """
+    clock = Clock()
+    factory = AdminFactory(API(), "", clock, maxConnections=1)
+    _connected(factory)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for _ in range(1000):
+            factory.buildProtocol(None)
+        clock.advance(TURNED_AWAY_WARNING_INTERVAL - 1)
+        factory.buildProtocol(None)
+        warned = [e for e in events if e.get("log_namespace") == "rqtwisted.admin"]
+        assert [(e["count"], e["open"]) for e in warned] == [(1, 1)]
+        clock.advance(1)
+        factory.buildProtocol(None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warned = [e for e in events if e.get("log_namespace") == "rqtwisted.admin"]
+    assert [e["count"] for e in warned] == [1, 1001]
+    assert all(e["log_level"].name == "warn" for e in warned)

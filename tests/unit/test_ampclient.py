@@ -26,11 +26,12 @@ from twisted.internet.threads import deferToThread
 from twisted.protocols import amp
 
 from rqtwisted import ampclient
-from rqtwisted.admin import AdminProtocol
+from rqtwisted.admin import AdminFactory, AdminProtocol
 from rqtwisted.admincommands import COMMANDS
 from rqtwisted.ampclient import (
     AdminClient,
     BoxDecoder,
+    DaemonBusy,
     DaemonNotReachable,
     InvalidRequest,
     ProtocolError,
@@ -440,6 +441,53 @@ def test_timeout(server: tuple[str, FakeAPI, str]) -> Iterator[Any]:
     path, _, _ = server
     with pytest.raises(ProtocolError, match="no answer to Reload"):
         yield _call(path, "Reload", timeout=0.05)
+
+
+@pytest_twisted.inlineCallbacks
+def test_turnedAway(sockdir: str) -> Iterator[Any]:
+    """
+    A daemon with as many admin connections open as it allows turns a new
+    one away: a L{DaemonBusy} saying so, not a broken connection.
+    """
+    api = FakeAPI()
+    factory = AdminFactory(api, os.path.join(sockdir, "spill"), maxConnections=0)
+    path = os.path.join(sockdir, "rq.sock")
+    port = reactor.listenUNIX(path, factory)  # type: ignore[attr-defined]
+    try:
+        for _ in range(3):
+            with pytest.raises(DaemonBusy) as e:
+                yield _call(path, "Ping")
+            assert e.value.reason == "too many admin connections open (0); try again later"
+            assert str(e.value) == f"rq daemon at {path} turned the connection away: {e.value.reason}"
+    finally:
+        yield port.stopListening()
+    assert api.calls == []
+
+
+def test_turnedAwayBeforeTheRequestIsSent(sockdir: str) -> None:
+    """
+    The daemon may turn the connection away (say why, close) before the
+    request is sent: the send fails, what it said is read all the same.
+    """
+    path = os.path.join(sockdir, "rq.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+    notice = encode_box({b"_error": b"", b"_error_code": b"BUSY", b"_error_description": b"full"})
+
+    class Early(AdminClient):
+        def _connect(self) -> socket.socket:
+            sock = super()._connect()
+            peer, _ = server.accept()
+            peer.sendall(notice)
+            peer.close()
+            return sock
+
+    try:
+        with pytest.raises(DaemonBusy, match="turned the connection away: full"):
+            Early(path, timeout=5).call("Ping")
+    finally:
+        server.close()
 
 
 def test_readSpillRemovesEvenOnError(sockdir: str) -> None:

@@ -26,7 +26,7 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 
-from rqtwisted.admin import AdminProtocol
+from rqtwisted.admin import AdminFactory, AdminProtocol
 from rqtwisted.admincommands import SOCKET
 from rqtwisted.ampclient import DaemonNotReachable, ProtocolError, RemoteError
 from rqtwisted.cli import VERBS, main, parse_options, resolve_root
@@ -910,6 +910,30 @@ def test_endToEnd(daemon: tuple[str, RealishAPI], capsys: pytest.CaptureFixture[
     code = yield deferToThread(main, ["statuscountmesg", "--root", root, "--msg_id", "/q/x/1"])
     assert (code, capsys.readouterr().out) == (1, "fail msg not found\n")
     assert os.listdir(os.path.join(root, "spill")) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_turnedAwayIsOneFailLine(capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
+    """
+    A daemon that turns the connection away (too many admin connections
+    open) gets one C{fail} line saying so, exit 1, no traceback.
+    """
+    root = tempfile.mkdtemp(prefix="rqc")
+    os.mkdir(os.path.join(root, "config"))
+    factory = AdminFactory(RealishAPI(), os.path.join(root, "spill"), maxConnections=0)
+    port = reactor.listenUNIX(os.path.join(root, SOCKET), factory)  # type: ignore[attr-defined]
+    try:
+        code = yield deferToThread(main, ["ping", "--root", root])
+    finally:
+        yield port.stopListening()
+        shutil.rmtree(root, ignore_errors=True)
+    out, err = capsys.readouterr()
+    sock = os.path.join(root, SOCKET)
+    assert (code, out, err) == (
+        1,
+        f"fail rq daemon at {sock} turned the connection away: too many admin connections open (0); try again later\n",
+        "",
+    )
 
 
 # -- a fresh interpreter ------------------------------------------------------------

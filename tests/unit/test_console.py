@@ -24,9 +24,9 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
 from rqtwisted import cli, console
-from rqtwisted.admin import AdminProtocol
+from rqtwisted.admin import AdminFactory, AdminProtocol
 from rqtwisted.admincommands import SOCKET
-from rqtwisted.ampclient import DaemonNotReachable, ProtocolError
+from rqtwisted.ampclient import DaemonBusy, DaemonNotReachable, ProtocolError
 from rqtwisted.console import Console, SessionClient, history_path, verb_options
 from tests.unit.fake_admin import FakeDaemon
 
@@ -815,3 +815,26 @@ def test_sessionTimeout(server: Server) -> Iterator[Any]:
     assert (yield deferToThread(client.call, "Ping")) == ("ok", "pong")
     assert client.connections == 2
     client.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_sessionTurnedAway() -> Iterator[Any]:
+    """
+    A daemon with as many admin connections open as it allows turns the
+    session's connection away: L{DaemonBusy} saying so, and the next call
+    connects again.
+    """
+    path = tempfile.mkdtemp(prefix="rqc")
+    sock = os.path.join(path, "rq.sock")
+    port = reactor.listenUNIX(sock, AdminFactory(API(), path, maxConnections=0))  # type: ignore[attr-defined]
+    client = SessionClient(sock, timeout=10)
+    try:
+        for _ in range(2):
+            with pytest.raises(DaemonBusy, match=r"turned the connection away: too many admin connections open \(0\)"):
+                yield deferToThread(client.call, "Ping")
+            assert not client.connected
+        assert client.connections == 2
+    finally:
+        client.close()
+        yield port.stopListening()
+        shutil.rmtree(path, ignore_errors=True)

@@ -633,6 +633,48 @@ def test_create_queue_answers_once_the_queue_is_on_disk(started):
     assert {root.queue_dir, root.queue_path("fresh")} <= synced
 
 
+def test_create_queue_runs_no_fsync_itself(started, monkeypatch):
+    """
+    C{create_queue} leaves every C{fsync} to the syncer's rounds (off the
+    reactor thread): its C{config.json} is written to a temp file that a
+    first round syncs; only then is it renamed into place and the queue
+    started, and a second round syncs it there before the answer.
+    """
+    instance, spawner, clock = started
+    rounds = held_syncer(instance)
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    path = instance.root.queue_path("fresh")
+    config = os.path.join(path, "config.json")
+    d = instance.create_queue({"name": "fresh", "script": "./code/noop"})
+    assert fsyncs == []
+    assert not os.path.exists(config) and "fresh" not in instance.queues
+    [(_, ([temp],), _)] = rounds.calls
+    assert os.path.dirname(temp) == path and os.path.isfile(temp)
+    rounds.finish()
+    assert fsyncs != []
+    assert os.path.isfile(config) and not os.path.exists(temp)
+    assert instance.queue("fresh").config.script == "./code/noop"
+    answer, synced = rounds.answer(d)
+    assert answer == "queue created - awesome"
+    assert {config, path, instance.root.queue_dir} <= synced
+
+
+def test_create_queue_refuses_one_under_way(started):
+    """
+    A second creation of a queue whose first one waits for its config to
+    be synced is refused, as for a queue that exists.
+    """
+    instance, spawner, clock = started
+    rounds = held_syncer(instance)
+    d = instance.create_queue({"name": "fresh", "script": "./code/noop"})
+    with pytest.raises(MessageError, match="already created"):
+        instance.create_queue({"name": "fresh", "script": "./code/other"})
+    assert rounds.answer(d)[0] == "queue created - awesome"
+    assert instance.queue("fresh").config.script == "./code/noop"
+
+
 def test_create_queue_link_answers_once_the_queue_is_on_disk(started, tmp_path):
     """
     So does C{create_queue_link}.

@@ -12,9 +12,10 @@ import pytest
 
 from rqtwisted import router
 from rqtwisted.builtin import register_handler
-from rqtwisted.router import RouterHandler, new_dest, routed_queue, router_mode, select_hosts
+from rqtwisted.durable import Syncer
+from rqtwisted.router import RouterHandler, down_marker, new_dest, routed_queue, router_mode, select_hosts
 from rqtwisted.rules import parse_rules
-from rqtwisted.testing import instance_for, result_of
+from rqtwisted.testing import HeldThreads, instance_for, result_of
 from tests.unit.test_rules import SAMPLE
 
 
@@ -71,7 +72,13 @@ def routed(tmp_path, handlers):
     queued.
     """
     instance, spawner, clock = instance_for(str(tmp_path / "root"))
-    handler = RouterHandler(instance.root.path, clock, choice=lambda seq: seq[0], pid=lambda: 4242)
+    handler = RouterHandler(
+        instance.root.path,
+        clock,
+        choice=lambda seq: seq[0],
+        pid=lambda: 4242,
+        set_down=lambda: instance.set_admin("down", "rq_router"),
+    )
     register_handler("rq_router", lambda inst: handler)
     instance.create_queue({"name": "local", "script": "./code/noop", "exec_prefix": ""})
     instance.startService()
@@ -192,6 +199,46 @@ def test_bad_rules_down_the_router(routed) -> None:
         f"bad rules file {path}: line 1: rule 'x' needs an action (:relay, :balance, :done or :err);"
         " rq_router set DOWN"
     )
+    assert instance.queue("rq_router").status() == "DOWN"
+
+
+def test_bad_rules_down_marker_is_synced_before_the_err(routed) -> None:
+    """
+    The router's DOWN marker is made durable as C{rq down} makes it
+    (C{config/} synced, off the reactor thread), and the message is
+    reported err only once it is.
+    """
+    instance, clock = routed
+    write_rules(instance, 'rule "x"\n action :nope\n src /a/\n')
+    rounds = HeldThreads()
+    synced: list[str] = []
+    instance.syncer = Syncer(rounds, synced.extend)
+    msg_id, msg = route_one(instance, clock, src="a")
+    assert os.path.exists(down_marker(instance.root.path))
+    assert msg["state"] == "run"
+    assert synced == []
+    rounds.run()
+    assert instance.root.join("config") in synced
+    msg = instance.queue("rq_router").get(msg_id)
+    assert (msg["state"], msg["status"][:22]) == ("err", "err - Bad rule file at")
+
+
+def test_make_handler_sets_the_queue_down_like_rq_down(tmp_path) -> None:
+    """
+    The handler of a running instance sets C{rq_router} DOWN through the
+    instance: marker made, C{config/} synced, queue DOWN.
+    """
+    instance, spawner, clock = instance_for(str(tmp_path / "root"))
+    instance.startService()
+    handler = router.make_handler(instance)
+    rounds = HeldThreads()
+    synced: list[str] = []
+    instance.syncer = Syncer(rounds, synced.extend)
+    d = handler.set_down()
+    assert os.path.exists(down_marker(instance.root.path)) and not d.called
+    rounds.run()
+    assert result_of(d) == "rq_router"
+    assert instance.root.join("config") in synced
     assert instance.queue("rq_router").status() == "DOWN"
 
 

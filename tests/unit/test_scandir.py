@@ -10,8 +10,9 @@ import os
 
 import pytest
 
+from rqtwisted.durable import Syncer
 from rqtwisted.scandir import INITIAL_DELAY, MARKER, SCAN_INTERVAL, ScandirService, entry_config, ScandirError
-from rqtwisted.testing import instance_for
+from rqtwisted.testing import HeldThreads, instance_for
 
 
 @pytest.fixture
@@ -106,6 +107,66 @@ def test_changed_config_applies_in_place(env):
     assert queue.config.num_workers == 4
     saved = json.load(open(os.path.join(instance.root.queue_path("app"), "config.json")))
     assert saved["num_workers"] == 4
+
+
+def held_rounds(instance) -> tuple[HeldThreads, list[str]]:
+    """
+    Give C{instance} a syncer whose rounds wait for the test: the runner
+    (L{HeldThreads.run} runs them) and the paths synced so far.
+    """
+    rounds = HeldThreads()
+    synced: list[str] = []
+    instance.syncer = Syncer(rounds, synced.extend)
+    return rounds, synced
+
+
+def test_rewritten_config_is_synced_before_it_applies(env):
+    """
+    A config rewrite is made durable through the syncer: a temp file
+    synced, renamed over C{config.json}, which is synced with its
+    directory; it is applied once in place, and a scan meanwhile leaves
+    the entry alone.
+    """
+    instance, spawner, clock, service, tmp_path = env
+    target = make_dir(tmp_path, "app", config={"num_workers": 1})
+    link(instance, "app", target)
+    scan_once(service, clock)
+    qdir = instance.root.queue_path("app")
+    config = os.path.join(qdir, "config.json")
+    rounds, synced = held_rounds(instance)
+    (target / "config.json").write_text(json.dumps({"num_workers": 4}))
+    os.utime(target / "config.json", ns=(1, 1))
+    clock.advance(SCAN_INTERVAL)
+    assert json.load(open(config))["num_workers"] == 1
+    assert instance.queue("app").config.num_workers == 1
+    [(_, ([temp],), _)] = rounds.calls
+    assert os.path.dirname(temp) == qdir
+    again = service.scan()
+    assert again.called and len(rounds.calls) == 1
+    rounds.run()
+    assert {temp, config, qdir} <= set(synced)
+    assert json.load(open(config))["num_workers"] == 4
+    assert instance.queue("app").config.num_workers == 4
+    assert not os.path.exists(temp)
+
+
+def test_new_entry_marker_and_form_are_synced(env):
+    """
+    A queue made from an entry: its marker and C{form.json} link are
+    synced with the queue directory, and it is set UP (C{config/}
+    synced) once it exists.
+    """
+    instance, spawner, clock, service, tmp_path = env
+    target = make_dir(tmp_path, "app", form={"fields": []})
+    link(instance, "app", target)
+    rounds, synced = held_rounds(instance)
+    scan_once(service, clock)
+    qdir = instance.root.queue_path("app")
+    rounds.run()
+    assert "app" in instance.queues
+    assert {os.path.join(qdir, MARKER), os.path.join(qdir, "config.json"), qdir} <= set(synced)
+    assert instance.root.join("config") in synced
+    assert open(os.path.join(qdir, MARKER)).read() == "app\n"
 
 
 def test_bad_json_is_reported_and_queue_kept(env):

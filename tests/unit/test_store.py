@@ -9,6 +9,8 @@ import os
 from typing import Any
 
 import pytest
+from twisted.internet.defer import CancelledError
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from rqtwisted.durable import Syncer
@@ -375,6 +377,47 @@ def test_attach_fails_when_the_message_left_prep_meanwhile(held, tmp_path, chang
         assert store.attachments("que", msg_id) == {}
     if change == "unwanted":
         assert store.attachments("prep", msg_id) == {}
+
+
+@pytest.mark.parametrize("when", ["linking", "hashing"])
+def test_attach_cancelled_before_in_place_leaves_the_message_as_it_was(held, tmp_path, when) -> None:
+    """
+    An attach cancelled while its file is staged (linked or copied, then
+    hashed in a thread) fails at once with L{CancelledError}; once the
+    thread is done the staging file is removed and the message keeps what
+    it had (an earlier attachment of that name included), with nothing
+    logged.
+    """
+    store, threads = held
+    msg_id = prep_message(store)
+    old = tmp_path / "old"
+    old.write_bytes(b"old")
+    first = store.attach("prep", msg_id, str(old), "f")
+    threads.run()
+    assert result_of(first) == "149603e6c03516362a8da23f624db945"
+    before = store.attachments("prep", msg_id)
+    src = tmp_path / "new"
+    src.write_bytes(b"new")
+    got: list[Any] = []
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        d = store.attach("prep", msg_id, str(src), "f")
+        d.addBoth(got.append)
+        if when == "hashing":
+            f, args, step = threads.calls.pop(0)
+            step.callback(f(*args))
+            assert len(staged(store)) == 1
+        d.cancel()
+        assert len(got) == 1 and isinstance(got[0], Failure) and got[0].check(CancelledError)
+        threads.run()
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert staged(store) == []
+    assert store.attachments("prep", msg_id) == before
+    with open(os.path.join(store.msg_dir("prep", msg_id), "attach", "f"), "rb") as f:
+        assert f.read() == b"old"
+    assert [e for e in logged if "log_failure" in e] == []
 
 
 def test_attach_failing_in_the_thread_leaves_no_staging_file(held, tmp_path, monkeypatch) -> None:
