@@ -161,35 +161,64 @@ def is_remote_dest(dest: str) -> bool:
     return dest.startswith("http:") or dest.startswith("https:")
 
 
+#: The largest C{count} or C{max_count} a message may be given: a C
+#: int's (a peer's or a script's reading of C{RQ_COUNT} may be one).
+MAX_COUNT_VALUE = 2**31 - 1
+
+#: The leading integer of a text, as Ruby's C{String#to_i} reads it: ASCII
+#: blanks, a sign, an optional C{0d} prefix, digits with single C{_}
+#: between them; the rest of the text is ignored.
+_LEADING_INT_RE = re.compile(r"[ \t\n\v\f\r]*([+-]?)(?:0[dD])?([0-9]+(?:_[0-9]+)*)")
+
+
+def _shown(value: Any) -> str:
+    """
+    C{value} as a reason quotes it: at most 64 characters.
+    """
+    try:
+        text = str(value)
+    except ValueError:  # (an int of thousands of digits)
+        return "a number too large to show"
+    return text if len(text) <= 64 else text[:64] + "..."
+
+
 def _to_int(value: Any, key: str) -> int:
     """
-    C{count} or C{max_count} as an int ("input converted", message.md):
-    an integer as it is; a number or numeric text (blanks around it
-    allowed, C{"3.7"}, C{" 5 "}) truncated toward zero (the original's
-    C{to_i} read C{"3.7"} as 3).
+    C{count} or C{max_count} as an int ("input converted", message.md),
+    as the original's C{to_i} converted it: an integer as it is, a number
+    truncated toward zero, text read for its leading integer (C{"3.7"} is
+    3, C{"1e3"} 1, C{" 12abc"} 12).
 
-    @raise MessageError: text that is not a number at all (the original
-        read it as 0; here bad input gets a clear error), the empty text,
-        NaN, an infinity, or another type.
+    @raise MessageError: text with no leading integer (C{to_i} read it as
+        0; here bad input gets a clear error), NaN, an infinity or another
+        type; or a value below 0 or above L{MAX_COUNT_VALUE}.
     """
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    try:
-        if isinstance(value, float):
-            return int(value)
-        if isinstance(value, str):
-            text = value.strip()
-            try:
-                return int(text)
-            except ValueError:
-                # Not an integer: perhaps a decimal number (C{"3.7"}).
-                return int(float(text))
-    except (ValueError, OverflowError):
-        # (int() of an infinite float overflows, of NaN is a ValueError.)
-        pass
-    raise MessageError(f"invalid {key} field ({value})")
+    number: int | None = None
+    if isinstance(value, int):  # (C{bool} too: a lone C{--count} is 1)
+        number = int(value)
+    elif isinstance(value, float):
+        if math.isfinite(value):
+            number = int(value)
+    elif isinstance(value, str):
+        match = _LEADING_INT_RE.match(value)
+        if match:
+            sign, digits = match.group(1), match.group(2).replace("_", "").lstrip("0")
+            if len(digits) > len(str(MAX_COUNT_VALUE)):
+                # (Not converted: int() refuses thousands of digits.)
+                raise _out_of_range(key, value)
+            number = int(sign + (digits or "0"))
+    if number is None:
+        raise MessageError(f"invalid {key} field ({_shown(value)})")
+    if not 0 <= number <= MAX_COUNT_VALUE:
+        raise _out_of_range(key, value)
+    return number
+
+
+def _out_of_range(key: str, value: Any) -> MessageError:
+    """
+    The refusal of a C{count} or C{max_count} (C{key}) out of range.
+    """
+    return MessageError(f"invalid {key} field ({_shown(value)}): it must be from 0 to {MAX_COUNT_VALUE}")
 
 
 #: The latest due time a message may ask for: the last second of year
@@ -268,7 +297,8 @@ def creation_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     C{msg_id}, C{due} default and C{orig_msg_id} default are filled by the
     store when the id is allocated.
 
-    @raise MessageError: C{dest} missing or a field of the wrong type.
+    @raise MessageError: C{dest} missing, a field of the wrong type, or a
+        C{count}/C{max_count} out of range.
     """
     # (A dict first: an isinstance check against typing's Mapping costs
     # microseconds, and nearly every message is a decoded JSON object.)

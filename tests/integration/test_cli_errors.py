@@ -49,6 +49,15 @@ def test_refusals(daemon: Daemon) -> None:
     # Cloning a message that is not finished.
     prepped = daemon.ok("prepmesg", "--dest", "test")
     assert_fail(daemon.rq("clone", "--msg_id", prepped))
+    # Counts are read for their leading integer, as the original read them,
+    # and refused out of range.
+    prepped = daemon.ok("prepmesg", "--dest", "test", "--count", "1e3", "--max_count", "7.9")
+    assert daemon.ok("statuscountmesg", "--msg_id", prepped) == "1"
+    assert daemon.show(prepped)["max_count"] == 7
+    assert_fail(daemon.rq("sendmesg", "--dest", "test", "--max_count", "-1"),
+                "invalid max_count field (-1): it must be from 0 to 2147483647")
+    assert_fail(daemon.rq("sendmesg", "--dest", "test", "--count", "9" * 300),
+                f"invalid count field ({'9' * 64}...): it must be from 0 to 2147483647")
 
 
 def test_daemon_not_running(no_daemon: Daemon) -> None:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from rqtwisted.message import (
+    MAX_COUNT_VALUE,
     MessageError,
     creation_fields,
     due_of,
@@ -138,29 +139,56 @@ def test_creation_fields_errors():
 
 @pytest.mark.parametrize(
     "value, expected",
-    [("3", 3), ("3.7", 3), (" 5 ", 5), ("-3.7", -3), ("1e3", 1000), ("12345678901234567890", 12345678901234567890),
-     (3.9, 3), (7, 7)],
+    [
+        # Text is read for its leading integer, as Ruby's C{to_i} reads it.
+        ("3", 3), ("3.7", 3), (" 5 ", 5), ("1e3", 1), ("1e400", 1), (" 12abc", 12), ("3.7x", 3), ("0x10", 0),
+        ("+5", 5), ("-0", 0), ("\t\n\v\f\r7", 7), ("1_000", 1000), ("1__0", 1), ("0d12", 12), ("0" * 5000 + "7", 7),
+        ("2147483647", 2**31 - 1),
+        # Numbers are truncated toward zero.
+        (3.9, 3), (7, 7), (2**31 - 1, 2**31 - 1),
+    ],
 )
 def test_creation_fields_convert_counts(value, expected):
     """
-    C{count} and C{max_count} are converted from numbers and numeric text
-    (the command line's values are text): decimals are truncated, blanks
-    around the number ignored.
+    C{count} and C{max_count} are converted as the original converted them
+    (C{to_i}): a number truncated, text read for its leading integer,
+    whatever follows it ignored (the command line's values are text).
     """
     fields = creation_fields({"dest": "q", "count": value, "max_count": value})
     assert (fields["count"], fields["max_count"]) == (expected, expected)
 
 
-@pytest.mark.parametrize("value", ["abc", "3.7x", "", "  ", "0x10", "nan", "1e400", [3]])
+@pytest.mark.parametrize("value", ["abc", "", "  ", "nan", "- 5", "_1", "\u00a05", "\uff11\uff12", [3], None])
 @pytest.mark.parametrize("key", ["count", "max_count"])
 def test_creation_fields_refuse_counts_that_are_not_numbers(key, value):
     """
-    Text that is not a number at all is refused with a clear reason (the
-    original read it as 0).
+    Text with no leading integer is refused with a clear reason (the
+    original read it as 0), as are values that are neither numbers nor
+    text. Only ASCII blanks and digits count, as for C{to_i}.
     """
     with pytest.raises(MessageError) as info:
         creation_fields({"dest": "q", key: value})
     assert str(info.value) == f"invalid {key} field ({value})"
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [
+        ("-1", "-1"), (-1, "-1"), ("-3.7", "-3.7"), (-1.5, "-1.5"), ("2147483648", "2147483648"), (2**31, "2147483648"),
+        (1e20, "1e+20"), ("1" * 300, "1" * 64 + "..."), ("-" + "9" * 5000, "-" + "9" * 63 + "..."),
+        pytest.param(10**5000, "a number too large to show", id="int-of-5001-digits"),
+    ],
+)
+@pytest.mark.parametrize("key", ["count", "max_count"])
+def test_creation_fields_refuse_counts_out_of_range(key, value, shown):
+    """
+    A count or max_count below 0 or above C{2**31 - 1} is refused with a
+    reason naming the field and the range; a long value is cut in it.
+    """
+    with pytest.raises(MessageError) as info:
+        creation_fields({"dest": "q", key: value})
+    assert str(info.value) == f"invalid {key} field ({shown}): it must be from 0 to {MAX_COUNT_VALUE}"
+    assert MAX_COUNT_VALUE == 2**31 - 1
 
 
 @pytest.mark.parametrize("value", ["", " ", "abc"])

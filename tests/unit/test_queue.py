@@ -482,15 +482,22 @@ def test_a_failed_queue_can_be_administered(started):
 def test_create_message_converts_command_line_counts(started):
     """
     The values C{rq sendmesg} passes on as text (C{--count 3.7}) are
-    converted where every message is created.
+    converted where every message is created, and refused there when out
+    of range.
     """
     instance, spawner, clock = started
     instance.set_admin("pause", "test")
     full = result_of(instance.create_message({"dest": "test", "count": "3.7", "max_count": " 5 "}))
     msg = instance.queue("test").get(short(full))
     assert (msg["count"], msg["max_count"]) == (3, 5)
+    full = result_of(instance.create_message({"dest": "test", "count": "1e3"}))
+    assert instance.queue("test").get(short(full))["count"] == 1
     with pytest.raises(MessageError, match=r"invalid due field \(\)"):
         instance.create_message({"dest": "test", "due": ""})
+    with pytest.raises(MessageError, match=r"^invalid max_count field \(-1\): it must be from 0 to 2147483647$"):
+        instance.create_message({"dest": "test", "max_count": "-1"})
+    with pytest.raises(MessageError, match=r"^invalid count field \(1{64}\.\.\.\): it must be"):
+        instance.create_message({"dest": "test", "count": "1" * 300})
 
 
 def test_get_read_form(started):

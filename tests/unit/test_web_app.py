@@ -662,8 +662,9 @@ def test_new_message_form_values_that_are_not_utf8_are_refused(env):
 def test_new_message_counts_converted_as_from_the_command_line(env):
     """
     Numeric text in C{count}/C{max_count} is converted as for C{rq
-    sendmesg} (one conversion for both); text that is not a number, and an
-    empty due, are refused with the same reasons.
+    sendmesg} (one conversion for both: the leading integer); text that is
+    not a number, a count out of range and an empty due are refused with
+    the same reasons.
     """
     instance, spawner, clock, client = env
     mesg = {"dest": "test", "count": "3.7", "max_count": " 5 "}
@@ -673,6 +674,12 @@ def test_new_message_counts_converted_as_from_the_command_line(env):
     for field, value in (("count", "abc"), ("due", "")):
         reply = client.post("/q/test/new_message", data={"mesg": json.dumps({"dest": "test", field: value})})
         assert reply.json() == ["fail", f"invalid {field} field ({value})"]
+    mesg = {"dest": "test", "count": "1e3", "max_count": "20 tries"}
+    status, full = client.post("/q/test/new_message", data={"mesg": json.dumps(mesg)}).json()
+    msg = instance.queue("test").get(full.rsplit("/", 1)[1])
+    assert (status, msg["count"], msg["max_count"]) == ("ok", 1, 20)
+    reply = client.post("/q/test/new_message", data={"mesg": json.dumps({"dest": "test", "max_count": -1})})
+    assert reply.json() == ["fail", "invalid max_count field (-1): it must be from 0 to 2147483647"]
 
 
 def test_new_message_mesg_field_and_methods(env):
