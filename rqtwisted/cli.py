@@ -516,18 +516,34 @@ def _write(stream: Any, text: str) -> bool:
     to complain about, and a short note goes to stderr, unless the stream
     is stderr or the reader just stopped reading (C{rq queues | head -1}).
     """
+    if not check_open(stream):
+        return False
     try:
-        if stream is None:
-            raise OSError(errno.EBADF, "it is closed")
         stream.write(text + "\n")
         stream.flush()
         return True
     except (OSError, ValueError) as e:
-        _discard(stream)
-        if stream is not sys.stderr and not isinstance(e, BrokenPipeError):
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            _write(sys.stderr, f"rq: cannot write to {_stream_name(stream)}: {reason}")
+        _write_failed(stream, e)
         return False
+
+
+def check_open(stream: Any) -> bool:
+    """
+    Whether C{stream} is open. One closed before C{rq} started (C{rq
+    console >&-} leaves C{sys.stdout} L{None}) gets the note on stderr that
+    L{_write} gives for any stream it cannot write.
+    """
+    if stream is None:
+        _write_failed(stream, OSError(errno.EBADF, "it is closed"))
+        return False
+    return True
+
+
+def _write_failed(stream: Any, error: Exception) -> None:
+    _discard(stream)
+    if stream is not sys.stderr and not isinstance(error, BrokenPipeError):
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        _write(sys.stderr, f"rq: cannot write to {_stream_name(stream)}: {reason}")
 
 
 def _stream_name(stream: Any) -> str:

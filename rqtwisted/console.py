@@ -751,7 +751,9 @@ def main(
     environ: Mapping[str, str] | None = None,
 ) -> int:
     """
-    C{rq console [--root DIR]}: run the console; its exit status.
+    C{rq console [--root DIR]}: run the console; its exit status. With
+    stdout closed nothing is run: one note on stderr and exit 1, as for
+    every C{rq} verb.
 
     @param argv: The words after C{console}.
     @param client_factory: Builds the admin client of a socket path
@@ -759,10 +761,11 @@ def main(
     """
     environ = os.environ if environ is None else environ
     stdout = sys.stdout if stdout is None else stdout
+    if not cli.check_open(stdout):
+        return 1
     options = cli.parse_options(argv)
     if "help" in options:
-        cli._write(stdout, _USAGE)
-        return 0
+        return 0 if cli._write(stdout, _USAGE) else 1
     try:
         root = cli.resolve_root(options, environ)
     except cli.CommandFailed as e:

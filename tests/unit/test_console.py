@@ -646,6 +646,21 @@ def test_mainHelp() -> None:
     assert out.getvalue().startswith("usage: rq console [--root DIR]\n")
 
 
+@pytest.mark.parametrize("argv", [[], ["--help"]])
+def test_stdoutClosed(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    Without a stdout at all (C{rq console >&-}) the console fails as every
+    C{rq} verb does: exit 1, one note on stderr; no line is run.
+    """
+    daemon = FakeDaemon(Ping=("ok", "pong"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("ping\n"))
+    monkeypatch.setattr(sys, "stdout", None)
+    monkeypatch.setenv("RQ_ROOT", ROOT)
+    assert cli.main(["console", *argv], client_factory=daemon) == 1
+    assert capsys.readouterr().err == "rq: cannot write to standard output: it is closed\n"
+    assert daemon.requests == []
+
+
 def test_rqConsoleVerb(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """
     C{rq console} runs the console, with the command line's client factory.
@@ -661,7 +676,8 @@ def test_rqConsoleVerb(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFi
 def test_freshInterpreter(tmp_path: Any) -> None:
     """
     C{python -m rqtwisted console} with nothing to read exits 0 at once
-    without importing Twisted; without a daemon, a command fails cleanly.
+    without importing Twisted; without a daemon, a command fails cleanly;
+    with stdout closed, it fails with one line on stderr.
     """
     env = dict(os.environ, PYTHONPATH=PROJECT, RQ_ROOT=str(tmp_path))
     code = (
@@ -680,6 +696,11 @@ def test_freshInterpreter(tmp_path: Any) -> None:
     assert out.returncode == 1
     assert out.stdout == f"fail rq daemon not running at {tmp_path}: No such file or directory\n"
     assert out.stderr == ""
+    out = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$@" >&-', sys.executable, "-m", "rqtwisted", "console"],
+        env=env, input="queues\n", stderr=subprocess.PIPE, text=True,
+    )
+    assert (out.returncode, out.stderr) == (1, "rq: cannot write to standard output: it is closed\n")
 
 
 # -- the session client against the real admin protocol ---------------------------------------
