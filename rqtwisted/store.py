@@ -206,19 +206,43 @@ def attachment_entries(adir: str) -> list[os.DirEntry[str]]:
     return [e for e in entries if not e.name.startswith(".") and e.is_file()]
 
 
-def _stage_attachment(source: str, staging: str) -> None:
-    """
-    Put the content of regular file C{source} at C{staging}: a hard link
-    when on the same filesystem, else a copy (blocking: run in a thread).
+#: What C{link(2)} fails with where a copy can do: another filesystem
+#: (C{EXDEV}), one without hard links or a link the kernel's
+#: C{protected_hardlinks} forbids (C{EPERM}), a file at its link limit
+#: (C{EMLINK}).
+_LINK_REFUSALS = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK})
 
-    @raise MessageError: C{source} cannot be linked for another reason.
+
+def link_or_copy(source: str, target: str) -> None:
+    """
+    Put the content of regular file C{source} at the new path C{target}: a
+    hard link, or a copy where the link is refused (L{_LINK_REFUSALS}).
+    Blocking: run in a thread. Attachments are placed by this (attach,
+    clone, dup).
+
+    @raise OSError: the link failed for another reason (nothing is copied
+        then), or the copy failed.
     """
     try:
-        os.link(source, staging)
+        os.link(source, target)
     except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise MessageError(f"Attachment currently cannot be read: {source}")
-        shutil.copyfile(source, staging)
+        if e.errno not in _LINK_REFUSALS:
+            raise
+        shutil.copyfile(source, target)
+
+
+def _stage_attachment(source: str, staging: str) -> None:
+    """
+    L{link_or_copy} C{source} to C{staging}, for an attach.
+
+    @raise MessageError: C{source} cannot be read (gone or not allowed
+        since it was checked); other errors (no space left...) are raised
+        as they are.
+    """
+    try:
+        link_or_copy(source, staging)
+    except (FileNotFoundError, PermissionError):
+        raise MessageError(f"Attachment currently cannot be read: {source}")
 
 
 def _remove_quietly(path: str) -> None:
@@ -885,7 +909,4 @@ class QueueStore:
             # A symbolic link (left by an older version) is followed, as
             # the listing does.
             source = os.path.realpath(entry.path) if entry.is_symlink() else entry.path
-            try:
-                os.link(source, os.path.join(out, entry.name))
-            except OSError:
-                shutil.copyfile(source, os.path.join(out, entry.name))
+            link_or_copy(source, os.path.join(out, entry.name))

@@ -4,6 +4,7 @@ Tests for L{rqtwisted.store}: layout, durable creation, moves, recovery.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Any
@@ -15,7 +16,7 @@ from twisted.python.failure import Failure
 
 from rqtwisted.durable import Syncer
 from rqtwisted.message import MessageError
-from rqtwisted.store import QueueStore, check_attachment_name
+from rqtwisted.store import QueueStore, check_attachment_name, link_or_copy
 from rqtwisted.testing import HeldThreads, result_of, syncNow
 
 
@@ -517,6 +518,106 @@ def test_link_attachments_follows_the_listing(store, tmp_path) -> None:
     assert sorted(os.listdir(out / "attach")) == sorted(listed)
     assert not os.path.islink(out / "attach" / "old")
     assert (out / "attach" / "old").read_bytes() == b"abcd"
+
+
+def _link_failing(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """
+    Make C{os.link} fail with C{code}.
+    """
+
+    def link(source: str, target: str) -> None:
+        raise OSError(code, os.strerror(code), source, None, target)
+
+    monkeypatch.setattr(os, "link", link)
+
+
+def test_link_or_copy_links(tmp_path) -> None:
+    """
+    The content is hard-linked where it can be.
+    """
+    (tmp_path / "a").write_bytes(b"abc")
+    link_or_copy(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert os.path.samefile(tmp_path / "a", tmp_path / "b")
+
+
+@pytest.mark.parametrize("code", [errno.EXDEV, errno.EPERM, errno.EMLINK])
+def test_link_or_copy_copies_where_a_link_is_refused(tmp_path, monkeypatch, code) -> None:
+    """
+    Another filesystem, one without hard links, a file at its link limit:
+    the content is copied.
+    """
+    (tmp_path / "a").write_bytes(b"abc")
+    _link_failing(monkeypatch, code)
+    link_or_copy(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert (tmp_path / "b").read_bytes() == b"abc"
+    assert not os.path.samefile(tmp_path / "a", tmp_path / "b")
+
+
+@pytest.mark.parametrize("code", [errno.ENOENT, errno.ENOSPC, errno.EIO])
+def test_link_or_copy_other_link_errors(tmp_path, monkeypatch, code) -> None:
+    """
+    A link that fails for another reason is not covered up by a copy.
+    """
+    (tmp_path / "a").write_bytes(b"abc")
+    _link_failing(monkeypatch, code)
+    with pytest.raises(OSError) as info:
+        link_or_copy(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert info.value.errno == code
+    assert not (tmp_path / "b").exists()
+
+
+def test_link_attachments_across_filesystems(store, tmp_path, monkeypatch) -> None:
+    """
+    Clone and dup copy attachments they cannot link; a link that fails
+    for another reason fails them.
+    """
+    msg_id = prep_message(store)
+    src = tmp_path / "f"
+    src.write_bytes(b"abc")
+    result_of(store.attach("prep", msg_id, str(src), "f"))
+    _link_failing(monkeypatch, errno.EXDEV)
+    (tmp_path / "copy").mkdir()
+    store.link_attachments("prep", msg_id, str(tmp_path / "copy"))
+    assert (tmp_path / "copy" / "attach" / "f").read_bytes() == b"abc"
+    _link_failing(monkeypatch, errno.EIO)
+    (tmp_path / "again").mkdir()
+    with pytest.raises(OSError) as info:
+        store.link_attachments("prep", msg_id, str(tmp_path / "again"))
+    assert info.value.errno == errno.EIO
+
+
+@pytest.mark.parametrize(
+    "code, reason",
+    [
+        (errno.EXDEV, None),
+        (errno.ENOENT, "Attachment currently cannot be read: {}"),
+        (errno.EACCES, "Attachment currently cannot be read: {}"),
+        (errno.ENOSPC, "No space left on device"),
+    ],
+)
+def test_attach_link_errors(store, tmp_path, monkeypatch, code, reason) -> None:
+    """
+    An attach copies a file it cannot link; a file that turned out not to
+    be readable is refused with the original's reason; any other error (no
+    space left) is not passed off as the file's.
+    """
+    msg_id = prep_message(store)
+    src = tmp_path / "f"
+    src.write_bytes(b"abc")
+    _link_failing(monkeypatch, code)
+    got: list[Any] = []
+    store.attach("prep", msg_id, str(src), "f").addBoth(got.append)
+    if reason is None:
+        assert got == ["900150983cd24fb0d6963f7d28e17f72"]
+        assert store.attachments("prep", msg_id)["f"]["size"] == 3
+    else:
+        assert isinstance(got[0], Failure)
+        if code == errno.ENOSPC:
+            assert not got[0].check(MessageError) and got[0].value.strerror == reason
+        else:
+            assert got[0].value.reason == reason.format(src)
+        assert store.attachments("prep", msg_id) == {}
+    assert staged(store) == []
 
 
 def test_attachment_name_longer_than_a_file_name_is_refused():
