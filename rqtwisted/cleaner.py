@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from twisted.logger import Logger
 
+from rqtwisted.fsync import remove_quietly
 from rqtwisted.message import HASHED_STATES, valid_msg_id, valid_queue_name
 from rqtwisted.search import forget_bucket, forget_ids
 from rqtwisted.threads import ThreadRunner, reactor_pool
@@ -192,10 +193,7 @@ def purge(path: str, budget: int) -> tuple[int, bool]:
                 if not gone:
                     return removed, False
         else:
-            try:
-                os.unlink(entry.path)
-            except FileNotFoundError:
-                pass
+            remove_quietly(entry.path)
     try:
         os.rmdir(path)
     except FileNotFoundError:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 
 from rqtwisted.admincommands import MAX_MESSAGE_FILE, SOCKET, SPILL_DIR
 from rqtwisted.ampclient import MAX_VALUE_LENGTH, AdminClient, AdminClientError, DaemonNotReachable
+from rqtwisted.fsync import remove_quietly
 from rqtwisted.message import PARAM_KEYS, not_unicode
 
 __all__ = [
@@ -267,10 +268,7 @@ def _create_message(inv: Invocation) -> Outcome:
     try:
         return _reply(*inv.call("CreateMessage", message="", method=method, relay_ok=relay_ok, message_file=path))
     finally:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        remove_quietly(path)
 
 
 def _message_file(root: str, text: str) -> str:

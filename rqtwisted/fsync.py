@@ -1,6 +1,7 @@
 """
-C{fsync} by path, without Twisted (C{rq init} syncs the root it lays out
-with it). L{rqtwisted.durable.Syncer} runs these in a thread, grouped.
+File operations by path, without Twisted: C{fsync} (C{rq init} syncs the
+root it lays out with it; L{rqtwisted.durable.Syncer} runs these in a
+thread, grouped) and the removal of a file that may be gone already.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ def fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_quietly(path: str) -> None:
+    """
+    Unlink C{path} if it is there.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def sync_paths(paths: Iterable[str]) -> None:

@@ -76,6 +76,7 @@ from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 
 from rqtwisted.durable import replace_file
+from rqtwisted.fsync import remove_quietly
 from rqtwisted.message import count_of, truthy
 from rqtwisted.relayhttp import HttpPeer, make_clients
 from rqtwisted.relaypeers import Attachment, LocalPeer, Peer, RemotePeer
@@ -196,10 +197,7 @@ class Relayer:
         """
         Forget the remote id.
         """
-        try:
-            os.unlink(self._relay_id_path(job))
-        except FileNotFoundError:
-            pass
+        remove_quietly(self._relay_id_path(job))
 
     # -- the handler
 

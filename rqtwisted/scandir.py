@@ -53,6 +53,7 @@ from twisted.logger import Logger
 
 from rqtwisted.durable import replace_durably
 from rqtwisted.filekey import file_key
+from rqtwisted.fsync import remove_quietly
 from rqtwisted.message import JSON_READ_ERRORS, MessageError, valid_queue_name
 from rqtwisted.root import ConfigError, QueueConfig, json_file
 
@@ -373,8 +374,7 @@ class ScandirService(Service):
             if os.path.lexists(link) and not os.path.islink(link):
                 return False  # a form.json of the queue's own: keep it
             tmp = link + ".tmp"
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
+            remove_quietly(tmp)
             os.symlink(form, tmp)
             os.rename(tmp, link)
             return True

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rqtwisted.durable import NONBLOCKING, Syncer, dumps, read_file, replace_file, write_file
+from rqtwisted.fsync import remove_quietly
 from rqtwisted.message import (
     HASHED_STATES,
     JSON_READ_ERRORS,
@@ -245,16 +246,6 @@ def _stage_attachment(source: str, staging: str) -> None:
         raise MessageError(f"Attachment currently cannot be read: {source}")
 
 
-def _remove_quietly(path: str) -> None:
-    """
-    Unlink C{path} if it is there.
-    """
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 #: The length assumed of a pid file nobody knows the content of.
 _UNKNOWN_LENGTH = 1 << 20
 
@@ -407,7 +398,7 @@ class QueueStore:
             message of that id already.
         """
         source = self.msg_dir("run", msg_id)
-        _remove_quietly(source + "/pid")
+        remove_quietly(source + "/pid")
         target = self.msg_dir("que", msg_id)
         if os.path.lexists(target):
             raise FileExistsError(errno.EEXIST, "que/ holds a message of that id", target)
@@ -695,7 +686,7 @@ class QueueStore:
             else:
                 self._spare_pids.append((spare, held))
                 return
-        _remove_quietly(path)
+        remove_quietly(path)
 
     def job_path(self, state: str, msg_id: str) -> str:
         """
@@ -853,7 +844,7 @@ class QueueStore:
             return digest
 
         def discard(result: Any) -> Any:
-            _remove_quietly(staging)
+            remove_quietly(staging)
             return result
 
         def durable(digest: str) -> Deferred[str]:

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from rqtwisted import RQ_VERSION, __version__
 from rqtwisted.builtin import spawner_for
 from rqtwisted.durable import Syncer, replace_durably
+from rqtwisted.fsync import remove_quietly
 from rqtwisted.message import (
     JSON_READ_ERRORS,
     MessageError,
@@ -403,10 +404,7 @@ class Instance(MultiService):
             inode = os.stat(path).st_ino
             os.rename(path, f"{path}.deleted.{inode}")
             for kind in ("down", "pause"):
-                try:
-                    os.unlink(self.root.marker(name, kind))
-                except FileNotFoundError:
-                    pass
+                remove_quietly(self.root.marker(name, kind))
             return self.syncer.sync(self.root.queue_dir, self.root.join("config"))
 
         self._busy.add(name)

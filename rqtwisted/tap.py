@@ -35,7 +35,7 @@ from rqtwisted.admin import AdminAPI, AdminFactory, AdminServer
 from rqtwisted.admincommands import SOCKET, SPILL_DIR
 from rqtwisted.configwatch import ConfigWatcher
 from rqtwisted.durable import syncer_for
-from rqtwisted.fsync import sync_paths
+from rqtwisted.fsync import remove_quietly, sync_paths
 from rqtwisted.root import ConfigError, Root, RootConfig, ensure_root, make_dirs, parse_port, port_error
 from rqtwisted.rootlock import RootLocked, lock_root
 from rqtwisted.scandir import ScandirService
@@ -95,10 +95,7 @@ class PidFileService(Service):
         Remove the pid file.
         """
         super().stopService()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        remove_quietly(self.path)
 
 
 class ReloadOnHangup(Service):

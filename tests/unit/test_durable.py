@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 
 from rqtwisted import durable
 from rqtwisted.durable import Syncer, replace_file
+from rqtwisted.fsync import remove_quietly
 
 
 class ManualThread:
@@ -237,3 +238,20 @@ def test_read_file_and_sync_do_not_wait_on_a_fifo(tmp_path):
     durable.sync_paths([str(fifo), str(tmp_path)])
     (tmp_path / "file").write_bytes(b"data")
     assert durable.read_file(str(tmp_path / "file")) == b"data"
+
+
+def test_remove_quietly(tmp_path):
+    """
+    A file (or a symbolic link, not what it leads to) is removed; one that
+    is gone already is no error; another error is raised.
+    """
+    (tmp_path / "f").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "f")
+    remove_quietly(str(tmp_path / "link"))
+    assert os.listdir(tmp_path) == ["f"]
+    remove_quietly(str(tmp_path / "f"))
+    remove_quietly(str(tmp_path / "f"))
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError):
+        remove_quietly(str(tmp_path / "d"))
