@@ -196,8 +196,13 @@ class Instance(MultiService):
         self.config_errors.pop(name, None)
         return config
 
-    def _add(self, name: str) -> QueueService | None:
-        config = self._load_config(name, "queue {queue} not started: {reason}")
+    def _add(self, name: str, config: QueueConfig | None = None) -> QueueService | None:
+        """
+        Start queue C{name} with C{config}, read now if not given; L{None}
+        when it cannot be read.
+        """
+        if config is None:
+            config = self._load_config(name, "queue {queue} not started: {reason}")
         if config is None:
             return None
         store = QueueStore(self.root.queue_path(name), self.syncer, self.clock.seconds, self.run_in_thread)
@@ -439,21 +444,23 @@ class Instance(MultiService):
     def restart_queue(self, name: str) -> Deferred[str]:
         """
         Stop a queue (its workers are terminated, their messages go back to
-        que) and start it again with a fresh config; resets its back-off.
+        que) and start it again with its config as read when asked;
+        resets its back-off.
         """
         if not self._known(name):
             raise MessageError("invalid queue name")
         self._check_idle(name)
-        # Checked before the queue stops: a config that cannot be loaded
-        # leaves the queue running as it is.
-        if self._load_config(name, "queue {queue} not restarted: {reason}") is None:
+        # Read once, before the queue stops: a config that cannot be loaded
+        # leaves the queue running as it is, and one that goes bad while
+        # the workers end cannot leave it stopped.
+        config = self._load_config(name, "queue {queue} not restarted: {reason}")
+        if config is None:
             raise MessageError("queue not restarted: bad config")
         self._failures.pop(name, None)
 
         def start(_: object) -> str:
             self.queues.pop(name, None)
-            if self._add(name) is None:
-                raise MessageError("queue not restarted: bad config")
+            self._add(name, config)
             return name
 
         self._busy.add(name)
@@ -550,13 +557,17 @@ class Instance(MultiService):
     def restart(self) -> Deferred[str]:
         """
         Restart the whole server in place: stop every queue (terminating
-        workers), re-read C{config/config.json} and start every queue again.
+        workers), re-read C{config/config.json} and start every queue again,
+        each with its config as read when asked.
         A running queue whose config cannot be loaded now is left running as
         it is (as L{restart_queue} leaves it), and named in the answer.
         """
         if self._busy:
             self._check_idle(min(self._busy))
-        kept = [name for name in self.queues if self._load_config(name, "queue {queue} not restarted: {reason}") is None]
+        # Each config is read once, before the queues stop (see
+        # L{restart_queue}).
+        configs = {name: self._load_config(name, "queue {queue} not restarted: {reason}") for name in self.queues}
+        kept = [name for name, config in configs.items() if config is None]
         names = [name for name in self.queues if name not in kept]
         busy = (set(names) | set(self.root.queue_names())) - set(kept)
         self._busy |= busy
@@ -576,7 +587,7 @@ class Instance(MultiService):
             self._failures.clear()
             for name in self.root.queue_names():
                 if name not in self.queues:
-                    self._add(name)
+                    self._add(name, configs.get(name))
             self.started_at = self.clock.seconds()
             if kept:
                 return f"restarted; kept as they were (bad config): {', '.join(sorted(kept))}"

@@ -465,6 +465,58 @@ def test_restart_with_a_bad_config_keeps_the_queue(started):
     assert spawner.workers[0].signals == []
 
 
+def _count_config_reads(instance, monkeypatch) -> list[str]:
+    """
+    The names of the queues whose C{config.json} C{instance} reads from
+    now on.
+    """
+    reads: list[str] = []
+    real = instance.root.load_queue_config
+    monkeypatch.setattr(instance.root, "load_queue_config", lambda name: reads.append(name) or real(name))
+    return reads
+
+
+def _break_config(instance, name: str) -> None:
+    with open(os.path.join(instance.root.queue_path(name), "config.json"), "w") as f:
+        f.write("{not json")
+
+
+def test_restart_queue_reads_its_config_once(started, monkeypatch):
+    """
+    A queue restart reads the queue's config once, before the queue stops:
+    a config that goes bad while the workers end cannot leave the queue
+    stopped (it was read again to start it, and the queue was dropped).
+    """
+    instance, spawner, clock = started
+    reads = _count_config_reads(instance, monkeypatch)
+    send(instance)
+    d = instance.restart_queue("test")
+    _break_config(instance, "test")
+    spawner.workers[0].exit(None, signal.SIGTERM)
+    assert result_of(d) == "test"
+    assert reads == ["test"]
+    assert instance.queue("test").running
+    assert len(spawner.workers) == 2
+
+
+def test_server_restart_reads_each_config_once(started, monkeypatch):
+    """
+    C{rq restart} reads each queue's config once, before the queues stop,
+    and starts each with it, even if it went bad meanwhile.
+    """
+    instance, spawner, clock = started
+    instance.create_queue({"name": "other", "script": "./code/noop", "exec_prefix": ""})
+    reads = _count_config_reads(instance, monkeypatch)
+    send(instance)
+    d = instance.restart()
+    _break_config(instance, "test")
+    spawner.workers[0].exit(None, signal.SIGTERM)
+    assert result_of(d) == "restarted"
+    assert sorted(reads) == sorted(instance.queues) and "test" in reads
+    assert instance.queue("test").running and instance.queue("other").running
+    assert len(spawner.workers) == 2
+
+
 def test_a_failed_queue_can_be_administered(started):
     """
     A queue that failed and waits to be started again can still be
