@@ -2572,6 +2572,37 @@ def ends_within_timeout(pidfd: int) -> Deferred[bool]:
     return deferToThread(wait)
 
 
+#: Polls of L{_until} for what a loaded machine may take seconds to do:
+#: at least L{TIMEOUT} seconds.
+SLOW_TURNS = TIMEOUT * 200
+
+
+def _cwd(pid: int) -> str | None:
+    """
+    The working directory of process C{pid}, if it can be told.
+    """
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
+def _reading_stdin(pid: int) -> bool:
+    """
+    Whether process C{pid}, a shell, waits in its C{read} builtin on its
+    standard input: blocked in a call on fd 0 for one byte (C{read} takes a
+    pipe a byte at a time), as C{/proc/<pid>/syscall} shows (C{<number>
+    <arguments...>}, or C{running}), whatever the number of C{read} on this
+    machine.
+    """
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            fields = f.read().split()
+    except OSError:
+        return False
+    return len(fields) > 3 and fields[1] == "0x0" and fields[3] == "0x1"
+
+
 DAEMON = """
 import os, sys, time
 os.setsid()
@@ -2621,13 +2652,14 @@ async def test_watchdog_daemon_death(tmp_path: Any, how: str, gate_in: str) -> N
     try:
         watchdog_pid, gated = (int(x) for x in (await daemon.line.addTimeout(TIMEOUT, reactor)).split())
         gated_fd = os.pidfd_open(gated)
-        # The watchdog notes the daemon's command line as it starts (a
-        # real daemon's watchdog starts long before the daemon could die).
-        for _ in range(1000):
-            with open(f"/proc/{watchdog_pid}/task/{watchdog_pid}/children") as f:
-                if not f.read().split() and proc_stat(watchdog_pid)[0] == "S":
-                    break
-            await deferLater(reactor, 0.005, lambda: None)
+        # The daemon dies only once its watchdog has noted its command line
+        # and waits for the end of its pipe (a real daemon's watchdog starts
+        # long before the daemon could die), and once the child it left at
+        # the gate is in its job directory. Both can take seconds on a
+        # loaded machine: they are waited for, not assumed.
+        job = os.path.realpath(os.path.join(tmp_path, "queue", "q", gate_in, "m9", "job"))
+        await _until(lambda: _cwd(gated) == job, "the gated child in its job directory", turns=SLOW_TURNS)
+        await _until(lambda: _reading_stdin(watchdog_pid), "the watchdog reading its pipe", turns=SLOW_TURNS)
         fields = proc_stat(watchdog_pid)
         assert int(fields[2]) != process.pid and int(fields[3]) != process.pid
         if how.startswith("SIGTERM"):
