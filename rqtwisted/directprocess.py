@@ -245,6 +245,24 @@ class _ReplyPipe(_Pipe):
         return True
 
 
+def _register_reaper(pid: int, process: "DirectProcess") -> None:
+    """
+    Have Twisted's C{SIGCHLD} handling call C{process.reapProcess} for
+    C{pid}, and reap it now if it exited already.
+
+    Not C{registerReapProcessHandler}: that reaps a child that exited
+    already and hands its status straight to C{processEnded}, past the wait
+    for a failed exec's reason (see L{DirectProcess.reapProcess}). A child
+    whose exec failed while the reactor was still setting it up (a loaded
+    machine) exits that early, and its reason was lost.
+    """
+    handlers = _twprocess.reapProcessHandlers
+    if pid in handlers:
+        raise RuntimeError(f"a reap handler for pid {pid} is registered already")
+    handlers[pid] = process
+    process.reapProcess()
+
+
 def _gone(*args: object) -> None:
     """
     What a finished L{DirectProcess} calls instead of its callbacks.
@@ -372,7 +390,7 @@ class DirectProcess:
             status.registered = True
             self.reactor.addReader(status)
         self.proto.started(pid)
-        _twprocess.registerReapProcessHandler(pid, self)
+        _register_reaper(pid, self)
 
     def spawnFailed(self, error: SpawnFailed) -> None:
         """

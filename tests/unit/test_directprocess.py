@@ -141,7 +141,7 @@ def test_started_reads_status(started: Any, monkeypatch: Any) -> None:
     child writes reaches the protocol.
     """
     reactor, owner, spawner, process = started
-    monkeypatch.setattr(directprocess._twprocess, "registerReapProcessHandler", lambda pid, p: None)
+    monkeypatch.setattr(directprocess, "_register_reaper", lambda pid, p: None)
     status = process.pipes[STATUS_FD]
     assert status not in reactor.readers
     process.spawnStarted(4242)
@@ -159,7 +159,7 @@ def test_registered_pipe_closed_at_next_turn(started: Any, monkeypatch: Any) -> 
     given to a new file within the same batch of events.
     """
     reactor, owner, spawner, process = started
-    monkeypatch.setattr(directprocess._twprocess, "registerReapProcessHandler", lambda pid, p: None)
+    monkeypatch.setattr(directprocess, "_register_reaper", lambda pid, p: None)
     process.spawnStarted(4242)
     status = process.pipes[STATUS_FD]
     fd = status.fileno()
@@ -355,3 +355,55 @@ def test_go_and_cancel_before_start() -> None:
     process.cancel()
     assert process.ended and process.pipes == {}
     assert owner.transport is None
+
+
+def test_exit_127_before_the_reaper_is_registered_waits_for_the_reason(started: Any) -> None:
+    """
+    A child whose exec failed while the reactor was still setting it up
+    has exited (status 127) before its reaper is registered: that exit is
+    held back like any other early 127 (see
+    L{test_exit_127_before_the_spawn_returned_waits}) until the spawn says
+    why, instead of being reported at once without the reason.
+    """
+    reactor, owner, spawner, process = started
+    del process.reapProcess  # the fixture's stand-in: this test reaps for real
+    pid = os.posix_spawn("/bin/sh", ["sh", "-c", "exit 127"], {})
+    # Exited, not reaped yet.
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    asked = []
+
+    def early_exit(request: Any, status: int) -> bool:
+        asked.append(status)
+        return True
+
+    spawner.early_exit = early_exit
+    reasons: list[int] = []
+    process._execFailed = lambda p, code: reasons.append(code)
+    try:
+        process.spawnStarted(pid)
+        assert asked == [127 << 8]
+        assert owner.exits == []
+        process.execFailed(pid, 2)
+    finally:
+        directprocess._twprocess.reapProcessHandlers.pop(pid, None)
+    assert reasons == [2]
+    assert owner.exits == [(127, None)]
+    assert pid not in directprocess._twprocess.reapProcessHandlers
+
+
+def test_a_live_child_is_left_to_the_reaper(started: Any) -> None:
+    """
+    A child still running when it starts is registered for Twisted's
+    C{SIGCHLD} handling, and nothing is reported yet.
+    """
+    reactor, owner, spawner, process = started
+    del process.reapProcess
+    pid = os.posix_spawn("/bin/sleep", ["sleep", "30"], {})
+    try:
+        process.spawnStarted(pid)
+        assert directprocess._twprocess.reapProcessHandlers.get(pid) is process
+        assert owner.exits == []
+    finally:
+        directprocess._twprocess.reapProcessHandlers.pop(pid, None)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
