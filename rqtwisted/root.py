@@ -149,13 +149,18 @@ class RootConfig:
 
 
 def _param_list(value: Any) -> tuple[int, ...]:
+    """
+    The param numbers (1-4) of a C{coalesce_params} / C{blocking_params}
+    list; anything else in it (text that is no number, C{1e999} read as an
+    infinity) is left out.
+    """
     if not isinstance(value, list):
         return ()
     out = []
     for v in value:
         try:
             n = int(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             continue
         if 1 <= n <= 4 and n not in out:
             out.append(n)

@@ -6,11 +6,12 @@ states them, with a L{Clock} and fake workers.
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
 
-from rqtwisted.root import QueueConfig
+from rqtwisted.root import QueueConfig, Root
 from rqtwisted.testing import instance_for, result_of
 
 
@@ -57,10 +58,26 @@ def running(spawner):
         ({"coalesce": False, "coalesce_param1": True}, ()),
         ({"coalesce": "no", "coalesce_param1": True}, ()),
         ({"coalesce": True, "coalesce_param1": True, "coalesce_params": [3]}, (3,)),
+        # JSON reads 1e999 as an infinity, which is no param number.
+        ({"coalesce_params": [float("inf"), 1, float("-inf"), float("nan")]}, (1,)),
     ],
 )
 def test_coalesce_config(config, params) -> None:
     assert QueueConfig.fromDict({"name": "q", "script": "s", **config}).coalesce_params == params
+
+
+@pytest.mark.parametrize("key", ["coalesce_params", "blocking_params"])
+def test_param_list_with_an_infinity_is_a_valid_config(tmp_path, key: str) -> None:
+    """
+    A C{config.json} whose param list holds C{1e999} (an infinity once
+    parsed) loads, without the infinity, instead of raising: one queue's
+    config must not keep the daemon from starting or abort a reload.
+    """
+    root = Root(str(tmp_path))
+    os.makedirs(root.queue_path("q"))
+    with open(os.path.join(root.queue_path("q"), "config.json"), "w") as f:
+        f.write('{"name": "q", "script": "s", "%s": [1e999, 2]}' % key)
+    assert getattr(root.load_queue_config("q"), key) == (2,)
 
 
 def test_legacy_flags_coalesce(make) -> None:
