@@ -2,10 +2,11 @@
 Timers: periodic messages from C{<root>/timers/} (special-queues.md).
 
 Each C{timers/<name>.json} (a file or a symlink to one; exactly one C{.} in
-the file name) holds C{{"period": <seconds, int >= 60>, "msg": {"dest": <queue
-or URL>, "param1".."param4": optional}}}. A due timer creates a message with
-that C{dest} and those params (a URL C{dest} goes through the local C{relay}
-queue) and becomes due again C{period} seconds later.
+the file name) holds C{{"period": <seconds, int from 60 to L{MAX_PERIOD}>,
+"msg": {"dest": <queue or URL>, "param1".."param4": optional}}}. A due timer
+creates a message with that C{dest} and those params (a URL C{dest} goes
+through the local C{relay} queue) and becomes due again C{period} seconds
+later.
 
 L{TimerService} rescans the directory every L{RESCAN_INTERVAL} seconds (and
 on C{rq reload} / SIGHUP): a new timer is due at once (each further new one
@@ -48,6 +49,9 @@ STAGGER = 2.0
 #: The shortest period accepted.
 MIN_PERIOD = 60
 
+#: The longest period accepted (100 years): due times stay exact floats.
+MAX_PERIOD = 100 * 365 * 86400
+
 #: Keys of C{msg} copied into the message.
 MSG_KEYS = ("dest", "param1", "param2", "param3", "param4")
 
@@ -79,6 +83,8 @@ def parse_timer(data: Any) -> tuple[int, dict[str, Any]]:
         raise TimerError("period must be an integer number of seconds")
     if period < MIN_PERIOD:
         raise TimerError(f"period must be at least {MIN_PERIOD} seconds")
+    if period > MAX_PERIOD:
+        raise TimerError(f"period must be at most {MAX_PERIOD} seconds (100 years)")
     msg = data.get("msg")
     if not isinstance(msg, dict):
         raise TimerError("msg must be a JSON object")

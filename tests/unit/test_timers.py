@@ -13,7 +13,7 @@ from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 
 from rqtwisted.message import MessageError
-from rqtwisted.timers import RESCAN_INTERVAL, STAGGER, TimerError, TimerService, parse_timer, timer_name
+from rqtwisted.timers import MAX_PERIOD, RESCAN_INTERVAL, STAGGER, TimerError, TimerService, parse_timer, timer_name
 
 T0 = 1_300_000_000.0
 
@@ -212,6 +212,27 @@ def test_stop_cancels_pending_runs(env):
     clock.advance(0)
     service.stopService()
     assert clock.getDelayedCalls() == []
+
+
+def test_huge_period_is_an_invalid_timer(env):
+    """
+    A period too large for a due time (here 10**400 seconds) makes the
+    timer invalid; it used to fail every run of the timers (OverflowError
+    in the reactor), so that the timers after it never fired.
+    """
+    service, sender, clock, directory = env
+    (directory / "a_huge.json").write_text('{"period": 1%s, "msg": {"dest": "q"}}' % ("0" * 400))
+    write(directory, "b_fine", period=60)
+    service.startService()
+    clock.advance(0)
+    clock.advance(STAGGER)
+    status = {s["name"]: s for s in service.status()}
+    assert status["a_huge"]["error"] == f"period must be at most {MAX_PERIOD} seconds (100 years)"
+    assert status["a_huge"]["next_run"] is None
+    assert [f["dest"] for _, f in sender.sent] == ["cleaner"]
+    clock.advance(60)
+    assert len(sender.sent) == 2
+    assert parse_timer({"period": MAX_PERIOD, "msg": {"dest": "q"}})[0] == MAX_PERIOD
 
 
 def test_deeply_nested_file_is_an_invalid_timer(env):
