@@ -22,6 +22,8 @@ L{SCAN_INTERVAL} seconds, and on C{rq reload} / SIGHUP:
     C{queue/<name>.deleted.<inode>}, like C{rq delete_queue}) -- only queues
     made by scandir, which carry the marker file C{queue/<name>/.scandir},
     so this also holds for entries removed while the daemon was stopped;
+    a C{scandir/} that cannot be listed (missing, unreadable) removes
+    nothing: the scan is skipped;
   - an entry without an executable C{run}, or whose C{config.json} cannot
     be read or is invalid, is reported (C{rq status}, log) and leaves its
     queue as it is. (The fork deletes the queue on bad JSON; a typo while
@@ -46,7 +48,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -195,6 +197,8 @@ class ScandirService(Service):
         self._writing: set[str] = set()
         self._loop: LoopingCall | None = None
         self._first: IDelayedCall | None = None
+        #: Whether the last scan could not list C{scandir/}.
+        self._unlisted = False
 
     def startService(self) -> None:
         """
@@ -223,11 +227,21 @@ class ScandirService(Service):
 
     # -- scanning
 
-    def _names(self) -> list[str]:
+    def _names(self) -> list[str] | None:
+        """
+        The entries of C{scandir/}, or C{None} when it cannot be listed
+        (missing, not a directory, no permission, an I/O error): logged
+        once, when it becomes so.
+        """
         try:
             names = sorted(os.listdir(self.directory))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
+        except OSError as e:
+            if not self._unlisted:
+                _log.warn("scandir: cannot list {path} ({error}); its queues are left alone",
+                          path=self.directory, error=e)
+            self._unlisted = True
+            return None
+        self._unlisted = False
         return [n for n in names if not n.startswith(".")]
 
     def scan(self) -> Deferred[None]:
@@ -238,6 +252,10 @@ class ScandirService(Service):
             (never fails: failures are logged).
         """
         names = self._names()
+        if names is None:
+            # Not "every entry removed": a directory moved away for a
+            # moment, or unmounted, must not delete every queue it made.
+            return succeed(None)
         seen: dict[str, Entry] = {}
         changed = False
         writes: list[Deferred[Any]] = []

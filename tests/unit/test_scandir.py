@@ -194,6 +194,43 @@ def test_removed_entry_deletes_its_queue(env):
     assert service.status() == []
 
 
+@pytest.mark.parametrize("how", ["moved", "unreadable"])
+def test_unlistable_scandir_deletes_nothing(env, monkeypatch, how):
+    """
+    A C{scandir/} that cannot be listed (moved away for a moment, an
+    unmounted or unreadable directory) is not "every entry removed": the
+    queues it made, and their messages, stay; scans go on and pick the
+    entries up again once it can be listed.
+    """
+    instance, spawner, clock, service, tmp_path = env
+    link(instance, "app", make_dir(tmp_path, "app"))
+    scan_once(service, clock)
+    assert "app" in instance.queues
+    directory = instance.root.join("scandir")
+    if how == "moved":
+        os.rename(directory, directory + ".away")
+    else:
+        listdir = os.listdir
+
+        def refuse(path):
+            if path == directory:
+                raise PermissionError(13, "Permission denied", path)
+            return listdir(path)
+
+        monkeypatch.setattr(os, "listdir", refuse)
+    clock.advance(SCAN_INTERVAL)
+    clock.advance(SCAN_INTERVAL)
+    assert "app" in instance.queues
+    assert os.path.isdir(instance.root.queue_path("app"))
+    if how == "moved":
+        os.rename(directory + ".away", directory)
+    else:
+        monkeypatch.undo()
+    os.unlink(os.path.join(directory, "app"))
+    clock.advance(SCAN_INTERVAL)
+    assert "app" not in instance.queues
+
+
 def test_queue_of_entry_removed_while_stopped_is_deleted(env):
     instance, spawner, clock, service, tmp_path = env
     target = make_dir(tmp_path, "app")
