@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rqtwisted.fsync import NONBLOCKING, sync_paths
+from rqtwisted.fsync import NONBLOCKING, read_file, sync_paths
 
 _log = Logger()
 
@@ -43,26 +43,6 @@ __all__ = [
     "sync_paths",
     "write_file",
 ]
-
-
-def read_file(path: str) -> bytes:
-    """
-    The content of the file C{path}, read without ever waiting for a
-    writer (see L{NONBLOCKING}).
-
-    @raise OSError: it cannot be read (C{BlockingIOError} for a FIFO with a
-        writer that wrote nothing).
-    """
-    fd = os.open(path, os.O_RDONLY | NONBLOCKING)
-    try:
-        chunks = []
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
 
 
 #: Filesystems whose C{fsync} does nothing (Linux: kept in memory only).

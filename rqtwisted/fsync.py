@@ -1,7 +1,8 @@
 """
 File operations by path, without Twisted: C{fsync} (C{rq init} syncs the
 root it lays out with it; L{rqtwisted.durable.Syncer} runs these in a
-thread, grouped) and the removal of a file that may be gone already.
+thread, grouped), the removal of a file that may be gone already, and the
+read of a file that never waits on a FIFO (L{read_file}).
 """
 
 from __future__ import annotations
@@ -14,6 +15,26 @@ from typing import Iterable
 #: message is expected (a queue script can write its message directory)
 #: would block a blocking C{open} until somebody opened its other end.
 NONBLOCKING = os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def read_file(path: str) -> bytes:
+    """
+    The content of the file C{path}, read without ever waiting for a
+    writer (see L{NONBLOCKING}).
+
+    @raise OSError: it cannot be read (C{BlockingIOError} for a FIFO with a
+        writer that wrote nothing).
+    """
+    fd = os.open(path, os.O_RDONLY | NONBLOCKING)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
 
 
 def fsync_path(path: str) -> None:

@@ -55,7 +55,7 @@ from twisted.logger import Logger
 
 from rqtwisted.durable import replace_durably
 from rqtwisted.filekey import file_key
-from rqtwisted.fsync import remove_quietly
+from rqtwisted.fsync import read_file, remove_quietly
 from rqtwisted.message import JSON_READ_ERRORS, MessageError, valid_queue_name
 from rqtwisted.root import ConfigError, QueueConfig, json_file
 
@@ -122,8 +122,8 @@ def _read_object(path: str) -> dict[str, Any]:
     @raise ScandirError: unreadable, not JSON, or not an object.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        # (A FIFO there must not block the reactor: see read_file.)
+        data = json.loads(read_file(path))
     except JSON_READ_ERRORS as e:
         raise ScandirError(f"cannot read {path}: {e}")
     if not isinstance(data, dict):

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rqtwisted.filekey import FileKey, file_key
+from rqtwisted.fsync import read_file
 from rqtwisted.message import JSON_READ_ERRORS, MessageError
 
 _log = Logger()
@@ -139,8 +140,8 @@ class Timer:
         """
         self.period = self.msg = self.next_run = None
         try:
-            with open(self.path, encoding="utf-8") as f:
-                data = json.load(f)
+            # (A FIFO in timers/ must not block the reactor: see read_file.)
+            data = json.loads(read_file(self.path))
             self.period, self.msg = parse_timer(data)
         except JSON_READ_ERRORS as e:
             self.error = f"cannot read {os.path.basename(self.path)}: {e}"

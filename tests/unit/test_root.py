@@ -127,3 +127,15 @@ def test_create_queue_dir_names_what_to_sync(tmp_path: Path) -> None:
 def test_queue_config_with_invalid_num_workers(workers: object) -> None:
     with pytest.raises(ConfigError, match="invalid num_workers field"):
         QueueConfig.fromDict({"name": "q", "script": "./code/x", "num_workers": workers})
+
+
+def test_queue_config_fifo_is_unreadable(tmp_path: Path, no_hang: None) -> None:
+    """
+    A FIFO as a queue's C{config.json} is an unreadable config, without
+    waiting for a writer (which blocked the whole daemon at a reload).
+    """
+    root = Root(str(tmp_path))
+    os.makedirs(root.queue_path("q"))
+    os.mkfifo(os.path.join(root.queue_path("q"), "config.json"))
+    with pytest.raises(ConfigError, match="could not read queue config"):
+        root.load_queue_config("q")

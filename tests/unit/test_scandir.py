@@ -74,6 +74,17 @@ def test_entry_config_errors(tmp_path, config, executable, reason):
         entry_config("app", str(target))
 
 
+def test_entry_config_fifo(tmp_path, no_hang):
+    """
+    A FIFO as an entry's C{config.json} is a bad config, read without
+    waiting for a writer (which blocked the whole daemon).
+    """
+    target = make_dir(tmp_path, "app")
+    os.mkfifo(target / "config.json")
+    with pytest.raises(ScandirError, match="cannot read"):
+        entry_config("app", str(target))
+
+
 def test_new_entry_creates_queue_after_initial_delay(env):
     instance, spawner, clock, service, tmp_path = env
     target = make_dir(tmp_path, "app", config={"num_workers": 2}, form={"fields": []})

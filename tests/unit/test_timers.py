@@ -235,6 +235,22 @@ def test_huge_period_is_an_invalid_timer(env):
     assert parse_timer({"period": MAX_PERIOD, "msg": {"dest": "q"}})[0] == MAX_PERIOD
 
 
+def test_fifo_is_an_invalid_timer(env, no_hang):
+    """
+    A FIFO named like a timer file is reported invalid without waiting for
+    a writer (which blocked the whole daemon); the other timers fire.
+    """
+    service, sender, clock, directory = env
+    os.mkfifo(directory / "a_fifo.json")
+    write(directory, "b_fine", period=60)
+    service.startService()
+    clock.advance(0)
+    clock.advance(STAGGER)
+    status = {s["name"]: s for s in service.status()}
+    assert status["a_fifo"]["error"].startswith("cannot read a_fifo.json")
+    assert [f["dest"] for _, f in sender.sent] == ["cleaner"]
+
+
 def test_deeply_nested_file_is_an_invalid_timer(env):
     """
     JSON nested too deeply for the parser is reported like any bad file;
