@@ -48,6 +48,10 @@ ALL_QUEUES = "ALLQUEUES"
 #: Days kept when C{param2} is absent or not a number.
 DEFAULT_DAYS = 2
 
+#: The most days C{param2} keeps: more keeps everything as well (and a
+#: count such as 10**400 days is no time a clock can subtract).
+MAX_DAYS = 100 * 366
+
 #: Relayed messages kept in C{queue/relay/relayed}.
 RELAYED_KEEP = 60_000
 
@@ -65,14 +69,15 @@ _ID_TIME = re.compile(r"^(\d{8})\.(\d{2})(\d{2})\.(\d{2})")
 def parse_days(value: object) -> int:
     """
     The days to keep from C{param2}: its leading digits (the whole number,
-    not only the first digit: quirks 30), else L{DEFAULT_DAYS}.
+    not only the first digit: quirks 30), else L{DEFAULT_DAYS}; at most
+    L{MAX_DAYS}.
     """
     match = re.match(r"\s*(\d+)", value) if isinstance(value, str) else None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
+        return min(value, MAX_DAYS)
     if match is None:
         return DEFAULT_DAYS
-    return int(match.group(1))
+    return min(int(match.group(1)), MAX_DAYS)
 
 
 def day_start(day: str) -> float | None:

@@ -156,6 +156,22 @@ def test_days_param_is_a_whole_number(cleaning) -> None:
     assert eleven
 
 
+def test_huge_days_param_keeps_everything(cleaning) -> None:
+    """
+    A C{param2} of more days than a clock can subtract (10**400) keeps
+    everything and ends done; it used to end the cleaning in err with an
+    OverflowError.
+    """
+    instance, spawner, clock, runner = cleaning
+    now = clock.seconds()
+    old = synthesize(instance, "test", "done", now - 400 * DAY, 2)
+    instance.startService()
+    msg = clean(instance, clock, param1="test", param2="1" + "0" * 400)
+    assert (msg["state"], msg["status"]) == ("done", "done - successfully ran this script")
+    assert remaining(instance, "test", "done") == set(old)
+    assert parse_days(10**400) == parse_days("99999999") == cleaner.MAX_DAYS
+
+
 def test_default_keeps_two_days(cleaning) -> None:
     instance, spawner, clock, runner = cleaning
     now = clock.seconds()
