@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol
@@ -83,16 +84,24 @@ def _param_value(value: Any) -> str | None:
     return json.dumps(value)
 
 
+#: A value of croniter's own random (C{R}) or hashed (C{H}) kind: no cron
+#: value starts with either letter (month and day names do not).
+_RANDOM_VALUE = re.compile(r"(?:^|[\s,/-])[HhRr]")
+
+
 def valid_spec(spec: Any) -> bool:
     """
-    Is C{spec} five cron fields or one of L{NAMED_SPECS}?
+    Is C{spec} five cron fields or one of L{NAMED_SPECS}? croniter's
+    random and hashed values (C{R}, C{H}) are not cron: each evaluation
+    would pick another time, so an entry would fire at no fixed time, and
+    more than once per period.
     """
     if not isinstance(spec, str):
         return False
     spec = spec.strip()
     if spec.startswith("@"):
         return spec in NAMED_SPECS
-    return len(spec.split()) == 5 and croniter.is_valid(spec)
+    return len(spec.split()) == 5 and not _RANDOM_VALUE.search(spec) and croniter.is_valid(spec)
 
 
 def normalize_schedule(raw: Any) -> tuple[dict[str, Any], ...]:

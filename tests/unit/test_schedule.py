@@ -101,10 +101,19 @@ def test_both_schedule_shapes_are_accepted():
         {"cron": "* * * * * *"},
         {"cron": "@reboot"},
         {"cron": 5},
+        # croniter's random and hashed values: no fixed fire time.
+        {"cron": "R * * * *"},
+        {"cron": "0 r * * *"},
+        {"cron": "H/15 * * * *"},
+        {"cron": "0 0 1,R * *"},
     ],
 )
 def test_invalid_entries_are_dropped(entry):
     assert normalize_schedule([entry, {"cron": "@daily"}]) == ({"cron": "@daily", "params": {}},)
+
+
+def test_names_of_months_and_days_are_valid():
+    assert valid_spec("0 6 * JAN-MAR,DEC THU,SAT-SUN")
 
 
 def test_named_specs():
