@@ -294,7 +294,18 @@ class QueueCron:
             return {}
         if not isinstance(data, dict):
             return {}
-        return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float))}
+        out: dict[str, float] = {}
+        for key, value in data.items():
+            if not isinstance(value, (int, float)):
+                continue
+            try:
+                fire = float(value)
+            except OverflowError:
+                continue
+            # (An infinity would stop the entry for good.)
+            if math.isfinite(fire):
+                out[str(key)] = fire
+        return out
 
     def _save(self) -> None:
         keys = {e.key for e in self.entries}

@@ -253,6 +253,26 @@ def test_lost_record_is_recovered_from_the_message_id(tmp_path):
     assert len(cron_msgs(instance.queue("cronq"))) == 1
 
 
+def test_record_with_numbers_no_clock_reaches_is_ignored(tmp_path):
+    """
+    A C{cron.json} whose times are no times (10**400, which no float holds,
+    or an infinity, as JSON's 1e999 reads) is read without them: the queue
+    starts and its entries fire. The first kept the queue from starting,
+    the second stopped its entry for good (an error at every pass).
+    """
+    fire = epoch(2021, 6, 1, 12, 0)
+    sched = [{"cron": "0 12 * * *", "param1": "a"}, {"cron": "0 12 * * *", "param1": "b"}]
+    instance, spawner, clock = start_at(tmp_path, fire - 30, sched, start=False)
+    a, b = entries_of(normalize_schedule(sched))
+    path = os.path.join(instance.root.queue_path("cronq"), STATE_FILE)
+    with open(path, "w") as f:
+        f.write('{"%s": 1%s, "%s": 1e999}' % (a.key, "0" * 400, b.key))
+    instance.startService()
+    queue = instance.queue("cronq")
+    assert queue.running and queue.cron is not None
+    assert [(m["param1"], m["due"]) for m in cron_msgs(queue)] == [("a", fire), ("b", fire)]
+
+
 def test_deleted_job_is_not_queued_again(tmp_path):
     fire = epoch(2021, 6, 1, 12, 0)
     instance, spawner, clock = start_at(tmp_path, fire - 50, [{"cron": "0 12 * * *"}])
