@@ -8,6 +8,7 @@ ids and destinations through it, so there is one definition of each rule.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -402,6 +403,15 @@ def status_text(state: str, job_status: str | None, has_status: bool) -> str:
 
 def params_tuple(msg: Mapping[str, Any], positions: Iterable[int]) -> tuple[Any, ...]:
     """
-    The values of C{param<n>} for each position, for coalescing/blocking.
+    The values of C{param<n>} for each position, for coalescing/blocking:
+    hashable, so that they can be compared as a set. A value that is
+    neither text nor a number (an array or object, which a message written
+    by the original RQ may hold) stands as its canonical JSON.
     """
-    return tuple(msg.get(f"param{n}") for n in positions)
+    return tuple(_comparable(msg.get(f"param{n}")) for n in positions)
+
+
+def _comparable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return ("json", json.dumps(value, sort_keys=True, default=str))

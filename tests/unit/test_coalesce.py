@@ -6,11 +6,13 @@ states them, with a L{Clock} and fake workers.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
 import pytest
 
+from rqtwisted.message import make_msg_id
 from rqtwisted.root import QueueConfig, Root
 from rqtwisted.testing import instance_for, result_of
 
@@ -226,6 +228,34 @@ def test_blocked_candidates_are_skipped_not_waited_for(make) -> None:
     spawner.workers[0].exit(0)
     # Earliest due first among the unblocked ones.
     assert running(spawner) == [b1, a1bis]
+
+
+def test_params_that_are_not_text_block_and_coalesce(make) -> None:
+    """
+    Messages written by the original RQ may hold an array or an object as a
+    param: they block and coalesce by equal values like any other, instead
+    of failing every scheduling pass (unhashable), which took the queue
+    down for good.
+    """
+    instance, spawner, clock, q = make(blocking_params=[1], coalesce_params=[2], num_workers=3)
+    qdir = q.store.path
+    ids = []
+    for i, (p1, p2) in enumerate([(["a"], "x"), (["a"], "y"), ({"b": 1}, {"k": [1]}), ("c", {"k": [1]})]):
+        msg_id = make_msg_id(clock.seconds() - 10 + i, i + 1)
+        os.makedirs(os.path.join(qdir, "que", msg_id, "job"))
+        with open(os.path.join(qdir, "que", msg_id, "msg"), "w") as f:
+            due = int(clock.seconds()) - 10 + i
+            json.dump({"msg_id": msg_id, "dest": "q", "param1": p1, "param2": p2, "due": due}, f)
+        ids.append(msg_id)
+    assert result_of(instance.restart_queue("q")) == "q"
+    q = instance.queue("q")
+    instance.set_admin("resume", "q")
+    assert q.running
+    # The second waits for the first (equal param1); the third runs and
+    # holds the fourth (equal param2).
+    assert running(spawner) == [ids[0], ids[2]]
+    assert q.locate(ids[1]) == "que"
+    assert q.held == {ids[3]: ids[2]}
 
 
 def test_blocking_respects_num_workers(make) -> None:
