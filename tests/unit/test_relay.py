@@ -1255,3 +1255,67 @@ def test_upload_file_closed_when_never_sent(tmp_path):
     assert "cannot connect" in failures[0].value.reason
     assert len(made) == 1  # not sent again: nothing was answered, but it never left
     assert made[0]._file._raw.closed
+
+
+class _CongestedConsumer:
+    """
+    A transport whose write buffer is full after every write but the first
+    (a small head): it pauses its registered producer each time, and
+    resumes it later (L{drain}), as Twisted's transports do.
+    """
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.producer = None
+        self.paused = False
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.data.append(data)
+        if len(self.data) > 1 and self.producer is not None and not self.paused:
+            self.paused = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        if self.producer is not None and self.paused:
+            self.paused = False
+            self.producer.resumeProducing()
+
+
+def test_multipart_body_survives_back_pressure_after_the_file(tmp_path):
+    """
+    A transport that pauses the producer when the closing boundary is
+    written (its buffer is full once the whole file went out), and resumes
+    it later, gets the whole body: pausing or resuming a body whose file
+    part is finished does nothing (it raised TaskDone, which failed every
+    multipart upload of a big file to a peer reading slower than the disk).
+    """
+    from twisted.internet.task import Cooperator
+
+    from rqtwisted.relaybodies import MultipartFileProducer
+
+    path = tmp_path / "f"
+    content = os.urandom(300 * 1024)
+    path.write_bytes(content)
+    clock = Clock()
+    cooperator = Cooperator(scheduler=lambda f: clock.callLater(0, f), started=True)
+    producer = MultipartFileProducer([("x_format", "json")], "filedata", "f", str(path), cooperator)
+    consumer = _CongestedConsumer()
+    consumer.registerProducer(producer, True)
+    done = []
+    producer.startProducing(consumer).addBoth(done.append)
+    for _ in range(100):
+        consumer.drain()
+        clock.advance(0)
+        if done:
+            break
+    assert done == [None]
+    consumer.drain()  # the transport resumes the producer once more after the last write
+    body = b"".join(consumer.data)
+    assert len(body) == producer.length
+    assert content in body and body.endswith(b"--" + producer.boundary.encode() + b"--\r\n")
