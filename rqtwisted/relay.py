@@ -45,7 +45,8 @@ What rqtwisted adds, without changing the wire:
    C{relay}'s C{que} with the last error as its status; C{max_count} ends it
    in err.
  - I{Bad peers}: connect timeout, idle timeout (no byte moved either way),
-   garbage answers, a connection closed mid-upload and a wrong md5 are all
+   an answer not complete within the idle timeout of its headers (one
+   dripped a byte at a time), garbage answers, a connection closed mid-upload and a wrong md5 are all
    soft failures: nothing is committed with a wrong copy.
  - I{Local destinations}: a C{dest} on this host (same base URL) is
    delivered through the queue API (prep with hard-linked attachments, then

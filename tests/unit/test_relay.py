@@ -65,7 +65,8 @@ class OriginalRQ:
     @ivar faults: C{(step, kind)} consumed by the first matching request;
         steps C{prep}, C{attach}, C{put}, C{commit}, C{state}; kinds C{500},
         C{garbage}, C{md5}, C{hang}, C{drop} (close without answer),
-        C{lost} (do it, then close without answer), C{fail:<text>}.
+        C{lost} (do it, then close without answer), C{fail:<text>},
+        C{drip} (do it, then send the answer a byte every 20 s).
     @ivar resumable: answer C{PUT} like rqtwisted (else 500, like the
         original).
     """
@@ -119,6 +120,20 @@ class OriginalRQ:
         d = maybeDeferred(run) if run is not None else succeed(ok_value)
 
         def answered(value):
+            if kind == "drip":
+                data = json.dumps(["ok", value]).encode()
+                request.setHeader("content-length", str(len(data)))
+                finished = Deferred()
+
+                def drip(rest):
+                    request.write(rest[:1])
+                    if rest[1:]:
+                        self.instance.clock.callLater(20, drip, rest[1:])
+                    else:
+                        finished.callback(b"")
+
+                drip(data)
+                return finished
             if kind == "lost":
                 request.channel.transport.abortConnection()
                 return Deferred()
@@ -730,7 +745,7 @@ def test_prep_failures_retry(world, fault, reason):
 @pytest.mark.parametrize(
     "fault, reason",
     [
-        (("commit", "stall"), "timed out after 30s idle"),
+        (("commit", "stall"), "answer not complete within 30s"),
         (("commit", "huge"), "answer too long"),
         (("commit", "hang"), "timed out after 30s idle"),
         (("commit", "json:503:status: DOWN"), "commit failed - HTTP 503 status: DOWN"),
@@ -753,6 +768,28 @@ def test_bad_answers_to_commit(world, fault, reason):
     world.retry(msg_id)
     assert world.state(msg_id) == "relayed"
     assert len(world.committed()) == 1
+
+
+def test_dripping_answer_times_out(world):
+    """
+    An answer trickling in a byte at a time, each within the idle timeout,
+    does not hold the relay (one worker for every peer): the whole answer
+    must be in within idle_timeout of its headers.
+    """
+    world.peer.faults = [("prep", "drip")]
+    msg_id = world.send()
+    world.settle()
+    assert world.state(msg_id) == "run", world.status(msg_id)
+    world.clock.advance(20)  # a second byte: not idle
+    world.settle()
+    assert world.state(msg_id) == "run"
+    world.clock.advance(10)
+    world.settle()
+    assert world.state(msg_id) == "que", world.status(msg_id)
+    assert "prep failed" not in world.status(msg_id)
+    assert "answer not complete within 30s" in world.status(msg_id)
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
 
 
 def test_peer_never_accepts(tmp_path, monkeypatch):
