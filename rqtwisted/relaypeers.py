@@ -24,6 +24,7 @@ from rqtwisted.relaywire import (
     commit_request,
     expect_ok,
     fail_reason,
+    message_request,
     parse_attached,
     parse_held,
     parse_prep,
@@ -80,6 +81,11 @@ class Peer(Protocol):
     async def commit(self, remote_id: str) -> None:
         """
         Commit the prepared copy.
+        """
+
+    async def delete(self, remote_id: str) -> None:
+        """
+        Delete the prepared copy (the delivery was given up).
         """
 
 
@@ -145,6 +151,16 @@ class LocalPeer:
                 raise RemoteLost(f"commit failed - {e.reason}")
             raise SoftFailure(f"commit failed - {e.reason}")
 
+    async def delete(self, remote_id: str) -> None:
+        """
+        Delete the copy.
+        """
+        name, short = split_full_id(remote_id)
+        try:
+            await self._queue(name).delete(short)
+        except MessageError as e:
+            raise SoftFailure(f"delete failed - {e.reason}")
+
 
 class RemotePeer:
     """
@@ -189,6 +205,14 @@ class RemotePeer:
         url, body = commit_request(remote_id)
         answer = await self._http.post_form(url, body, retry=False)
         expect_ok(answer.code, answer.body, "commit")
+
+    async def delete(self, remote_id: str) -> None:
+        """
+        Delete the remote message (C{_method=delete}).
+        """
+        url, body = message_request(remote_id, "delete")
+        answer = await self._http.post_form(url, body)
+        expect_ok(answer.code, answer.body, "delete")
 
     async def attach(self, remote_id: str, attachment: Attachment) -> None:
         """

@@ -229,12 +229,15 @@ class OriginalRQ:
 
     @app.route("/q/<name>/<msg_id>", methods=["POST"])
     def commit(self, request, name, msg_id):
-        body = self._record(request, "commit")
-        kind = self._fault("commit", request)
-        form = parse_qs(body.decode())
-        assert form["_method"] == ["commit"] and form["x_format"] == ["json"]
+        form = parse_qs(request.content.read().decode())
+        request.content.seek(0)
+        method = form["_method"][0]
+        assert method in ("commit", "delete")
+        self._record(request, method)
+        kind = self._fault(method, request)
+        assert form["x_format"] == ["json"]
         assert form["msg_id"] == [msg_id]
-        return self._answer(request, kind, None, lambda: self.instance.queue(name).commit(msg_id))
+        return self._answer(request, kind, None, lambda: getattr(self.instance.queue(name), method)(msg_id))
 
     def _lookup(self, request, step, look):
         """
@@ -997,6 +1000,53 @@ def test_max_count_ends_in_err(world):
     world.settle()
     assert world.state(msg_id) == "err"
     assert world.status(msg_id) == "err - HIT MAX RESEND COUNT - MOVING TO ERR"
+
+
+def test_last_attempt_deletes_the_remote_prep(world):
+    """
+    When the last attempt fails (max_count reached) with a prepared remote
+    message, that message is deleted: it would never be committed.
+    """
+    world.peer.faults = [("attach", "json:413:upload larger than max_upload_size")]
+    msg_id = world.send(attachments=[("f", b"data")], max_count=1)
+    world.settle()
+    assert world.state(msg_id) == "err"
+    assert world.status(msg_id) == "err - HIT MAX RESEND COUNT - MOVING TO ERR"
+    assert world.steps() == ["prep", "attach", "state", "delete"]
+    assert world.far_messages()["prep"] == []
+    assert world.committed() == []
+    assert world.relay_id("err", msg_id) is None
+
+
+def test_last_attempt_leaves_an_unreachable_remote_prep(world):
+    """
+    If the remote cannot be asked, its prepared message stays (and so does
+    job/relay_id); the message still ends in err.
+    """
+    world.peer.faults = [("attach", "500"), ("state", "500")]
+    msg_id = world.send(attachments=[("f", b"data")], max_count=1)
+    world.settle()
+    assert world.state(msg_id) == "err"
+    [remote] = world.far_messages()["prep"]
+    assert world.relay_id("err", msg_id) == f"{FAR}/{remote}"
+    log = open(world.job_file("err", msg_id, "stdio.log")).read()
+    assert "left as it is (state failed - HTTP 500)" in log
+    assert log.rstrip().endswith("attempt failed: attach f failed - HTTP 500; max_count reached")
+
+
+def test_last_commit_applied_with_its_answer_lost_is_relayed(world):
+    """
+    The last attempt's commit reached the remote but its answer was lost:
+    the message was delivered, so it ends relayed, not in err (where a clone
+    would deliver it twice).
+    """
+    world.peer.faults = [("commit", "lost")]
+    msg_id = world.send(max_count=1)
+    world.settle()
+    assert world.state(msg_id) == "relayed", world.status(msg_id)
+    [remote] = world.committed()
+    assert world.status(msg_id) == f"relayed - {FAR}/{remote}"
+    assert world.steps() == ["prep", "commit", "state"]
 
 
 def test_count_over_15_fails(world):
