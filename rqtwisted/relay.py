@@ -78,6 +78,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from rqtwisted.durable import replace_file
 from rqtwisted.fsync import remove_quietly
@@ -192,10 +193,25 @@ class Relayer:
     def save_relay_id(self, job: "InProcessJob", remote_id: str) -> Deferred[None]:
         """
         Keep the remote id in C{job/relay_id} (temp file and rename), durably.
+
+        @raise SoftFailure: it cannot be written (a full disk: retried
+            later); the L{Deferred} fails with it when it cannot be synced.
         """
         path = self._relay_id_path(job)
-        replace_file(path, remote_id.encode("utf-8"))
-        return self.instance.syncer.sync(path, job.job_dir)
+
+        def cannot(e: OSError) -> SoftFailure:
+            return SoftFailure(f"cannot save {RELAY_ID} - {e.strerror or e}")
+
+        try:
+            replace_file(path, remote_id.encode("utf-8"))
+        except OSError as e:
+            raise cannot(e)
+
+        def failed(f: Failure) -> None:
+            f.trap(OSError)
+            raise cannot(f.value)
+
+        return self.instance.syncer.sync(path, job.job_dir).addErrback(failed)
 
     def drop_relay_id(self, job: "InProcessJob") -> None:
         """

@@ -1406,3 +1406,57 @@ def test_multipart_body_survives_back_pressure_after_the_file(tmp_path):
     body = b"".join(consumer.data)
     assert len(body) == producer.length
     assert content in body and body.endswith(b"--" + producer.boundary.encode() + b"--\r\n")
+
+
+def test_relay_id_not_saved_is_retried(world, monkeypatch):
+    """
+    A disk that cannot take job/relay_id (full) fails the attempt like any
+    soft failure: retried, not sent to err at once.
+    """
+    import errno
+
+    from rqtwisted import relay
+
+    space = []
+
+    def full(path, data):
+        if not space:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        replace_file(path, data)
+
+    replace_file = relay.replace_file
+    monkeypatch.setattr(relay, "replace_file", full)
+    msg_id = world.send()
+    world.settle()
+    assert world.state(msg_id) == "que", world.status(msg_id)
+    assert "cannot save relay_id - No space left on device" in world.status(msg_id)
+    assert world.committed() == []
+    space.append(True)
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed", world.status(msg_id)
+    assert len(world.committed()) == 1
+
+
+def test_relay_id_not_synced_is_retried(world, monkeypatch):
+    """
+    An fsync of job/relay_id that fails (EIO) fails the attempt before the
+    commit, softly: nothing is committed, the message is retried.
+    """
+    import errno
+
+    from twisted.internet.defer import fail
+
+    syncer = world.near.syncer
+    real_sync = syncer.sync
+
+    def broken(*paths):
+        if any(p.endswith("/relay_id") for p in paths):
+            return fail(OSError(errno.EIO, os.strerror(errno.EIO)))
+        return real_sync(*paths)
+
+    monkeypatch.setattr(syncer, "sync", broken)
+    msg_id = world.send()
+    world.settle()
+    assert world.state(msg_id) == "que", world.status(msg_id)
+    assert "cannot save relay_id - Input/output error" in world.status(msg_id)
+    assert "commit" not in world.steps()
