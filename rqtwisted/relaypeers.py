@@ -127,6 +127,9 @@ class LocalPeer:
             return await queue.create(fields, method, attachments_from=(source, "run", job.msg_id))
         except MessageError as e:
             raise SoftFailure(f"prep failed - {e.reason}")
+        except OSError as e:
+            # A full disk, say: retried later, as a peer that refused.
+            raise SoftFailure(f"prep failed - {e.strerror or e}")
 
     async def attached(self, remote_id: str) -> dict[str, str]:
         """
@@ -150,6 +153,8 @@ class LocalPeer:
             if e.reason == CANNOT_FIND:
                 raise RemoteLost(f"commit failed - {e.reason}")
             raise SoftFailure(f"commit failed - {e.reason}")
+        except OSError as e:
+            raise SoftFailure(f"commit failed - {e.strerror or e}")
 
     async def delete(self, remote_id: str) -> None:
         """

@@ -1460,3 +1460,35 @@ def test_relay_id_not_synced_is_retried(world, monkeypatch):
     assert world.state(msg_id) == "que", world.status(msg_id)
     assert "cannot save relay_id - Input/output error" in world.status(msg_id)
     assert "commit" not in world.steps()
+
+
+def test_local_dest_on_a_full_disk_is_retried(world, monkeypatch):
+    """
+    A copy to a local queue that cannot be written (a full disk while its
+    attachments are linked or copied) fails the attempt softly: retried,
+    not sent to err at once, and no half-made copy is left behind.
+    """
+    import errno
+
+    source = world.relay.store
+    space = []
+    real_link = source.link_attachments
+
+    def link(state, msg_id, target_dir):
+        if not space:
+            os.makedirs(os.path.join(target_dir, "attach"))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_link(state, msg_id, target_dir)
+
+    monkeypatch.setattr(source, "link_attachments", link)
+    msg_id = world.send(dest="http://testhost:3333/q/local", attachments=[("f", b"local data")])
+    world.settle()
+    assert world.state(msg_id) == "que", world.status(msg_id)
+    assert "prep failed - No space left on device" in world.status(msg_id)
+    local = world.near.queue("local")
+    assert local.messages("prep") == []
+    assert os.listdir(local.store.state_dir("tmp")) == []  # no half-made copy left
+    space.append(True)
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed", world.status(msg_id)
+    assert len(world.near.queue("local").messages("run") + world.near.queue("local").messages("que")) == 1
