@@ -43,9 +43,13 @@ What rqtwisted adds, without changing the wire:
  - I{Retries} use exponential back-off with jitter and a cap
    (L{rqtwisted.relaywire.backoff}) through C{resend <seconds>-<reason>}: the message waits in
    C{relay}'s C{que} with the last error as its status; C{max_count} ends it
-   in err.
+   in err. When the last attempt fails, the remote message is asked for
+   once more: committed (the commit's answer was lost), the message is
+   relayed after all; still in prep, it is deleted (C{_method=delete}), so
+   that no copy that will never be committed is left behind.
  - I{Bad peers}: connect timeout, idle timeout (no byte moved either way),
-   garbage answers, a connection closed mid-upload and a wrong md5 are all
+   an answer not complete within the idle timeout of its headers (one
+   dripped a byte at a time), garbage answers, a connection closed mid-upload and a wrong md5 are all
    soft failures: nothing is committed with a wrong copy.
  - I{Local destinations}: a C{dest} on this host (same base URL) is
    delivered through the queue API (prep with hard-linked attachments, then
@@ -74,6 +78,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from rqtwisted.durable import replace_file
 from rqtwisted.fsync import remove_quietly
@@ -188,10 +193,25 @@ class Relayer:
     def save_relay_id(self, job: "InProcessJob", remote_id: str) -> Deferred[None]:
         """
         Keep the remote id in C{job/relay_id} (temp file and rename), durably.
+
+        @raise SoftFailure: it cannot be written (a full disk: retried
+            later); the L{Deferred} fails with it when it cannot be synced.
         """
         path = self._relay_id_path(job)
-        replace_file(path, remote_id.encode("utf-8"))
-        return self.instance.syncer.sync(path, job.job_dir)
+
+        def cannot(e: OSError) -> SoftFailure:
+            return SoftFailure(f"cannot save {RELAY_ID} - {e.strerror or e}")
+
+        try:
+            replace_file(path, remote_id.encode("utf-8"))
+        except OSError as e:
+            raise cannot(e)
+
+        def failed(f: Failure) -> None:
+            f.trap(OSError)
+            raise cannot(f.value)
+
+        return self.instance.syncer.sync(path, job.job_dir).addErrback(failed)
 
     def drop_relay_id(self, job: "InProcessJob") -> None:
         """
@@ -232,15 +252,47 @@ class Relayer:
             self._retry(job, count, e.reason)
             return
         except SoftFailure as e:
-            self._retry(job, count, e.reason)
-            return
+            # The queue sends a resend at max_count to err (protocol.outcome).
+            if count + 1 < count_of(msg, "max_count", 0):
+                self._retry(job, count, e.reason)
+                return
+            delivered = await self._give_up(job, peer)
+            if delivered is None:
+                self._retry(job, count, e.reason, last=True)
+                return
+            remote_id = delivered
         self.drop_relay_id(job)
         job.log(f"relayed {remote_id}")
         job.report(f"relayed {remote_id}")
 
-    def _retry(self, job: "InProcessJob", count: int, reason: str) -> None:
+    async def _give_up(self, job: "InProcessJob", peer: Peer) -> str | None:
+        """
+        The last attempt failed (the message goes to err): settle with the
+        remote message of C{job/relay_id}, if any. One that was committed
+        after all (the commit's answer was lost) is the delivery: its id.
+        One still in prep would never be committed: it is deleted (with its
+        partial uploads), best effort.
+        """
+        remote_id = self.read_relay_id(job)
+        if remote_id is None:
+            return None
+        try:
+            state = await peer.state(remote_id)
+            if state is not None and state != "prep":
+                job.log(f"remote {remote_id} is {state}")
+                return remote_id
+            if state == "prep":
+                await peer.delete(remote_id)
+                job.log(f"giving up: deleted remote {remote_id}")
+        except SoftFailure as e:
+            job.log(f"giving up: remote {remote_id} left as it is ({e.reason})")
+            return None
+        self.drop_relay_id(job)
+        return None
+
+    def _retry(self, job: "InProcessJob", count: int, reason: str, last: bool = False) -> None:
         delay = backoff(count, self.config.retry_base, self.config.retry_cap, self._rand)
-        job.log(f"attempt failed: {reason}; retry in {delay}s")
+        job.log(f"attempt failed: {reason}; " + ("max_count reached" if last else f"retry in {delay}s"))
         job.report(f"resend {delay}-{reason}")
 
     async def _deliver(self, job: "InProcessJob", peer: Peer) -> str:

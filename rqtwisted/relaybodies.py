@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer
-from twisted.internet.task import Cooperator
+from twisted.internet.task import Cooperator, NotPaused, TaskFinished
 from twisted.web.client import FileBodyProducer
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
@@ -118,7 +118,9 @@ class _LimitedFile(io.RawIOBase):
 class _FileProducer:
     """
     Back-pressure for a body read from a file: pausing and resuming are
-    passed on to the producer in C{_file}.
+    passed on to the producer in C{_file}, and do nothing once the file is
+    read (the transport may still pause the producer while it sends what
+    follows the file, such as the closing boundary of a multipart body).
     """
 
     _file: Any
@@ -127,13 +129,19 @@ class _FileProducer:
         """
         Stop reading until L{resumeProducing} (back-pressure).
         """
-        self._file.pauseProducing()
+        try:
+            self._file.pauseProducing()
+        except TaskFinished:
+            pass
 
     def resumeProducing(self) -> None:
         """
         Go on reading.
         """
-        self._file.resumeProducing()
+        try:
+            self._file.resumeProducing()
+        except (TaskFinished, NotPaused):
+            pass
 
 
 @implementer(IBodyProducer)

@@ -180,7 +180,9 @@ def keeps_alive(response: IResponse) -> bool:
 class HttpPeer:
     """
     Requests to peers through a treq L{HTTPClient}, with an idle timeout on
-    every exchange (no byte sent or received for C{idle_timeout} seconds).
+    every exchange (no byte sent or received for C{idle_timeout} seconds
+    until the answer's headers; then its body must be in whole within
+    C{idle_timeout} seconds).
 
     With a C{oneshot} client (one connection per request), a peer is
     reached through it until one of its answers shows that it keeps
@@ -275,12 +277,15 @@ class HttpPeer:
                     raise _NoAnswer(_describe(failure))
                 raise SoftFailure(_describe(failure))
             pending.clear()
+            # The answer (at most MAX_ANSWER bytes) must be in whole within
+            # the idle timeout of its headers: a peer dripping it a byte at
+            # a time would otherwise hold the relay for as long as it likes.
             watch.touch()
-            collector = _Collector(MAX_ANSWER, watch.touch)
+            collector = _Collector(MAX_ANSWER, lambda n: None)
             pending.append(collector.done)
 
             def cancel_body() -> None:
-                collector.abort(f"timed out after {self._idle:g}s idle")
+                collector.abort(f"answer not complete within {self._idle:g}s")
 
             watch._expire = cancel_body
             response.deliverBody(collector)

@@ -24,6 +24,7 @@ from rqtwisted.relaywire import (
     commit_request,
     expect_ok,
     fail_reason,
+    message_request,
     parse_attached,
     parse_held,
     parse_prep,
@@ -82,6 +83,11 @@ class Peer(Protocol):
         Commit the prepared copy.
         """
 
+    async def delete(self, remote_id: str) -> None:
+        """
+        Delete the prepared copy (the delivery was given up).
+        """
+
 
 class LocalPeer:
     """
@@ -121,6 +127,9 @@ class LocalPeer:
             return await queue.create(fields, method, attachments_from=(source, "run", job.msg_id))
         except MessageError as e:
             raise SoftFailure(f"prep failed - {e.reason}")
+        except OSError as e:
+            # A full disk, say: retried later, as a peer that refused.
+            raise SoftFailure(f"prep failed - {e.strerror or e}")
 
     async def attached(self, remote_id: str) -> dict[str, str]:
         """
@@ -144,6 +153,18 @@ class LocalPeer:
             if e.reason == CANNOT_FIND:
                 raise RemoteLost(f"commit failed - {e.reason}")
             raise SoftFailure(f"commit failed - {e.reason}")
+        except OSError as e:
+            raise SoftFailure(f"commit failed - {e.strerror or e}")
+
+    async def delete(self, remote_id: str) -> None:
+        """
+        Delete the copy.
+        """
+        name, short = split_full_id(remote_id)
+        try:
+            await self._queue(name).delete(short)
+        except MessageError as e:
+            raise SoftFailure(f"delete failed - {e.reason}")
 
 
 class RemotePeer:
@@ -189,6 +210,14 @@ class RemotePeer:
         url, body = commit_request(remote_id)
         answer = await self._http.post_form(url, body, retry=False)
         expect_ok(answer.code, answer.body, "commit")
+
+    async def delete(self, remote_id: str) -> None:
+        """
+        Delete the remote message (C{_method=delete}).
+        """
+        url, body = message_request(remote_id, "delete")
+        answer = await self._http.post_form(url, body)
+        expect_ok(answer.code, answer.body, "delete")
 
     async def attach(self, remote_id: str, attachment: Attachment) -> None:
         """

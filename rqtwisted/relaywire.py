@@ -3,7 +3,7 @@ The relay's wire protocol as pure code: what is sent and what an answer
 means, with no I/O (relay.md, byte-compatible with original RQ hosts).
 
 Each step of an exchange has a function building its request
-(L{prep_request}, L{commit_request}) and one judging the peer's answer
+(L{prep_request}, L{commit_request}, L{message_request}) and one judging the peer's answer
 from its status code and body (L{parse_prep}, L{check_attached},
 L{expect_ok}, L{parse_state}, L{parse_attached}, L{parse_held}): a
 failed step raises L{SoftFailure} (retry later) or L{RemoteLost} (the
@@ -164,12 +164,20 @@ def prep_request(msg: Mapping[str, Any]) -> tuple[str, bytes]:
     return new_message_url(msg["dest"]), form_body([("x_format", "json"), ("mesg", mesg)])
 
 
+def message_request(remote_id: str, method: str) -> tuple[str, bytes]:
+    """
+    The URL and form body of an operation on a remote message
+    (C{_method} = C{method}: C{commit}, C{delete}).
+    """
+    short = remote_id.rstrip("/").rsplit("/", 1)[-1]
+    return remote_id, form_body([("msg_id", short), ("_method", method), ("x_format", "json")])
+
+
 def commit_request(remote_id: str) -> tuple[str, bytes]:
     """
     The URL and form body of the commit request.
     """
-    short = remote_id.rstrip("/").rsplit("/", 1)[-1]
-    return remote_id, form_body([("msg_id", short), ("_method", "commit"), ("x_format", "json")])
+    return message_request(remote_id, "commit")
 
 
 def fail_reason(body: bytes) -> str | None:

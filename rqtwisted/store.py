@@ -584,11 +584,16 @@ class QueueStore:
             ) from None
         staging = f"{self._prefix}tmp/{msg_id}"
         os.mkdir(staging)
-        write_file(staging + "/msg", data)
-        if fill is not None:
-            fill(staging)
         target = self.msg_dir(state, msg_id)
-        os.rename(staging, target)
+        try:
+            write_file(staging + "/msg", data)
+            if fill is not None:
+                fill(staging)
+            os.rename(staging, target)
+        except BaseException:
+            # A full disk, say: no half-made message is left in tmp/.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         if self.observer is not None:
             self.observer.created(state, msg)
         paths = [target + "/msg", target, self.state_dir(state)]

@@ -65,7 +65,8 @@ class OriginalRQ:
     @ivar faults: C{(step, kind)} consumed by the first matching request;
         steps C{prep}, C{attach}, C{put}, C{commit}, C{state}; kinds C{500},
         C{garbage}, C{md5}, C{hang}, C{drop} (close without answer),
-        C{lost} (do it, then close without answer), C{fail:<text>}.
+        C{lost} (do it, then close without answer), C{fail:<text>},
+        C{drip} (do it, then send the answer a byte every 20 s).
     @ivar resumable: answer C{PUT} like rqtwisted (else 500, like the
         original).
     """
@@ -119,6 +120,20 @@ class OriginalRQ:
         d = maybeDeferred(run) if run is not None else succeed(ok_value)
 
         def answered(value):
+            if kind == "drip":
+                data = json.dumps(["ok", value]).encode()
+                request.setHeader("content-length", str(len(data)))
+                finished = Deferred()
+
+                def drip(rest):
+                    request.write(rest[:1])
+                    if rest[1:]:
+                        self.instance.clock.callLater(20, drip, rest[1:])
+                    else:
+                        finished.callback(b"")
+
+                drip(data)
+                return finished
             if kind == "lost":
                 request.channel.transport.abortConnection()
                 return Deferred()
@@ -214,12 +229,15 @@ class OriginalRQ:
 
     @app.route("/q/<name>/<msg_id>", methods=["POST"])
     def commit(self, request, name, msg_id):
-        body = self._record(request, "commit")
-        kind = self._fault("commit", request)
-        form = parse_qs(body.decode())
-        assert form["_method"] == ["commit"] and form["x_format"] == ["json"]
+        form = parse_qs(request.content.read().decode())
+        request.content.seek(0)
+        method = form["_method"][0]
+        assert method in ("commit", "delete")
+        self._record(request, method)
+        kind = self._fault(method, request)
+        assert form["x_format"] == ["json"]
         assert form["msg_id"] == [msg_id]
-        return self._answer(request, kind, None, lambda: self.instance.queue(name).commit(msg_id))
+        return self._answer(request, kind, None, lambda: getattr(self.instance.queue(name), method)(msg_id))
 
     def _lookup(self, request, step, look):
         """
@@ -730,7 +748,7 @@ def test_prep_failures_retry(world, fault, reason):
 @pytest.mark.parametrize(
     "fault, reason",
     [
-        (("commit", "stall"), "timed out after 30s idle"),
+        (("commit", "stall"), "answer not complete within 30s"),
         (("commit", "huge"), "answer too long"),
         (("commit", "hang"), "timed out after 30s idle"),
         (("commit", "json:503:status: DOWN"), "commit failed - HTTP 503 status: DOWN"),
@@ -753,6 +771,28 @@ def test_bad_answers_to_commit(world, fault, reason):
     world.retry(msg_id)
     assert world.state(msg_id) == "relayed"
     assert len(world.committed()) == 1
+
+
+def test_dripping_answer_times_out(world):
+    """
+    An answer trickling in a byte at a time, each within the idle timeout,
+    does not hold the relay (one worker for every peer): the whole answer
+    must be in within idle_timeout of its headers.
+    """
+    world.peer.faults = [("prep", "drip")]
+    msg_id = world.send()
+    world.settle()
+    assert world.state(msg_id) == "run", world.status(msg_id)
+    world.clock.advance(20)  # a second byte: not idle
+    world.settle()
+    assert world.state(msg_id) == "run"
+    world.clock.advance(10)
+    world.settle()
+    assert world.state(msg_id) == "que", world.status(msg_id)
+    assert "prep failed" not in world.status(msg_id)
+    assert "answer not complete within 30s" in world.status(msg_id)
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed"
 
 
 def test_peer_never_accepts(tmp_path, monkeypatch):
@@ -960,6 +1000,53 @@ def test_max_count_ends_in_err(world):
     world.settle()
     assert world.state(msg_id) == "err"
     assert world.status(msg_id) == "err - HIT MAX RESEND COUNT - MOVING TO ERR"
+
+
+def test_last_attempt_deletes_the_remote_prep(world):
+    """
+    When the last attempt fails (max_count reached) with a prepared remote
+    message, that message is deleted: it would never be committed.
+    """
+    world.peer.faults = [("attach", "json:413:upload larger than max_upload_size")]
+    msg_id = world.send(attachments=[("f", b"data")], max_count=1)
+    world.settle()
+    assert world.state(msg_id) == "err"
+    assert world.status(msg_id) == "err - HIT MAX RESEND COUNT - MOVING TO ERR"
+    assert world.steps() == ["prep", "attach", "state", "delete"]
+    assert world.far_messages()["prep"] == []
+    assert world.committed() == []
+    assert world.relay_id("err", msg_id) is None
+
+
+def test_last_attempt_leaves_an_unreachable_remote_prep(world):
+    """
+    If the remote cannot be asked, its prepared message stays (and so does
+    job/relay_id); the message still ends in err.
+    """
+    world.peer.faults = [("attach", "500"), ("state", "500")]
+    msg_id = world.send(attachments=[("f", b"data")], max_count=1)
+    world.settle()
+    assert world.state(msg_id) == "err"
+    [remote] = world.far_messages()["prep"]
+    assert world.relay_id("err", msg_id) == f"{FAR}/{remote}"
+    log = open(world.job_file("err", msg_id, "stdio.log")).read()
+    assert "left as it is (state failed - HTTP 500)" in log
+    assert log.rstrip().endswith("attempt failed: attach f failed - HTTP 500; max_count reached")
+
+
+def test_last_commit_applied_with_its_answer_lost_is_relayed(world):
+    """
+    The last attempt's commit reached the remote but its answer was lost:
+    the message was delivered, so it ends relayed, not in err (where a clone
+    would deliver it twice).
+    """
+    world.peer.faults = [("commit", "lost")]
+    msg_id = world.send(max_count=1)
+    world.settle()
+    assert world.state(msg_id) == "relayed", world.status(msg_id)
+    [remote] = world.committed()
+    assert world.status(msg_id) == f"relayed - {FAR}/{remote}"
+    assert world.steps() == ["prep", "commit", "state"]
 
 
 def test_count_over_15_fails(world):
@@ -1255,3 +1342,153 @@ def test_upload_file_closed_when_never_sent(tmp_path):
     assert "cannot connect" in failures[0].value.reason
     assert len(made) == 1  # not sent again: nothing was answered, but it never left
     assert made[0]._file._raw.closed
+
+
+class _CongestedConsumer:
+    """
+    A transport whose write buffer is full after every write but the first
+    (a small head): it pauses its registered producer each time, and
+    resumes it later (L{drain}), as Twisted's transports do.
+    """
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.producer = None
+        self.paused = False
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.data.append(data)
+        if len(self.data) > 1 and self.producer is not None and not self.paused:
+            self.paused = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        if self.producer is not None and self.paused:
+            self.paused = False
+            self.producer.resumeProducing()
+
+
+def test_multipart_body_survives_back_pressure_after_the_file(tmp_path):
+    """
+    A transport that pauses the producer when the closing boundary is
+    written (its buffer is full once the whole file went out), and resumes
+    it later, gets the whole body: pausing or resuming a body whose file
+    part is finished does nothing (it raised TaskDone, which failed every
+    multipart upload of a big file to a peer reading slower than the disk).
+    """
+    from twisted.internet.task import Cooperator
+
+    from rqtwisted.relaybodies import MultipartFileProducer
+
+    path = tmp_path / "f"
+    content = os.urandom(300 * 1024)
+    path.write_bytes(content)
+    clock = Clock()
+    cooperator = Cooperator(scheduler=lambda f: clock.callLater(0, f), started=True)
+    producer = MultipartFileProducer([("x_format", "json")], "filedata", "f", str(path), cooperator)
+    consumer = _CongestedConsumer()
+    consumer.registerProducer(producer, True)
+    done = []
+    producer.startProducing(consumer).addBoth(done.append)
+    for _ in range(100):
+        consumer.drain()
+        clock.advance(0)
+        if done:
+            break
+    assert done == [None]
+    consumer.drain()  # the transport resumes the producer once more after the last write
+    body = b"".join(consumer.data)
+    assert len(body) == producer.length
+    assert content in body and body.endswith(b"--" + producer.boundary.encode() + b"--\r\n")
+
+
+def test_relay_id_not_saved_is_retried(world, monkeypatch):
+    """
+    A disk that cannot take job/relay_id (full) fails the attempt like any
+    soft failure: retried, not sent to err at once.
+    """
+    import errno
+
+    from rqtwisted import relay
+
+    space = []
+
+    def full(path, data):
+        if not space:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        replace_file(path, data)
+
+    replace_file = relay.replace_file
+    monkeypatch.setattr(relay, "replace_file", full)
+    msg_id = world.send()
+    world.settle()
+    assert world.state(msg_id) == "que", world.status(msg_id)
+    assert "cannot save relay_id - No space left on device" in world.status(msg_id)
+    assert world.committed() == []
+    space.append(True)
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed", world.status(msg_id)
+    assert len(world.committed()) == 1
+
+
+def test_relay_id_not_synced_is_retried(world, monkeypatch):
+    """
+    An fsync of job/relay_id that fails (EIO) fails the attempt before the
+    commit, softly: nothing is committed, the message is retried.
+    """
+    import errno
+
+    from twisted.internet.defer import fail
+
+    syncer = world.near.syncer
+    real_sync = syncer.sync
+
+    def broken(*paths):
+        if any(p.endswith("/relay_id") for p in paths):
+            return fail(OSError(errno.EIO, os.strerror(errno.EIO)))
+        return real_sync(*paths)
+
+    monkeypatch.setattr(syncer, "sync", broken)
+    msg_id = world.send()
+    world.settle()
+    assert world.state(msg_id) == "que", world.status(msg_id)
+    assert "cannot save relay_id - Input/output error" in world.status(msg_id)
+    assert "commit" not in world.steps()
+
+
+def test_local_dest_on_a_full_disk_is_retried(world, monkeypatch):
+    """
+    A copy to a local queue that cannot be written (a full disk while its
+    attachments are linked or copied) fails the attempt softly: retried,
+    not sent to err at once, and no half-made copy is left behind.
+    """
+    import errno
+
+    source = world.relay.store
+    space = []
+    real_link = source.link_attachments
+
+    def link(state, msg_id, target_dir):
+        if not space:
+            os.makedirs(os.path.join(target_dir, "attach"))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_link(state, msg_id, target_dir)
+
+    monkeypatch.setattr(source, "link_attachments", link)
+    msg_id = world.send(dest="http://testhost:3333/q/local", attachments=[("f", b"local data")])
+    world.settle()
+    assert world.state(msg_id) == "que", world.status(msg_id)
+    assert "prep failed - No space left on device" in world.status(msg_id)
+    local = world.near.queue("local")
+    assert local.messages("prep") == []
+    assert os.listdir(local.store.state_dir("tmp")) == []  # no half-made copy left
+    space.append(True)
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed", world.status(msg_id)
+    assert len(world.near.queue("local").messages("run") + world.near.queue("local").messages("que")) == 1
