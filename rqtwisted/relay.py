@@ -51,6 +51,12 @@ What rqtwisted adds, without changing the wire:
    an answer not complete within the idle timeout of its headers (one
    dripped a byte at a time), garbage answers, a connection closed mid-upload and a wrong md5 are all
    soft failures: nothing is committed with a wrong copy.
+ - I{Unreachable peers}: a peer whose connection timed out is not tried
+   again for L{UNREACHABLE_MEMORY} connect timeouts: the messages for it
+   whose turn comes meanwhile fail at once, each as one attempt, so that a
+   host that is off the network costs the relay one connect timeout per
+   30 s (by default) rather than one per message, and the messages for
+   other peers go on.
  - I{Local destinations}: a C{dest} on this host (same base URL) is
    delivered through the queue API (prep with hard-linked attachments, then
    commit) unless the message has C{force_remote}.
@@ -72,6 +78,7 @@ from __future__ import annotations
 import os
 import random
 from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, succeed
@@ -91,6 +98,7 @@ from rqtwisted.relaywire import (
     RelayConfig,
     RemoteLost,
     SoftFailure,
+    Unreachable,
     backoff,
     loop_detected,
     same_host,
@@ -109,6 +117,21 @@ RELAY_ID = "relay_id"
 
 #: Seconds a peer without resumable uploads is remembered as such.
 NO_RESUME_MEMORY = 3600.0
+
+#: A peer whose connection timed out is not tried again for this many
+#: connect timeouts: the messages for it whose turn comes meanwhile fail at
+#: once (an attempt each, as if tried), instead of each holding the relay
+#: queue's worker, and with it every other peer's messages, for its own
+#: connect timeout. (A refused connection costs nothing: not remembered.)
+UNREACHABLE_MEMORY = 3
+
+
+def peer_of(dest: str) -> str:
+    """
+    The peer a C{dest} URL names: its scheme, host and port.
+    """
+    parts = urlsplit(dest)
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 def attachment_files(msg_dir: str) -> list[tuple[str, str]]:
@@ -157,6 +180,8 @@ class Relayer:
         self._hasher = hasher
         self._rand = rand
         self._no_resume: dict[str, float] = {}
+        #: peer -> (when, why) it could last not be connected to.
+        self._unreachable: dict[str, tuple[float, str]] = {}
 
     # -- peers without resumable uploads
 
@@ -172,6 +197,33 @@ class Relayer:
         Remember that C{peer} lacks resumable uploads.
         """
         self._no_resume[peer] = self.clock.seconds()
+
+    # -- peers that cannot be connected to
+
+    def not_tried(self, peer: str) -> str | None:
+        """
+        Why C{peer} is not tried now (its connection timed out less than
+        L{UNREACHABLE_MEMORY} connect timeouts ago), or L{None}.
+        """
+        seen = self._unreachable.get(peer)
+        if seen is None:
+            return None
+        since, reason = seen
+        age = self.clock.seconds() - since
+        if not 0 <= age < UNREACHABLE_MEMORY * self.config.connect_timeout:
+            del self._unreachable[peer]
+            return None
+        return f"{reason} (not tried: unreachable {age:.0f}s ago)"
+
+    def _heard(self, peer: str, failure: SoftFailure | None) -> None:
+        """
+        The outcome of a real attempt at C{peer}: remembered as unreachable
+        after an L{Unreachable}, forgotten as such after anything else.
+        """
+        if isinstance(failure, Unreachable):
+            self._unreachable[peer] = (self.clock.seconds(), failure.reason)
+        else:
+            self._unreachable.pop(peer, None)
 
     # -- relay_id
 
@@ -244,9 +296,20 @@ class Relayer:
             return
         local = not force and same_host(dest, self.instance.settings.base_url)
         peer: Peer = LocalPeer(self.instance) if local else RemotePeer(self, job)
+        host = None if local else peer_of(dest)
         job.log(f"attempting {'local' if local else 'remote'} {dest}")
         try:
-            remote_id = await self._deliver(job, peer)
+            skipped = None if host is None else self.not_tried(host)
+            if skipped is not None:
+                raise SoftFailure(skipped)
+            try:
+                remote_id = await self._deliver(job, peer)
+            except SoftFailure as e:
+                if host is not None:
+                    self._heard(host, e)
+                raise
+            if host is not None:
+                self._heard(host, None)
         except RemoteLost as e:
             self.drop_relay_id(job)
             self._retry(job, count, e.reason)

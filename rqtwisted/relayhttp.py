@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol as _Protocol
 from twisted.python.failure import Failure
@@ -26,7 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 
 from rqtwisted.relaybodies import BytesProducer
-from rqtwisted.relaywire import SoftFailure
+from rqtwisted.relaywire import SoftFailure, Unreachable
 
 #: The largest answer body read from a peer.
 MAX_ANSWER = 64 * 1024
@@ -134,8 +135,7 @@ def _describe(failure: Failure) -> str:
     """
     A short reason for a failed request.
     """
-    from twisted.internet.error import ConnectError, TimeoutError
-    from twisted.web._newclient import RequestNotSent, ResponseFailed
+    from twisted.web._newclient import ResponseFailed
 
     value = failure.value
     if isinstance(value, SoftFailure):
@@ -275,6 +275,8 @@ class HttpPeer:
                 failure = Failure()
                 if failure.check(ResponseNeverReceived, RequestNotSent, RequestTransmissionFailed):
                     raise _NoAnswer(_describe(failure))
+                if failure.check(TimeoutError):
+                    raise Unreachable(_describe(failure))
                 raise SoftFailure(_describe(failure))
             pending.clear()
             # The answer (at most MAX_ANSWER bytes) must be in whole within

@@ -60,6 +60,13 @@ class SoftFailure(Exception):
         self.reason = reason
 
 
+class Unreachable(SoftFailure):
+    """
+    The connection to the peer timed out: nothing was sent, and the
+    attempt cost the whole connect timeout.
+    """
+
+
 class RemoteLost(SoftFailure):
     """
     The remote does not know the prepared message (any more): the next

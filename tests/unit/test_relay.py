@@ -1492,3 +1492,100 @@ def test_local_dest_on_a_full_disk_is_retried(world, monkeypatch):
     world.retry(msg_id)
     assert world.state(msg_id) == "relayed", world.status(msg_id)
     assert len(world.near.queue("local").messages("run") + world.near.queue("local").messages("que")) == 1
+
+
+class _Unreachable:
+    """
+    An HTTP client whose connections to every host in C{down} time out;
+    the others are served by C{agent}. The hosts asked, in order, in
+    C{asked}.
+    """
+
+    def __init__(self, agent, down):
+        self.client = HTTPClient(agent)
+        self.down = set(down)
+        self.refusing = set()
+        self.asked = []
+
+    def request(self, method, url, **kwargs):
+        from twisted.internet.defer import fail
+        from twisted.internet.error import ConnectionRefusedError, TimeoutError
+        from urllib.parse import urlsplit
+
+        host = urlsplit(url).netloc
+        self.asked.append(host)
+        if host in self.down:
+            return fail(TimeoutError())
+        if host in self.refusing:
+            return fail(ConnectionRefusedError())
+        return self.client.request(method, url, **kwargs)
+
+
+def test_an_unreachable_peer_is_not_tried_again_at_once(world):
+    """
+    After a peer's connection timed out, the messages for it whose turn
+    comes within UNREACHABLE_MEMORY connect timeouts fail at once, each as
+    one attempt (retried later like any failure), without a connection;
+    messages for other peers are still tried. Once the memory is over the
+    peer is tried again, and a delivery that works clears it.
+    """
+    from rqtwisted import relay as relay_module
+    from rqtwisted.relayhttp import HttpPeer
+
+    client = _Unreachable(world.agent, {"farhost:3333"})
+    world.relayer.http = HttpPeer(client, world.clock, 30)
+    first = world.send()
+    world.settle()
+    assert client.asked == ["farhost:3333"]
+    assert world.state(first) == "que"
+    assert "connect timed out" in world.status(first)
+    others = [world.send() for _ in range(3)]
+    world.settle()
+    # Not one connection for the three: they are back in que at once.
+    assert client.asked == ["farhost:3333"]
+    for msg_id in others:
+        assert world.state(msg_id) == "que"
+        assert "(not tried: unreachable 0s ago)" in world.status(msg_id)
+        assert world.relay.que[msg_id]["count"] == 1
+    world.send(dest="http://otherhost:3333/q/inbox")
+    world.settle()
+    assert client.asked[1] == "otherhost:3333"
+    # The memory is over: the peer, back up, is tried and delivered to.
+    client.down.clear()
+    world.clock.advance(relay_module.UNREACHABLE_MEMORY * world.relayer.config.connect_timeout)
+    world.settle()
+    for msg_id in [first, *others]:
+        assert world.state(msg_id) == "relayed", world.status(msg_id)
+    assert not world.relayer.not_tried("http://farhost:3333")
+
+
+def test_a_peer_that_answers_is_not_remembered_as_unreachable(world):
+    """
+    A failure after a connection was made (an HTTP 500, garbage) is not a
+    reason to skip the peer: the next message is tried.
+    """
+    world.peer.faults = [("prep", "500")]
+    first = world.send()
+    world.settle()
+    assert world.state(first) == "que"
+    assert not world.relayer.not_tried("http://farhost:3333")
+    second = world.send()
+    world.settle()
+    assert "not tried" not in world.status(second)
+
+
+def test_a_refused_connection_is_not_remembered(world):
+    """
+    A refused connection costs nothing: the next message for that peer is
+    tried.
+    """
+    from rqtwisted.relayhttp import HttpPeer
+
+    client = _Unreachable(world.agent, set())
+    client.refusing.add("farhost:3333")
+    world.relayer.http = HttpPeer(client, world.clock, 30)
+    world.send()
+    world.settle()
+    world.send()
+    world.settle()
+    assert client.asked == ["farhost:3333", "farhost:3333"]
