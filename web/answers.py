@@ -10,6 +10,8 @@ from typing import Any
 
 JSON_TYPE = b"application/json"
 TEXT_TYPE = b"text/plain;charset=utf-8"
+#: Content type of the HTML pages (http.md, Types).
+HTML_TYPE = b"text/html;charset=utf-8"
 
 
 def dumps(value: Any) -> bytes:

@@ -43,7 +43,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from rqtwisted.message import MessageError, valid_msg_id, valid_queue_name
 from rqtwisted.router import routed_queue
 from rqtwisted.web import pages
-from rqtwisted.web.answers import JSON_TYPE, TEXT_TYPE, HTTPError, dumps, form_arg, form_fields, reply_text
+from rqtwisted.web.answers import HTML_TYPE, JSON_TYPE, TEXT_TYPE, HTTPError, dumps, form_arg, form_fields, reply_text
 from rqtwisted.web.files import file_resource
 from rqtwisted.web.flash import FlashSigner, notice
 from rqtwisted.web.instance_routes import InstanceRoutes
@@ -220,6 +220,7 @@ class RQWeb(InstanceRoutes, QueueRoutes, MessageRoutes):
     def _page(self, request: Any, content: Any, title: str = "RQ", scripts: tuple[str, ...] = (),
               code: int = 200, body_class: str = "") -> pages.Layout:
         request.setResponseCode(code)
+        request.setHeader(b"content-type", HTML_TYPE)
         context = pages.Context(
             root=self.root,
             env=str(self.settings.env),
@@ -335,4 +336,4 @@ def make_site(instance: Any, config: Any = None, reactor: Any = None) -> Site:
 
 
 __all__ = ["RQWeb", "RootResource", "HTTPError", "make_site", "normalize_segments", "dumps", "reply_text",
-           "form_arg", "form_fields", "JSON_TYPE", "TEXT_TYPE"]
+           "form_arg", "form_fields", "HTML_TYPE", "JSON_TYPE", "TEXT_TYPE"]

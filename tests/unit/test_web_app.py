@@ -179,6 +179,13 @@ def test_unknown_route_is_the_not_found_page(env):
     assert "<h2>Not Found</h2>" in reply.text
 
 
+def test_pages_are_text_html_in_utf8(env):
+    # http.md, Types: pages are text/html;charset=utf-8 (the Not Found page too).
+    instance, spawner, clock, client = env
+    for path in ("/", "/q/test", "/q/test/new_message", "/nothing/here"):
+        assert client.get(path).headers["content-type"] == "text/html;charset=utf-8", path
+
+
 @pytest.fixture
 def logged():
     """
