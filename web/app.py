@@ -35,9 +35,11 @@ from typing import Any, Callable
 from urllib.parse import quote, urlsplit
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from twisted.web.template import flattenString
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from rqtwisted.message import MessageError, valid_msg_id, valid_queue_name
@@ -230,6 +232,14 @@ class RQWeb(InstanceRoutes, QueueRoutes, MessageRoutes):
             scripts=scripts,
         )
         return pages.Layout(context, content)
+
+    def _page_bytes(self, request: Any, content: Any, title: str = "RQ", code: int = 200) -> Deferred[bytes]:
+        """
+        The page L{_page} makes, flattened: for an answer whose markup is
+        finished by hand after the template (L{pages.with_result_link}).
+        """
+        layout = self._page(request, content, title=title, code=code)
+        return flattenString(request, layout).addCallback(lambda page: b"<!DOCTYPE html>\n" + page)
 
     def _http_error(self, request: Any, failure: Failure) -> Any:
         err = failure.value

@@ -13,6 +13,7 @@ instance's C{relative_root}.
 
 from __future__ import annotations
 
+import html
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import quote, urlencode
 
 from twisted.python.filepath import FilePath
-from twisted.web.template import Element, Tag, XMLFile, renderer, tags
+from twisted.web.template import Comment, Element, Tag, XMLFile, renderer, tags
 
 from rqtwisted.message import PARAM_KEYS
 from rqtwisted.web.ansi import ansi_to_tags
@@ -615,13 +616,33 @@ def new_message_content(root: str, name: str, overrides: Mapping[str, Any]) -> l
     ]
 
 
+#: The mark L{new_message_result} leaves where the link to the new message
+#: goes; L{with_result_link} puts the link there.
+RESULT_LINK = "rq-result-link"
+
+
 def new_message_result(root: str, name: str, ok: bool, text: str) -> list[Any]:
     """
-    The answer to an HTML new_message without C{back}.
+    The answer to an HTML new_message without C{back}: C{<status> - <reason>},
+    or C{OK - } and the mark of the link to the new message (the template
+    quotes attributes with C{"}, the link is quoted as the original's:
+    L{with_result_link}).
     """
     if ok:
-        return [tags.p("OK - ", tags.a(text, href=text), id="result")]
+        return [tags.p("OK - ", Comment(RESULT_LINK), id="result")]
     return [tags.p(text, id="result")]
+
+
+def with_result_link(page: bytes, full_id: str) -> bytes:
+    """
+    The flattened answer of L{new_message_result} with its mark replaced by
+    C{<a href='<id>'><id></a>}, single quotes and all (spec/http.md, POST
+    new_message, Compatibility: exact); the id escaped for both places.
+    Notices are escaped text, so the mark appears once, in the content.
+    """
+    escaped = html.escape(full_id, quote=True)
+    link = f"<a href='{escaped}'>{escaped}</a>".encode("utf-8")
+    return page.replace(f"<!--{RESULT_LINK}-->".encode("ascii"), link, 1)
 
 
 def new_queue_content(root: str) -> list[Any]:

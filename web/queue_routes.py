@@ -15,7 +15,7 @@ from twisted.internet.defer import inlineCallbacks, maybeDeferred
 
 from rqtwisted.message import JSON_READ_ERRORS, MessageError, creation_fields, valid_queue_name
 from rqtwisted.web import listing, pages
-from rqtwisted.web.answers import JSON_TYPE, HTTPError, form_arg, form_fields, reply_text
+from rqtwisted.web.answers import HTML_TYPE, JSON_TYPE, HTTPError, form_arg, form_fields, reply_text
 
 #: Messages per list on a queue page.
 PAGE_SIZE = 50
@@ -241,9 +241,12 @@ class QueueRoutes:
             else:
                 self._notify(request, f"Error creating message: {result[1]}", kind="error")
             return self._redirect(request, self._back(request, self._url("q", name)))
-        content = pages.new_message_result(self.root, name, result[0] == "ok",
-                                           result[1] if result[0] == "ok" else f"{result[0]} - {result[1]}")
-        return self._page(request, content, title=f"RQ :: {name}")
+        ok = result[0] == "ok"
+        content = pages.new_message_result(self.root, name, ok, result[1] if ok else f"{result[0]} - {result[1]}")
+        page = yield self._page_bytes(request, content, title=f"RQ :: {name}")
+        if ok:
+            page = pages.with_result_link(page, result[1])
+        return self._body(request, 200, HTML_TYPE, page)
 
     @inlineCallbacks
     def adminoper(self, request: Any, name: str) -> Any:

@@ -95,3 +95,16 @@ def test_download_with_range(daemon: Daemon, tmp_path):
     code, headers, body = curl(daemon, f"/q/files/{msg_id}", "-d", "_method=commit")
     assert code == 303 and headers["location"].endswith(f"/q/files/{msg_id}")
     wait_for(lambda: daemon.state(full) == "done", 10, what="committed message done")
+
+
+def test_html_new_message_answer_as_the_original(daemon: Daemon):
+    # A form post as curl sends it, without back: a page in UTF-8 whose
+    # link to the new message is quoted as the original's (http.md, exact).
+    daemon.queue_with_script("form", 'echo "done ok" >&3\n')
+    code, headers, body = curl(daemon, "/q/form/new_message", "-d", "x_format=html", "-d", "mesg[dest]=form",
+                               "-d", "mesg[_method]=prep")
+    assert code == 200 and headers["content-type"] == "text/html;charset=utf-8"
+    match = re.search(rb"OK - <a href='([^']+)'>([^<]+)</a>", body)
+    assert match and match.group(1) == match.group(2)
+    full = match.group(1).decode()
+    assert full.startswith(daemon.base_url + "q/form/") and daemon.show(full)["state"] == "prep"

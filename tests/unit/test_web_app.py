@@ -712,7 +712,7 @@ def test_new_message_html_form(env):
               "mesg[_method]": "commit", "mesg[post_run_webhook]": "http://a/x http://b/y"}
     reply = client.post("/q/test/new_message", data=fields)
     assert reply.code == 200
-    match = re.search(r"OK - <a href=\"(http://testhost:3333/q/test/[^\"]+)\">", reply.text)
+    match = re.search(r"OK - <a href='(http://testhost:3333/q/test/[^']+)'>", reply.text)
     assert match
     msg = instance.queue("test").get(match.group(1).rsplit("/", 1)[1])
     assert msg["param1"] == "<p1>" and msg["post_run_webhook"] == ["http://a/x", "http://b/y"]
@@ -724,6 +724,18 @@ def test_new_message_html_form(env):
     assert "Error creating message: input missing required" in client.get("/").text
     reply = client.post("/q/test/new_message", data={"x_format": "html", "mesg[src]": "x"})
     assert 'fail - input missing required "dest" parameter' in reply.text
+
+
+def test_new_message_html_answer_link_is_exact(env):
+    # http.md, POST new_message (Compatibility: exact): the HTML answer
+    # without back is a page with OK - <a href='<id>'><id></a>, quoted so.
+    instance, spawner, clock, client = env
+    reply = client.post("/q/test/new_message", data={"x_format": "html", "mesg[dest]": "test"})
+    assert reply.code == 200 and reply.headers["content-type"] == "text/html;charset=utf-8"
+    match = re.search(r"OK - <a href='([^']+)'>([^<]+)</a>", reply.text)
+    assert match and match.group(1) == match.group(2)
+    assert match.group(1).startswith("http://testhost:3333/q/test/")
+    assert reply.text.startswith("<!DOCTYPE html>\n") and reply.text.count("OK - ") == 1
 
 
 def test_new_message_down_is_503(env):
