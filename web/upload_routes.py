@@ -133,14 +133,23 @@ def _discarding(upload: Upload) -> Callable[[Any], Any]:
 
 def render_json(request: Any, code: int, body: Any, headers: Iterable[tuple[str, str]] = ()) -> bytes:
     """
-    Set the status, C{Content-Type: application/json} and C{headers}; the
-    encoded body.
+    Set the status, C{Content-Type: application/json}, its length and
+    C{headers}; the encoded body.
     """
     request.setResponseCode(code)
     for k, v in headers:
         request.setHeader(k, v)
-    request.setHeader(b"content-type", b"application/json")
-    return compact_json(body)
+    return _whole(request, b"application/json", compact_json(body))
+
+
+def _whole(request: Any, content_type: bytes, body: bytes) -> bytes:
+    """
+    C{body} as a whole answer: its type and length set (not chunked, as
+    every other answer of the web interface).
+    """
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
 
 
 #: JSON without spaces, as the original answers: C{["ok","..."]}.
@@ -174,10 +183,11 @@ def render_attach_new(
     if outcome.ok and redirect_ok is not None:
         return redirect_ok(request, "Attached message successfully")
     request.setResponseCode(200)
-    request.setHeader(b"content-type", b"text/plain;charset=utf-8")
     if outcome.ok:
-        return f"Attached message successfully: {outcome.reply[1]}".encode("utf-8")
-    return f"Commit {name}/{msg_id} got {ruby_inspect(outcome.reply)}".encode("utf-8")
+        text = f"Attached message successfully: {outcome.reply[1]}"
+    else:
+        text = f"Commit {name}/{msg_id} got {ruby_inspect(outcome.reply)}"
+    return _whole(request, b"text/plain;charset=utf-8", text.encode("utf-8"))
 
 
 def attach_put(request: Any, uploads: Uploads, name: str, msg_id: str, att: str) -> Deferred[bytes]:

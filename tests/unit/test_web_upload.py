@@ -328,6 +328,19 @@ def test_keep_alive_after_upload(env: Env) -> None:
     assert (c2, b2) == (200, b"hello")
 
 
+@pytest.mark.parametrize("x_format", ["json", "html"])
+def test_answers_carry_their_length(env: Env, x_format: str) -> None:
+    # Like every other answer of the web interface: a whole body with its
+    # Content-Length, not chunks (a peer may read the answer to its close).
+    msg_id = env.prep()
+    for target in (msg_id, "20260101.0000.00.000.1"):
+        conn = Connection(env.site)
+        conn.send(form_post(target, multipart("a", b"x", x_format=x_format)))
+        code, headers, body = conn.response()
+        assert code == 200 and body
+        assert "transfer-encoding" not in headers and headers["content-length"] == str(len(body))
+
+
 def test_html_failure_text(env: Env) -> None:
     conn = Connection(env.site)
     conn.send(form_post("20260101.0000.00.000.1", multipart("a", b"x")))
