@@ -40,6 +40,14 @@ class FormError(Exception):
         self.reason = reason
 
 
+def media_type(content_type: str) -> str:
+    """
+    The media type of a C{Content-Type} value, lower case, without its
+    parameters (C{multipart/form-data; boundary=x} -> C{multipart/form-data}).
+    """
+    return str(parse_options_header(content_type)[0]).lower()
+
+
 def boundary_of(content_type: str | None) -> str:
     """
     The boundary of a C{multipart/form-data} content type.

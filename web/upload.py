@@ -48,7 +48,7 @@ from rqtwisted.router import routed_queue
 from rqtwisted.store import check_attachment_name, md5_file
 from rqtwisted.threads import reactor_pool
 from rqtwisted.web.answers import dumps
-from rqtwisted.web.formdata import FormError, FormSink, boundary_of
+from rqtwisted.web.formdata import FormError, FormSink, boundary_of, media_type
 from rqtwisted.web.security import check_request
 from rqtwisted.web.site import percent_undecodable
 from rqtwisted.web.spool import Spool
@@ -312,8 +312,14 @@ class Uploads:
     ) -> "Upload":
         if length is not None and length > self.max_size:
             raise self.too_large()
+        content_type = _header(headers, b"content-type")
+        if content_type and media_type(content_type) != "multipart/form-data":
+            # A form of another kind (urlencoded) holds no file: its
+            # filedata is missing (http.md: 404), as for a multipart form
+            # without it. No Content-Type at all stays 400.
+            raise fail(404, "missing filedata")
         try:
-            boundary = boundary_of(_header(headers, b"content-type"))
+            boundary = boundary_of(content_type)
         except FormError as e:
             raise fail(e.code, e.reason)
         tmp = queue.store.state_dir("tmp")

@@ -112,6 +112,16 @@ def test_curl_upload_missing_filedata_is_404(daemon: Daemon) -> None:
 
 
 @needs_curl
+def test_curl_urlencoded_upload_is_missing_filedata(daemon: Daemon) -> None:
+    full = prep(daemon)
+    out = curl("-i", "-d", "x_format=json", "-d", "filedata=abc", f"{full}/attach/new")
+    head, _, body = out.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404") and body == b'["fail","missing filedata"]', out
+    assert b"\r\ncontent-length: 27" in head.lower()
+    assert "_attachments" not in daemon.show(full)
+
+
+@needs_curl
 def test_curl_put_upload_and_ranges(daemon: Daemon, tmp_path: Path) -> None:
     full = prep(daemon)
     data = binary(tmp_path / "log.txt", 50_000)

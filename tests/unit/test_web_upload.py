@@ -367,6 +367,27 @@ def test_missing_filedata_is_404(env: Env) -> None:
     assert conn.response()[0] == 404
 
 
+def test_form_that_is_not_multipart_has_no_filedata(env: Env) -> None:
+    # http.md: missing filedata -> 404, whatever the form; a POST without a
+    # Content-Type stays 400 (Server-wide: POST needs one).
+    msg_id = env.prep()
+    conn = Connection(env.site)
+    conn.send(http("POST", f"/q/test/{msg_id}/attach/new", b"x_format=json&filedata=abc",
+                   {"Content-Type": "application/x-www-form-urlencoded"}))
+    code, headers, body = conn.response()
+    assert (code, json.loads(body)) == (404, ["fail", "missing filedata"])
+    conn = Connection(env.site)
+    conn.send(http("POST", f"/q/test/{msg_id}/attach/new"))
+    code, headers, body = conn.response()
+    assert (code, json.loads(body)) == (400, ["fail", "multipart/form-data body expected"])
+    conn = Connection(env.site)
+    conn.send(http("POST", f"/q/test/{msg_id}/attach/new", b"--x--\r\n", {"Content-Type": "multipart/form-data"}))
+    assert conn.response()[0] == 400
+    attach = os.path.join(env.queue.store.msg_dir("prep", msg_id), "attach")
+    assert not os.path.isdir(attach) or os.listdir(attach) == []
+    assert env.temp_files() == []
+
+
 def test_unknown_queue_is_404_before_the_body(env: Env) -> None:
     conn = Connection(env.site)
     request = form_post("1", multipart("a", PAYLOAD)).replace(b"/q/test/", b"/q/nosuch/")
