@@ -33,6 +33,7 @@ __all__ = [
     "Invocation",
     "MESSAGE_KEYS",
     "VERBS",
+    "asks_help",
     "main",
     "parse_options",
     "resolve_root",
@@ -112,6 +113,24 @@ def _option_pairs(args: list[str]) -> Iterator[tuple[str, str | bool]]:
             i += 1
         else:
             yield name, True
+
+
+def asks_help(args: list[str]) -> bool:
+    """
+    Whether the words after a command ask for the list of commands: a word
+    C{--help} or C{-h} (cli.md), where C{-h} is not the value an option
+    takes by the rules of L{parse_options} (C{--param1 -h} sends C{-h}).
+    """
+    i = 0
+    while i < len(args):
+        word = args[i]
+        i += 1
+        if word in ("-h", "--help"):
+            return True
+        if "--" in word and "=" not in word.split("--", 1)[1] and i < len(args) and "--" not in args[i]:
+            # The option's value, whatever it says.
+            i += 1
+    return False
 
 
 def resolve_root(options: Options, environ: Mapping[str, str] | None = None) -> str:
@@ -618,8 +637,8 @@ def _main(args: list[str], client_factory: ClientFactory | None) -> int:
         from rqtwisted.console import main as console
 
         return console(args[1:], client_factory)
-    if "--help" in args[1:]:
-        # Nothing is done (C{rq init --help} lays out no root).
+    if asks_help(args[1:]):
+        # Nothing is done (C{rq init -h} lays out no root).
         _write(sys.stdout, _usage())
         return 1
     if verb not in _HANDLERS:

@@ -157,12 +157,25 @@ def rq(capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["-h"], ["--help"], ["--help", "ping"], ["init", "--help"], ["sendmesg", "--dest", "q", "--help"]]
+    "argv",
+    [
+        [],
+        ["-h"],
+        ["--help"],
+        ["--help", "ping"],
+        ["init", "--help"],
+        ["sendmesg", "--dest", "q", "--help"],
+        ["init", "-h"],
+        ["init", "-h", "--force"],
+        ["queues", "-h"],
+        ["sendmesg", "--dest", "q", "-h"],
+        ["sendmesg", "--dest=q", "-h", "--param1", "x"],
+    ],
 )
 def test_help(rq: Run, argv: list[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """
-    No command, C{-h}/C{--help}, or C{--help} after a command lists the
-    commands, exit 1, and does nothing (C{rq init --help} lays out no root).
+    No command, C{-h}/C{--help}, or C{-h}/C{--help} after a command lists
+    the commands, exit 1, and does nothing (C{rq init -h} lays out no root).
     """
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RQ_ROOT", raising=False)
@@ -172,6 +185,25 @@ def test_help(rq: Run, argv: list[str], tmp_path: Any, monkeypatch: pytest.Monke
     assert out.splitlines() == ["Valid commands are:", *VERBS, "console"]
     assert daemon.sockets == []
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "argv, param1",
+    [
+        (["--dest", "q", "--param1", "-h"], "-h"),
+        (["--param1", "-h", "--dest", "q"], "-h"),
+        (["--dest", "q", "--param1=-h"], "-h"),
+    ],
+)
+def test_helpWordAsValue(rq: Run, argv: list[str], param1: str) -> None:
+    """
+    C{-h} taken as an option's value is that value, not a call for help.
+    """
+    daemon = FakeDaemon(CreateMessage=("ok", FULL_ID))
+    assert rq(daemon, "sendmesg", *argv) == (0, f"ok {FULL_ID}\n", "")
+    [(command, args)] = daemon.requests
+    assert command == "CreateMessage"
+    assert json.loads(args["message"]) == {"dest": "q", "param1": param1}
 
 
 def test_verbs() -> None:
