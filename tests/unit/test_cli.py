@@ -130,6 +130,52 @@ def test_resolveRoot(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_root({}, {}) == str(tmp_path)
 
 
+def test_resolveRootFromProgram(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Without C{--root} or C{$RQ_ROOT}, a program run as C{<root>/bin/rq}
+    finds its root from its own path (cli.md), the path as run, not the
+    target of a link; a program elsewhere, or in a C{bin/} whose parent is
+    no root, leaves the current directory.
+    """
+    root = tmp_path / "root"
+    (root / "config").mkdir(parents=True)
+    (root / "config" / "config.json").write_text("{}")
+    (root / "bin").mkdir()
+    elsewhere = tmp_path / "venv" / "bin"
+    elsewhere.mkdir(parents=True)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    program = str(root / "bin" / "rq")
+    assert resolve_root({}, {}, program) == str(root)
+    assert resolve_root({}, {}, os.path.relpath(program)) == str(root)
+    assert resolve_root({}, {"RQ_ROOT": "/e"}, program) == "/e"
+    assert resolve_root({"root": "/r"}, {"RQ_ROOT": "/e"}, program) == "/r"
+    assert resolve_root({}, {}, str(elsewhere / "rq")) == str(cwd)
+    assert resolve_root({}, {}, None) == str(cwd)
+    (root / "config" / "config.json").unlink()
+    assert resolve_root({}, {}, program) == str(cwd)
+
+
+def test_mainFindsRootFromProgram(
+    capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    C{rq} run as C{<root>/bin/rq} talks to that root's daemon from any
+    directory: C{main} takes the program from C{sys.argv[0]}.
+    """
+    root = tmp_path / "root"
+    (root / "config").mkdir(parents=True)
+    (root / "config" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RQ_ROOT", raising=False)
+    monkeypatch.setattr(sys, "argv", [str(root / "bin" / "rq"), "ping"])
+    daemon = FakeDaemon(Ping=("ok", "pong"))
+    assert main(client_factory=daemon) == 0
+    assert capsys.readouterr().out == "ok pong\n"
+    assert daemon.sockets == [os.path.join(str(root), SOCKET)]
+
+
 # -- a fake daemon --------------------------------------------------------------
 
 
