@@ -33,8 +33,10 @@ __all__ = [
     "Invocation",
     "MESSAGE_KEYS",
     "VERBS",
+    "asks_help",
     "main",
     "parse_options",
+    "program_root",
     "resolve_root",
     "run",
 ]
@@ -114,18 +116,57 @@ def _option_pairs(args: list[str]) -> Iterator[tuple[str, str | bool]]:
             yield name, True
 
 
-def resolve_root(options: Options, environ: Mapping[str, str] | None = None) -> str:
+def asks_help(args: list[str]) -> bool:
     """
-    The RQ root, absolute: C{--root}, else C{$RQ_ROOT}, else the current
-    directory.
+    Whether the words after a command ask for the list of commands: a word
+    C{--help} or C{-h} (cli.md), where C{-h} is not the value an option
+    takes by the rules of L{parse_options} (C{--param1 -h} sends C{-h}).
+    """
+    i = 0
+    while i < len(args):
+        word = args[i]
+        i += 1
+        if word in ("-h", "--help"):
+            return True
+        if "--" in word and "=" not in word.split("--", 1)[1] and i < len(args) and "--" not in args[i]:
+            # The option's value, whatever it says.
+            i += 1
+    return False
 
+
+def resolve_root(
+    options: Options, environ: Mapping[str, str] | None = None, program: str | None = None
+) -> str:
+    """
+    The RQ root, absolute: C{--root}, else C{$RQ_ROOT}, else the root the
+    program lives in (L{program_root}), else the current directory.
+
+    @param program: The path the program was run by (C{sys.argv[0]}), if
+        known.
     @raise CommandFailed: C{--root} was given without a value.
     """
     environ = os.environ if environ is None else environ
     root = options.get("root")
     if root is True:
         raise CommandFailed("option --root needs a value")
-    return os.path.abspath(root or environ.get("RQ_ROOT") or os.getcwd())
+    return os.path.abspath(root or environ.get("RQ_ROOT") or program_root(program) or os.getcwd())
+
+
+def program_root(program: str | None) -> str | None:
+    """
+    The root a program run as C{<root>/bin/rq} lives in, found from its own
+    path as the original's C{bin/rq} found it (cli.md), so that a link
+    C{<root>/bin/rq} to this program works from any directory: the parent
+    of the program's directory, if it holds C{config/config.json}; else
+    L{None}. The path is taken as run, links not followed (the link's
+    directory is the root's, its target's is not).
+    """
+    if not program:
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(program)))
+    if os.path.isfile(os.path.join(root, "config", "config.json")):
+        return root
+    return None
 
 
 class Invocation:
@@ -571,17 +612,22 @@ def _discard(stream: Any) -> None:
 
 
 def run(
-    verb: str, args: list[str], client_factory: ClientFactory, environ: Mapping[str, str] | None = None
+    verb: str,
+    args: list[str],
+    client_factory: ClientFactory,
+    environ: Mapping[str, str] | None = None,
+    program: str | None = None,
 ) -> Outcome:
     """
     Run one known command with its argument words; never raises. The one
     dispatch of the command line and of C{rq console}.
 
     @param environ: Where C{RQ_ROOT} is looked up (default C{os.environ}).
+    @param program: The path C{rq} was run by, for L{resolve_root}.
     """
     try:
         options = parse_options(args)
-        invocation = Invocation(verb, resolve_root(options, environ), options, client_factory, args)
+        invocation = Invocation(verb, resolve_root(options, environ, program), options, client_factory, args)
         return _HANDLERS[verb](invocation)
     except CommandFailed as e:
         return False, f"fail {e.reason}"
@@ -593,7 +639,9 @@ def run(
 EXIT_INTERRUPTED = 130
 
 
-def main(argv: list[str] | None = None, client_factory: ClientFactory | None = None) -> int:
+def main(
+    argv: list[str] | None = None, client_factory: ClientFactory | None = None, program: str | None = None
+) -> int:
     """
     The C{rq} entry point. Ctrl-C ends it with L{EXIT_INTERRUPTED} and no
     traceback; output that cannot be written makes it fail (exit 1).
@@ -601,15 +649,22 @@ def main(argv: list[str] | None = None, client_factory: ClientFactory | None = N
     @param argv: The words after the program name (default C{sys.argv[1:]}).
     @param client_factory: Builds the admin client from the socket path
         (default L{AdminClient}); tests inject fakes here.
+    @param program: The path the program was run by, where its root may be
+        found (L{program_root}); default C{sys.argv[0]} when C{argv} is
+        not given, else none.
     @return: The exit status: 0 iff the command succeeded.
     """
+    if argv is None:
+        argv = sys.argv[1:]
+        if program is None:
+            program = sys.argv[0]
     try:
-        return _main(sys.argv[1:] if argv is None else list(argv), client_factory)
+        return _main(list(argv), client_factory, program)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 
 
-def _main(args: list[str], client_factory: ClientFactory | None) -> int:
+def _main(args: list[str], client_factory: ClientFactory | None, program: str | None) -> int:
     if not args or args[0] in ("-h", "--help"):
         _write(sys.stdout, _usage())
         return 1
@@ -617,14 +672,14 @@ def _main(args: list[str], client_factory: ClientFactory | None) -> int:
     if verb == "console":
         from rqtwisted.console import main as console
 
-        return console(args[1:], client_factory)
-    if "--help" in args[1:]:
-        # Nothing is done (C{rq init --help} lays out no root).
+        return console(args[1:], client_factory, program=program)
+    if asks_help(args[1:]):
+        # Nothing is done (C{rq init -h} lays out no root).
         _write(sys.stdout, _usage())
         return 1
     if verb not in _HANDLERS:
         _write(sys.stderr, f"Command not found: {verb} (cmd_{verb})")
         return 1
-    ok, output = run(verb, args[1:], client_factory or AdminClient)
+    ok, output = run(verb, args[1:], client_factory or AdminClient, program=program)
     written = _write(sys.stdout, output)
     return 0 if ok and written else 1

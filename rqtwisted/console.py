@@ -737,9 +737,10 @@ def _save_history(readline: Any, path: str | None) -> None:
 
 _USAGE = """usage: rq console [--root DIR]
 
-An admin shell on the rq daemon of DIR (default $RQ_ROOT, else the current
-directory): type rq verbs without 'rq', help for the list, quit to leave.
-With commands piped on stdin, runs each line; exit status 1 if any failed."""
+An admin shell on the rq daemon of DIR (default $RQ_ROOT, else the root rq
+is run from as DIR/bin/rq, else the current directory): type rq verbs
+without 'rq', help for the list, quit to leave. With commands piped on
+stdin, runs each line; exit status 1 if any failed."""
 
 
 def main(
@@ -749,6 +750,7 @@ def main(
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    program: str | None = None,
 ) -> int:
     """
     C{rq console [--root DIR]}: run the console; its exit status. With
@@ -758,6 +760,8 @@ def main(
     @param argv: The words after C{console}.
     @param client_factory: Builds the admin client of a socket path
         (default L{SessionClient}).
+    @param program: The path C{rq} was run by, where the root may be found
+        (L{cli.program_root}).
     """
     environ = os.environ if environ is None else environ
     stdout = sys.stdout if stdout is None else stdout
@@ -767,7 +771,7 @@ def main(
     if "help" in options:
         return 0 if cli._write(stdout, _USAGE) else 1
     try:
-        root = cli.resolve_root(options, environ)
+        root = cli.resolve_root(options, environ, program)
     except cli.CommandFailed as e:
         cli._write(stdout, f"fail {e.reason}")
         return 1

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -463,3 +464,38 @@ def test_port_zero_names_the_port_it_got(daemon: Daemon) -> None:
     assert port != 0
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/q.json", timeout=10) as reply:
         assert reply.status == 200
+
+def test_rq_in_the_roots_bin_finds_its_root(daemon: Daemon, tmp_path: Path) -> None:
+    """
+    C{rq} run as C{<root>/bin/rq} (a link to the installed program, or a
+    copy of it) finds its root from its own path, as the original's
+    C{bin/rq} did: the command lines of the original work unchanged from
+    any directory, without C{RQ_ROOT}.
+    """
+    daemon.queue_with_script("test", 'echo "done hi" >&3\n')
+    installed = tmp_path / "venv" / "bin"
+    installed.mkdir(parents=True)
+    program = installed / "rq"
+    program.write_text(f"#!{sys.executable}\nimport sys\nfrom rqtwisted.cli import main\nsys.exit(main())\n")
+    program.chmod(0o755)
+    (daemon.root / "bin").mkdir()
+    (daemon.root / "bin" / "rq").symlink_to(program)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in daemon.env.items() if k != "RQ_ROOT"}
+
+    def rq(program: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([program, *args], env=env, cwd=str(elsewhere), capture_output=True, text=True)
+
+    sent = rq(str(daemon.root / "bin" / "rq"), "sendmesg", "--dest", "test")
+    assert (sent.returncode, sent.stderr) == (0, ""), sent
+    status, full = sent.stdout.split()
+    assert status == "ok" and full.startswith(f"{daemon.base_url}q/test/"), sent.stdout
+    daemon.wait_state(full, "done")
+    # A relative path to the link works as well.
+    shown = rq(os.path.relpath(daemon.root / "bin" / "rq", elsewhere), "statusmesg", "--msg_id", full)
+    assert (shown.returncode, shown.stdout) == (0, "ok done - hi\n"), shown
+    # The installed program itself has no root of its own: the current
+    # directory, where no daemon runs.
+    lost = rq(str(program), "statusmesg", "--msg_id", full)
+    assert lost.returncode == 1 and lost.stdout.startswith(f"fail rq daemon not running at {elsewhere}"), lost

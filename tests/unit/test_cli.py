@@ -130,6 +130,52 @@ def test_resolveRoot(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_root({}, {}) == str(tmp_path)
 
 
+def test_resolveRootFromProgram(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Without C{--root} or C{$RQ_ROOT}, a program run as C{<root>/bin/rq}
+    finds its root from its own path (cli.md), the path as run, not the
+    target of a link; a program elsewhere, or in a C{bin/} whose parent is
+    no root, leaves the current directory.
+    """
+    root = tmp_path / "root"
+    (root / "config").mkdir(parents=True)
+    (root / "config" / "config.json").write_text("{}")
+    (root / "bin").mkdir()
+    elsewhere = tmp_path / "venv" / "bin"
+    elsewhere.mkdir(parents=True)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    program = str(root / "bin" / "rq")
+    assert resolve_root({}, {}, program) == str(root)
+    assert resolve_root({}, {}, os.path.relpath(program)) == str(root)
+    assert resolve_root({}, {"RQ_ROOT": "/e"}, program) == "/e"
+    assert resolve_root({"root": "/r"}, {"RQ_ROOT": "/e"}, program) == "/r"
+    assert resolve_root({}, {}, str(elsewhere / "rq")) == str(cwd)
+    assert resolve_root({}, {}, None) == str(cwd)
+    (root / "config" / "config.json").unlink()
+    assert resolve_root({}, {}, program) == str(cwd)
+
+
+def test_mainFindsRootFromProgram(
+    capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    C{rq} run as C{<root>/bin/rq} talks to that root's daemon from any
+    directory: C{main} takes the program from C{sys.argv[0]}.
+    """
+    root = tmp_path / "root"
+    (root / "config").mkdir(parents=True)
+    (root / "config" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RQ_ROOT", raising=False)
+    monkeypatch.setattr(sys, "argv", [str(root / "bin" / "rq"), "ping"])
+    daemon = FakeDaemon(Ping=("ok", "pong"))
+    assert main(client_factory=daemon) == 0
+    assert capsys.readouterr().out == "ok pong\n"
+    assert daemon.sockets == [os.path.join(str(root), SOCKET)]
+
+
 # -- a fake daemon --------------------------------------------------------------
 
 
@@ -157,12 +203,25 @@ def rq(capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["-h"], ["--help"], ["--help", "ping"], ["init", "--help"], ["sendmesg", "--dest", "q", "--help"]]
+    "argv",
+    [
+        [],
+        ["-h"],
+        ["--help"],
+        ["--help", "ping"],
+        ["init", "--help"],
+        ["sendmesg", "--dest", "q", "--help"],
+        ["init", "-h"],
+        ["init", "-h", "--force"],
+        ["queues", "-h"],
+        ["sendmesg", "--dest", "q", "-h"],
+        ["sendmesg", "--dest=q", "-h", "--param1", "x"],
+    ],
 )
 def test_help(rq: Run, argv: list[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """
-    No command, C{-h}/C{--help}, or C{--help} after a command lists the
-    commands, exit 1, and does nothing (C{rq init --help} lays out no root).
+    No command, C{-h}/C{--help}, or C{-h}/C{--help} after a command lists
+    the commands, exit 1, and does nothing (C{rq init -h} lays out no root).
     """
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RQ_ROOT", raising=False)
@@ -172,6 +231,25 @@ def test_help(rq: Run, argv: list[str], tmp_path: Any, monkeypatch: pytest.Monke
     assert out.splitlines() == ["Valid commands are:", *VERBS, "console"]
     assert daemon.sockets == []
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "argv, param1",
+    [
+        (["--dest", "q", "--param1", "-h"], "-h"),
+        (["--param1", "-h", "--dest", "q"], "-h"),
+        (["--dest", "q", "--param1=-h"], "-h"),
+    ],
+)
+def test_helpWordAsValue(rq: Run, argv: list[str], param1: str) -> None:
+    """
+    C{-h} taken as an option's value is that value, not a call for help.
+    """
+    daemon = FakeDaemon(CreateMessage=("ok", FULL_ID))
+    assert rq(daemon, "sendmesg", *argv) == (0, f"ok {FULL_ID}\n", "")
+    [(command, args)] = daemon.requests
+    assert command == "CreateMessage"
+    assert json.loads(args["message"]) == {"dest": "q", "param1": param1}
 
 
 def test_verbs() -> None:
