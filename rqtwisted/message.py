@@ -176,6 +176,9 @@ def _shown(value: Any) -> str:
     """
     C{value} as a reason quotes it: at most 64 characters.
     """
+    if isinstance(value, bool) or value is None:
+        # As JSON writes them (a lone --flag on the command line is true).
+        return json.dumps(value)
     try:
         text = str(value)
     except ValueError:  # (an int of thousands of digits)
@@ -236,13 +239,13 @@ def _to_due(value: Any) -> float:
         be written as JSON), or beyond year 9999 either way.
     """
     if isinstance(value, bool):
-        raise MessageError(f"invalid due field ({value})")
+        raise MessageError(f"invalid due field ({_shown(value)})")
     try:
         due = float(value)
     except (TypeError, ValueError):
-        raise MessageError(f"invalid due field ({value})")
+        raise MessageError(f"invalid due field ({_shown(value)})")
     if not math.isfinite(due) or abs(due) > MAX_DUE:
-        raise MessageError(f"invalid due field ({value})")
+        raise MessageError(f"invalid due field ({_shown(value)})")
     return due
 
 

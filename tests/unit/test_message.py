@@ -168,7 +168,7 @@ def test_creation_fields_refuse_counts_that_are_not_numbers(key, value):
     """
     with pytest.raises(MessageError) as info:
         creation_fields({"dest": "q", key: value})
-    assert str(info.value) == f"invalid {key} field ({value})"
+    assert str(info.value) == f"invalid {key} field ({'null' if value is None else value})"
 
 
 @pytest.mark.parametrize(
@@ -212,3 +212,14 @@ def test_due_that_is_no_time_is_refused(due):
     with pytest.raises(MessageError, match="invalid due field"):
         creation_fields({"dest": "q", "due": due})
     assert creation_fields({"dest": "q", "due": 253402300799})["due"] == 253402300799
+
+
+@pytest.mark.parametrize("value, shown", [(True, "true"), (False, "false")])
+def test_refusals_show_a_boolean_as_json(value, shown):
+    """
+    A boolean (a lone C{--due} on the command line is true) is quoted in
+    the reason as JSON writes it, not as Python's C{True}.
+    """
+    with pytest.raises(MessageError) as info:
+        creation_fields({"dest": "q", "due": value})
+    assert str(info.value) == f"invalid due field ({shown})"
