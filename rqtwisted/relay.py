@@ -48,8 +48,10 @@ What rqtwisted adds, without changing the wire:
    relayed after all; still in prep, it is deleted (C{_method=delete}), so
    that no copy that will never be committed is left behind.
  - I{Bad peers}: connect timeout, idle timeout (no byte moved either way),
-   an answer not complete within the idle timeout of its headers (one
-   dripped a byte at a time), garbage answers, a connection closed mid-upload and a wrong md5 are all
+   an upload slower than C{min_upload_rate} averaged over
+   C{upload_rate_window} (a peer reading a byte now and then), an answer
+   not complete within the idle timeout of its headers (one dripped a byte
+   at a time), garbage answers, a connection closed mid-upload and a wrong md5 are all
    soft failures: nothing is committed with a wrong copy.
  - I{Unreachable peers}: a peer whose connection timed out is not tried
    again for L{UNREACHABLE_MEMORY} connect timeouts: the messages for it
@@ -62,8 +64,9 @@ What rqtwisted adds, without changing the wire:
    commit) unless the message has C{force_remote}.
 
 Settings (optional) come from C{config.json} key C{relay}: C{retry_base},
-C{retry_cap}, C{connect_timeout}, C{idle_timeout} (seconds) and
-C{resumable_min} (bytes).
+C{retry_cap}, C{connect_timeout}, C{idle_timeout} (seconds),
+C{resumable_min} (bytes), C{min_upload_rate} (bytes a second) and
+C{upload_rate_window} (seconds).
 
 The parts, one job each: L{rqtwisted.relaywire} (requests and the meaning
 of answers, no I/O), L{rqtwisted.relaybodies} (upload bodies streamed from
@@ -176,7 +179,14 @@ class Relayer:
         self.config = config or RelayConfig.fromSettings(instance.settings.raw)
         self.clock = clock
         self.cooperator = cooperator
-        self.http = HttpPeer(client, clock, self.config.idle_timeout, oneshot)
+        self.http = HttpPeer(
+            client,
+            clock,
+            self.config.idle_timeout,
+            oneshot,
+            self.config.min_upload_rate,
+            self.config.upload_rate_window,
+        )
         self._hasher = hasher
         self._rand = rand
         self._no_resume: dict[str, float] = {}

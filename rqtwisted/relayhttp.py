@@ -60,6 +60,65 @@ class _IdleWatch:
         self._call = None
 
 
+class _RateFloor:
+    """
+    Call C{expire} when an upload moves fewer than C{rate} bytes a second,
+    averaged over each C{window} seconds from its first byte, before all of
+    its C{length} bytes are sent (a peer that reads a byte now and then
+    keeps the idle timeout away). Off when C{rate} or C{window} is 0.
+    """
+
+    def __init__(self, clock: IReactorTime, rate: float, window: float, expire: Callable[[], None]) -> None:
+        self._clock = clock
+        self._rate = rate
+        self._window = window
+        self._expire = expire
+        self.expired = False
+        #: The body's size, when known: once it is sent, the watch stops.
+        self.length: int | None = None
+        self._sent = 0
+        self._mark = 0
+        self._done = rate <= 0 or window <= 0
+        self._call: Any = None
+
+    def progress(self, n: int) -> None:
+        """
+        C{n} more bytes of the body were sent.
+        """
+        if self._done:
+            return
+        self._sent += n
+        if self.length is not None and self._sent >= self.length:
+            self.stop()
+        elif self._call is None:
+            self._call = self._clock.callLater(self._window, self._check)
+
+    def _check(self) -> None:
+        self._call = None
+        if self._sent - self._mark < self._rate * self._window:
+            self._done = True
+            self.expired = True
+            self._expire()
+            return
+        self._mark = self._sent
+        self._call = self._clock.callLater(self._window, self._check)
+
+    def reason(self) -> str:
+        """
+        Why the upload was given up.
+        """
+        return f"upload slower than {self._rate / 1024:g} KiB/s over {self._window:g}s"
+
+    def stop(self) -> None:
+        """
+        The body is sent, or the exchange is over: watch no more.
+        """
+        self._done = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
 class _Collector(_Protocol):
     """
     Read a response body up to C{limit} bytes; abort beyond that or when
@@ -182,7 +241,10 @@ class HttpPeer:
     Requests to peers through a treq L{HTTPClient}, with an idle timeout on
     every exchange (no byte sent or received for C{idle_timeout} seconds
     until the answer's headers; then its body must be in whole within
-    C{idle_timeout} seconds).
+    C{idle_timeout} seconds), and a floor on the speed of uploads
+    (C{min_rate} bytes a second averaged over each C{rate_window} seconds
+    from the body's first byte until its last; see L{RelayConfig
+    <rqtwisted.relaywire.RelayConfig>}).
 
     With a C{oneshot} client (one connection per request), a peer is
     reached through it until one of its answers shows that it keeps
@@ -196,11 +258,23 @@ class HttpPeer:
         clock: IReactorTime,
         idle_timeout: float,
         oneshot: HTTPClient | None = None,
+        min_rate: float = 0.0,
+        rate_window: float = 0.0,
     ) -> None:
+        """
+        @param client: the client of peers known to keep connections open.
+        @param clock: timers.
+        @param idle_timeout: seconds (0: none).
+        @param oneshot: the client of the other peers (L{None}: C{client}).
+        @param min_rate: the upload speed floor, bytes a second (0: none).
+        @param rate_window: seconds it is averaged over (0: no floor).
+        """
         self.client = client
         self._oneshot = oneshot
         self._clock = clock
         self._idle = idle_timeout
+        self._min_rate = min_rate
+        self._rate_window = rate_window
         self._keepalive: dict[str, bool] = {}
 
     def _client_for(self, origin: str) -> HTTPClient:
@@ -252,9 +326,17 @@ class HttpPeer:
                 d.cancel()
 
         watch = _IdleWatch(self._clock, self._idle, expire)
+        floor = _RateFloor(self._clock, self._min_rate, self._rate_window, expire)
+
+        def progress(n: int) -> None:
+            watch.touch(n)
+            floor.progress(n)
+
         producer: Any = None
         try:
-            producer = body(watch.touch) if body is not None else None
+            producer = body(progress) if body is not None else None
+            length = getattr(producer, "length", None)
+            floor.length = length if isinstance(length, int) else None
             origin = urlsplit(url).netloc
             d = self._client_for(origin).request(
                 method.decode("ascii"),
@@ -270,6 +352,8 @@ class HttpPeer:
             except Exception as e:
                 if watch.expired:
                     raise SoftFailure(f"timed out after {self._idle:g}s idle")
+                if floor.expired:
+                    raise SoftFailure(floor.reason())
                 if _cancelled(e):
                     raise CancelledError()
                 failure = Failure()
@@ -279,6 +363,7 @@ class HttpPeer:
                     raise Unreachable(_describe(failure))
                 raise SoftFailure(_describe(failure))
             pending.clear()
+            floor.stop()
             # The answer (at most MAX_ANSWER bytes) must be in whole within
             # the idle timeout of its headers: a peer dripping it a byte at
             # a time would otherwise hold the relay for as long as it likes.
@@ -305,6 +390,7 @@ class HttpPeer:
             raise SoftFailure(f"cannot read attachment - {e.strerror or e}")
         finally:
             watch.stop()
+            floor.stop()
             close = getattr(producer, "close", None)
             if close is not None:
                 close()

@@ -81,6 +81,11 @@ class RemoteLost(SoftFailure):
 class RelayConfig:
     """
     Tunables of the relay (C{config.json} key C{relay}).
+
+    An upload that moves fewer than C{min_upload_rate} bytes a second,
+    averaged over each C{upload_rate_window} seconds from its first byte,
+    fails (a peer reading very slowly would hold the relay's one worker);
+    either being 0 turns this off.
     """
 
     retry_base: float = 10.0
@@ -88,6 +93,8 @@ class RelayConfig:
     connect_timeout: float = 10.0
     idle_timeout: float = 120.0
     resumable_min: int = 1024 * 1024
+    min_upload_rate: float = 1024.0
+    upload_rate_window: float = 60.0
 
     @classmethod
     def fromSettings(cls, raw: Mapping[str, Any]) -> "RelayConfig":
@@ -104,6 +111,8 @@ class RelayConfig:
             ("connect_timeout", float),
             ("idle_timeout", float),
             ("resumable_min", int),
+            ("min_upload_rate", float),
+            ("upload_rate_window", float),
         ):
             if name in data:
                 try:

@@ -534,7 +534,11 @@ def test_same_host():
 
 
 def test_relay_config_from_settings():
-    config = RelayConfig.fromSettings({"relay": {"retry_base": "2", "idle_timeout": -1, "resumable_min": "x"}})
+    config = RelayConfig.fromSettings(
+        {"relay": {"retry_base": "2", "idle_timeout": -1, "resumable_min": "x", "min_upload_rate": "2048"}}
+    )
+    assert config.min_upload_rate == 2048
+    assert config.upload_rate_window == RelayConfig().upload_rate_window
     assert config.retry_base == 2.0
     assert config.idle_timeout == RelayConfig().idle_timeout
     assert config.resumable_min == RelayConfig().resumable_min
@@ -793,6 +797,111 @@ def test_dripping_answer_times_out(world):
     assert "answer not complete within 30s" in world.status(msg_id)
     world.retry(msg_id)
     assert world.state(msg_id) == "relayed"
+
+
+class _SlowReader:
+    """
+    An HTTP client that reads the body of a big upload (more than 64 KiB)
+    as a peer on a very slow link does: one write of it every C{every}
+    seconds, each one keeping the idle timeout away. Once it has the whole
+    body it passes the request on to C{client}. Its requests, in order, in
+    C{uploads} (the bytes read of each, as it goes).
+    """
+
+    def __init__(self, client, clock, every):
+        self.client = client
+        self.clock = clock
+        self.every = every
+        self.uploads = []
+
+    def request(self, method, url, headers=None, data=None, **kwargs):
+        length = getattr(data, "length", 0)
+        if not isinstance(length, int) or length <= 64 * 1024:
+            return self.client.request(method, url, headers=headers, data=data, **kwargs)
+        consumer = _CongestedConsumer()
+        self.uploads.append(consumer.data)
+        timer = []
+
+        def drain():
+            timer.clear()
+            consumer.drain()
+            if not done.called:
+                timer.append(self.clock.callLater(self.every, drain))
+
+        def cancel(d):
+            for call in timer:
+                if call.active():
+                    call.cancel()
+            data.stopProducing()
+
+        done = Deferred(cancel)
+        consumer.registerProducer(data, True)
+
+        def sent(_):
+            for call in timer:
+                if call.active():
+                    call.cancel()
+            from rqtwisted.relaybodies import BytesProducer
+
+            # A producer writing at once (treq would read bytes with the
+            # global cooperator, on the reactor that is not running here).
+            body = BytesProducer(b"".join(consumer.data))
+            forwarded = self.client.request(method, url, headers=headers, data=body, **kwargs)
+            forwarded.chainDeferred(done)
+
+        data.startProducing(consumer).addCallback(sent)
+        timer.append(self.clock.callLater(self.every, drain))
+        return done
+
+
+def test_upload_slower_than_the_floor_fails(tmp_path, monkeypatch):
+    """
+    A peer that reads an upload very slowly but steadily (the idle timeout
+    never fires) does not hold the relay's one worker: an upload moving
+    fewer than min_upload_rate bytes a second over upload_rate_window
+    seconds fails softly with the reason, and is retried.
+    """
+    world = World(tmp_path, monkeypatch, min_upload_rate=8192, upload_rate_window=60)
+    slow = _SlowReader(world.relayer.http.client, world.clock, 25)
+    world.relayer.http.client = slow
+    data = os.urandom(1024 * 1024)
+    msg_id = world.send(attachments=[("big", data)])
+    world.settle()
+    for _ in range(2):
+        world.clock.advance(25)  # 64 KiB every 25 s: 2.6 KiB/s, never 30 s idle
+        world.settle()
+    assert world.state(msg_id) == "run", world.status(msg_id)
+    world.clock.advance(10)  # 60 s after the first byte: 192 KiB moved, not 480
+    world.settle()
+    assert world.state(msg_id) == "que", world.status(msg_id)
+    assert "upload slower than 8 KiB/s over 60s" in world.status(msg_id)
+    assert len(b"".join(slow.uploads[0])) < len(data)
+    assert world.committed() == []
+    world.relayer.http.client = slow.client
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed", world.status(msg_id)
+    [remote] = world.committed()
+    assert world.far_md5s(remote)["big"] == hashlib.md5(data).hexdigest()
+
+
+def test_slow_upload_above_the_floor_is_not_cut(world):
+    """
+    A slow but real link (2.6 KiB/s, above the default floor of 1 KiB/s
+    over 60 s) gets its upload through, over several windows.
+    """
+    assert (world.relayer.config.min_upload_rate, world.relayer.config.upload_rate_window) == (1024, 60)
+    slow = _SlowReader(world.relayer.http.client, world.clock, 25)
+    world.relayer.http.client = slow
+    data = os.urandom(600_000)
+    msg_id = world.send(attachments=[("big", data)])
+    world.settle()
+    for _ in range(12):
+        world.clock.advance(25)
+        world.settle()
+    assert world.state(msg_id) == "relayed", world.status(msg_id)
+    assert b"".join(slow.uploads[0]).count(data) == 1
+    [remote] = world.committed()
+    assert world.far_md5s(remote)["big"] == hashlib.md5(data).hexdigest()
 
 
 def test_peer_never_accepts(tmp_path, monkeypatch):
