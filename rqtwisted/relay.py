@@ -47,6 +47,10 @@ What rqtwisted adds, without changing the wire:
    once more: committed (the commit's answer was lost), the message is
    relayed after all; still in prep, it is deleted (C{_method=delete}), so
    that no copy that will never be committed is left behind.
+ - I{Permanent refusals}: an answer no retry can change (413, larger than
+   the peer takes: L{PERMANENT_CODES<rqtwisted.relaywire.PERMANENT_CODES>})
+   ends the message in err at once with the peer's reason; a remote
+   message prepared for it is settled as after the last attempt.
  - I{Bad peers}: connect timeout, idle timeout (no byte moved either way),
    an upload slower than C{min_upload_rate} averaged over
    C{upload_rate_window} (a peer reading a byte now and then), an answer
@@ -98,6 +102,7 @@ from rqtwisted.relaypeers import Attachment, LocalPeer, Peer, RemotePeer
 from rqtwisted.relaywire import (
     LOOP_REASON,
     MAX_RELAY_COUNT,
+    PermanentRefusal,
     RelayConfig,
     RemoteLost,
     SoftFailure,
@@ -324,6 +329,15 @@ class Relayer:
             self.drop_relay_id(job)
             self._retry(job, count, e.reason)
             return
+        except PermanentRefusal as e:
+            # No retry can change it: settled as the last attempt is, and
+            # in err at once with the peer's reason.
+            delivered = await self._give_up(job, peer)
+            if delivered is None:
+                job.log(f"attempt failed: {e.reason}; no retry can change it")
+                job.report(f"err {e.reason}")
+                return
+            remote_id = delivered
         except SoftFailure as e:
             # The queue sends a resend at max_count to err (protocol.outcome).
             if count + 1 < count_of(msg, "max_count", 0):
@@ -340,9 +354,10 @@ class Relayer:
 
     async def _give_up(self, job: "InProcessJob", peer: Peer) -> str | None:
         """
-        The last attempt failed (the message goes to err): settle with the
-        remote message of C{job/relay_id}, if any. One that was committed
-        after all (the commit's answer was lost) is the delivery: its id.
+        The last attempt failed, or the peer refused for good (the message
+        goes to err): settle with the remote message of C{job/relay_id}, if
+        any. One that was committed after all (the commit's answer was
+        lost) is the delivery: its id.
         One still in prep would never be committed: it is deleted (with its
         partial uploads), best effort.
         """

@@ -31,6 +31,7 @@ from rqtwisted.relaywire import (
     parse_state,
     prep_fields,
     prep_request,
+    refusal,
 )
 
 if TYPE_CHECKING:
@@ -278,7 +279,7 @@ class RemotePeer:
                 return False
             if reason == CANNOT_FIND:
                 raise RemoteLost(f"attach {a.name} failed - {reason}")
-            raise SoftFailure(f"attach {a.name} failed - HTTP {probe.code} {reason}")
+            raise refusal(probe.code, f"attach {a.name} failed - HTTP {probe.code} {reason}")
         held = parse_held(probe.code, probe.headers, probe.body, a.size)
         assert held is not None
         if held == a.size:

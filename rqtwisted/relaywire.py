@@ -6,8 +6,9 @@ Each step of an exchange has a function building its request
 (L{prep_request}, L{commit_request}, L{message_request}) and one judging the peer's answer
 from its status code and body (L{parse_prep}, L{check_attached},
 L{expect_ok}, L{parse_state}, L{parse_attached}, L{parse_held}): a
-failed step raises L{SoftFailure} (retry later) or L{RemoteLost} (the
-remote forgot the prepared message: prepare a new one). The decisions that
+failed step raises L{SoftFailure} (retry later), L{RemoteLost} (the
+remote forgot the prepared message: prepare a new one) or
+L{PermanentRefusal} (no retry can change it: err at once). The decisions that
 do not depend on a peer (L{backoff}, L{loop_detected}, L{same_host}) and the
 tunables (L{RelayConfig}) live here too.
 """
@@ -45,6 +46,13 @@ LOOP_REASON = "Relay loop detected: RQ_DEST queue same as RQ_ORIG_MSG_ID"
 #: The remote's answer when it does not know a message (any more).
 CANNOT_FIND = "cannot find message"
 
+#: HTTP codes of refusals that cannot change by themselves, whoever sends
+#: them: 413, the request (an upload, a prep form) is larger than the peer
+#: takes (C{max_upload_size}). Others are not in it: a 400 may come from a
+#: sender's bug that an upgrade fixes, 401/403/404 from settings or a queue
+#: about to be made, 409/503 pass, and 5xx come from anything in between.
+PERMANENT_CODES = frozenset({413})
+
 
 # -- errors
 
@@ -64,6 +72,15 @@ class Unreachable(SoftFailure):
     """
     The connection to the peer timed out: nothing was sent, and the
     attempt cost the whole connect timeout.
+    """
+
+
+class PermanentRefusal(SoftFailure):
+    """
+    The peer refused in a way no retry can change (an answer with a code of
+    L{PERMANENT_CODES}): the message ends in err at once, with the reason.
+    A L{SoftFailure} as far as each step is concerned; only the handler
+    (L{rqtwisted.relay.Relayer.handle}) tells it apart.
     """
 
 
@@ -210,17 +227,30 @@ def fail_reason(body: bytes) -> str | None:
     return None
 
 
+def refusal(code: int, reason: str) -> SoftFailure:
+    """
+    The failure an answer with the error code C{code} means:
+    L{PermanentRefusal} for a code of L{PERMANENT_CODES}, else a
+    L{SoftFailure}; C{reason} is its text.
+    """
+    if code in PERMANENT_CODES:
+        return PermanentRefusal(reason)
+    return SoftFailure(reason)
+
+
 def parse_answer(code: int, body: bytes, step: str) -> tuple[str, str]:
     """
     An RQ JSON answer C{["ok"|"fail", text]}.
 
-    @raise SoftFailure: not 200, or not such a pair.
+    @raise RemoteLost: not 200, C{["fail","cannot find message"]}.
+    @raise PermanentRefusal: a code of L{PERMANENT_CODES}.
+    @raise SoftFailure: another code than 200, or not such a pair.
     """
     if code != 200:
         reason = fail_reason(body)
         if reason == CANNOT_FIND:
             raise RemoteLost(f"{step} failed - {reason}")
-        raise SoftFailure(f"{step} failed - HTTP {code}" + (f" {reason}" if reason else ""))
+        raise refusal(code, f"{step} failed - HTTP {code}" + (f" {reason}" if reason else ""))
     try:
         value = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):

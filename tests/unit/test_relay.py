@@ -1116,7 +1116,7 @@ def test_last_attempt_deletes_the_remote_prep(world):
     When the last attempt fails (max_count reached) with a prepared remote
     message, that message is deleted: it would never be committed.
     """
-    world.peer.faults = [("attach", "json:413:upload larger than max_upload_size")]
+    world.peer.faults = [("attach", "500")]
     msg_id = world.send(attachments=[("f", b"data")], max_count=1)
     world.settle()
     assert world.state(msg_id) == "err"
@@ -1125,6 +1125,52 @@ def test_last_attempt_deletes_the_remote_prep(world):
     assert world.far_messages()["prep"] == []
     assert world.committed() == []
     assert world.relay_id("err", msg_id) is None
+
+
+@pytest.mark.parametrize(
+    "resumable, fault, steps, reason",
+    [
+        (
+            False,
+            ("attach", "json:413:upload larger than max_upload_size (3 bytes)"),
+            ["prep", "attach", "state", "delete"],
+            "attach f failed - HTTP 413 upload larger than max_upload_size (3 bytes)",
+        ),
+        (
+            True,
+            ("put", "json:413:upload larger than max_upload_size (3 bytes)"),
+            ["prep", "put", "state", "delete"],
+            "attach f failed - HTTP 413 upload larger than max_upload_size (3 bytes)",
+        ),
+        (
+            False,
+            ("prep", "json:413:request body larger than 65536 bytes"),
+            ["prep"],
+            "prep failed - HTTP 413 request body larger than 65536 bytes",
+        ),
+    ],
+    ids=["multipart", "resumable-probe", "prep"],
+)
+def test_too_large_for_the_peer_ends_in_err_at_once(tmp_path, monkeypatch, resumable, fault, steps, reason):
+    """
+    A 413 (larger than the peer takes) cannot change by retrying: the
+    message ends in err at once with the peer's reason, after one attempt;
+    a remote message prepared for it is deleted, as after the last attempt.
+    """
+    world = World(tmp_path, monkeypatch, **({"resumable_min": 1} if resumable else {}))
+    world.peer.resumable = resumable
+    world.peer.faults = [fault]
+    msg_id = world.send(attachments=[("f", b"data")])
+    world.settle()
+    assert world.state(msg_id) == "err", world.status(msg_id)
+    assert world.status(msg_id) == f"err - {reason}"
+    assert world.relay.get(msg_id)["count"] == 0
+    assert world.steps() == steps
+    assert world.far_messages()["prep"] == []
+    assert world.committed() == []
+    assert world.relay_id("err", msg_id) is None
+    log = open(world.job_file("err", msg_id, "stdio.log")).read()
+    assert f"attempt failed: {reason}; no retry can change it" in log
 
 
 def test_last_attempt_leaves_an_unreachable_remote_prep(world):
@@ -1319,6 +1365,26 @@ def test_real_app_refuses_a_name_no_upload_carries_on_both_paths(real, size, nam
     assert "Attachment name has invalid character. not allowed: a" in real.status(msg_id)
     [prepped] = real.far_messages()["prep"]
     assert "_attachments" not in real.far.queue("inbox").get(prepped)
+    assert real.committed() == []
+
+
+@pytest.mark.parametrize("size", [3, 250_000])
+def test_real_app_upload_larger_than_max_upload_size_ends_in_err(real, size):
+    """
+    The real app's 413 (larger than its max_upload_size), answered before
+    it reads the body, reaches the relay as such on both upload paths: the
+    message ends in err at once, and the remote message prepared for it is
+    deleted.
+    """
+    import dataclasses
+
+    real.far.settings = dataclasses.replace(real.far.settings, max_upload_size=2)
+    msg_id = real.send(attachments=[("f", b"x" * size)])
+    real.settle(200)
+    assert real.state(msg_id) == "err", real.status(msg_id)
+    assert real.status(msg_id).startswith("err - attach f failed - HTTP 413 ")
+    assert "larger than max_upload_size (2 bytes)" in real.status(msg_id)
+    assert real.far_messages()["prep"] == []
     assert real.committed() == []
 
 
