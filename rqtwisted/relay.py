@@ -30,9 +30,12 @@ What rqtwisted adds, without changing the wire:
    L{RelayConfig.resumable_min<rqtwisted.relaywire.RelayConfig.resumable_min>} bytes are sent with C{PUT <remote
    id>/attach/<name>} and C{Content-Range}; a probe (C{Content-Range:
    bytes */T}) tells how much the remote holds already, and only the rest is
-   sent. A peer that answers the probe with anything but 308/200 (an
-   original RQ host) gets the multipart upload, and is remembered as such
-   for an hour.
+   sent. A peer whose answer to the probe shows it takes no C{PUT} (a
+   non-JSON 500 or 404 of an original RQ host:
+   L{probe_refused<rqtwisted.relaywire.probe_refused>}) gets the multipart
+   upload, and is remembered as such for an hour; any other error (a
+   reverse proxy's 502 while the peer restarts) is a soft failure, and the
+   retry probes again.
  - I{Streaming.} Attachments are read from disk in 64 KiB pieces with
    back-pressure (L{rqtwisted.relaybodies}); answers are capped
    (L{rqtwisted.relayhttp.MAX_ANSWER}); an md5 the store knows already is

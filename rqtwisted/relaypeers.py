@@ -23,7 +23,6 @@ from rqtwisted.relaywire import (
     check_attached,
     commit_request,
     expect_ok,
-    fail_reason,
     message_request,
     parse_attached,
     parse_held,
@@ -31,7 +30,7 @@ from rqtwisted.relaywire import (
     parse_state,
     prep_fields,
     prep_request,
-    refusal,
+    probe_refused,
 )
 
 if TYPE_CHECKING:
@@ -261,7 +260,8 @@ class RemotePeer:
 
     async def _attach_resumable(self, remote_id: str, a: Attachment) -> bool:
         """
-        Upload through C{PUT}; L{False} when the peer does not support it.
+        Upload through C{PUT}; L{False} when the peer does not support it
+        (the answer to the probe shows so: L{probe_refused}).
         """
         url = remote_id.rstrip("/") + "/attach/" + quote(a.name, safe="")
         probe = await self._http.request(
@@ -270,16 +270,8 @@ class RemotePeer:
             {b"content-range": f"bytes */{a.size}".encode("ascii")},
             lambda progress: BytesProducer(b""),
         )
-        if probe.code not in (200, 308):
-            # An rqtwisted host refuses in JSON (unknown message, busy,
-            # DOWN...); anything else does not know resumable uploads (an
-            # original RQ host answers PUT with 500).
-            reason = fail_reason(probe.body)
-            if reason is None:
-                return False
-            if reason == CANNOT_FIND:
-                raise RemoteLost(f"attach {a.name} failed - {reason}")
-            raise refusal(probe.code, f"attach {a.name} failed - HTTP {probe.code} {reason}")
+        if probe.code not in (200, 308) and probe_refused(probe.code, probe.body, a.name):
+            return False
         held = parse_held(probe.code, probe.headers, probe.body, a.size)
         assert held is not None
         if held == a.size:

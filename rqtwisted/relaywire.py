@@ -5,10 +5,10 @@ means, with no I/O (relay.md, byte-compatible with original RQ hosts).
 Each step of an exchange has a function building its request
 (L{prep_request}, L{commit_request}, L{message_request}) and one judging the peer's answer
 from its status code and body (L{parse_prep}, L{check_attached},
-L{expect_ok}, L{parse_state}, L{parse_attached}, L{parse_held}): a
-failed step raises L{SoftFailure} (retry later), L{RemoteLost} (the
-remote forgot the prepared message: prepare a new one) or
-L{PermanentRefusal} (no retry can change it: err at once). The decisions that
+L{expect_ok}, L{parse_state}, L{parse_attached}, L{parse_held},
+L{probe_refused}): a failed step raises L{SoftFailure} (retry later),
+L{RemoteLost} (the remote forgot the prepared message: prepare a new one)
+or L{PermanentRefusal} (no retry can change it: err at once). The decisions that
 do not depend on a peer (L{backoff}, L{loop_detected}, L{same_host}) and the
 tunables (L{RelayConfig}) live here too.
 """
@@ -52,6 +52,13 @@ CANNOT_FIND = "cannot find message"
 #: sender's bug that an upgrade fixes, 401/403/404 from settings or a queue
 #: about to be made, 409/503 pass, and 5xx come from anything in between.
 PERMANENT_CODES = frozenset({413})
+
+#: Codes of an answer to the resumable-upload probe (C{PUT}), its body not
+#: JSON, that show a peer without resumable uploads: an original RQ host
+#: answers a C{PUT} with its own 500 page (or 404); 405 and 501 are how
+#: other servers say they take no C{PUT}. Not the 502, 503 and 504 of a
+#: reverse proxy whose peer is restarting.
+NO_PUT_CODES = frozenset({404, 405, 500, 501})
 
 
 # -- errors
@@ -236,6 +243,31 @@ def refusal(code: int, reason: str) -> SoftFailure:
     if code in PERMANENT_CODES:
         return PermanentRefusal(reason)
     return SoftFailure(reason)
+
+
+def probe_refused(code: int, body: bytes, name: str) -> bool:
+    """
+    Judge an answer other than 200 or 308 to the resumable-upload probe of
+    the attachment C{name}: L{True} when it shows a peer without resumable
+    uploads (a body that is not JSON, with a code of L{NO_PUT_CODES}), to
+    be sent the multipart upload and remembered as such.
+
+    @raise RemoteLost: C{["fail","cannot find message"]}.
+    @raise PermanentRefusal: another JSON refusal with a code of
+        L{PERMANENT_CODES}.
+    @raise SoftFailure: any other JSON refusal (an rqtwisted host: busy,
+        DOWN...), or a body that is not JSON with another code (a reverse
+        proxy's 502 page while the peer restarts): retried, with resumable
+        uploads.
+    """
+    reason = fail_reason(body)
+    if reason is None:
+        if code in NO_PUT_CODES:
+            return True
+        raise SoftFailure(f"attach {name} failed - HTTP {code}")
+    if reason == CANNOT_FIND:
+        raise RemoteLost(f"attach {name} failed - {reason}")
+    raise refusal(code, f"attach {name} failed - HTTP {code} {reason}")
 
 
 def parse_answer(code: int, body: bytes, step: str) -> tuple[str, str]:

@@ -66,7 +66,9 @@ class OriginalRQ:
         steps C{prep}, C{attach}, C{put}, C{commit}, C{state}; kinds C{500},
         C{garbage}, C{md5}, C{hang}, C{drop} (close without answer),
         C{lost} (do it, then close without answer), C{fail:<text>},
-        C{drip} (do it, then send the answer a byte every 20 s).
+        C{drip} (do it, then send the answer a byte every 20 s),
+        C{page:<code>} (an HTML error page with that code, as a server in
+        between sends).
     @ivar resumable: answer C{PUT} like rqtwisted (else 500, like the
         original).
     """
@@ -110,6 +112,10 @@ class OriginalRQ:
         if kind == "drop":
             request.channel.transport.abortConnection()
             return Deferred()
+        if kind and kind.startswith("page:"):
+            request.setResponseCode(int(kind[5:]))
+            request.setHeader("content-type", "text/html")
+            return f"<html><body><h1>Error {kind[5:]}</h1></body></html>".encode()
         if kind and kind.startswith("json:"):
             code, reason = kind[5:].split(":", 1)
             request.setResponseCode(int(code))
@@ -672,6 +678,50 @@ def test_resumable_refusal_is_not_an_original_peer(tmp_path, monkeypatch):
     world.retry(msg_id)
     assert world.state(msg_id) == "relayed"
     assert world.steps() == ["prep", "put", "state", "json", "put", "put", "commit"]
+
+
+@pytest.mark.parametrize("code", [502, 503, 504])
+def test_resumable_probe_error_page_in_between_keeps_resume(tmp_path, monkeypatch, code):
+    """
+    An error page from something in between (a reverse proxy's 502 while
+    the peer restarts) answering the probe is not an original host: the
+    attempt fails softly, the peer is not remembered as lacking resumable
+    uploads, and the retry resumes the upload where the remote stopped.
+    """
+    world = World(tmp_path, monkeypatch, resumable_min=1)
+    world.peer.resumable = True
+    world.peer.faults = [("put", f"page:{code}")]
+    data = os.urandom(100_000)
+    msg_id = world.send(attachments=[("big", data)])
+    world.settle()
+    assert world.state(msg_id) == "que", world.status(msg_id)
+    assert world.status(msg_id).endswith(f"-attach big failed - HTTP {code}")
+    assert not world.relayer.lacks_resume("http://farhost:3333")
+    [prepped] = world.far_messages()["prep"]
+    world.peer.partial[(prepped, "big")] = bytearray(data[:40_000])
+    world.retry(msg_id)
+    assert world.state(msg_id) == "relayed", world.status(msg_id)
+    assert world.steps() == ["prep", "put", "state", "json", "put", "put", "commit"]
+    assert world.peer.headers[-2].getRawHeaders("content-range") == ["bytes 40000-99999/100000"]
+    assert world.committed() == [prepped]
+    assert world.far_md5s(prepped)["big"] == hashlib.md5(data).hexdigest()
+
+
+@pytest.mark.parametrize("code", [404, 405, 500, 501])
+def test_resumable_probe_answers_of_a_peer_without_put(tmp_path, monkeypatch, code):
+    """
+    A non-JSON 404 or 500 (what an original host answers a PUT), 405 or 501
+    shows a peer without resumable uploads: multipart at once, and
+    remembered as such.
+    """
+    world = World(tmp_path, monkeypatch, resumable_min=1)
+    world.peer.resumable = True
+    world.peer.faults = [("put", f"page:{code}")]
+    msg_id = world.send(attachments=[("big", os.urandom(5000))])
+    world.settle()
+    assert world.state(msg_id) == "relayed", world.status(msg_id)
+    assert world.steps() == ["prep", "put", "attach", "commit"]
+    assert world.relayer.lacks_resume("http://farhost:3333")
 
 
 @pytest.mark.parametrize(
