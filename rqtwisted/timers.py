@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rqtwisted.filekey import FileKey, file_key
-from rqtwisted.fsync import read_file
+from rqtwisted.fsync import read_config
 from rqtwisted.message import JSON_READ_ERRORS, MessageError
 
 _log = Logger()
@@ -140,8 +140,9 @@ class Timer:
         """
         self.period = self.msg = self.next_run = None
         try:
-            # (A FIFO in timers/ must not block the reactor: see read_file.)
-            data = json.loads(read_file(self.path))
+            # (A FIFO or a huge file in timers/ must not block the reactor:
+            # see read_config.)
+            data = json.loads(read_config(self.path))
             self.period, self.msg = parse_timer(data)
         except JSON_READ_ERRORS as e:
             self.error = f"cannot read {os.path.basename(self.path)}: {e}"
