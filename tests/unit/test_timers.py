@@ -289,3 +289,44 @@ def test_too_large_file_is_an_invalid_timer(env):
     assert status["a_big"]["next_run"] is None
     assert status["b_fits"]["error"] is None
     assert [f["dest"] for _, f in sender.sent] == ["fits"]
+
+
+def test_clock_stepping_back_then_calls_run_again(env):
+    """
+    When the wall clock steps back, the pending calls wait for the size of
+    the step (the reactor times them by the wall clock); once they run
+    again, the timer keeps its period, with no second wait.
+    """
+    service, sender, clock, directory = env
+    write(directory, "t", period=60)
+    service.startService()
+    clock.advance(0)
+    clock.advance(5)
+    clock.advance(-3600)
+    clock.advance(3600 + 5)
+    assert [t - T0 for t, _ in sender.sent] == [0]
+    assert service.status()[0]["next_run"] == int(T0 + 60)
+    clock.advance(50)
+    assert [t - T0 for t, _ in sender.sent] == [0, 60]
+    clock.advance(60)
+    assert [t - T0 for t, _ in sender.sent] == [0, 60, 120]
+
+
+def test_clock_stepping_back_then_reload(env):
+    """
+    A rescan (C{rq reload}) after the wall clock stepped back makes a timer
+    that has run due one period later, not after the whole step, and it
+    keeps its period from there.
+    """
+    service, sender, clock, directory = env
+    write(directory, "t", period=60)
+    service.startService()
+    clock.advance(0)
+    clock.advance(5)
+    clock.advance(-3600)
+    service.rescan()
+    back = T0 + 5 - 3600
+    assert service.status()[0]["next_run"] == int(back + 60)
+    clock.advance(60)
+    clock.advance(60)
+    assert [t - T0 for t, _ in sender.sent] == [0, back + 60 - T0, back + 120 - T0]
