@@ -424,3 +424,45 @@ def test_record_is_synced_before_it_replaces_the_old_one(tmp_path):
     assert synced[0] == [tmp]
     assert any(state in r and str(tmp_path) in r for r in synced[1:])
     assert sorted(os.listdir(tmp_path)) == [STATE_FILE]
+
+
+
+
+def test_clock_stepping_back_does_not_queue_a_fire_time_again(tmp_path):
+    """
+    After the wall clock steps back an hour past a fire time that was
+    queued, ran and was removed (so no message id can tell), the queue's
+    passes (at once, from any new event, and after the step) and a restart
+    from the record do not queue that fire time again; the entries fire
+    again at their next times.
+    """
+    fire = epoch(2021, 6, 1, 12, 0)
+    instance, spawner, clock = start_at(tmp_path, fire - 30, [{"cron": "0 12 * * *"}, {"cron": "0 * * * *"}])
+    path = instance.root.queue_path("cronq")
+
+    def messages() -> dict[str, float]:
+        return {
+            os.path.basename(top): json.load(open(os.path.join(top, "msg")))["due"]
+            for state in ("que", "run", "done")
+            for top, _, files in os.walk(os.path.join(path, state))
+            if "msg" in files
+        }
+
+    advance(clock, 90)
+    for _ in range(2):
+        for worker in spawner.running:
+            worker.say("done")
+            worker.exit(0)
+        advance(clock, 10)
+    assert sorted(messages().values()) == [fire, fire]
+    for msg_id in messages():
+        result_of(instance.queue("cronq").delete(msg_id))
+    clock.advance(-3600)
+    instance.queue("cronq").schedule()
+    advance(clock, 1800)
+    instance.stopService()
+    instance.startService()
+    advance(clock, 1800 + 120)
+    assert messages() == {}
+    advance(clock, fire + 3600 - clock.seconds())
+    assert sorted(messages().values()) == [fire + 3600]
