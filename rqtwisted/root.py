@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from rqtwisted.fsync import read_file, sync_paths
+from rqtwisted.fsync import read_config, sync_paths
 from rqtwisted.message import JSON_READ_ERRORS, MessageError, valid_queue_name
 
 #: The queues every root has (cli.md, C{rq-install}).
@@ -337,8 +337,9 @@ class Root:
         """
         path = os.path.join(self.queue_path(name), "config.json")
         try:
-            # (Never waiting on a FIFO put there: see read_file.)
-            data = json.loads(read_file(path))
+            # (Never waiting on a FIFO put there, nor reading a huge file:
+            # see read_config.)
+            data = json.loads(read_config(path))
         except JSON_READ_ERRORS as e:
             raise ConfigError(f"could not read queue config [ {path} ]: {e}")
         return QueueConfig.fromDict(data, dirname=name)

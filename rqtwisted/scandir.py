@@ -55,7 +55,7 @@ from twisted.logger import Logger
 
 from rqtwisted.durable import replace_durably
 from rqtwisted.filekey import file_key
-from rqtwisted.fsync import read_file, remove_quietly
+from rqtwisted.fsync import read_config, remove_quietly
 from rqtwisted.message import JSON_READ_ERRORS, MessageError, valid_queue_name
 from rqtwisted.root import ConfigError, QueueConfig, json_file
 
@@ -122,8 +122,9 @@ def _read_object(path: str) -> dict[str, Any]:
     @raise ScandirError: unreadable, not JSON, or not an object.
     """
     try:
-        # (A FIFO there must not block the reactor: see read_file.)
-        data = json.loads(read_file(path))
+        # (A FIFO or a huge file there must not block the reactor: see
+        # read_config.)
+        data = json.loads(read_config(path))
     except JSON_READ_ERRORS as e:
         raise ScandirError(f"cannot read {path}: {e}")
     if not isinstance(data, dict):

@@ -19,7 +19,9 @@ that passes meanwhile is skipped, as cron skips jobs while it is stopped).
 
   - C{queue/<name>/cron.json} maps each entry's key (a digest of its spec and
     params) to the last fire time queued for it, written durably after each
-    creation;
+    creation (a temp file synced before it is renamed over the record, so a
+    crash leaves the old record or the new one, never an empty or partial
+    one; one write at a time, the records made meanwhile go with the next);
   - the message id of a cron job is derived from the entry's key and the fire
     minute (L{cron_msg_id}), and is looked up before creating: a crash between
     creating the message and recording it cannot queue the job twice.
@@ -45,8 +47,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, croniter
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from rqtwisted.durable import dumps, replace_file
+from rqtwisted.durable import dumps, replace_durably, replace_file
 from rqtwisted.message import JSON_READ_ERRORS, PARAM_KEYS, MessageError, make_msg_id
 
 if TYPE_CHECKING:
@@ -282,6 +285,10 @@ class QueueCron:
         #: entry key -> its first fire time after some earlier start: still
         #: the first one after any later start before it (passes are cheap).
         self._next: dict[str, float] = {}
+        #: A write of the record is under way (L{_save}).
+        self._writing = False
+        #: Records were made while it was: write again once it is done.
+        self._again = False
 
     def _load(self) -> dict[str, float]:
         try:
@@ -307,12 +314,42 @@ class QueueCron:
                 out[str(key)] = fire
         return out
 
-    def _save(self) -> None:
+    def _record_data(self) -> bytes:
         keys = {e.key for e in self.entries}
-        data = {k: v for k, v in sorted(self.last.items()) if k in keys}
-        replace_file(self.state_path, dumps(data))
-        if self.syncer is not None:
-            self.syncer.later(self.state_path, os.path.dirname(self.state_path))
+        return dumps({k: v for k, v in sorted(self.last.items()) if k in keys})
+
+    def _save(self) -> None:
+        """
+        Write the record durably (L{replace_durably}: its C{fsync}s off the
+        reactor thread), one write at a time: while one is under way, the
+        next starts once it is done, with the records of then. (Until a
+        record is on disk, a restart finds its job by its message id.)
+        """
+        if self.syncer is None:
+            replace_file(self.state_path, self._record_data())
+            return
+        if self._writing:
+            self._again = True
+            return
+        self._writing = True
+        self._again = False
+        try:
+            d = replace_durably(self.syncer, self.state_path, self._record_data())
+        except OSError:
+            self._writing = False
+            _log.failure("queue {queue}: cron record {path} not written", queue=self.queue.name, path=self.state_path)
+            return
+
+        def done(result: object) -> None:
+            self._writing = False
+            if isinstance(result, Failure):
+                _log.failure(
+                    "queue {queue}: cron record {path} not written", result, queue=self.queue.name, path=self.state_path
+                )
+            if self._again:
+                self._save()
+
+        d.addBoth(done)
 
     def fire_after(self, entry: CronEntry, after: float) -> float | None:
         """

@@ -17,6 +17,11 @@ cannot be read or are invalid are listed with their error and never fire.
 Due times live in memory: after a restart every timer is new, so it fires
 once at start.
 
+Due times are wall-clock times, as the reactor's calls are: when the clock
+steps back, the pending calls (the next run, the next rescan) wait for the
+size of the step. A rescan that runs meanwhile (C{rq reload}) makes a timer
+that has run due one period later at the latest (L{Timer.catch_up}).
+
 C{rq status} shows every timer (L{TimerService.status}):
 C{{"name", "period", "dest", "next_run", "last_run", "sent", "error"}}; the
 home page lists them.
@@ -36,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rqtwisted.filekey import FileKey, file_key
-from rqtwisted.fsync import read_file
+from rqtwisted.fsync import read_config
 from rqtwisted.message import JSON_READ_ERRORS, MessageError
 
 _log = Logger()
@@ -140,8 +145,9 @@ class Timer:
         """
         self.period = self.msg = self.next_run = None
         try:
-            # (A FIFO in timers/ must not block the reactor: see read_file.)
-            data = json.loads(read_file(self.path))
+            # (A FIFO or a huge file in timers/ must not block the reactor:
+            # see read_config.)
+            data = json.loads(read_config(self.path))
             self.period, self.msg = parse_timer(data)
         except JSON_READ_ERRORS as e:
             self.error = f"cannot read {os.path.basename(self.path)}: {e}"
@@ -150,6 +156,17 @@ class Timer:
         else:
             self.error = None
             self.next_run = now
+
+    def catch_up(self, now: float) -> None:
+        """
+        After the wall clock went back (C{now} is before the last run): be
+        due one period from C{now} at the latest, rather than that period
+        plus the size of the step.
+        """
+        if self.last_run is None or self.next_run is None or self.period is None:
+            return
+        if self.last_run > now and self.next_run > now + self.period:
+            self.next_run = now + self.period
 
     def status(self) -> dict[str, Any]:
         """
@@ -237,6 +254,7 @@ class TimerService(internet.TimerService):
             timer = self.timers.get(name)
             key = stat if stat is not None else (-1, -1, -1)
             if timer is not None and timer.stat == key and timer.path == path:
+                timer.catch_up(now)
                 continue
             if timer is None:
                 timer = self.timers[name] = Timer(name, path, key)

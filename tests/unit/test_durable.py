@@ -11,7 +11,8 @@ from twisted.internet.defer import Deferred
 
 from rqtwisted import durable
 from rqtwisted.durable import Syncer, replace_file
-from rqtwisted.fsync import remove_quietly
+from rqtwisted import fsync
+from rqtwisted.fsync import CONFIG_LIMIT, FileTooLarge, read_config, read_file, remove_quietly
 
 
 class ManualThread:
@@ -238,6 +239,45 @@ def test_read_file_and_sync_do_not_wait_on_a_fifo(tmp_path):
     durable.sync_paths([str(fifo), str(tmp_path)])
     (tmp_path / "file").write_bytes(b"data")
     assert durable.read_file(str(tmp_path / "file")) == b"data"
+
+
+def test_read_file_limit(tmp_path):
+    """
+    With a limit, a file of up to C{limit} bytes is read whole and a
+    larger one is refused, the reason saying so.
+    """
+    path = tmp_path / "file"
+    path.write_bytes(b"x" * 100)
+    assert read_file(str(path), limit=100) == b"x" * 100
+    with pytest.raises(FileTooLarge, match=r"^too large: over 99 bytes$"):
+        read_file(str(path), limit=99)
+    assert read_file(str(path)) == b"x" * 100
+    assert str(FileTooLarge(4096)) == "too large: over 4 KiB"
+
+
+def test_read_config_reads_at_most_the_limit_and_one_byte(tmp_path, monkeypatch, no_hang):
+    """
+    A config file is read up to L{CONFIG_LIMIT} plus one byte, however
+    large it is (here an endless one, a link to C{/dev/zero}): a huge file
+    costs the reactor no more than a megabyte.
+    """
+    got: list[int] = []
+    real_read = os.read
+
+    def counting(fd: int, n: int) -> bytes:
+        data = real_read(fd, n)
+        got.append(len(data))
+        return data
+
+    monkeypatch.setattr(fsync.os, "read", counting)
+    endless = tmp_path / "config.json"
+    endless.symlink_to("/dev/zero")
+    with pytest.raises(FileTooLarge, match=r"^too large: over 1 MiB$"):
+        read_config(str(endless))
+    assert sum(got) == CONFIG_LIMIT + 1
+    exact = tmp_path / "exact.json"
+    exact.write_bytes(b" " * CONFIG_LIMIT)
+    assert len(read_config(str(exact))) == CONFIG_LIMIT
 
 
 def test_remove_quietly(tmp_path):

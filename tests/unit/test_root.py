@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from rqtwisted import root as root_module
+from rqtwisted.fsync import CONFIG_LIMIT
 from rqtwisted.root import (
     DEFAULT_QUEUES,
     ConfigError,
@@ -139,3 +140,23 @@ def test_queue_config_fifo_is_unreadable(tmp_path: Path, no_hang: None) -> None:
     os.mkfifo(os.path.join(root.queue_path("q"), "config.json"))
     with pytest.raises(ConfigError, match="could not read queue config"):
         root.load_queue_config("q")
+
+
+def test_queue_config_too_large_is_unreadable(tmp_path: Path) -> None:
+    """
+    A queue's C{config.json} over L{CONFIG_LIMIT} (valid JSON padded with
+    spaces) is an unreadable config, with the reason, not read whole on the
+    reactor thread (a reload reads it there); one of exactly the limit is
+    read.
+    """
+    root = Root(str(tmp_path))
+    os.makedirs(root.queue_path("q"))
+    path = os.path.join(root.queue_path("q"), "config.json")
+    text = '{"name": "q", "script": "./code/x", "num_workers": 1}'
+    with open(path, "w") as f:
+        f.write(text + " " * (CONFIG_LIMIT + 1 - len(text)))
+    with pytest.raises(ConfigError, match=r"could not read queue config .*: too large: over 1 MiB$"):
+        root.load_queue_config("q")
+    with open(path, "w") as f:
+        f.write(text + " " * (CONFIG_LIMIT - len(text)))
+    assert root.load_queue_config("q").num_workers == 1

@@ -11,6 +11,7 @@ import os
 import pytest
 
 from rqtwisted.durable import Syncer
+from rqtwisted.fsync import CONFIG_LIMIT
 from rqtwisted.scandir import INITIAL_DELAY, MARKER, SCAN_INTERVAL, ScandirService, entry_config, ScandirError
 from rqtwisted.testing import HeldThreads, instance_for
 
@@ -83,6 +84,21 @@ def test_entry_config_fifo(tmp_path, no_hang):
     os.mkfifo(target / "config.json")
     with pytest.raises(ScandirError, match="cannot read"):
         entry_config("app", str(target))
+
+
+def test_entry_config_too_large(tmp_path):
+    """
+    An entry's C{config.json} over L{CONFIG_LIMIT} (valid JSON padded with
+    spaces), or a queue config file an entry links to, is a bad config
+    with the reason, not read whole on the reactor thread.
+    """
+    target = make_dir(tmp_path, "app", config='{"num_workers": 2}' + " " * CONFIG_LIMIT)
+    with pytest.raises(ScandirError, match=r"config\.json: too large: over 1 MiB$"):
+        entry_config("app", str(target))
+    linked = tmp_path / "q.json"
+    linked.write_text(json.dumps({"script": str(target / "run"), "num_workers": 1}) + " " * CONFIG_LIMIT)
+    with pytest.raises(ScandirError, match=r"q\.json: too large: over 1 MiB$"):
+        entry_config("app", str(linked))
 
 
 def test_new_entry_creates_queue_after_initial_delay(env):

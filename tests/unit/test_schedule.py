@@ -11,21 +11,26 @@ from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
 
 from rqtwisted import schedule
+from rqtwisted.durable import Syncer
+from rqtwisted.message import MessageError
 from rqtwisted.queue import IDLE_PASS
 from rqtwisted.root import QueueConfig
 from rqtwisted.schedule import (
     LOOKAHEAD,
     STATE_FILE,
     CronEntry,
+    QueueCron,
     cron_msg_id,
     entries_of,
     next_fire,
     normalize_schedule,
     valid_spec,
 )
-from rqtwisted.testing import instance_for, result_of
+from rqtwisted.testing import HeldThreads, instance_for, result_of
 
 NEW_YORK = ZoneInfo("America/New_York")
 UTC = ZoneInfo("UTC")
@@ -352,3 +357,112 @@ def test_reload_applies_a_new_schedule_in_place(tmp_path):
     advance(clock, 300)
     assert [m["param1"] for m in cron_msgs(queue)] == ["new"]
 
+
+
+class FakeCronQueue:
+    """
+    A queue that is C{UP} and keeps the ids of the messages it created.
+    """
+
+    name = "cronq"
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+
+    def status(self) -> str:
+        return "UP"
+
+    def create(self, data, method="commit", *, msg_id=None):
+        self.created.append(msg_id)
+        return succeed(f"http://h:3333/q/cronq/{msg_id}")
+
+    def locate(self, msg_id: str) -> str:
+        if msg_id not in self.created:
+            raise MessageError("msg not found")
+        return "que"
+
+
+def test_record_is_synced_before_it_replaces_the_old_one(tmp_path):
+    """
+    C{cron.json} is written to a temp file that is synced before it is
+    renamed over the record (then the record and its directory are synced):
+    a crash never leaves an empty or partial record. Until it is on disk
+    the job is not queued again, by this cron (it remembers) nor by one
+    started afresh (the job's id is found); records made while a write is
+    under way go with the next write.
+    """
+    fire = epoch(2021, 6, 1, 12, 0)
+    clock = Clock()
+    clock.advance(fire - 30)
+    rounds = HeldThreads()
+    synced: list[list[str]] = []
+
+    def sync(paths):
+        synced.append(list(paths))
+
+    syncer = Syncer(rounds, sync)
+    queue = FakeCronQueue()
+    state = str(tmp_path / STATE_FILE)
+    sched = normalize_schedule([{"cron": "0 12 * * *", "param1": "a"}, {"cron": "0 12 * * *", "param1": "b"}])
+    a, b = entries_of(sched)
+    cron = QueueCron(queue, sched, clock, state, syncer)
+    cron.tick()
+    assert len(queue.created) == 2
+    # The first write waits for its temp file's sync; the second waits for it.
+    [(_, (paths,), _)] = rounds.calls
+    [tmp] = paths
+    assert os.path.dirname(tmp) == str(tmp_path) and tmp != state
+    assert json.loads(open(tmp).read()) == {a.key: fire}
+    assert not os.path.exists(state)
+    clock.advance(10)
+    cron.tick()
+    again = QueueCron(queue, sched, clock, state, syncer)
+    again.tick()
+    assert len(queue.created) == 2
+    rounds.run()
+    assert json.loads(open(state).read()) == {a.key: fire, b.key: fire}
+    assert synced[0] == [tmp]
+    assert any(state in r and str(tmp_path) in r for r in synced[1:])
+    assert sorted(os.listdir(tmp_path)) == [STATE_FILE]
+
+
+
+
+def test_clock_stepping_back_does_not_queue_a_fire_time_again(tmp_path):
+    """
+    After the wall clock steps back an hour past a fire time that was
+    queued, ran and was removed (so no message id can tell), the queue's
+    passes (at once, from any new event, and after the step) and a restart
+    from the record do not queue that fire time again; the entries fire
+    again at their next times.
+    """
+    fire = epoch(2021, 6, 1, 12, 0)
+    instance, spawner, clock = start_at(tmp_path, fire - 30, [{"cron": "0 12 * * *"}, {"cron": "0 * * * *"}])
+    path = instance.root.queue_path("cronq")
+
+    def messages() -> dict[str, float]:
+        return {
+            os.path.basename(top): json.load(open(os.path.join(top, "msg")))["due"]
+            for state in ("que", "run", "done")
+            for top, _, files in os.walk(os.path.join(path, state))
+            if "msg" in files
+        }
+
+    advance(clock, 90)
+    for _ in range(2):
+        for worker in spawner.running:
+            worker.say("done")
+            worker.exit(0)
+        advance(clock, 10)
+    assert sorted(messages().values()) == [fire, fire]
+    for msg_id in messages():
+        result_of(instance.queue("cronq").delete(msg_id))
+    clock.advance(-3600)
+    instance.queue("cronq").schedule()
+    advance(clock, 1800)
+    instance.stopService()
+    instance.startService()
+    advance(clock, 1800 + 120)
+    assert messages() == {}
+    advance(clock, fire + 3600 - clock.seconds())
+    assert sorted(messages().values()) == [fire + 3600]

@@ -12,6 +12,7 @@ import pytest
 from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 
+from rqtwisted.fsync import CONFIG_LIMIT
 from rqtwisted.message import MessageError
 from rqtwisted.timers import MAX_PERIOD, RESCAN_INTERVAL, STAGGER, TimerError, TimerService, parse_timer, timer_name
 
@@ -268,3 +269,64 @@ def test_deeply_nested_file_is_an_invalid_timer(env):
     write(directory, "later", period=60, dest="other")
     clock.advance(RESCAN_INTERVAL)
     assert "later" in {s["name"] for s in service.status()}
+
+
+def test_too_large_file_is_an_invalid_timer(env):
+    """
+    A timer file over L{CONFIG_LIMIT} (a valid timer padded with spaces)
+    is reported invalid, with the reason, and never fires: it is not read
+    whole on the reactor thread. One of exactly the limit is a timer.
+    """
+    service, sender, clock, directory = env
+    text = json.dumps({"period": 60, "msg": {"dest": "big"}})
+    (directory / "a_big.json").write_text(text + " " * (CONFIG_LIMIT + 1 - len(text)))
+    (directory / "b_fits.json").write_text(text.replace("big", "fits") + " " * (CONFIG_LIMIT - len(text) - 1))
+    service.startService()
+    clock.advance(0)
+    clock.advance(STAGGER)
+    status = {s["name"]: s for s in service.status()}
+    assert status["a_big"]["error"] == "cannot read a_big.json: too large: over 1 MiB"
+    assert status["a_big"]["next_run"] is None
+    assert status["b_fits"]["error"] is None
+    assert [f["dest"] for _, f in sender.sent] == ["fits"]
+
+
+def test_clock_stepping_back_then_calls_run_again(env):
+    """
+    When the wall clock steps back, the pending calls wait for the size of
+    the step (the reactor times them by the wall clock); once they run
+    again, the timer keeps its period, with no second wait.
+    """
+    service, sender, clock, directory = env
+    write(directory, "t", period=60)
+    service.startService()
+    clock.advance(0)
+    clock.advance(5)
+    clock.advance(-3600)
+    clock.advance(3600 + 5)
+    assert [t - T0 for t, _ in sender.sent] == [0]
+    assert service.status()[0]["next_run"] == int(T0 + 60)
+    clock.advance(50)
+    assert [t - T0 for t, _ in sender.sent] == [0, 60]
+    clock.advance(60)
+    assert [t - T0 for t, _ in sender.sent] == [0, 60, 120]
+
+
+def test_clock_stepping_back_then_reload(env):
+    """
+    A rescan (C{rq reload}) after the wall clock stepped back makes a timer
+    that has run due one period later, not after the whole step, and it
+    keeps its period from there.
+    """
+    service, sender, clock, directory = env
+    write(directory, "t", period=60)
+    service.startService()
+    clock.advance(0)
+    clock.advance(5)
+    clock.advance(-3600)
+    service.rescan()
+    back = T0 + 5 - 3600
+    assert service.status()[0]["next_run"] == int(back + 60)
+    clock.advance(60)
+    clock.advance(60)
+    assert [t - T0 for t, _ in sender.sent] == [0, back + 60 - T0, back + 120 - T0]
