@@ -291,11 +291,10 @@ def test_too_large_file_is_an_invalid_timer(env):
     assert [f["dest"] for _, f in sender.sent] == ["fits"]
 
 
-def test_clock_stepping_back_then_calls_run_again(env):
+def _ran_then_stepped_back(env):
     """
-    When the wall clock steps back, the pending calls wait for the size of
-    the step (the reactor times them by the wall clock); once they run
-    again, the timer keeps its period, with no second wait.
+    A 60 s timer that ran at T0, then the wall clock stepped back an hour
+    at T0 + 5; the service, sender and clock.
     """
     service, sender, clock, directory = env
     write(directory, "t", period=60)
@@ -303,6 +302,16 @@ def test_clock_stepping_back_then_calls_run_again(env):
     clock.advance(0)
     clock.advance(5)
     clock.advance(-3600)
+    return service, sender, clock
+
+
+def test_clock_stepping_back_then_calls_run_again(env):
+    """
+    When the wall clock steps back, the pending calls wait for the size of
+    the step (the reactor times them by the wall clock); once they run
+    again, the timer keeps its period, with no second wait.
+    """
+    service, sender, clock = _ran_then_stepped_back(env)
     clock.advance(3600 + 5)
     assert [t - T0 for t, _ in sender.sent] == [0]
     assert service.status()[0]["next_run"] == int(T0 + 60)
@@ -318,12 +327,7 @@ def test_clock_stepping_back_then_reload(env):
     that has run due one period later, not after the whole step, and it
     keeps its period from there.
     """
-    service, sender, clock, directory = env
-    write(directory, "t", period=60)
-    service.startService()
-    clock.advance(0)
-    clock.advance(5)
-    clock.advance(-3600)
+    service, sender, clock = _ran_then_stepped_back(env)
     service.rescan()
     back = T0 + 5 - 3600
     assert service.status()[0]["next_run"] == int(back + 60)
