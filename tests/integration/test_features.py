@@ -89,8 +89,10 @@ def test_cron_job_is_queued_ahead_with_exact_due_and_once(daemon: Daemon) -> Non
     ]
     daemon.terminate()
     daemon.start()
+    # (On a loaded machine the restart may end in the next minute, which
+    # queues that minute's fire ahead: only this fire time counts.)
     jobs = search(daemon, "--name", "cronq", "--query", "src=cron")
-    assert len(jobs) == 2, jobs
+    assert len([j for j in jobs if j["due"] == next_minute]) == 2, jobs
 
 
 def test_config_changes_without_restart(daemon: Daemon) -> None:
