@@ -305,8 +305,7 @@ class Root:
             the overrides).
         """
         try:
-            with open(self.config_path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(read_config(self.config_path))
         except JSON_READ_ERRORS as e:
             raise ConfigError(f"cannot read {self.config_path}: {e}")
         config = RootConfig.fromDict(data)

@@ -50,6 +50,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rqtwisted.durable import dumps, replace_durably, replace_file
+from rqtwisted.fsync import read_config
 from rqtwisted.message import JSON_READ_ERRORS, PARAM_KEYS, MessageError, make_msg_id
 
 if TYPE_CHECKING:
@@ -292,8 +293,7 @@ class QueueCron:
 
     def _load(self) -> dict[str, float]:
         try:
-            with open(self.state_path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(read_config(self.state_path))
         except FileNotFoundError:
             return {}
         except JSON_READ_ERRORS as e:

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from rqtwisted import RQ_VERSION, __version__
 from rqtwisted.builtin import spawner_for
 from rqtwisted.durable import Syncer, replace_durably
-from rqtwisted.fsync import remove_quietly
+from rqtwisted.fsync import read_config, remove_quietly
 from rqtwisted.message import (
     JSON_READ_ERRORS,
     MessageError,
@@ -354,8 +354,7 @@ class Instance(MultiService):
         @raise MessageError: with the original's replies.
         """
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(read_config(path))
         except JSON_READ_ERRORS as e:
             raise MessageError(f"could not read queue config [ {path} ]: {e}")
         if not isinstance(data, dict) or "name" not in data:

@@ -1570,3 +1570,15 @@ def test_read_form_hashes_unknown_attachments_off_the_reactor(tmp_path):
     # Known now: no thread needed.
     q.read(msg_id).addCallback(form.append)
     assert len(form) == 2 and not threads.calls
+
+
+def test_create_queue_link_to_a_fifo_is_refused_without_waiting(started, tmp_path, no_hang):
+    """
+    A config path that is a FIFO is refused as unreadable; the daemon does
+    not wait for a writer.
+    """
+    instance, spawner, clock = started
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(MessageError, match=r"could not read queue config \["):
+        instance.create_queue_link(str(fifo))

@@ -160,3 +160,22 @@ def test_queue_config_too_large_is_unreadable(tmp_path: Path) -> None:
     with open(path, "w") as f:
         f.write(text + " " * (CONFIG_LIMIT - len(text)))
     assert root.load_queue_config("q").num_workers == 1
+
+
+def test_root_config_too_large_or_fifo_is_unreadable(tmp_path: Path, no_hang: None) -> None:
+    """
+    The root's C{config/config.json} is read like a queue's: one over
+    L{CONFIG_LIMIT} is refused with the reason, a FIFO without waiting for
+    a writer.
+    """
+    root = Root(str(tmp_path))
+    os.makedirs(os.path.dirname(root.config_path))
+    text = '{"host": "127.0.0.1", "port": 3333}'
+    with open(root.config_path, "w") as f:
+        f.write(text + " " * (CONFIG_LIMIT + 1 - len(text)))
+    with pytest.raises(ConfigError, match=r"cannot read .*: too large: over 1 MiB$"):
+        root.load_config()
+    os.unlink(root.config_path)
+    os.mkfifo(root.config_path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        root.load_config()
