@@ -28,6 +28,7 @@ Like the command line, this module never imports Twisted.
 from __future__ import annotations
 
 import cmd
+import errno
 import json
 import os
 import re
@@ -450,7 +451,12 @@ class Console(cmd.Cmd):
                     self._out("^C")
                     intro = self.intro = None
         except Exception as e:  # never a traceback (e.g. stdin unreadable)
-            self._out(f"fail internal error: {e.__class__.__name__}: {e}", self.stderr)
+            if isinstance(e, OSError) and e.errno in _WRITE_ERRORS:
+                # (Standard output is full or gone: cmd writes the prompt
+                # there itself, not through _out.)
+                cli._write_failed(self.stdout, e)
+            else:
+                self._out(f"fail internal error: {e.__class__.__name__}: {e}", self.stderr)
             return 1
         finally:
             self.close()
@@ -573,6 +579,11 @@ class Console(cmd.Cmd):
 
     def _out(self, text: str, stream: IO[str] | None = None) -> None:
         cli._write(self.stdout if stream is None else stream, text)
+
+
+#: Errors only a write gives (a full disk or quota, a reader gone): the
+#: session's output cannot be written.
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPIPE})
 
 
 def _isatty(stream: Any) -> bool:

@@ -859,3 +859,19 @@ def test_sessionTurnedAway() -> Iterator[Any]:
         client.close()
         yield port.stopListening()
         shutil.rmtree(path, ignore_errors=True)
+
+
+def test_stdoutFull(tmp_path: Any) -> None:
+    """
+    With stdout on a full device (C{rq console >/dev/full}) the console
+    says so in one line on stderr and exits 1, as every C{rq} verb does,
+    instead of C{fail internal error}.
+    """
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    env = dict(os.environ, PYTHONPATH=PROJECT, RQ_ROOT=str(tmp_path))
+    out = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$@" >/dev/full', sys.executable, "-m", "rqtwisted", "console"],
+        env=env, input="queues\n", stderr=subprocess.PIPE, text=True,
+    )
+    assert (out.returncode, out.stderr) == (1, "rq: cannot write to standard output: No space left on device\n")
