@@ -3,9 +3,11 @@ The C{rq_router} queue (special-queues.md, "rq_router"): router mode, and
 the in-process handler that forwards each message by the first rule of
 C{config/rq_router_rules.rb} it matches.
 
-The rules file itself is read by L{rqtwisted.rules}, as data; this module
-picks the destinations (L{new_dest}, L{select_hosts}: pure code) and runs
-the routing steps of one message (L{RouterHandler}). It is imported by
+The rules file itself is read by L{rqtwisted.rules}, as data, and checked
+in the daemon; the matching of a message against them runs in a child
+process (L{rqtwisted.matcher}), so that a rule's expression cannot hang the
+daemon. This module picks the destinations (L{new_dest}, L{select_hosts}:
+pure code) and runs the routing steps of one message (L{RouterHandler}). It is imported by
 C{rq verify_rules} for L{verify_rules_file} (re-exported from
 L{rqtwisted.rules}), so it imports Twisted only when a message is routed.
 """
@@ -16,6 +18,8 @@ import os
 import random
 import time
 from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+from twisted.internet.defer import Deferred
 
 from twisted.internet.defer import TimeoutError, ensureDeferred
 from twisted.internet.task import deferLater
@@ -39,8 +43,13 @@ NOT_ROUTED = frozenset({"relay", "cleaner"})
 #: Port added to a route host without one.
 DEFAULT_PORT = 3333
 
-#: Seconds a message may take to route (the original script's alarm).
+#: Seconds a message may take to route (the original script's alarm); a
+#: match still running then has its child killed.
 MAX_RUN = 60
+
+#: Matches a message against rules: the first rule matching, else the
+#: default one (L{rqtwisted.matcher.ProcessMatcher}).
+Matcher = Callable[[RuleSet, Mapping[str, Any]], Deferred[Rule]]
 
 
 def rules_path(root: str) -> str:
@@ -139,6 +148,7 @@ class RouterHandler:
         pid: Callable[[], int] = os.getpid,
         *,
         set_down: Callable[[], Awaitable[object]],
+        match: Matcher,
     ) -> None:
         """
         @param root: the root directory (rules file, log).
@@ -146,12 +156,15 @@ class RouterHandler:
         @param set_down: sets C{rq_router} DOWN as C{rq down rq_router}
             does (its marker, L{down_marker}, made and synced); done once
             its result is.
+        @param match: matches a message against the rules; cancelled when
+            the routing runs over L{MAX_RUN} seconds or is cancelled.
         """
         self.root = root
         self.clock = clock
         self.choice = choice
         self.pid = pid
         self.set_down = set_down
+        self.match = match
         self._cache: tuple[FileKey, RuleSet] | None = None
 
     def rules(self) -> RuleSet:
@@ -178,7 +191,8 @@ class RouterHandler:
         """
         Route one message (special-queues.md, rq_router steps 1-3); a
         routing that runs over L{MAX_RUN} seconds ends in err, as the
-        original script's alarm made it.
+        original script's alarm made it (a match still running is
+        cancelled: its child killed).
         """
         routing = ensureDeferred(self.route(job))
         routing.addTimeout(MAX_RUN, self.clock)
@@ -206,7 +220,7 @@ class RouterHandler:
             job.report(f"err Bad rule file at: {path}")
             return
         msg = job.msg
-        rule = rules.match(msg)
+        rule = await self.match(rules, msg)
         where = f"line {rule.line}" if rule.line else "built in"
         job.log(f"rule {rule.desc!r} ({where}): action {rule.action}")
         if rule.log:
@@ -252,10 +266,16 @@ def make_handler(instance: Any) -> RouterHandler:
     The C{rq_router} handler of a running instance (L{rqtwisted.builtin}):
     bad rules set the queue DOWN through
     L{rqtwisted.supervisor.Instance.set_admin}, as an
-    C{rq down rq_router} would.
+    C{rq down rq_router} would; messages are matched in a child process
+    started on the instance's reactor.
     """
+    from rqtwisted.matcher import ProcessMatcher
+
     return RouterHandler(
-        instance.root.path, instance.clock, set_down=lambda: instance.set_admin("down", "rq_router")
+        instance.root.path,
+        instance.clock,
+        set_down=lambda: instance.set_admin("down", "rq_router"),
+        match=ProcessMatcher(instance.clock),
     )
 
 
@@ -263,6 +283,7 @@ __all__ = [
     "DEFAULT_PORT",
     "LOG_PATH",
     "MAX_RUN",
+    "Matcher",
     "NOT_ROUTED",
     "RULES_PATH",
     "RouterHandler",

@@ -21,7 +21,7 @@ import pytest
 from rqtwisted.ampclient import AdminClient
 from rqtwisted.message import hashed_subpath, make_msg_id
 
-from .conftest import Daemon, free_port, wait_for
+from .conftest import Daemon, alive, children_of, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -302,6 +302,90 @@ def test_router_rules_end_to_end(daemon: Daemon) -> None:
     assert daemon.statusmesg(broken) == [f"ok err - Bad rule file at: {rules}"]
     assert daemon.queue_status("rq_router") == "DOWN"
     assert (daemon.root / "config" / "rq_router.down").exists()
+
+
+#: Rules whose first expression backtracks for ages on C{CATASTROPHIC}.
+SLOW_RULES = """\
+rule "evil"
+  action :done
+  src /^(a+)+$/
+
+rule "ok"
+  action :done
+  src /^ok/
+"""
+
+CATASTROPHIC = "a" * 40 + "!"
+
+
+def matcher_children(daemon: Daemon) -> list[int]:
+    """
+    The daemon's rule matcher children.
+    """
+    found = []
+    for pid in children_of(daemon.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"rqtwisted.matcher" in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def start_catastrophic_match(daemon: Daemon) -> tuple[str, int]:
+    """
+    Router mode on L{SLOW_RULES}, a message that hangs their first rule:
+    its full id and the matcher child running it.
+    """
+    (daemon.root / "config" / "rq_router_rules.rb").write_text(SLOW_RULES)
+    evil = daemon.send("rq_router", "--src", CATASTROPHIC)
+    daemon.wait_state(evil, "run")
+    [child] = wait_for(lambda: matcher_children(daemon), 10, what="the rule matcher child")
+    return evil, child
+
+
+def test_router_catastrophic_rule_does_not_hang_the_daemon(daemon: Daemon) -> None:
+    """
+    A rule matching for ages runs in the matcher child: the daemon keeps
+    answering, other queues keep running, and destroying the message kills
+    the child; the next message gets a fresh one.
+    """
+    daemon.queue_with_script("other", """
+        echo "done fine" >&3
+    """)
+    evil, child = start_catastrophic_match(daemon)
+    client = AdminClient(str(daemon.root / "config" / "rq.sock"), timeout=1.0)
+    for _ in range(3):
+        started = time.monotonic()
+        assert client.call("Ping") == ("ok", "pong")
+        assert time.monotonic() - started < 1.0
+        time.sleep(0.2)
+    assert daemon.rq("ping") == (0, ["ok pong"])
+    other = daemon.send("other")
+    daemon.wait_state(other, "done")
+    assert daemon.statusmesg(other) == ["ok done - fine"]
+    # Still being routed (the limit is 60 s), its match still running.
+    assert daemon.state(evil) == "run" and alive(child)
+    behind = daemon.send("rq_router", "--src", "ok-1")
+    assert daemon.ok("destroy", "--msg_id", evil)
+    wait_for(lambda: not alive(child), 10, what="the matcher child killed")
+    daemon.wait_state(behind, "done")
+    assert daemon.statusmesg(behind) == ["ok done - router processed a done"]
+    [fresh] = matcher_children(daemon)
+    assert fresh != child
+    assert daemon.terminate() == 0
+    wait_for(lambda: not alive(fresh), 10, what="the idle matcher child gone with the daemon")
+
+
+def test_router_matcher_dies_with_the_daemon(daemon: Daemon) -> None:
+    """
+    A daemon killed outright takes its matcher child along, even in the
+    middle of a match.
+    """
+    _, child = start_catastrophic_match(daemon)
+    daemon.kill9()
+    wait_for(lambda: not alive(child), 10, what="the matcher child gone with its daemon")
 
 
 def test_verify_rules_without_daemon(no_daemon: Daemon, tmp_path: Path) -> None:

@@ -7,14 +7,16 @@ real queue service). The rules file itself: C{test_rules.py}.
 from __future__ import annotations
 
 import os
+from typing import Any, Mapping
 
 import pytest
+from twisted.internet.defer import Deferred, succeed
 
 from rqtwisted import router
 from rqtwisted.builtin import register_handler
 from rqtwisted.durable import Syncer
 from rqtwisted.router import RouterHandler, down_marker, new_dest, routed_queue, router_mode, select_hosts
-from rqtwisted.rules import parse_rules
+from rqtwisted.rules import Rule, RuleSet, parse_rules
 from rqtwisted.testing import HeldThreads, instance_for, result_of
 from tests.unit.test_rules import SAMPLE
 
@@ -64,6 +66,13 @@ def test_router_mode(tmp_path) -> None:
 # -- the rq_router queue --------------------------------------------------------------
 
 
+def match_here(rules: RuleSet, msg: Mapping[str, Any]) -> Deferred[Rule]:
+    """
+    Match in this process: the routing steps under test, not the matcher.
+    """
+    return succeed(rules.match(msg))
+
+
 @pytest.fixture
 def routed(tmp_path, handlers):
     """
@@ -78,6 +87,7 @@ def routed(tmp_path, handlers):
         choice=lambda seq: seq[0],
         pid=lambda: 4242,
         set_down=lambda: instance.set_admin("down", "rq_router"),
+        match=match_here,
     )
     register_handler("rq_router", lambda inst: handler)
     instance.create_queue({"name": "local", "script": "./code/noop", "exec_prefix": ""})
