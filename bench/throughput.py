@@ -865,6 +865,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return options
 
 
+def keep_best(best: dict[Any, Any], key: Any, measured: Any) -> None:
+    """
+    Keep C{measured} as C{best[key]} if none is there yet or its C{rate}
+    is higher: each side of the ratio shows its best round.
+    """
+    if key not in best or measured.rate > best[key].rate:
+        best[key] = measured
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     if options.root:
@@ -923,13 +932,11 @@ def main(argv: list[str] | None = None) -> int:
             for k in sorted(set(options.workers)):
                 for _ in range(options.raw_repeat):
                     r = raw_spawn_rate([script], raw_count, k)
-                    if k not in raw or r.rate > raw[k].rate:
-                        raw[k] = r
+                    keep_best(raw, k, r)
                     line = f"raw spawn, concurrency {k}: {r.rate:.0f}/s"
                     if options.raw_nice:
                         r19 = raw_spawn_rate([script], raw_count, k, niceness=19)
-                        if k not in raw19 or r19.rate > raw19[k].rate:
-                            raw19[k] = r19
+                        keep_best(raw19, k, r19)
                         line += f" (children reniced to 19: {r19.rate:.0f}/s)"
                     if launcher_script is not None:
                         # The launcher's arguments: job dir, start time, real script, argv.
@@ -940,8 +947,7 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"the worker launcher cannot be measured alone: {e}", flush=True)
                             launcher_script = None
                         else:
-                            if k not in launcher or via.rate > launcher[k].rate:
-                                launcher[k] = via
+                            keep_best(launcher, k, via)
                             line += f" (via the launcher {via.rate:.0f}/s)"
                     print(line, flush=True)
             for workers in options.workers:
@@ -954,8 +960,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{workers} worker(s), {variant}: enqueue {p.enqueue_rate:.0f}/s, {p.rate:.0f} msg/s"
                         f" over {p.seconds:.2f}s (load {p.load:.2f})", flush=True
                     )
-                    if key not in best or p.rate > best[key].rate:
-                        best[key] = p
+                    keep_best(best, key, p)
         for workers in options.workers:
             for variant in options.variants:
                 key = (workers, variant)
