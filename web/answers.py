@@ -21,6 +21,17 @@ def dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode("utf-8")
 
 
+def whole_answer(request: Any, code: int, content_type: bytes, body: bytes) -> bytes:
+    """
+    C{body} as a whole answer: status C{code}, its type and its length set
+    (no chunked encoding, as every answer of the web interface).
+    """
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
 def reply_text(status: str, detail: Any) -> str:
     """
     A reply array as shown in notices and error texts:

@@ -45,7 +45,17 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from rqtwisted.message import MessageError, valid_msg_id, valid_queue_name
 from rqtwisted.router import routed_queue
 from rqtwisted.web import pages
-from rqtwisted.web.answers import HTML_TYPE, JSON_TYPE, TEXT_TYPE, HTTPError, dumps, form_arg, form_fields, reply_text
+from rqtwisted.web.answers import (
+    HTML_TYPE,
+    JSON_TYPE,
+    TEXT_TYPE,
+    HTTPError,
+    dumps,
+    form_arg,
+    form_fields,
+    reply_text,
+    whole_answer,
+)
 from rqtwisted.web.files import file_resource
 from rqtwisted.web.flash import FlashSigner, notice
 from rqtwisted.web.instance_routes import InstanceRoutes
@@ -203,15 +213,8 @@ class RQWeb(InstanceRoutes, QueueRoutes, MessageRoutes):
 
     # -- answers
 
-    @staticmethod
-    def _body(request: Any, code: int, content_type: bytes, body: bytes) -> bytes:
-        """
-        A whole answer, with its length (no chunked encoding).
-        """
-        request.setResponseCode(code)
-        request.setHeader(b"content-type", content_type)
-        request.setHeader(b"content-length", b"%d" % len(body))
-        return body
+    #: A whole answer, with its length (no chunked encoding).
+    _body = staticmethod(whole_answer)
 
     def _json(self, request: Any, value: Any, code: int = 200) -> bytes:
         return self._body(request, code, JSON_TYPE, dumps(value))

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from rqtwisted.web.formdata import FormError, form_args
+from rqtwisted.web.formdata import FormError, form_args, media_type
 from rqtwisted.web.upload import MAX_FORM_BODY, Upload, UploadRefused, Uploads, fail, match_upload, threads_of
 
 if TYPE_CHECKING:
@@ -172,9 +172,10 @@ class UploadRequest(Request):
                 return
         elif command == b"POST" and self.content.tell():
             content_type = self.getHeader(b"content-type")
-            if content_type is not None and _is_multipart(content_type):
+            form_type = None if content_type is None else content_type.decode("latin-1")
+            if form_type is not None and media_type(form_type) == "multipart/form-data":
                 # Parsed in process(), not by Twisted.
-                self._form_type = content_type.decode("latin-1")
+                self._form_type = form_type
                 self._parsePOSTFormSubmission = False
         super().requestReceived(command, path, version)
 
@@ -243,13 +244,6 @@ class UploadRequest(Request):
             super().connectionLost(reason)
         finally:
             self._discard()
-
-
-def _is_multipart(content_type: bytes) -> bool:
-    """
-    Is C{content_type} C{multipart/form-data} (with or without parameters)?
-    """
-    return content_type.split(b";", 1)[0].strip().lower() == b"multipart/form-data"
 
 
 def upload_request_factory(instance: "Instance", reactor: Any) -> Callable[..., "UploadRequest"]:

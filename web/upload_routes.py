@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from rqtwisted.message import MessageError
 from rqtwisted.store import md5_off_reactor
-from rqtwisted.web.answers import dumps
+from rqtwisted.web.answers import JSON_TYPE, TEXT_TYPE, dumps, whole_answer
 from rqtwisted.web.spool import Spool
 from rqtwisted.web.upload import (
     FormUpload,
@@ -136,20 +136,9 @@ def render_json(request: Any, code: int, body: Any, headers: Iterable[tuple[str,
     Set the status, C{Content-Type: application/json}, its length and
     C{headers}; the encoded body.
     """
-    request.setResponseCode(code)
     for k, v in headers:
         request.setHeader(k, v)
-    return _whole(request, b"application/json", compact_json(body))
-
-
-def _whole(request: Any, content_type: bytes, body: bytes) -> bytes:
-    """
-    C{body} as a whole answer: its type and length set (not chunked, as
-    every other answer of the web interface).
-    """
-    request.setHeader(b"content-type", content_type)
-    request.setHeader(b"content-length", b"%d" % len(body))
-    return body
+    return whole_answer(request, code, JSON_TYPE, compact_json(body))
 
 
 #: JSON without spaces, as the original answers: C{["ok","..."]}.
@@ -182,12 +171,11 @@ def render_attach_new(
         return render_json(request, outcome.code, outcome.reply)
     if outcome.ok and redirect_ok is not None:
         return redirect_ok(request, "Attached message successfully")
-    request.setResponseCode(200)
     if outcome.ok:
         text = f"Attached message successfully: {outcome.reply[1]}"
     else:
         text = f"Commit {name}/{msg_id} got {ruby_inspect(outcome.reply)}"
-    return _whole(request, b"text/plain;charset=utf-8", text.encode("utf-8"))
+    return whole_answer(request, 200, TEXT_TYPE, text.encode("utf-8"))
 
 
 def attach_put(request: Any, uploads: Uploads, name: str, msg_id: str, att: str) -> Deferred[bytes]:
