@@ -317,17 +317,7 @@ class Relayer:
         host = None if local else peer_of(dest)
         job.log(f"attempting {'local' if local else 'remote'} {dest}")
         try:
-            skipped = None if host is None else self.not_tried(host)
-            if skipped is not None:
-                raise SoftFailure(skipped)
-            try:
-                remote_id = await self._deliver(job, peer)
-            except SoftFailure as e:
-                if host is not None:
-                    self._heard(host, e)
-                raise
-            if host is not None:
-                self._heard(host, None)
+            remote_id = await self._attempt(job, peer, host)
         except RemoteLost as e:
             self.drop_relay_id(job)
             self._retry(job, count, e.reason)
@@ -354,6 +344,25 @@ class Relayer:
         self.drop_relay_id(job)
         job.log(f"relayed {remote_id}")
         job.report(f"relayed {remote_id}")
+
+    async def _attempt(self, job: "InProcessJob", peer: Peer, host: str | None) -> str:
+        """
+        One delivery (L{_deliver}). To a remote C{host}: not tried while it
+        is remembered as unreachable (L{not_tried}), and its outcome
+        remembered (L{_heard}).
+        """
+        if host is None:
+            return await self._deliver(job, peer)
+        skipped = self.not_tried(host)
+        if skipped is not None:
+            raise SoftFailure(skipped)
+        try:
+            remote_id = await self._deliver(job, peer)
+        except SoftFailure as e:
+            self._heard(host, e)
+            raise
+        self._heard(host, None)
+        return remote_id
 
     async def _give_up(self, job: "InProcessJob", peer: Peer) -> str | None:
         """

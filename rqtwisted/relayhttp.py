@@ -125,17 +125,15 @@ class _Collector(_Protocol):
     asked.
     """
 
-    def __init__(self, limit: int, progress: Callable[[int], None]) -> None:
+    def __init__(self, limit: int) -> None:
         self.done: Deferred[bytes] = Deferred(lambda d: self._cancel())
         self._cancelled = False
         self._chunks: list[bytes] = []
         self._size = 0
         self._limit = limit
-        self._progress = progress
         self._failed: str | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        self._progress(len(data))
         self._size += len(data)
         if self._size > self._limit:
             self.abort("answer too long")
@@ -368,7 +366,7 @@ class HttpPeer:
             # the idle timeout of its headers: a peer dripping it a byte at
             # a time would otherwise hold the relay for as long as it likes.
             watch.touch()
-            collector = _Collector(MAX_ANSWER, lambda n: None)
+            collector = _Collector(MAX_ANSWER)
             pending.append(collector.done)
 
             def cancel_body() -> None:

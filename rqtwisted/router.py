@@ -19,9 +19,7 @@ import random
 import time
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
-from twisted.internet.defer import Deferred
-
-from twisted.internet.defer import TimeoutError, ensureDeferred
+from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
