@@ -311,8 +311,9 @@ class QueueStore:
         of both to C{corrupt/}, and count the finished states (whose messages
         are not read here).
         """
+        made: list[str] = []
         for state in STATE_DIRS:
-            os.makedirs(self.state_dir(state), exist_ok=True)
+            made.extend(make_dirs(self.state_dir(state)))
         self._clear_tmp()
         found = Recovered()
         for msg_id in self._ids("run"):
@@ -332,8 +333,9 @@ class QueueStore:
             "relayed": self.count_hashed("relayed"),
             "err": len(self._ids("err")),
         }
-        # (The queue directory: for the state directories made above.)
-        self._syncer.later(self.state_dir("run"), self.state_dir("que"), self.state_dir("corrupt"), self.path)
+        # (With the directories whose entries the state directories made
+        # above changed.)
+        self._syncer.later(self.state_dir("run"), self.state_dir("que"), self.state_dir("corrupt"), *made)
         return found
 
     def _clear_tmp(self) -> None:

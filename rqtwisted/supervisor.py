@@ -297,13 +297,6 @@ class Instance(MultiService):
         """
         return sorted(self.queues, key=queue_sort_key)
 
-    def _created(self, changed: list[str]) -> Deferred[str]:
-        """
-        The answer to a queue creation, once the directories it changed
-        (C{changed}) are synced.
-        """
-        return self.syncer.sync(*changed).addCallback(lambda _: QUEUE_CREATED)
-
     def create_queue(self, data: Mapping[str, Any]) -> Deferred[str]:
         """
         Create and start a queue from a config object (queues.md): its
@@ -388,7 +381,7 @@ class Instance(MultiService):
         os.symlink(path, os.path.join(queue_dir, "config.json"))
         if self._add(name) is None:
             raise MessageError("queue not created")
-        return self._created([*changed, queue_dir])
+        return self.syncer.sync(*changed, queue_dir).addCallback(lambda _: QUEUE_CREATED)
 
     def delete_queue(self, name: str) -> Deferred[str]:
         """

@@ -281,8 +281,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         env=options["env"],
         addr=options["addr"],
     )
+    overrides = command_line_overrides(options)
     try:
-        settings = root.load_config(command_line_overrides(options))
+        settings = root.load_config(overrides)
     except ConfigError as e:
         raise SystemExit(f"rq: {e.reason}")
     # Ours now: whatever socket is there was left by a daemon that died.
@@ -291,7 +292,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     top.setName("rq")
     syncer = syncer_for(root.path, partial(fsync_pool, reactor))
     instance = Instance(root, settings, reactor, syncer, partial(spawn_worker, reactor), ready_workers=True)
-    instance.overrides.update(command_line_overrides(options))
+    instance.overrides.update(overrides)
     instance.setName("instance")
     instance.setServiceParent(top)
     PidFileService(root.join("config", "queuemgr.pid")).setServiceParent(top)
